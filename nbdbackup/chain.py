@@ -1,0 +1,106 @@
+"""Checkpoint chain maths: pure functions over records and bitmap facts.
+
+The seed thread's scheme: checkpoint C_i owns bitmap B_i.  Only the newest
+bitmap records; B_i (i < n) holds the changes from C_i to C_{i+1}.  So
+
+    changes since C_k   = B_k | B_{k+1} | ... | B_n
+    delete C_i (i < n)  : merge B_i into B_{i-1}, remove B_i   (oldest: just remove)
+    delete C_n          : merge B_n into B_{n-1}, enable B_{n-1}, remove B_n
+
+Nothing here talks to QEMU; checkpoints.py carries the decisions out.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+from .errors import ChainBroken, CheckpointUnknown
+from .names import bitmap_name
+from .records import Bitmap, CheckpointRecord
+
+GRANULARITY = 65536
+
+# Checkpoint states, as `nbdbackup checkpoints` shows them.
+OK, MISSING, INCONSISTENT, PENDING, ORPHAN, STALE = "ok", "missing", "inconsistent", "pending", "orphan", "stale"
+
+
+@dataclass(frozen=True)
+class DeletePlan:
+    """Delete bitmap `remove`; first merge it into `merge_into` (if any), then enable that if `enable`."""
+
+    remove: str
+    merge_into: str | None
+    enable: bool
+
+
+def resolve(records: Sequence[CheckpointRecord], name: str) -> CheckpointRecord:
+    """The record called name ('latest' = newest confirmed one)."""
+    confirmed = [r for r in records if r.state == "confirmed"]
+    if name == "latest":
+        if not confirmed:
+            raise CheckpointUnknown("there is no checkpoint yet", hint="run `nbdbackup full VM` first")
+        return confirmed[-1]
+    for r in records:
+        if r.name == name:
+            return r
+    known = ", ".join(r.name for r in confirmed[-5:]) or "none"
+    raise CheckpointUnknown(f"checkpoint {name!r} is unknown", hint=f"newest checkpoints: {known}")
+
+
+def since_chain(records: Sequence[CheckpointRecord], since: str) -> list[CheckpointRecord]:
+    """Records whose bitmaps together hold the changes since `since`, oldest first."""
+    names = [r.name for r in records]
+    i = names.index(since)
+    return list(records[i:])
+
+
+def plan_delete(records: Sequence[CheckpointRecord], name: str) -> DeletePlan:
+    names = [r.name for r in records]
+    i = names.index(name)
+    if i == 0:
+        return DeletePlan(remove=name, merge_into=None, enable=False)
+    return DeletePlan(remove=name, merge_into=names[i - 1], enable=(i == len(names) - 1))
+
+
+def bitmap_problem(record: CheckpointRecord, disk_id: str, bitmap: Bitmap | None, *, active: bool) -> str | None:
+    """Why this disk's bitmap for record cannot be trusted, or None."""
+    name = bitmap_name(record.name)
+    if bitmap is None:
+        return f"bitmap {name} is missing on disk {disk_id}"
+    if bitmap.inconsistent:
+        return f"bitmap {name} on disk {disk_id} is inconsistent (QEMU did not shut down cleanly)"
+    if not bitmap.persistent:
+        return f"bitmap {name} on disk {disk_id} is not persistent"
+    if bitmap.busy:
+        return f"bitmap {name} on disk {disk_id} is busy (in use by another operation)"
+    if bitmap.recording != active:
+        state = "recording" if bitmap.recording else "disabled"
+        want = "recording" if active else "disabled"
+        return f"bitmap {name} on disk {disk_id} is {state} but should be {want} (changed by another tool?)"
+    return None
+
+
+def check_since(
+    records: Sequence[CheckpointRecord],
+    since: CheckpointRecord,
+    disk_bitmaps: dict[str, dict[str, Bitmap]],
+) -> None:
+    """Raise ChainBroken unless every bitmap from `since` to the newest is sound on every disk
+    that existed at `since` and still exists.  disk_bitmaps: disk id -> bitmap name -> Bitmap."""
+    if since.state != "confirmed":
+        raise ChainBroken(f"checkpoint {since.name} was never completed")
+    chain = since_chain(records, since.name)
+    if chain[0].chain != chain[-1].chain:
+        raise ChainBroken(f"checkpoint {since.name} belongs to an older chain", hint="a full backup started a new chain since; run `nbdbackup full`")
+    for i, record in enumerate(chain):
+        if record.state != "confirmed":
+            raise ChainBroken(f"checkpoint {record.name} was never completed")
+        for disk_id in since.disks:
+            if disk_id not in disk_bitmaps:
+                continue  # the disk was removed since; nothing to read
+            if disk_id not in record.disks:
+                raise ChainBroken(f"disk {disk_id} was not part of checkpoint {record.name}")
+            problem = bitmap_problem(record, disk_id, disk_bitmaps[disk_id].get(bitmap_name(record.name)), active=(i == len(chain) - 1))
+            if problem:
+                raise ChainBroken(problem, hint="the chain is broken from there: run `nbdbackup full` (or `auto`)")

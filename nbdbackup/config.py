@@ -1,0 +1,114 @@
+"""Settings: command line, then environment, then the TOML config file, then defaults.
+
+    repository = "/var/lib/nbdbackup"      # optional
+    [vm.NAME]
+    qmp = "/run/NAME-backup.qmp"           # the VM's QMP socket reserved for backups
+    disks = ["vda", "vdb"]                 # only these disks (default: every qcow2 disk)
+    compression = 3                        # zstd level
+    scratch = "/var/tmp/nbdbackup"         # where fleecing overlays grow
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import UsageError, VMUnreachable
+from .names import check_name
+
+SYSTEM_CONFIG = Path("/etc/nbdbackup/config.toml")
+VM_KEYS = {"qmp": str, "disks": list, "compression": int, "scratch": str, "workers": int}
+
+
+@dataclass(frozen=True)
+class VMConfig:
+    name: str
+    qmp: Path | None = None
+    disks: tuple[str, ...] = ()
+    compression: int | None = None
+    scratch: Path | None = None
+    workers: int | None = None
+
+
+@dataclass(frozen=True)
+class Settings:
+    repo: Path
+    config_file: Path | None
+    vms: dict[str, VMConfig] = field(default_factory=dict)
+
+    def vm(self, name: str, qmp: str | None = None) -> VMConfig:
+        """The VM's settings, with --qmp taking precedence over the config file."""
+        check_name("VM", name)
+        base = self.vms.get(name, VMConfig(name))
+        if qmp:
+            return VMConfig(name, Path(qmp), base.disks, base.compression, base.scratch, base.workers)
+        if base.qmp is None:
+            where = f" in {self.config_file}" if self.config_file else ""
+            raise VMUnreachable(f"no QMP socket known for VM {name!r}{where}", hint=f'pass --qmp SOCKET or add [vm.{name}] qmp = "PATH" to the config file')
+        return base
+
+
+def default_repo() -> Path:
+    if os.geteuid() == 0:
+        return Path("/var/lib/nbdbackup")
+    data = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local/share")
+    return Path(data) / "nbdbackup"
+
+
+def config_candidates() -> list[Path]:
+    xdg = os.environ.get("XDG_CONFIG_HOME") or str(Path.home() / ".config")
+    return [SYSTEM_CONFIG, Path(xdg) / "nbdbackup/config.toml"]
+
+
+def load(config_opt: str | None, repo_opt: str | None) -> Settings:
+    explicit = config_opt or os.environ.get("NBDBACKUP_CONFIG")
+    if explicit:
+        path: Path | None = Path(explicit)
+        data = _read(path)
+    else:
+        path = next((p for p in config_candidates() if p.exists()), None)
+        data = _read(path) if path else {}
+    vms = _parse_vms(data.get("vm", {}), path)
+    repo = repo_opt or os.environ.get("NBDBACKUP_REPO") or data.get("repository")
+    if repo is not None and not isinstance(repo, str):
+        raise UsageError(f"{path}: 'repository' must be a string")
+    return Settings(repo=Path(repo) if repo else default_repo(), config_file=path, vms=vms)
+
+
+def _read(path: Path) -> dict[str, Any]:
+    try:
+        with open(path, "rb") as f:
+            return tomllib.load(f)
+    except FileNotFoundError:
+        raise UsageError(f"config file {path} does not exist") from None
+    except (PermissionError, IsADirectoryError) as exc:
+        raise UsageError(f"cannot read config file {path}: {exc.strerror}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise UsageError(f"config file {path} is not valid TOML: {exc}") from None
+
+
+def _parse_vms(table: Any, path: Path | None) -> dict[str, VMConfig]:
+    if not isinstance(table, dict):
+        raise UsageError(f"{path}: [vm] must be a table of [vm.NAME] tables")
+    vms = {}
+    for name, conf in table.items():
+        check_name("VM", name)
+        if not isinstance(conf, dict):
+            raise UsageError(f"{path}: [vm.{name}] must be a table")
+        for key, value in conf.items():
+            if key not in VM_KEYS:
+                raise UsageError(f"{path}: [vm.{name}] has unknown setting {key!r}", hint=f"known: {', '.join(sorted(VM_KEYS))}")
+            if not isinstance(value, VM_KEYS[key]):
+                raise UsageError(f"{path}: [vm.{name}] {key} must be a {VM_KEYS[key].__name__}")
+        vms[name] = VMConfig(
+            name=name,
+            qmp=Path(conf["qmp"]) if "qmp" in conf else None,
+            disks=tuple(conf.get("disks", ())),
+            compression=conf.get("compression"),
+            scratch=Path(conf["scratch"]) if "scratch" in conf else None,
+            workers=conf.get("workers"),
+        )
+    return vms

@@ -1,0 +1,49 @@
+"""Names that reach the filesystem or QEMU: checked here, and only here."""
+
+from __future__ import annotations
+
+import re
+import secrets
+from datetime import datetime, timezone
+
+from .errors import UsageError
+
+# Letters, digits and . _ - ; must start with a letter or digit (so never "." or "..").
+_SAFE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+MAX_NAME = 64
+BITMAP_PREFIX = "nbdbackup."
+
+
+def check_name(kind: str, value: str) -> str:
+    """Return value if it is safe as a file name and a bitmap name; else UsageError."""
+    if not value:
+        raise UsageError(f"{kind} name is empty")
+    if len(value) > MAX_NAME:
+        raise UsageError(f"{kind} name is longer than {MAX_NAME} characters: {value[:MAX_NAME]!r}...")
+    if not _SAFE.match(value):
+        raise UsageError(
+            f"{kind} name {value!r} is not allowed",
+            hint="use letters, digits, '.', '_' and '-', starting with a letter or digit",
+        )
+    return value
+
+
+def new_checkpoint_name(now: datetime | None = None) -> str:
+    """A unique name that sorts by creation time: 20261125T224512Z-3f9a1c."""
+    now = now or datetime.now(timezone.utc)
+    return now.strftime("%Y%m%dT%H%M%S") + f"{now.microsecond // 1000:03d}Z-" + secrets.token_hex(3)
+
+
+def bitmap_name(checkpoint: str) -> str:
+    return BITMAP_PREFIX + checkpoint
+
+
+def checkpoint_of_bitmap(bitmap: str) -> str | None:
+    """The checkpoint a namespaced bitmap belongs to, or None for other tools' bitmaps."""
+    if bitmap.startswith(BITMAP_PREFIX):
+        return bitmap[len(BITMAP_PREFIX):]
+    return None
+
+
+def utc_now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z")

@@ -1,0 +1,152 @@
+"""NBD endpoints through libnbd: the only module that imports nbd.
+
+An NbdEndpoint is one client connection to one export.  Several endpoints on
+the same export (the exports we use advertise multi-conn) give parallel I/O:
+libnbd releases the GIL while it waits, so one connection per worker thread
+reads or writes truly in parallel.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Iterator
+
+import nbd
+
+from .errors import NbdBackupError, VMUnreachable
+from .records import Extent
+
+log = logging.getLogger(__name__)
+
+MAX_REQUEST = 32 * 1024 * 1024  # QEMU's advertised maximum: a larger pwrite kills the connection
+STATUS_STEP = 1024 * 1024 * 1024  # one block-status query covers at most this much
+BASE_ALLOCATION = "base:allocation"
+STATE_HOLE, STATE_ZERO = 1, 2
+DIRTY = 1
+
+
+def dirty_bitmap_context(bitmap: str) -> str:
+    return f"qemu:dirty-bitmap:{bitmap}"
+
+
+class NbdIOError(NbdBackupError):
+    """An NBD request failed or the connection dropped."""
+
+
+class NbdEndpoint:
+    """One libnbd connection to a unix-socket export.  A context manager."""
+
+    def __init__(self, socket: Path, export: str, *, contexts: tuple[str, ...] = (), writable: bool = False) -> None:
+        self.socket, self.export, self.contexts = socket, export, contexts
+        self._h = nbd.NBD()
+        self._h.set_export_name(export)
+        for context in contexts:
+            self._h.add_meta_context(context)
+        try:
+            self._h.connect_unix(str(socket))
+        except nbd.Error as exc:
+            self._h = None  # libnbd closes a handle when it is garbage-collected
+            raise VMUnreachable(f"cannot connect to NBD export {export!r}: {exc.string}") from None
+        for context in contexts:
+            if not self._h.can_meta_context(context):
+                self.close()
+                raise NbdIOError(f"NBD export {export!r} does not offer {context}")
+        if writable and self._h.is_read_only():
+            self.close()
+            raise NbdIOError(f"NBD export {export!r} is read-only")
+        self.size = self._h.get_size()
+
+    def __enter__(self) -> NbdEndpoint:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        h, self._h = self._h, None
+        if h is None:
+            return
+        try:
+            h.shutdown()
+        except nbd.Error:
+            pass
+        del h  # the last reference: libnbd closes the handle
+
+    # -- data ------------------------------------------------------------
+
+    def pread_into(self, buf: memoryview, offset: int) -> None:
+        """Fill buf from the export at offset, in requests of at most 32 MiB."""
+        done = 0
+        while done < len(buf):
+            n = min(MAX_REQUEST, len(buf) - done)
+            buf[done:done + n] = self._call("read", offset + done, self._h.pread, n, offset + done)
+            done += n
+
+    def pwrite(self, data: bytes | memoryview, offset: int) -> None:
+        view = memoryview(data)
+        for start in range(0, len(view), MAX_REQUEST):
+            piece = view[start:start + MAX_REQUEST]
+            self._call("write", offset + start, self._h.pwrite, piece, offset + start)
+
+    def flush(self) -> None:
+        self._call("flush", 0, self._h.flush)
+
+    def _call(self, what: str, offset: int, fn, *args):
+        try:
+            return fn(*args)
+        except nbd.Error as exc:
+            raise NbdIOError(f"NBD {what} at offset {offset} on export {self.export!r} failed: {exc.string}") from None
+
+    # -- extents ---------------------------------------------------------
+
+    def extents(self, offset: int, length: int) -> Iterator[tuple[str, int, int, int]]:
+        """(context, offset, length, flags) for every context, covering [offset, offset+length).
+
+        One block-status request covers at most STATUS_STEP; the server may
+        answer less, so we ask again from the shortest context's end.
+        """
+        end = offset + length
+        while offset < end:
+            want = min(STATUS_STEP, end - offset)
+            replies: dict[str, list[tuple[int, int, int]]] = {c: [] for c in self.contexts}
+
+            def collect(context: str, start: int, entries: list[int], err: list[int]) -> int:
+                pos, ext = start, replies.setdefault(context, [])
+                for i in range(0, len(entries), 2):
+                    ext.append((pos, entries[i], entries[i + 1]))
+                    pos += entries[i]
+                return 0
+
+            self._call("block-status", offset, self._h.block_status, want, offset, collect)
+            covered = min((e[-1][0] + e[-1][1] if e else offset) for e in replies.values())
+            covered = min(covered, offset + want)
+            if covered <= offset:
+                raise NbdIOError(f"NBD block-status at offset {offset} on export {self.export!r} made no progress")
+            for context, ext in replies.items():
+                for start, n, flags in ext:
+                    stop = min(start + n, covered)
+                    if start < stop:
+                        yield context, start, stop - start, flags
+            offset = covered
+
+
+def data_extents(endpoint: NbdEndpoint, region: Extent) -> list[Extent]:
+    """Parts of region that must be read: base:allocation says they may hold data."""
+    return _merge(Extent(o, n) for c, o, n, f in endpoint.extents(region.offset, region.length) if c == BASE_ALLOCATION and not f & STATE_ZERO)
+
+
+def dirty_extents(endpoint: NbdEndpoint, bitmap: str, size: int) -> list[Extent]:
+    """Ranges the export's dirty bitmap marks as changed."""
+    ctx = dirty_bitmap_context(bitmap)
+    return _merge(Extent(o, n) for c, o, n, f in endpoint.extents(0, size) if c == ctx and f & DIRTY)
+
+
+def _merge(extents) -> list[Extent]:
+    out: list[Extent] = []
+    for e in extents:
+        if out and out[-1].end == e.offset:
+            out[-1] = Extent(out[-1].offset, out[-1].length + e.length)
+        else:
+            out.append(e)
+    return out

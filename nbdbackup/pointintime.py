@@ -1,0 +1,210 @@
+"""A point-in-time view of every disk, exported over NBD (fleecing).
+
+    with PointInTime(session, disks, checkpoint_actions, merges, workdir) as pit:
+        pit.socket, pit.export_name(disk), pit.export_bitmap(disk)
+
+Entering: one scratch qcow2 overlay per disk (backing: the live disk), then ONE
+transaction holding the checkpoint actions, a temporary export bitmap per
+disk merged from the chain, and a `blockdev-backup sync=none` job per disk
+(from then on the guest's old data is copied to the scratch before it is
+overwritten); then an NBD server on a unix socket in a private 0700
+directory, one read-only export per disk.
+
+Leaving, on every path, in this order: exports, NBD server, jobs, overlay
+nodes (their temporary bitmaps go with them), scratch files.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import subprocess
+from pathlib import Path
+from typing import Sequence
+
+from .errors import NbdBackupError, QEMUCommandFailed, VMUnsuitable
+from .qmp import QMPSession
+from .records import Disk
+
+log = logging.getLogger(__name__)
+
+PREFIX = "nbdbackup-"
+EXPORT_BITMAP = "nbdbackup-export"
+
+
+def fleece_node(disk: Disk) -> str:
+    return f"{PREFIX}fleece-{disk.id}"
+
+
+def job_id(disk: Disk) -> str:
+    return f"{PREFIX}job-{disk.id}"
+
+
+def export_id(disk: Disk) -> str:
+    return f"{PREFIX}export-{disk.id}"
+
+
+class PointInTime:
+    def __init__(
+        self,
+        session: QMPSession,
+        disks: Sequence[Disk],
+        *,
+        checkpoint_actions: list[tuple[str, dict]],
+        merges: dict[str, list[str]],
+        scratch_dir: Path,
+        socket_dir: Path,
+    ) -> None:
+        """merges: disk id -> bitmap names (on that disk's node) to merge into its export bitmap;
+        disks absent from merges are exported without a bitmap (read in full)."""
+        self.session = session
+        self.disks = list(disks)
+        self.checkpoint_actions = checkpoint_actions
+        self.merges = merges
+        self.scratch_dir = scratch_dir
+        self.socket = socket_dir / "nbd.sock"
+        self.frozen = False  # True once the transaction (and so the checkpoint) took effect
+        self._stack = contextlib.ExitStack()
+
+    def export_name(self, disk: Disk) -> str:
+        return disk.id
+
+    def export_bitmap(self, disk: Disk) -> str | None:
+        return EXPORT_BITMAP if disk.id in self.merges else None
+
+    def __enter__(self) -> PointInTime:
+        try:
+            self._build()
+        except BaseException:
+            self._stack.close()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stack.close()
+
+    def _build(self) -> None:
+        qmp = self.session
+        for d in self.disks:
+            scratch = self.scratch_dir / f"{d.id}.fleece.qcow2"
+            _create_scratch(scratch, d.size)
+            self._stack.callback(_unlink, scratch)
+            qmp.execute(
+                "blockdev-add",
+                {"driver": "qcow2", "node-name": fleece_node(d), "backing": d.node, "discard": "unmap",
+                 "file": {"driver": "file", "filename": str(scratch)}},
+            )
+            self._stack.callback(self._quietly, "blockdev-del", {"node-name": fleece_node(d)})
+
+        actions = list(self.checkpoint_actions)
+        for d in self.disks:
+            if d.id in self.merges:
+                actions.append(("block-dirty-bitmap-add", {"node": fleece_node(d), "name": EXPORT_BITMAP, "persistent": False, "disabled": True, "granularity": 65536}))
+                actions.append(("block-dirty-bitmap-merge", {"node": fleece_node(d), "target": EXPORT_BITMAP,
+                                                              "bitmaps": [{"node": d.node, "name": b} for b in self.merges[d.id]]}))
+            actions.append(("blockdev-backup", {"job-id": job_id(d), "device": d.node, "target": fleece_node(d), "sync": "none"}))
+        qmp.transaction(actions)
+        self.frozen = True
+        for d in self.disks:
+            self._stack.callback(self._cancel_job, job_id(d))
+
+        start_nbd_server(qmp, self.socket)
+        self._stack.callback(self._quietly, "nbd-server-stop", {})
+        for d in self.disks:
+            args = {"type": "nbd", "id": export_id(d), "node-name": fleece_node(d), "name": self.export_name(d), "writable": False}
+            if d.id in self.merges:
+                args["bitmaps"] = [EXPORT_BITMAP]
+            qmp.execute("block-export-add", args)
+            self._stack.callback(self._delete_export, export_id(d))
+
+    # -- cleanup steps: each one must run even if an earlier one failed ---------
+
+    def _quietly(self, command: str, args: dict) -> None:
+        try:
+            self.session.execute(command, args)
+        except NbdBackupError as exc:
+            log.warning("cleanup: %s", exc)
+
+    def _cancel_job(self, job: str) -> None:
+        delete_job(self.session, job)
+
+    def _delete_export(self, export: str) -> None:
+        delete_export(self.session, export)
+
+
+def delete_export(session: QMPSession, export: str) -> None:
+    try:
+        session.execute("block-export-del", {"id": export, "mode": "hard"})
+        session.wait_event(lambda e: e["event"] == "BLOCK_EXPORT_DELETED" and e["data"].get("id") == export, timeout=30)
+    except NbdBackupError as exc:
+        log.warning("cleanup: export %s: %s", export, exc)
+
+
+def delete_job(session: QMPSession, job: str) -> None:
+    try:
+        session.execute("block-job-cancel", {"device": job, "force": True})
+        session.wait_event(
+            lambda e: e["event"] in ("BLOCK_JOB_CANCELLED", "BLOCK_JOB_COMPLETED", "BLOCK_JOB_ERROR") and e["data"].get("device") == job,
+            timeout=30,
+        )
+    except NbdBackupError as exc:
+        log.warning("cleanup: job %s: %s", job, exc)
+
+
+def start_nbd_server(session: QMPSession, socket: Path) -> None:
+    args = {"addr": {"type": "unix", "data": {"path": str(socket)}}}
+    try:
+        session.execute("nbd-server-start", args)
+    except QEMUCommandFailed as exc:
+        if "already running" not in exc.description:
+            raise
+        if session.execute("query-block-exports"):
+            raise VMUnsuitable("QEMU already runs an NBD server with exports of its own", hint="stop it (nbd-server-stop) or let it finish") from None
+        log.warning("stopping an idle NBD server left by an earlier run")
+        session.execute("nbd-server-stop")
+        session.execute("nbd-server-start", args)
+
+
+def clear_leftovers(session: QMPSession) -> list[str]:
+    """Remove exports, jobs and nodes that an interrupted run (SIGKILL) left in QEMU."""
+    done = []
+    exports = session.execute("query-block-exports")
+    ours = [e["id"] for e in exports if e["id"].startswith(PREFIX)]
+    for export in ours:
+        delete_export(session, export)
+        done.append(f"export {export}")
+    if ours and len(ours) == len(exports):
+        try:
+            session.execute("nbd-server-stop")
+            done.append("NBD server")
+        except NbdBackupError:
+            pass
+    for job in session.execute("query-block-jobs"):
+        if job["device"].startswith(PREFIX):
+            delete_job(session, job["device"])
+            done.append(f"job {job['device']}")
+    for node in session.execute("query-named-block-nodes", {"flat": True}):
+        if node["node-name"].startswith(PREFIX + "fleece-"):
+            try:
+                session.execute("blockdev-del", {"node-name": node["node-name"]})
+                done.append(f"node {node['node-name']}")
+            except NbdBackupError as exc:
+                log.warning("cleanup: node %s: %s", node["node-name"], exc)
+    for line in done:
+        log.warning("removed %s left by an interrupted run", line)
+    return done
+
+
+def _create_scratch(path: Path, size: int) -> None:
+    _unlink(path)
+    proc = subprocess.run(
+        ["qemu-img", "create", "-q", "-f", "qcow2", "-o", "cluster_size=65536", str(path), str(size)],
+        capture_output=True, text=True,
+    )
+    if proc.returncode != 0:
+        raise NbdBackupError(f"cannot create scratch file {path}: {proc.stderr.strip()}", hint="check the scratch directory")
+    path.chmod(0o600)
+
+
+def _unlink(path: Path) -> None:
+    path.unlink(missing_ok=True)

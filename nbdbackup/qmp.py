@@ -1,0 +1,139 @@
+"""A synchronous QMP session: the only module that imports qemu.qmp.
+
+qemu.qmp is asyncio and alpha (pinned in pyproject.toml); this adapter runs it
+on a private event loop and turns its errors into nbdbackup's.  Raw QMP dicts
+stay inside the adapter modules (qmp, vm, pointintime) that speak QMP.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import stat
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+from qemu.qmp import ConnectError, EventListener, ExecuteError, QMPClient, QMPError
+
+from .errors import QEMUCommandFailed, VMUnreachable
+
+log = logging.getLogger(__name__)
+
+CONNECT_TIMEOUT = 10.0
+COMMAND_TIMEOUT = 60.0
+
+
+class QMPSession:
+    """One connection to a VM's QMP monitor.  Use as a context manager."""
+
+    def __init__(self, socket_path: Path, *, connect_timeout: float = CONNECT_TIMEOUT) -> None:
+        self.socket_path = Path(socket_path)
+        self.connect_timeout = connect_timeout
+        self._loop = asyncio.new_event_loop()
+        self._client = QMPClient("nbdbackup")
+        # One listener for the whole session, registered before any command,
+        # so no event that a command triggers can be missed.
+        self._events = EventListener()
+        self._client.register_listener(self._events)
+        self._pending: list[dict] = []
+
+    # -- lifecycle -------------------------------------------------------
+
+    def __enter__(self) -> QMPSession:
+        self.connect()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def connect(self) -> None:
+        path = self.socket_path
+        try:
+            mode = os.stat(path).st_mode
+        except FileNotFoundError:
+            raise VMUnreachable(f"QMP socket {path} does not exist", hint="is the VM running, with -qmp unix:PATH,server=on,wait=off?") from None
+        except PermissionError:
+            raise VMUnreachable(f"QMP socket {path} is not accessible", hint="run as the user that owns the VM") from None
+        if not stat.S_ISSOCK(mode):
+            raise VMUnreachable(f"{path} is not a socket", hint="give the path of the VM's QMP monitor socket")
+        try:
+            self._run(self._client.connect(str(path)), self.connect_timeout)
+        except asyncio.TimeoutError:
+            self._abandon()
+            raise VMUnreachable(
+                f"QMP socket {path} did not answer within {self.connect_timeout:g}s",
+                hint="another client probably holds this monitor; give nbdbackup a -qmp socket of its own",
+            ) from None
+        except (ConnectError, QMPError, OSError) as exc:
+            self._abandon()
+            raise VMUnreachable(f"cannot speak QMP on {path}: {_describe(exc)}", hint="is this a QEMU QMP monitor socket (not HMP)?") from None
+
+    def close(self) -> None:
+        try:
+            self._run(self._client.disconnect(), 10.0)
+        except Exception as exc:  # closing must never mask the real error
+            log.debug("QMP disconnect: %s", exc)
+        finally:
+            self._loop.close()
+
+    def _abandon(self) -> None:
+        try:
+            self._run(self._client.disconnect(), 2.0)
+        except Exception:
+            pass
+
+    def _run(self, coro: Any, timeout: float | None) -> Any:
+        return self._loop.run_until_complete(asyncio.wait_for(coro, timeout))
+
+    # -- commands --------------------------------------------------------
+
+    def execute(self, command: str, arguments: dict | None = None, *, timeout: float = COMMAND_TIMEOUT) -> Any:
+        """Run one QMP command; QEMU's refusal becomes QEMUCommandFailed."""
+        log.debug("QMP -> %s %s", command, arguments or "")
+        try:
+            result = self._run(self._client.execute(command, arguments), timeout)
+        except ExecuteError as exc:
+            log.debug("QMP <- error %s: %s", exc.error_class, exc.error.desc)
+            raise QEMUCommandFailed(command, exc.error_class, exc.error.desc) from None
+        except asyncio.TimeoutError:
+            raise VMUnreachable(f"QEMU did not answer {command} within {timeout:g}s") from None
+        except (QMPError, OSError, EOFError) as exc:
+            raise VMUnreachable(f"lost the QMP connection during {command}: {_describe(exc)}", hint="did QEMU exit?") from None
+        log.debug("QMP <- %s", result)
+        return result
+
+    def transaction(self, actions: Iterable[tuple[str, dict]]) -> None:
+        """Run actions atomically: all of them or, on any error, none."""
+        self.execute("transaction", {"actions": [{"type": t, "data": d} for t, d in actions]})
+
+    # -- events ----------------------------------------------------------
+
+    def wait_event(self, match: Callable[[dict], bool], timeout: float = COMMAND_TIMEOUT) -> dict:
+        """Wait for (or find among those already received) an event that matches."""
+        for i, event in enumerate(self._pending):
+            if match(event):
+                return self._pending.pop(i)
+
+        async def next_match() -> dict:
+            while True:
+                msg = await self._events.get()
+                event = {"event": msg["event"], "data": dict(msg.get("data", {}))}
+                if match(event):
+                    return event
+                self._pending.append(event)
+
+        try:
+            return self._run(next_match(), timeout)
+        except asyncio.TimeoutError:
+            raise VMUnreachable(f"QEMU did not send the expected event within {timeout:g}s") from None
+
+    def drain_events(self) -> None:
+        while not self._events.empty():
+            msg = self._events.clear()
+            self._pending.extend({"event": m["event"], "data": dict(m.get("data", {}))} for m in msg)
+
+
+def _describe(exc: BaseException) -> str:
+    text = str(exc) or type(exc).__name__
+    return text.splitlines()[0]

@@ -1,0 +1,151 @@
+"""Where repository objects live.  Keys are '/'-separated relative paths."""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import os
+import secrets
+from pathlib import Path
+from typing import Iterator, Protocol
+
+from ..errors import RepositoryUnusable
+
+
+class Backend(Protocol):
+    """What the repository needs from storage.  An S3 backend implements the same six calls."""
+
+    def read(self, key: str) -> bytes:
+        """The object's content; FileNotFoundError when there is none."""
+
+    def write(self, key: str, data: bytes, *, durable: bool = False) -> None:
+        """Create or replace the object atomically: readers see old or new, never a part.
+        durable=True returns only once the object survives a crash."""
+
+    def exists(self, key: str) -> bool: ...
+
+    def list(self, prefix: str) -> Iterator[str]:
+        """Keys of objects below prefix (a folder), in no particular order."""
+
+    def delete(self, key: str) -> None:
+        """Remove the object; no error if it is already gone."""
+
+    def sync(self) -> None:
+        """Make every write so far durable."""
+
+
+DIR_MODE = 0o700
+FILE_MODE = 0o600
+
+
+class LocalBackend:
+    """A directory tree on a local filesystem.  Directories 0700, files 0600."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root)
+        self._dirty_dirs: set[Path] = set()
+
+    def path(self, key: str) -> Path:
+        if key.startswith("/") or ".." in key.split("/"):
+            raise ValueError(f"bad repository key {key!r}")
+        return self.root / key
+
+    def read(self, key: str) -> bytes:
+        with open(self.path(key), "rb") as f:
+            return f.read()
+
+    def write(self, key: str, data: bytes, *, durable: bool = False) -> None:
+        target = self.path(key)
+        tmp = target.with_name(f".{target.name}.tmp-{secrets.token_hex(4)}")
+        self._makedirs(target.parent)
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, FILE_MODE)
+            try:
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(fd, view):]
+                if durable:
+                    os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.replace(tmp, target)
+        except OSError as exc:
+            _unlink_quietly(tmp)
+            raise _storage_error(exc, target) from None
+        if durable:
+            _fsync_dir(target.parent)
+        else:
+            self._dirty_dirs.add(target.parent)
+
+    def exists(self, key: str) -> bool:
+        return self.path(key).exists()
+
+    def list(self, prefix: str) -> Iterator[str]:
+        base = self.path(prefix)
+        if not base.is_dir():
+            return
+        for dirpath, _dirs, files in os.walk(base):
+            rel = Path(dirpath).relative_to(self.root).as_posix()
+            for name in files:
+                if not name.startswith("."):
+                    yield f"{rel}/{name}"
+
+    def delete(self, key: str) -> None:
+        _unlink_quietly(self.path(key))
+
+    def sync(self) -> None:
+        """syncfs() the repository's filesystem, then fsync the directories we added to."""
+        try:
+            fd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY)
+            try:
+                if _libc_syncfs(fd) != 0:
+                    os.sync()
+            finally:
+                os.close(fd)
+            for d in sorted(self._dirty_dirs):
+                _fsync_dir(d)
+            self._dirty_dirs.clear()
+        except OSError as exc:
+            raise _storage_error(exc, self.root) from None
+
+    def _makedirs(self, path: Path) -> None:
+        if path.is_dir():
+            return
+        try:
+            path.mkdir(mode=DIR_MODE, parents=True, exist_ok=True)
+        except OSError as exc:
+            raise _storage_error(exc, path) from None
+
+
+def _libc_syncfs(fd: int) -> int:
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        return libc.syncfs(fd)
+    except (OSError, AttributeError):
+        return -1
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _unlink_quietly(path: Path) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
+def _storage_error(exc: OSError, path: Path) -> RepositoryUnusable:
+    reasons = {
+        errno.ENOSPC: "the repository's filesystem is full",
+        errno.EDQUOT: "the repository's disk quota is exhausted",
+        errno.EROFS: "the repository's filesystem is read-only",
+        errno.EACCES: "no permission to write to the repository",
+    }
+    reason = reasons.get(exc.errno, exc.strerror or str(exc))
+    return RepositoryUnusable(f"cannot write {path}: {reason}", hint="free space or fix the repository path; older backups are untouched")

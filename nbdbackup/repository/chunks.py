@@ -1,0 +1,75 @@
+"""Chunk files: the content of a disk range, named by the SHA-256 of that content.
+
+    offset  size  field
+    0       4     magic b"NBDC"
+    4       1     format version (1)
+    5       1     encoding: 0 stored as is, 1 zstd frame (with its content checksum)
+    6       2     reserved, zero
+    8       4     uncompressed length, little-endian
+    12      ...   payload
+"""
+
+from __future__ import annotations
+
+import hashlib
+import struct
+import threading
+
+import zstandard
+
+from ..errors import RepositoryDamaged
+
+MAGIC = b"NBDC"
+VERSION = 1
+STORED, ZSTD = 0, 1
+_HEADER = struct.Struct("<4sBBHI")
+HEADER_SIZE = _HEADER.size
+
+_local = threading.local()
+
+
+def _compressor(level: int) -> zstandard.ZstdCompressor:
+    cache = _local.__dict__.setdefault("compressors", {})
+    if level not in cache:
+        cache[level] = zstandard.ZstdCompressor(level=level, write_checksum=True, write_content_size=True)
+    return cache[level]
+
+
+def _decompressor() -> zstandard.ZstdDecompressor:
+    if not hasattr(_local, "decompressor"):
+        _local.decompressor = zstandard.ZstdDecompressor()
+    return _local.decompressor
+
+
+def chunk_id(data: bytes | memoryview) -> bytes:
+    return hashlib.sha256(data).digest()
+
+
+def encode(data: bytes | memoryview, level: int) -> bytes:
+    """The chunk file for data; stored as is when compression does not pay."""
+    packed = _compressor(level).compress(data)
+    if len(packed) < len(data) - len(data) // 64:
+        return _HEADER.pack(MAGIC, VERSION, ZSTD, 0, len(data)) + packed
+    return _HEADER.pack(MAGIC, VERSION, STORED, 0, len(data)) + bytes(data)
+
+
+def decode(blob: bytes, expected_id: bytes, where: str) -> bytes:
+    """The chunk's content, checked against its name; RepositoryDamaged otherwise."""
+    if len(blob) < HEADER_SIZE:
+        raise RepositoryDamaged(f"chunk {expected_id.hex()} is truncated ({where})")
+    magic, version, encoding, _reserved, length = _HEADER.unpack_from(blob)
+    if magic != MAGIC or version != VERSION:
+        raise RepositoryDamaged(f"chunk {expected_id.hex()} has a bad header ({where})")
+    payload = memoryview(blob)[HEADER_SIZE:]
+    if encoding == ZSTD:
+        try:
+            data = _decompressor().decompress(payload, max_output_size=length)
+        except zstandard.ZstdError as exc:
+            raise RepositoryDamaged(f"chunk {expected_id.hex()} does not decompress: {exc} ({where})") from None
+    elif encoding == STORED:
+        data = bytes(payload)
+    else:
+        raise RepositoryDamaged(f"chunk {expected_id.hex()} has unknown encoding {encoding} ({where})")
+    if len(data) != length or chunk_id(data) != expected_id:
+        raise RepositoryDamaged(f"chunk {expected_id.hex()} fails its checksum ({where})")
+    return data

@@ -1,0 +1,208 @@
+"""The repository: one object tying the format (docs/FORMAT.md) to a Backend.
+
+Layout (keys of the backend):
+
+    config.json                               format name, version, repository id
+    chunks/<2 hex>/<64 hex>                   chunk files (chunks.py)
+    vms/<vm>/checkpoints.json                 checkpoint records of the VM's chain
+    vms/<vm>/backups/<checkpoint>/<disk>.index  one complete index per disk (index.py)
+    vms/<vm>/backups/<checkpoint>/manifest.json the backup exists iff this does
+
+Write order (crash safety): chunks, indexes, sync, manifest (durable).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import uuid
+from pathlib import Path
+from typing import Sequence
+
+from ..errors import RepositoryDamaged, RepositoryUnusable
+from ..names import check_name, utc_now
+from ..records import CheckpointRecord, IndexEntry, Manifest
+from . import chunks, index, manifest
+from .backend import DIR_MODE, Backend, LocalBackend
+
+FORMAT_NAME = "nbdbackup repository"
+FORMAT_VERSION = 1
+
+
+class Repository:
+    def __init__(self, backend: Backend, repo_id: str, root: Path | None = None) -> None:
+        self.backend = backend
+        self.id = repo_id
+        self.root = root
+
+    # -- opening ---------------------------------------------------------
+
+    @classmethod
+    def open(cls, path: Path, *, create: bool = True) -> Repository:
+        path = Path(path)
+        backend = LocalBackend(path)
+        try:
+            blob = backend.read("config.json")
+        except FileNotFoundError:
+            if path.exists() and any(path.iterdir()):
+                raise RepositoryUnusable(f"{path} is not an nbdbackup repository (no config.json)", hint="give an empty or new directory with --repo") from None
+            if not create:
+                raise RepositoryUnusable(f"there is no repository at {path}") from None
+            return cls._create(path, backend)
+        except NotADirectoryError:
+            raise RepositoryUnusable(f"repository path {path} is not a directory") from None
+        except PermissionError:
+            raise RepositoryUnusable(f"no permission to read the repository at {path}") from None
+        try:
+            config = json.loads(blob)
+            name, version, repo_id = config["format"], config["version"], config["id"]
+        except (ValueError, KeyError, TypeError):
+            raise RepositoryDamaged(f"{path}/config.json is damaged") from None
+        if name != FORMAT_NAME:
+            raise RepositoryUnusable(f"{path} holds {name!r}, not an nbdbackup repository")
+        if not isinstance(version, int) or version > FORMAT_VERSION:
+            raise RepositoryUnusable(
+                f"repository {path} has format version {version}; this nbdbackup reads version {FORMAT_VERSION}",
+                hint="upgrade nbdbackup",
+            )
+        return cls(backend, repo_id, path)
+
+    @classmethod
+    def _create(cls, path: Path, backend: LocalBackend) -> Repository:
+        try:
+            path.mkdir(mode=DIR_MODE, parents=True, exist_ok=True)
+            os.chmod(path, DIR_MODE)
+        except OSError as exc:
+            raise RepositoryUnusable(f"cannot create the repository at {path}: {exc.strerror}") from None
+        repo_id = uuid.uuid4().hex
+        config = {"format": FORMAT_NAME, "version": FORMAT_VERSION, "id": repo_id, "created": utc_now()}
+        backend.write("config.json", json.dumps(config, indent=1).encode() + b"\n", durable=True)
+        return cls(backend, repo_id, path)
+
+    def local_dir(self, name: str) -> Path:
+        """A private directory inside a local repository (locks, scratch)."""
+        if self.root is None:
+            raise RepositoryUnusable("this repository has no local directory")
+        d = self.root / name
+        d.mkdir(mode=DIR_MODE, exist_ok=True)
+        return d
+
+    # -- chunks ----------------------------------------------------------
+
+    @staticmethod
+    def _chunk_key(cid: bytes) -> str:
+        h = cid.hex()
+        return f"chunks/{h[:2]}/{h}"
+
+    def has_chunk(self, cid: bytes) -> bool:
+        return self.backend.exists(self._chunk_key(cid))
+
+    def put_chunk(self, cid: bytes, data: bytes | memoryview, level: int) -> int:
+        """Store data under cid unless it is there already; returns bytes written."""
+        key = self._chunk_key(cid)
+        if self.backend.exists(key):
+            return 0
+        blob = chunks.encode(data, level)
+        self.backend.write(key, blob)
+        return len(blob)
+
+    def get_chunk(self, cid: bytes, where: str) -> bytes:
+        try:
+            blob = self.backend.read(self._chunk_key(cid))
+        except FileNotFoundError:
+            raise RepositoryDamaged(f"chunk {cid.hex()} is missing ({where})") from None
+        return chunks.decode(blob, cid, where)
+
+    def chunk_ids(self) -> set[bytes]:
+        return {bytes.fromhex(k.rsplit("/", 1)[1]) for k in self.backend.list("chunks")}
+
+    # -- backups ---------------------------------------------------------
+
+    @staticmethod
+    def _backup_key(vm: str, checkpoint: str) -> str:
+        check_name("VM", vm)
+        check_name("checkpoint", checkpoint)
+        return f"vms/{vm}/backups/{checkpoint}"
+
+    def write_index(self, vm: str, checkpoint: str, disk_id: str, disk_size: int, entries: Sequence[IndexEntry]) -> str:
+        check_name("disk", disk_id)
+        blob = index.encode(disk_size, entries)
+        self.backend.write(f"{self._backup_key(vm, checkpoint)}/{disk_id}.index", blob)
+        return hashlib.sha256(blob).hexdigest()
+
+    def read_index(self, m: Manifest, disk_id: str) -> tuple[int, list[IndexEntry]]:
+        d = m.disk(disk_id)
+        where = f"backup {m.checkpoint}, disk {disk_id}"
+        if d is None:
+            raise RepositoryDamaged(f"{where} is not in the manifest")
+        try:
+            blob = self.backend.read(f"{self._backup_key(m.vm, m.checkpoint)}/{disk_id}.index")
+        except FileNotFoundError:
+            raise RepositoryDamaged(f"index of {where} is missing") from None
+        if hashlib.sha256(blob).hexdigest() != d.index_sha256:
+            raise RepositoryDamaged(f"index of {where} does not match its manifest (truncated or modified)")
+        size, entries = index.decode(blob, where)
+        if size != d.size:
+            raise RepositoryDamaged(f"index of {where} has disk size {size}, manifest says {d.size}")
+        return size, entries
+
+    def commit(self, m: Manifest) -> None:
+        """Make the backup exist: everything it references durable first, then its manifest."""
+        self.backend.sync()
+        self.backend.write(f"{self._backup_key(m.vm, m.checkpoint)}/manifest.json", manifest.manifest_to_bytes(m), durable=True)
+
+    def manifest(self, vm: str, checkpoint: str) -> Manifest | None:
+        key = f"{self._backup_key(vm, checkpoint)}/manifest.json"
+        try:
+            blob = self.backend.read(key)
+        except FileNotFoundError:
+            return None
+        return manifest.manifest_from_bytes(blob, f"manifest of backup {checkpoint}")
+
+    def manifests(self, vm: str) -> list[Manifest]:
+        """Complete backups of vm, oldest first."""
+        check_name("VM", vm)
+        found = []
+        for key in self.backend.list(f"vms/{vm}/backups"):
+            parts = key.split("/")
+            if len(parts) == 5 and parts[4] == "manifest.json":
+                m = self.manifest(vm, parts[3])
+                if m is not None:
+                    found.append(m)
+        return sorted(found, key=lambda m: (m.created, m.checkpoint))
+
+    def incomplete_backups(self, vm: str) -> list[str]:
+        """Backup folders without a manifest: left by a run that did not finish."""
+        check_name("VM", vm)
+        files: dict[str, set[str]] = {}
+        for key in self.backend.list(f"vms/{vm}/backups"):
+            parts = key.split("/")
+            if len(parts) == 5:
+                files.setdefault(parts[3], set()).add(parts[4])
+        return sorted(cp for cp, names in files.items() if "manifest.json" not in names)
+
+    def delete_backup(self, vm: str, checkpoint: str) -> None:
+        """Manifest first (the backup stops existing), then its indexes."""
+        base = self._backup_key(vm, checkpoint)
+        self.backend.delete(f"{base}/manifest.json")
+        self.backend.sync()
+        for key in list(self.backend.list(base)):
+            self.backend.delete(key)
+
+    def vms(self) -> list[str]:
+        return sorted({k.split("/")[1] for k in self.backend.list("vms")})
+
+    # -- checkpoint records ----------------------------------------------
+
+    def checkpoints(self, vm: str) -> list[CheckpointRecord]:
+        check_name("VM", vm)
+        try:
+            blob = self.backend.read(f"vms/{vm}/checkpoints.json")
+        except FileNotFoundError:
+            return []
+        return manifest.checkpoints_from_bytes(blob, f"checkpoint records of {vm}")
+
+    def save_checkpoints(self, vm: str, records: Sequence[CheckpointRecord]) -> None:
+        check_name("VM", vm)
+        self.backend.write(f"vms/{vm}/checkpoints.json", manifest.checkpoints_to_bytes(list(records)), durable=True)

@@ -1,0 +1,189 @@
+"""Restore: replay one backup point into new images through writable NBD exports.
+
+Every backup's index is complete, so one pass over one index restores a disk.
+The target images are new (all zero), so only non-zero data is written and
+the result stays sparse.  Each chunk is checked against its SHA-256 as it is
+read; nothing is renamed into place unless every disk was restored.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import logging
+import os
+import secrets
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator, Sequence
+
+from .capture import CancelToken, Tuning
+from .errors import CheckpointUnknown, RepositoryDamaged, RestoreTargetError, UsageError
+from .nbdio import MAX_REQUEST, NbdEndpoint, NbdIOError
+from .records import IndexEntry, Manifest
+from .repository import Repository
+from .storage_daemon import StorageDaemon, TargetImage, create_image
+
+log = logging.getLogger(__name__)
+
+ZERO_BLOCK = 64 * 1024
+_ZERO = bytes(ZERO_BLOCK)
+FORMATS = ("qcow2", "raw")
+
+
+@dataclass(frozen=True)
+class RestoreRequest:
+    vm: str
+    checkpoint: str
+    output: Path
+    format: str = "qcow2"
+    disks: tuple[str, ...] = ()
+    force: bool = False
+
+
+def find_backup(repo: Repository, vm: str, checkpoint: str) -> Manifest:
+    manifests = repo.manifests(vm)
+    if checkpoint == "latest" and manifests:
+        return manifests[-1]
+    for m in manifests:
+        if m.checkpoint == checkpoint:
+            return m
+    known = ", ".join(m.checkpoint for m in manifests[-5:]) or "none"
+    raise CheckpointUnknown(f"VM {vm} has no backup at checkpoint {checkpoint!r}", hint=f"newest backups: {known}")
+
+
+def run_restore(
+    repo: Repository,
+    req: RestoreRequest,
+    *,
+    socket_dir: Path,
+    tuning: Tuning = Tuning(),
+    cancel: CancelToken = CancelToken(),
+    progress: Callable[[int], None] = lambda n: None,
+    on_start: Callable[[int], None] = lambda total: None,
+) -> list[Path]:
+    if req.format not in FORMATS:
+        raise UsageError(f"unknown format {req.format!r}", hint="use qcow2 or raw")
+    m = find_backup(repo, req.vm, req.checkpoint)
+    chosen = [d for d in m.disks if not req.disks or d.id in req.disks]
+    unknown = set(req.disks) - {d.id for d in m.disks}
+    if unknown:
+        raise UsageError(f"backup {m.checkpoint} has no disk {', '.join(sorted(unknown))}", hint=f"its disks: {', '.join(d.id for d in m.disks)}")
+    indexes = {d.id: repo.read_index(m, d.id)[1] for d in chosen}
+
+    out = req.output
+    finals = {d.id: out / f"{d.id}.{req.format}" for d in chosen}
+    for path in finals.values():
+        if (path.exists() or path.is_symlink()) and not req.force:
+            raise RestoreTargetError(f"{path} exists", hint="choose another --output or pass --force to overwrite")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise RestoreTargetError(f"cannot create output directory {out}: {exc.strerror}") from None
+
+    tag = secrets.token_hex(3)
+    images = [TargetImage(d.id, out / f".{d.id}.{req.format}.partial-{tag}", req.format, d.size) for d in chosen]
+    try:
+        for img in images:
+            create_image(img)
+        on_start(sum(e.length for entries in indexes.values() for e in entries))
+        with StorageDaemon(images, socket_dir) as daemon:
+            for img in images:
+                _write_disk(repo, m, img.export, indexes[img.export], daemon.socket, tuning, cancel, progress)
+        for img in images:
+            os.replace(img.path, finals[img.export])
+    finally:
+        for img in images:
+            img.path.unlink(missing_ok=True)
+    return [finals[d.id] for d in chosen]
+
+
+def _batches(entries: Sequence[IndexEntry], limit: int) -> Iterator[list[IndexEntry]]:
+    """Consecutive entries, at most `limit` bytes a batch (entries sharing a chunk stay together)."""
+    batch: list[IndexEntry] = []
+    size = 0
+    for e in entries:
+        if batch and size + e.length > limit and e.chunk != batch[-1].chunk:
+            yield batch
+            batch, size = [], 0
+        batch.append(e)
+        size += e.length
+    if batch:
+        yield batch
+
+
+def _write_disk(repo: Repository, m: Manifest, disk_id: str, entries: list[IndexEntry], socket: Path,
+                tuning: Tuning, cancel: CancelToken, progress: Callable[[int], None]) -> None:
+    local = threading.local()
+    endpoints: list[NbdEndpoint] = []
+    lock = threading.Lock()
+
+    def endpoint() -> NbdEndpoint:
+        if not hasattr(local, "ep"):
+            local.ep = NbdEndpoint(socket, disk_id, writable=True)
+            with lock:
+                endpoints.append(local.ep)
+        return local.ep
+
+    def chunk(cid: bytes, offset: int) -> bytes:
+        cached = getattr(local, "chunk", (None, None))
+        if cached[0] != cid:
+            cached = (cid, repo.get_chunk(cid, f"backup {m.checkpoint}, disk {disk_id}, offset {offset}"))
+            local.chunk = cached
+        return cached[1]
+
+    def work(batch: list[IndexEntry]) -> int:
+        if cancel.signum is not None:
+            return 0
+        ep = endpoint()
+        for e in batch:
+            data = memoryview(chunk(e.chunk, e.offset))[e.chunk_offset:e.chunk_offset + e.length]
+            if len(data) != e.length:
+                raise RepositoryDamaged(f"chunk {e.chunk.hex()} is shorter than its index says (backup {m.checkpoint}, disk {disk_id}, offset {e.offset})")
+            try:
+                for start, stop in _nonzero_runs(e.offset, data):
+                    ep.pwrite(data[start - e.offset:stop - e.offset], start)
+            except NbdIOError as exc:
+                raise RestoreTargetError(f"writing disk {disk_id}: {exc}") from None
+        return sum(e.length for e in batch)
+
+    try:
+        with cf.ThreadPoolExecutor(tuning.workers, "restore") as pool:
+            inflight: set[cf.Future] = set()
+            for batch in _batches(entries, tuning.chunk_size):
+                cancel.check()
+                while len(inflight) >= tuning.depth:
+                    done, inflight = cf.wait(inflight, return_when=cf.FIRST_COMPLETED)
+                    for fut in done:
+                        progress(fut.result())
+                inflight.add(pool.submit(work, batch))
+            for fut in cf.as_completed(inflight):
+                progress(fut.result())
+            cancel.check()
+        endpoint().flush()
+    finally:
+        for ep in endpoints:
+            ep.close()
+
+
+def _nonzero_runs(offset: int, data: memoryview) -> Iterator[tuple[int, int]]:
+    """(start, stop) disk ranges of data that are not all zero, in ZERO_BLOCK-aligned steps."""
+    end = offset + len(data)
+    run_start = None
+    pos = offset
+    while pos < end:
+        stop = min(end, (pos // ZERO_BLOCK + 1) * ZERO_BLOCK)
+        block = data[pos - offset:stop - offset]
+        if block == _ZERO[:len(block)]:
+            if run_start is not None:
+                yield run_start, pos
+                run_start = None
+        else:
+            if run_start is None:
+                run_start = pos
+            elif pos - run_start >= MAX_REQUEST:
+                yield run_start, pos
+                run_start = pos
+        pos = stop
+    if run_start is not None:
+        yield run_start, end

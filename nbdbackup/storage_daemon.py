@@ -1,0 +1,90 @@
+"""qemu-storage-daemon serving new images as writable NBD exports (restore targets)."""
+
+from __future__ import annotations
+
+import logging
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+from .errors import NbdBackupError, RestoreTargetError
+from .qmp import QMPSession
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TargetImage:
+    export: str  # export name (the disk id)
+    path: Path
+    format: str  # qcow2 | raw
+    size: int
+
+
+def create_image(image: TargetImage) -> None:
+    cmd = ["qemu-img", "create", "-q", "-f", image.format]
+    if image.format == "qcow2":
+        cmd += ["-o", "cluster_size=65536"]
+    proc = subprocess.run([*cmd, str(image.path), str(image.size)], capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RestoreTargetError(f"cannot create {image.path}: {proc.stderr.strip()}")
+    image.path.chmod(0o600)
+
+
+class StorageDaemon:
+    """Start qemu-storage-daemon with one writable export per image; stop it on exit."""
+
+    def __init__(self, images: Sequence[TargetImage], socket_dir: Path) -> None:
+        self.images = list(images)
+        self.socket = socket_dir / "restore.sock"
+        self.monitor = socket_dir / "restore-qmp.sock"
+        self._proc: subprocess.Popen | None = None
+
+    def __enter__(self) -> StorageDaemon:
+        cmd = ["qemu-storage-daemon",
+               "--chardev", f"socket,id=m,path={self.monitor},server=on,wait=off",
+               "--monitor", "chardev=m",
+               "--nbd-server", f"addr.type=unix,addr.path={self.socket}"]
+        for i, img in enumerate(self.images):
+            cmd += ["--blockdev", f"driver=file,filename={_escape(img.path)},node-name=f{i},discard=unmap",
+                    "--blockdev", f"driver={img.format},file=f{i},node-name=n{i},discard=unmap",
+                    "--export", f"type=nbd,id=e{i},node-name=n{i},name={img.export},writable=on"]
+        log.debug("starting %s", cmd)
+        self._proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        deadline = time.monotonic() + 30
+        while not (self.socket.exists() and self.monitor.exists()):
+            if self._proc.poll() is not None:
+                out = (self._proc.stdout.read() if self._proc.stdout else "").strip()
+                raise RestoreTargetError(f"qemu-storage-daemon failed to start: {out.splitlines()[-1] if out else self._proc.returncode}")
+            if time.monotonic() > deadline:
+                self._kill()
+                raise RestoreTargetError("qemu-storage-daemon did not start within 30s")
+            time.sleep(0.02)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        """Ask the daemon to quit (it flushes and closes the images), else kill it."""
+        proc = self._proc
+        if proc is None or proc.poll() is not None:
+            return
+        try:
+            with QMPSession(self.monitor, connect_timeout=10) as qmp:
+                qmp.execute("quit")
+            proc.wait(timeout=60)
+        except (NbdBackupError, subprocess.TimeoutExpired) as err:
+            log.warning("qemu-storage-daemon did not quit cleanly: %s", err)
+            self._kill()
+        if proc.returncode not in (0, None) and exc[0] is None:
+            raise RestoreTargetError(f"qemu-storage-daemon exited with status {proc.returncode}")
+
+    def _kill(self) -> None:
+        if self._proc and self._proc.poll() is None:
+            self._proc.kill()
+            self._proc.wait()
+
+
+def _escape(path: Path) -> str:
+    """Escape commas for QEMU's option syntax."""
+    return str(path).replace(",", ",,")

@@ -1,0 +1,31 @@
+"""Private scratch and runtime directories: created 0700, removed on exit."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Iterator
+
+
+def runtime_base() -> Path:
+    """Where short-lived sockets go: short paths (unix sockets allow 107 bytes)."""
+    xdg = os.environ.get("XDG_RUNTIME_DIR")
+    if xdg and Path(xdg).is_dir():
+        return Path(xdg)
+    return Path(tempfile.gettempdir())
+
+
+@contextlib.contextmanager
+def private_dir(parent: Path | None = None, prefix: str = "nbdbackup-") -> Iterator[Path]:
+    """A new 0700 directory, removed with its content on exit."""
+    base = parent or runtime_base()
+    base.mkdir(mode=0o700, parents=True, exist_ok=True)
+    path = Path(tempfile.mkdtemp(prefix=prefix, dir=base))
+    os.chmod(path, 0o700)
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
