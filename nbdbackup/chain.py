@@ -104,3 +104,56 @@ def check_since(
             problem = bitmap_problem(record, disk_id, disk_bitmaps[disk_id].get(bitmap_name(record.name)), active=(i == len(chain) - 1))
             if problem:
                 raise ChainBroken(problem, hint="the chain is broken from there: run `nbdbackup full` (or `auto`)")
+
+
+@dataclass(frozen=True)
+class CheckpointStatus:
+    """One row of `nbdbackup checkpoints`."""
+
+    name: str
+    created: str
+    state: str  # ok | missing | inconsistent | altered | busy | pending | orphan
+    active: bool  # the newest checkpoint: its bitmaps record guest writes now
+    usable: bool  # an incremental --since this checkpoint would be accepted
+    dirty_bytes: dict[str, int]  # per disk: bytes its bitmap marks (changes until the next checkpoint)
+    problems: tuple[str, ...] = ()
+
+
+def assess(records: Sequence[CheckpointRecord], disk_bitmaps: dict[str, dict[str, Bitmap]]) -> list[CheckpointStatus]:
+    """The chain as QEMU and the repository see it, oldest first, then orphan bitmaps."""
+    rows: list[CheckpointStatus] = []
+    for i, r in enumerate(records):
+        newest = i == len(records) - 1
+        problems = []
+        dirty = {}
+        for disk_id in r.disks:
+            if disk_id not in disk_bitmaps:
+                continue
+            b = disk_bitmaps[disk_id].get(bitmap_name(r.name))
+            if b is not None:
+                dirty[disk_id] = b.count
+            problem = bitmap_problem(r, disk_id, b, active=newest)
+            if problem:
+                problems.append(problem)
+        if r.state == "pending":
+            state = PENDING
+        elif not problems:
+            state = OK
+        else:
+            words = " ".join(problems)
+            state = MISSING if "missing" in words else INCONSISTENT if "inconsistent" in words else "busy" if "busy" in words else "altered"
+        rows.append(CheckpointStatus(r.name, r.created, state, newest and state == OK, False, dirty, tuple(problems)))
+    # usable: this one and every later one is ok, all in the newest chain
+    usable_from = len(rows)
+    while usable_from > 0 and rows[usable_from - 1].state == OK and records[usable_from - 1].chain == records[-1].chain:
+        usable_from -= 1
+    rows = [CheckpointStatus(**{**row.__dict__, "usable": i >= usable_from}) for i, row in enumerate(rows)]
+    known = {bitmap_name(r.name) for r in records}
+    orphans: dict[str, dict[str, int]] = {}
+    for disk_id, bitmaps in disk_bitmaps.items():
+        for name, b in bitmaps.items():
+            if name not in known:
+                orphans.setdefault(name, {})[disk_id] = b.count
+    for name, dirty in sorted(orphans.items()):
+        rows.append(CheckpointStatus(name.split(".", 1)[1], "", ORPHAN, False, False, dirty, ("bitmap without a checkpoint record",)))
+    return rows

@@ -15,12 +15,16 @@ from typing import Callable, Iterator
 
 from .backup import BackupRequest, BackupResult, run_backup
 from .capture import CancelToken, Tuning
+from .chain import CheckpointStatus, assess, resolve
+from .checkpoints import Checkpoints, disk_bitmaps
 from .config import Settings, VMConfig
 from .lock import file_lock
 from .qmp import QMPSession
 from .records import Manifest
 from .repository import Repository
+from .names import check_name
 from .restore import RestoreRequest, run_restore
+from .vm import qcow2_disks
 from .workdirs import private_dir
 
 Progress = Callable[[int], None]
@@ -54,15 +58,40 @@ def tuning_for(vmconf: VMConfig, base: Tuning = Tuning()) -> Tuning:
     return dataclasses.replace(base, **changes)
 
 
-def backup(settings: Settings, vmconf: VMConfig, req: BackupRequest, *, cancel: CancelToken, observer: Observer = Observer()) -> BackupResult:
+@contextlib.contextmanager
+def vm_session(settings: Settings, vmconf: VMConfig) -> Iterator[tuple[Repository, QMPSession]]:
+    """The repository, the VM's lock, then its QMP session: what every VM command needs."""
     repo = open_repository(settings)
+    with vm_lock(repo, vmconf.name), QMPSession(vmconf.qmp) as session:
+        yield repo, session
+
+
+def backup(settings: Settings, vmconf: VMConfig, req: BackupRequest, *, cancel: CancelToken, observer: Observer = Observer()) -> BackupResult:
     with contextlib.ExitStack() as stack:
-        stack.enter_context(vm_lock(repo, vmconf.name))
-        session = stack.enter_context(QMPSession(vmconf.qmp))
+        repo, session = stack.enter_context(vm_session(settings, vmconf))
         scratch = stack.enter_context(private_dir(vmconf.scratch or repo.local_dir("tmp"), prefix=f"{vmconf.name}-"))
         sockets = stack.enter_context(private_dir())
         return run_backup(repo, session, req, scratch_dir=scratch, socket_dir=sockets, cancel=cancel,
                           progress=observer.progress, on_start=observer.on_start)
+
+
+def checkpoint_status(settings: Settings, vmconf: VMConfig) -> list[CheckpointStatus]:
+    """Read-only: the chain as QEMU and the repository see it."""
+    with vm_session(settings, vmconf) as (repo, session):
+        disks = qcow2_disks(session, vmconf.disks)
+        return assess(repo.checkpoints(vmconf.name), disk_bitmaps(session, disks))
+
+
+def delete_checkpoint(settings: Settings, vmconf: VMConfig, name: str, *, keep_backup: bool) -> None:
+    """Delete a checkpoint the seed's way (bitmaps first, record after), and its backup unless kept."""
+    check_name("checkpoint", name)
+    with vm_session(settings, vmconf) as (repo, session):
+        checkpoints = Checkpoints(repo, session, vmconf.name, qcow2_disks(session, vmconf.disks))
+        checkpoints.reconcile()
+        record = resolve(checkpoints.records(), name)
+        checkpoints.delete(record.name)
+        if not keep_backup:
+            repo.delete_backup(vmconf.name, record.name)
 
 
 def restore(settings: Settings, req: RestoreRequest, *, tuning: Tuning, cancel: CancelToken, observer: Observer = Observer()) -> list[Path]:
@@ -73,5 +102,7 @@ def restore(settings: Settings, req: RestoreRequest, *, tuning: Tuning, cancel: 
 
 
 def list_backups(settings: Settings, vm: str) -> list[Manifest]:
-    repo = open_repository(settings, create=False)
-    return repo.manifests(vm)
+    check_name("VM", vm)
+    if not settings.repo.exists():
+        return []
+    return open_repository(settings, create=False).manifests(vm)

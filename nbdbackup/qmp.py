@@ -20,7 +20,8 @@ from .errors import QEMUCommandFailed, VMUnreachable
 
 log = logging.getLogger(__name__)
 
-CONNECT_TIMEOUT = 10.0
+# A held monitor accepts the connection but never greets: wait this long.
+CONNECT_TIMEOUT = float(os.environ.get("NBDBACKUP_CONNECT_TIMEOUT", "10"))
 COMMAND_TIMEOUT = 60.0
 
 

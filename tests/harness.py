@@ -269,7 +269,11 @@ class TestVM:
     def start(self) -> None:
         """Start QEMU paused (-S); create the images on the first start."""
         if self._proc is not None:
-            raise HarnessError(f"{self.name} is already started")
+            rc = self._proc.poll()
+            if rc is None:
+                raise HarnessError(f"{self.name} is already running")
+            raise HarnessError(f"{self.name} exited by itself (status {rc}); kill() reaps it\n"
+                               f"{self._stderr_tail()}")
         missing = missing_programs()
         if missing:
             raise HarnessError(f"required programs not found: {', '.join(missing)}")
@@ -325,7 +329,11 @@ class TestVM:
             raise HarnessError(f"{self.name} exited with status {rc}\n{self._stderr_tail()}")
 
     def kill(self) -> None:
-        """SIGKILL QEMU (a host crash, as far as QEMU knows) and wait for it."""
+        """SIGKILL QEMU (a host crash, as far as QEMU knows) and wait for it.
+
+        Persistent bitmaps are not saved. Confirmed writes survive only with
+        the default ``write_cache=False``; otherwise the model may be wrong.
+        """
         if self._proc is not None:
             self._reap(kill=True)
 

@@ -223,6 +223,33 @@ def test_background_writer_records_writes_in_order(vm_factory) -> None:
     assert is_prefix(writes, images, writer.baseline) == len(writes)
 
 
+def test_background_writer_order_is_qemu_order(vm_factory) -> None:
+    """A transaction on the tool's monitor cuts the recorded order into prefix and suffix."""
+    vm = vm_factory({"vda": 8 * MiB, "vdb": 8 * MiB, "vdc": 8 * MiB})
+    vm.start()
+    tool = QEMUMonitorProtocol(str(vm.qmp_socket))
+    tool.connect()
+    try:
+        with BackgroundWriter(vm, length=CLUSTER) as writer:
+            writer.wait_for(10)
+            tool.cmd("transaction", actions=[
+                {"type": "block-dirty-bitmap-add",
+                 "data": {"node": f"{d}-fmt", "name": "cut", "granularity": CLUSTER}}
+                for d in vm.disks
+            ])
+            writer.wait_for(len(writer.writes) + 10)
+    finally:
+        tool.close()
+    writes = writer.writes
+    dirty = {d: vm.bitmaps(d)[0]["count"] // CLUSTER for d in vm.disks}
+    # Some cut point c: exactly the writes after it are in the new bitmaps.
+    cuts = [c for c in range(len(writes) + 1)
+            if all(sum(w.disk == d for w in writes[c:]) == n for d, n in dirty.items())]
+    assert cuts, (dirty, writes)
+    assert 10 <= cuts[0] <= len(writes) - 10
+    vm.kill()
+
+
 def test_background_writer_stops_when_its_range_is_full(vm_factory) -> None:
     vm = vm_factory({"vda": MiB, "vdb": MiB})
     vm.start()

@@ -112,7 +112,12 @@ class LocalBackend:
         if path.is_dir():
             return
         try:
-            path.mkdir(mode=DIR_MODE, parents=True, exist_ok=True)
+            missing = []
+            while not path.is_dir():
+                missing.append(path)
+                path = path.parent
+            for d in reversed(missing):  # each level 0700: mkdir(parents=True) would use the umask
+                d.mkdir(mode=DIR_MODE, exist_ok=True)
         except OSError as exc:
             raise _storage_error(exc, path) from None
 

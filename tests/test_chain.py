@@ -1,0 +1,82 @@
+"""Checkpoint chain maths (pure): which bitmaps to merge, delete plans, validation."""
+
+import pytest
+
+from nbdbackup import chain
+from nbdbackup.errors import ChainBroken, CheckpointUnknown
+from nbdbackup.names import bitmap_name
+from nbdbackup.records import Bitmap, CheckpointRecord
+
+
+def rec(name, state="confirmed", chain_id="c1", disks=("vda", "vdb")):
+    return CheckpointRecord(name=name, created="2026-01-01T00:00:00Z", chain=chain_id, disks=disks, state=state)
+
+
+def bm(name, *, recording=False, persistent=True, busy=False, inconsistent=False):
+    return Bitmap(node="n", name=bitmap_name(name), granularity=65536, count=0, recording=recording,
+                  persistent=persistent, busy=busy, inconsistent=inconsistent)
+
+
+RECORDS = [rec("A"), rec("B"), rec("C"), rec("D")]
+
+
+def sound_bitmaps():
+    per_disk = {bitmap_name(n): bm(n, recording=(n == "D")) for n in "ABCD"}
+    return {"vda": dict(per_disk), "vdb": dict(per_disk)}
+
+
+def test_since_chain_is_k_to_newest():
+    assert [r.name for r in chain.since_chain(RECORDS, "B")] == ["B", "C", "D"]
+
+
+def test_resolve_latest_and_unknown():
+    assert chain.resolve(RECORDS, "latest").name == "D"
+    with pytest.raises(CheckpointUnknown):
+        chain.resolve(RECORDS, "Z")
+    with pytest.raises(CheckpointUnknown):
+        chain.resolve([], "latest")
+
+
+@pytest.mark.parametrize(
+    "name, merge_into, enable",
+    [("A", None, False), ("B", "A", False), ("D", "C", True)],
+)
+def test_delete_plans_follow_the_seed(name, merge_into, enable):
+    plan = chain.plan_delete(RECORDS, name)
+    assert (plan.remove, plan.merge_into, plan.enable) == (name, merge_into, enable)
+
+
+def test_sound_chain_passes():
+    chain.check_since(RECORDS, RECORDS[1], sound_bitmaps())
+
+
+@pytest.mark.parametrize(
+    "breakage, words",
+    [
+        (lambda b: b["vdb"].pop(bitmap_name("C")), "missing on disk vdb"),
+        (lambda b: b["vda"].__setitem__(bitmap_name("C"), bm("C", inconsistent=True)), "inconsistent"),
+        (lambda b: b["vda"].__setitem__(bitmap_name("B"), bm("B", recording=True)), "should be disabled"),
+        (lambda b: b["vda"].__setitem__(bitmap_name("D"), bm("D", recording=False)), "should be recording"),
+        (lambda b: b["vda"].__setitem__(bitmap_name("C"), bm("C", persistent=False)), "not persistent"),
+        (lambda b: b["vda"].__setitem__(bitmap_name("C"), bm("C", busy=True)), "busy"),
+    ],
+)
+def test_broken_chain_is_refused(breakage, words):
+    bitmaps = sound_bitmaps()
+    breakage(bitmaps)
+    with pytest.raises(ChainBroken, match=words):
+        chain.check_since(RECORDS, RECORDS[1], bitmaps)
+
+
+def test_damage_before_since_does_not_matter():
+    bitmaps = sound_bitmaps()
+    del bitmaps["vda"][bitmap_name("A")]
+    chain.check_since(RECORDS, RECORDS[1], bitmaps)
+
+
+def test_removed_disk_is_ignored_and_unfinished_checkpoint_refused():
+    bitmaps = sound_bitmaps()
+    del bitmaps["vdb"]
+    chain.check_since(RECORDS, RECORDS[1], bitmaps)
+    with pytest.raises(ChainBroken, match="never completed"):
+        chain.check_since([*RECORDS[:3], rec("D", state="pending")], RECORDS[1], sound_bitmaps())

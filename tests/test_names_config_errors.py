@@ -1,0 +1,62 @@
+"""Names, settings resolution and the exit-code table (pure logic)."""
+
+import signal
+
+import pytest
+
+from nbdbackup import config, errors
+from nbdbackup.names import check_name, new_checkpoint_name
+
+
+@pytest.mark.parametrize("bad", ["", "..", ".hidden", "a/b", "../x", "a\nb", "a\x00b", "x" * 65, "-rf", "é"])
+def test_unsafe_names_are_refused(bad):
+    with pytest.raises(errors.UsageError):
+        check_name("checkpoint", bad)
+
+
+def test_generated_checkpoint_names_are_safe_unique_and_sortable():
+    names = [new_checkpoint_name() for _ in range(50)]
+    assert len(set(names)) == 50
+    for n in names:
+        check_name("checkpoint", n)
+    stamps = [n.split("-")[0] for n in names]
+    assert stamps == sorted(stamps)
+
+
+def test_exit_codes_are_pinned():
+    """Scripts and cron jobs depend on these numbers: changing one is a breaking change."""
+    assert errors.EXIT_CODES == {
+        "success": 0, "unexpected": 1, "usage": 2, "vm": 3, "chain": 4, "locked": 5,
+        "damaged": 6, "repository": 7, "restore-target": 8, "sigint": 130, "sigterm": 143,
+    }
+    assert errors.Interrupted(signal.SIGTERM).exit_code == 143
+    assert errors.VMUnsuitable("x").exit_code == 3
+    assert errors.ChainBroken("x").exit_code == 4
+
+
+def test_settings_precedence(tmp_path, monkeypatch):
+    conf = tmp_path / "c.toml"
+    conf.write_text('repository = "/from/config"\n[vm.vm1]\nqmp = "/q.sock"\ndisks = ["vda"]\ncompression = 5\n')
+    monkeypatch.delenv("NBDBACKUP_REPO", raising=False)
+    monkeypatch.setenv("NBDBACKUP_CONFIG", str(conf))
+    s = config.load(None, None)
+    assert str(s.repo) == "/from/config"
+    assert s.vm("vm1").disks == ("vda",) and s.vm("vm1").compression == 5
+    assert str(s.vm("vm1", "/other.sock").qmp) == "/other.sock"
+    monkeypatch.setenv("NBDBACKUP_REPO", "/from/env")
+    assert str(config.load(None, None).repo) == "/from/env"
+    assert str(config.load(None, "/from/option").repo) == "/from/option"
+    with pytest.raises(errors.VMUnreachable, match="no QMP socket"):
+        s.vm("other")
+
+
+@pytest.mark.parametrize(
+    "text, words",
+    [("[vm.vm1\n", "not valid TOML"), ("[vm.vm1]\nqmpp = 'x'\n", "unknown setting"),
+     ("[vm.vm1]\nqmp = 3\n", "must be a str"), ("[vm.'../x']\nqmp = 'x'\n", "not allowed")],
+)
+def test_bad_config_is_a_usage_error(tmp_path, text, words):
+    conf = tmp_path / "c.toml"
+    conf.write_text(text)
+    with pytest.raises(errors.UsageError, match=words):
+        config.load(str(conf), None)
