@@ -5,6 +5,8 @@ from __future__ import annotations
 import itertools
 from pathlib import Path
 
+import time
+
 import pytest
 from qemu.qmp.legacy import QEMUMonitorProtocol
 
@@ -269,6 +271,9 @@ def test_background_writer_reports_write_errors(vm_factory) -> None:
     writer = BackgroundWriter(vm, length=4 * KiB).start()
     writer.wait_for(2)
     vm.kill()
+    deadline = time.monotonic() + 10
+    while writer.alive and time.monotonic() < deadline:  # let it hit the dead VM before asking it to stop
+        time.sleep(0.01)
     with pytest.raises(HarnessError, match="BackgroundWriter failed"):
         writer.stop()
 
