@@ -64,9 +64,13 @@ qmp_option = click.option("--qmp", metavar="SOCKET", help="The VM's QMP socket (
 def _backup(g: Globals, vm: str, qmp: str | None, mode: str, checkpoint: str | None, since: str | None) -> None:
     from . import engine
     from .backup import BackupRequest
+    from .names import check_name
 
     settings = g.settings()
     vmconf = settings.vm(vm, qmp)
+    for kind, value in (("checkpoint", checkpoint), ("checkpoint", since)):
+        if value is not None and value != "latest":
+            check_name(kind, value)  # before touching the VM
     req = BackupRequest(vm=vm, mode=mode, checkpoint=checkpoint, since=since, disks=vmconf.disks,
                         tuning=engine.tuning_for(vmconf))
     with _interruptible() as cancel, _progress_bar("backup") as observer:
@@ -286,8 +290,12 @@ def main(argv: list[str] | None = None) -> None:
     except click.Abort:
         click.echo("nbdbackup: aborted", err=True)
         sys.exit(130)
+    except click.UsageError as exc:
+        where = exc.ctx.command_path if exc.ctx else "nbdbackup"
+        click.echo(f"nbdbackup: error: {exc.format_message()} (see '{where} --help')", err=True)
+        sys.exit(exc.exit_code)
     except click.ClickException as exc:
-        exc.show()
+        click.echo(f"nbdbackup: error: {exc.format_message()}", err=True)
         sys.exit(exc.exit_code)
     except KeyboardInterrupt:
         click.echo("nbdbackup: interrupted", err=True)

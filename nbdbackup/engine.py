@@ -39,8 +39,9 @@ class Observer:
     progress: Progress = lambda n: None
 
 
-def open_repository(settings: Settings, *, create: bool = True) -> Repository:
-    return Repository.open(settings.repo, create=create)
+def open_repository(settings: Settings) -> Repository:
+    """The repository, created on first use."""
+    return Repository.open(settings.repo)
 
 
 @contextlib.contextmanager
@@ -95,7 +96,7 @@ def delete_checkpoint(settings: Settings, vmconf: VMConfig, name: str, *, keep_b
 
 
 def restore(settings: Settings, req: RestoreRequest, *, tuning: Tuning, cancel: CancelToken, observer: Observer = Observer()) -> list[Path]:
-    repo = open_repository(settings, create=False)
+    repo = open_repository(settings)
     with private_dir() as sockets:
         return run_restore(repo, req, socket_dir=sockets, tuning=tuning, cancel=cancel,
                            progress=observer.progress, on_start=observer.on_start)
@@ -103,6 +104,4 @@ def restore(settings: Settings, req: RestoreRequest, *, tuning: Tuning, cancel: 
 
 def list_backups(settings: Settings, vm: str) -> list[Manifest]:
     check_name("VM", vm)
-    if not settings.repo.exists():
-        return []
-    return open_repository(settings, create=False).manifests(vm)
+    return open_repository(settings).manifests(vm)

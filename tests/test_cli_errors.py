@@ -1,0 +1,127 @@
+"""Bad input: one clear line on stderr, a distinct exit code, nothing changed."""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import socket
+import threading
+
+import pytest
+
+import cli
+from nbdbackup.qmp import QMPSession
+
+KiB, MiB = 1024, 1024 * 1024
+
+
+def test_vm_without_a_known_socket(repo):
+    proc = cli.run(repo, "full", "nosuchvm", expect=3)
+    assert "--qmp" in proc.stderr
+
+
+def test_socket_missing_or_not_a_socket(repo, tmp_path):
+    cli.run(repo, "full", "vm1", "--qmp", tmp_path / "missing.sock", expect=3)
+    plain = tmp_path / "file"
+    plain.write_text("x")
+    proc = cli.run(repo, "full", "vm1", "--qmp", plain, expect=3)
+    assert "not a socket" in proc.stderr
+
+
+def test_socket_that_does_not_speak_qmp(repo, tmp_path):
+    path = tmp_path / "s"
+    server = socket.socket(socket.AF_UNIX)
+    server.bind(str(path))
+    server.listen()
+
+    def babble():
+        conn, _ = server.accept()
+        conn.sendall(b"220 hello, I am not QEMU\r\n")
+        conn.recv(100)
+        conn.close()
+
+    threading.Thread(target=babble, daemon=True).start()
+    proc = cli.run(repo, "full", "vm1", "--qmp", path, expect=3)
+    assert "QMP" in proc.stderr
+    server.close()
+
+
+def test_monitor_held_by_another_client_times_out(vm_factory, repo, monkeypatch):
+    vm = vm_factory({"vda": 1 * MiB})
+    vm.start()
+    monkeypatch.setenv("NBDBACKUP_CONNECT_TIMEOUT", "1")
+    with QMPSession(vm.qmp_socket):
+        proc = cli.run(repo, "full", "vm1", "--qmp", vm.qmp_socket, expect=3)
+    assert "another client" in proc.stderr
+
+
+def test_vm_with_only_raw_disks(vm_factory, repo):
+    vm = vm_factory({"vda": 1 * MiB}, fmt="raw")
+    vm.start()
+    proc = cli.run(repo, "full", "vm1", "--qmp", vm.qmp_socket, expect=3)
+    assert "qcow2" in proc.stderr
+    assert vm.block_state()["bitmaps"][vm.disks["vda"].node] == []
+
+
+def test_unknown_checkpoints(vm_factory, repo, tmp_path):
+    vm = vm_factory({"vda": 1 * MiB})
+    vm.start()
+    proc = cli.run(repo, "incremental", "vm1", "--qmp", vm.qmp_socket, expect=4)
+    assert "no checkpoint" in proc.stderr
+    cli.run(repo, "full", "vm1", "--qmp", vm.qmp_socket, "--checkpoint", "a")
+    cli.run(repo, "incremental", "vm1", "--qmp", vm.qmp_socket, "--since", "zz", expect=4)
+    cli.run(repo, "restore", "vm1", "--to", "zz", "--output", tmp_path / "o", expect=4)
+    cli.run(repo, "delete", "vm1", "zz", "--qmp", vm.qmp_socket, expect=4)
+    proc = cli.run(repo, "full", "vm1", "--qmp", vm.qmp_socket, "--checkpoint", "a", expect=2)
+    assert "already exists" in proc.stderr
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("name", ["../evil", "a/b", "..", "x" * 200, "new\nline", ".hidden"])
+def test_hostile_names_never_reach_the_filesystem(repo, tmp_path, name):
+    cli.run(repo, "full", name, "--qmp", tmp_path / "s", expect=2)
+    cli.run(repo, "full", "vm1", "--qmp", tmp_path / "s", "--checkpoint", name, expect=2)
+    cli.run(repo, "restore", "vm1", "--to", "x", "--output", tmp_path / "o", "--disk", name, expect=2)
+    cli.run(repo, "list", name, expect=2)
+    assert not (tmp_path / "evil").exists()
+
+
+def test_repository_of_a_newer_format(repo, tmp_path):
+    cli.run(repo, "list", "vm1")  # nothing there yet: an empty list
+    (repo / "config.json").write_text(json.dumps({"format": "nbdbackup repository", "version": 2, "id": "x"}))
+    proc = cli.run(repo, "restore", "vm1", "--to", "x", "--output", tmp_path / "o", expect=7)
+    assert "upgrade" in proc.stderr
+
+
+def test_malformed_or_unreadable_config(repo, tmp_path, monkeypatch):
+    conf = tmp_path / "c.toml"
+    conf.write_text("[vm.vm1\nqmp=")
+    monkeypatch.setenv("NBDBACKUP_TEST_CONFIG", str(conf))
+    proc = cli.run(repo, "list", "vm1", expect=2)
+    assert "not valid TOML" in proc.stderr
+    monkeypatch.setenv("NBDBACKUP_TEST_CONFIG", str(tmp_path / "absent.toml"))
+    cli.run(repo, "list", "vm1", expect=2)
+
+
+def test_second_run_on_the_same_vm_is_refused_with_the_holders_pid(vm_factory, repo):
+    vm = vm_factory({"vda": 1 * MiB})
+    vm.start()
+    cli.run(repo, "full", "vm1", "--qmp", vm.qmp_socket)
+    lock = repo / "locks" / "vm-vm1.lock"
+    fd = os.open(lock, os.O_RDWR)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, b"4242\n", 0)
+        proc = cli.run(repo, "incremental", "vm1", "--qmp", vm.qmp_socket, expect=5)
+        assert "4242" in proc.stderr
+    finally:
+        os.close(fd)
+    cli.run(repo, "incremental", "vm1", "--qmp", vm.qmp_socket)  # a dead holder's lock is simply taken over
+
+
+def test_usage_errors_exit_2(repo):
+    cli.run(repo, "restore", "vm1", expect=2)
+    cli.run(repo, "nosuchcommand", expect=2)
+    cli.run(repo, "restore", "vm1", "--to", "x", "--output", "o", "--format", "vmdk", expect=2)
