@@ -13,6 +13,7 @@ reads, never a whole-disk map first.
 
 from __future__ import annotations
 
+import bisect
 import concurrent.futures as cf
 import threading
 from dataclasses import dataclass
@@ -20,7 +21,7 @@ from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
 from .errors import Interrupted
-from .nbdio import BASE_ALLOCATION, NbdEndpoint, data_extents
+from .nbdio import BASE_ALLOCATION, STATUS_STEP, NbdEndpoint, data_extents
 from .records import Extent, IndexEntry
 from .repository import Repository
 from .repository.chunks import chunk_id
@@ -68,6 +69,58 @@ def pieces(regions: Iterable[Extent], chunk_size: int) -> Iterator[Extent]:
             pos = stop
 
 
+class AllocationMap:
+    """Where an export may hold data (base:allocation), asked one STATUS_STEP at a time.
+
+    Queries must come in increasing offset order; each window is asked once,
+    so mapping costs grow with the number of extents, not with the disk size.
+    """
+
+    def __init__(self, endpoint: NbdEndpoint) -> None:
+        self.endpoint = endpoint
+        self.window: int | None = None
+        self.data: list[Extent] = []
+        self.starts: list[int] = []
+
+    def data_in(self, region: Extent) -> list[Extent]:
+        found: list[Extent] = []
+        for part in pieces([region], STATUS_STEP):
+            start = part.offset - part.offset % STATUS_STEP
+            if self.window != start:
+                self.window = start
+                size = min(STATUS_STEP, self.endpoint.size - start)
+                self.data = data_extents(self.endpoint, Extent(start, size))
+                self.starts = [e.offset for e in self.data]
+            i = max(bisect.bisect_right(self.starts, part.offset) - 1, 0)
+            while i < len(self.data) and self.data[i].offset < part.end:
+                e = self.data[i]
+                lo, hi = max(e.offset, part.offset), min(e.end, part.end)
+                if lo < hi:
+                    found.append(Extent(lo, hi - lo))
+                i += 1
+        return found
+
+
+def work_items(amap: AllocationMap, regions: Iterable[Extent], chunk_size: int) -> Iterator[tuple[int, list[Extent]]]:
+    """(bytes advanced, data extents to read into one chunk) over the regions.
+
+    Each item's extents lie in one chunk-aligned window of one region; an item
+    with no extents only reports progress over holes and zeroes.
+    """
+    for region in regions:
+        pos = region.offset
+        group: list[Extent] = []
+        for piece in pieces(amap.data_in(region), chunk_size):
+            if group and piece.offset // chunk_size != group[0].offset // chunk_size:
+                yield group[-1].end - pos, group
+                pos, group = group[-1].end, []
+            group.append(piece)
+        if group:
+            yield group[-1].end - pos, group
+            pos = group[-1].end
+        yield region.end - pos, []
+
+
 def capture(
     repo: Repository,
     connect: Callable[..., NbdEndpoint],
@@ -90,7 +143,7 @@ def capture(
                 endpoints.append(local.ep)
         return local.ep
 
-    def work(piece: Extent, reads: list[Extent]) -> tuple[IndexEntry | None, int, int]:
+    def work(reads: list[Extent]) -> tuple[IndexEntry | None, int, int]:
         if cancel.signum is not None:
             return None, 0, 0
         span = Extent(reads[0].offset, reads[-1].end - reads[0].offset)
@@ -119,17 +172,16 @@ def capture(
     try:
         with connect(contexts=(BASE_ALLOCATION,)) as mapper, cf.ThreadPoolExecutor(tuning.workers, "capture") as pool:
             inflight: dict[cf.Future, int] = {}
-            for piece in pieces(regions, tuning.chunk_size):
+            for advance, reads in work_items(AllocationMap(mapper), regions, tuning.chunk_size):
                 cancel.check()
-                reads = data_extents(mapper, piece)
                 if not reads:
-                    progress(piece.length)
+                    progress(advance)
                     continue
                 while len(inflight) >= tuning.depth:
                     done, _ = cf.wait(inflight, return_when=cf.FIRST_COMPLETED)
                     for fut in done:
                         collect(fut, inflight.pop(fut))
-                inflight[pool.submit(work, piece, reads)] = piece.length
+                inflight[pool.submit(work, reads)] = advance
             for fut in cf.as_completed(list(inflight)):
                 collect(fut, inflight.pop(fut))
             cancel.check()

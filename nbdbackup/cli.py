@@ -173,10 +173,10 @@ def list_(g: Globals, vm: str, as_json: bool) -> None:
     if not rows:
         click.echo(f"no backups of {vm}", err=True)
         return
-    click.echo(f"{'CHECKPOINT':<28} {'KIND':<12} {'CREATED':<21} {'DISKS':<24} {'STORED':>10}")
+    click.echo(f"{'CHECKPOINT':<28} {'KIND':<12} {'CREATED':<24} {'DISKS':<24} {'STORED':>10}")
     for r in rows:
         disks = ",".join(f"{d['id']}:{_size(d['size'])}" for d in r["disks"])
-        click.echo(f"{r['checkpoint']:<28} {r['kind']:<12} {r['created']:<21} {disks:<24} {_size(r['stored_bytes']):>10}")
+        click.echo(f"{r['checkpoint']:<28} {r['kind']:<12} {r['created']:<24} {disks:<24} {_size(r['stored_bytes']):>10}")
 
 
 @cli.command()
@@ -203,10 +203,10 @@ def checkpoints(g: Globals, vm: str, qmp: str | None, as_json: bool) -> None:
     if not rows:
         click.echo(f"no checkpoints for {vm}", err=True)
         return
-    click.echo(f"{'CHECKPOINT':<28} {'CREATED':<21} {'STATE':<13} {'ACTIVE':<6} {'USABLE':<6} DIRTY")
+    click.echo(f"{'CHECKPOINT':<28} {'CREATED':<24} {'STATE':<13} {'ACTIVE':<6} {'USABLE':<6} DIRTY")
     for r in rows:
         dirty = ",".join(f"{d}:{_size(n)}" for d, n in sorted(r.dirty_bytes.items()))
-        click.echo(f"{r.name:<28} {r.created or '-':<21} {r.state:<13} {'yes' if r.active else '':<6} {'yes' if r.usable else '':<6} {dirty}")
+        click.echo(f"{r.name:<28} {r.created or '-':<24} {r.state:<13} {'yes' if r.active else '':<6} {'yes' if r.usable else '':<6} {dirty}")
     for r in rows:
         for p in r.problems:
             click.echo(f"nbdbackup: {r.name}: {p}", err=True)
