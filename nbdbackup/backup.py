@@ -128,7 +128,9 @@ def run_backup(
             # 5. capture
             for p in plan.disks:
                 connect = functools.partial(NbdEndpoint, pit.socket, pit.export_name(p.disk))
+                t0 = time.monotonic()
                 got = capture(repo, connect, regions[p.disk.id], tuning=req.tuning, cancel=cancel, progress=progress)
+                log.debug("disk %s: read %d bytes, stored %d bytes in %.2fs", p.disk.id, got.read_bytes, got.stored_bytes, time.monotonic() - t0)
                 entries = overlay(p.base_entries, regions[p.disk.id], got.entries, p.disk.size)
                 digest = repo.write_index(vm, name, p.disk.id, p.disk.size, entries)
                 disk_results.append((p, got, entries, digest))
@@ -151,7 +153,9 @@ def run_backup(
             read_bytes=sum(got.read_bytes for _, got, _, _ in disk_results),
             duration=time.monotonic() - started,
         )
+        t0 = time.monotonic()
         repo.commit(manifest)
+        log.debug("committed backup %s in %.2fs", name, time.monotonic() - t0)
     except BaseException:
         _abandon(checkpoints, repo, vm, name, pit.frozen)
         raise

@@ -15,13 +15,14 @@ from __future__ import annotations
 
 import bisect
 import concurrent.futures as cf
+import functools
 import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
 from .errors import Interrupted
-from .nbdio import BASE_ALLOCATION, STATUS_STEP, NbdEndpoint, data_extents
+from .nbdio import BASE_ALLOCATION, MAX_REQUEST, STATUS_STEP, NbdEndpoint, data_extents
 from .records import Extent, IndexEntry
 from .repository import Repository
 from .repository.chunks import chunk_id
@@ -147,14 +148,17 @@ def capture(
         if cancel.signum is not None:
             return None, 0, 0
         span = Extent(reads[0].offset, reads[-1].end - reads[0].offset)
-        buf = bytearray(span.length)
-        view = memoryview(buf)
         ep = endpoint()
-        nread = 0
-        for r in reads:
-            ep.pread_into(view[r.offset - span.offset:r.end - span.offset], r.offset)
-            nread += r.length
-        if not any_nonzero(buf):
+        buf: bytes | bytearray
+        if len(reads) == 1 and span.length <= MAX_REQUEST:
+            buf = ep.pread(span.length, span.offset)  # the common case: no copy
+        else:
+            buf = bytearray(span.length)  # holes between the reads stay zero
+            view = memoryview(buf)
+            for r in reads:
+                ep.pread_into(view[r.offset - span.offset:r.end - span.offset], r.offset)
+        nread = sum(r.length for r in reads)
+        if is_zero(buf):
             return None, nread, 0
         cid = chunk_id(buf)
         stored = repo.put_chunk(cid, buf, tuning.level)
@@ -192,13 +196,11 @@ def capture(
     return result
 
 
-_ZERO = bytes(1024 * 1024)
+@functools.lru_cache(maxsize=8)
+def _zeros(length: int) -> bytes:
+    return bytes(length)
 
 
-def any_nonzero(buf: bytes | bytearray | memoryview) -> bool:
-    view = memoryview(buf)
-    for start in range(0, len(view), len(_ZERO)):
-        piece = view[start:start + len(_ZERO)]
-        if piece != _ZERO[:len(piece)]:
-            return True
-    return False
+def is_zero(buf: bytes | bytearray) -> bool:
+    """True if buf holds only zero bytes (memcmp: stops at the first non-zero byte)."""
+    return buf == _zeros(len(buf))

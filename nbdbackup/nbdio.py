@@ -40,6 +40,7 @@ class NbdEndpoint:
     def __init__(self, socket: Path, export: str, *, contexts: tuple[str, ...] = (), writable: bool = False) -> None:
         self.socket, self.export, self.contexts = socket, export, contexts
         self._h = nbd.NBD()
+        self._h.set_pread_initialize(False)  # a failed read raises; no need to zero buffers first
         self._h.set_export_name(export)
         for context in contexts:
             self._h.add_meta_context(context)
@@ -74,6 +75,10 @@ class NbdEndpoint:
         del h  # the last reference: libnbd closes the handle
 
     # -- data ------------------------------------------------------------
+
+    def pread(self, length: int, offset: int) -> bytes:
+        """One read of at most MAX_REQUEST bytes."""
+        return self._call("read", offset, self._h.pread, length, offset)
 
     def pread_into(self, buf: memoryview, offset: int) -> None:
         """Fill buf from the export at offset, in requests of at most 32 MiB."""

@@ -5,9 +5,10 @@ from __future__ import annotations
 import ctypes
 import errno
 import os
-import secrets
 from pathlib import Path
-from typing import Iterator, Protocol
+import itertools
+import threading
+from typing import Iterator, Protocol, Sequence, Union
 
 from ..errors import RepositoryUnusable
 
@@ -18,8 +19,9 @@ class Backend(Protocol):
     def read(self, key: str) -> bytes:
         """The object's content; FileNotFoundError when there is none."""
 
-    def write(self, key: str, data: bytes, *, durable: bool = False) -> None:
+    def write(self, key: str, data: Buffers, *, durable: bool = False) -> None:
         """Create or replace the object atomically: readers see old or new, never a part.
+        data is one buffer or a list of buffers to concatenate.
         durable=True returns only once the object survives a crash."""
 
     def exists(self, key: str) -> bool: ...
@@ -34,6 +36,7 @@ class Backend(Protocol):
         """Make every write so far durable."""
 
 
+Buffers = Union[bytes, bytearray, memoryview, Sequence[Union[bytes, bytearray, memoryview]]]
 DIR_MODE = 0o700
 FILE_MODE = 0o600
 
@@ -54,16 +57,21 @@ class LocalBackend:
         with open(self.path(key), "rb") as f:
             return f.read()
 
-    def write(self, key: str, data: bytes, *, durable: bool = False) -> None:
+    def write(self, key: str, data: Buffers, *, durable: bool = False) -> None:
         target = self.path(key)
-        tmp = target.with_name(f".{target.name}.tmp-{secrets.token_hex(4)}")
+        tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}-{threading.get_ident()}-{next(_serial)}")
         self._makedirs(target.parent)
+        parts = [memoryview(data).cast("B")] if isinstance(data, (bytes, bytearray, memoryview)) else [memoryview(p).cast("B") for p in data]
         try:
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, FILE_MODE)
             try:
-                view = memoryview(data)
-                while view:
-                    view = view[os.write(fd, view):]
+                while parts:
+                    written = os.writev(fd, parts)
+                    while parts and written >= len(parts[0]):
+                        written -= len(parts[0])
+                        parts.pop(0)
+                    if parts and written:
+                        parts[0] = parts[0][written:]
                 if durable:
                     os.fsync(fd)
             finally:
@@ -120,6 +128,9 @@ class LocalBackend:
                 d.mkdir(mode=DIR_MODE, exist_ok=True)
         except OSError as exc:
             raise _storage_error(exc, path) from None
+
+
+_serial = itertools.count()
 
 
 def _libc_syncfs(fd: int) -> int:

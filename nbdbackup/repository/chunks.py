@@ -45,12 +45,26 @@ def chunk_id(data: bytes | memoryview) -> bytes:
     return hashlib.sha256(data).digest()
 
 
-def encode(data: bytes | memoryview, level: int) -> bytes:
-    """The chunk file for data; stored as is when compression does not pay."""
+SAMPLE = 64 * 1024
+
+
+def encode(data: bytes | bytearray | memoryview, level: int) -> list[bytes | bytearray | memoryview]:
+    """The chunk file for data, as parts to write in order (header, payload).
+
+    Data is stored as is when compression does not pay: when a 64 KiB sample
+    from its middle does not compress at level 1 (random or encrypted data:
+    skipping the attempt saves a full zstd pass), or when the result would
+    save less than 1/64.
+    """
+    if len(data) > 2 * SAMPLE:
+        middle = len(data) // 2
+        sample = memoryview(data)[middle:middle + SAMPLE]
+        if len(_compressor(1).compress(sample)) >= SAMPLE - SAMPLE // 64:
+            return [_HEADER.pack(MAGIC, VERSION, STORED, 0, len(data)), data]
     packed = _compressor(level).compress(data)
     if len(packed) < len(data) - len(data) // 64:
-        return _HEADER.pack(MAGIC, VERSION, ZSTD, 0, len(data)) + packed
-    return _HEADER.pack(MAGIC, VERSION, STORED, 0, len(data)) + bytes(data)
+        return [_HEADER.pack(MAGIC, VERSION, ZSTD, 0, len(data)), packed]
+    return [_HEADER.pack(MAGIC, VERSION, STORED, 0, len(data)), data]
 
 
 def decode(blob: bytes, expected_id: bytes, where: str) -> bytes:

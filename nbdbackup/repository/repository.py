@@ -103,9 +103,9 @@ class Repository:
         key = self._chunk_key(cid)
         if self.backend.exists(key):
             return 0
-        blob = chunks.encode(data, level)
-        self.backend.write(key, blob)
-        return len(blob)
+        parts = chunks.encode(data, level)
+        self.backend.write(key, parts)
+        return sum(len(p) for p in parts)
 
     def get_chunk(self, cid: bytes, where: str) -> bytes:
         try:

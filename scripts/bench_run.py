@@ -1,0 +1,585 @@
+"""nbdbackup benchmark: nbdbackup against nbdcopy + zstd, timed in the same run on the same data.
+
+    scripts/bench [--size 4G] [--data 2G] [--repeat N] [--json] [--sparse-size 64G,...]
+
+Steps (see --help): build (or reuse) a qcow2 image with a realistic mix of data; start a
+paused QEMU with it; time a reference full copy (the disk exported read-only over NBD by
+the VM, `nbdcopy | zstd -3 -T2`), then `nbdbackup full`; the reference restore
+(`zstd -d | nbdcopy` into a new qcow2 served by qemu-storage-daemon), then `nbdbackup
+restore`; write 1% of the disk through the guest's device and time `nbdbackup incremental`
+and the restore of that point; check every restore byte for byte; optionally the same on
+large sparse disks. Prints a table (or JSON with --json) on stdout, progress on stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bench_data import Image, allocation, build_image, human, log, parse_size  # noqa: E402
+from bench_qemu import VM, NbdExport, StorageDaemon, Timed, reap_all, run_pipeline, run_timed  # noqa: E402
+
+TOP = Path(__file__).resolve().parent.parent
+NBDBACKUP = TOP / ".venv" / "bin" / "nbdbackup"
+ZSTD_LEVEL = 3  # nbdbackup's default zstd level (Tuning.level)
+ZSTD_THREADS = 2
+FULL_RATIO_TARGET = 0.7
+RESTORE_RATIO_TARGET = 0.7
+INCR_TARGET_PCT = 5.0
+
+
+class BenchError(RuntimeError):
+    pass
+
+
+@dataclass
+class Row:
+    step: str
+    seconds: float
+    virtual_bytes: int
+    ratio: float | None = None
+    ratio_text: str = ""
+    rss_kib: int | None = None
+    read_bytes: int | None = None
+    stored_bytes: int | None = None
+    all_seconds: list[float] = field(default_factory=list)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def mbps(self) -> float:
+        return self.virtual_bytes / self.seconds / 1e6 if self.seconds > 0 else 0.0
+
+
+@dataclass
+class Report:
+    machine: dict[str, str]
+    config: dict[str, Any]
+    images: dict[str, Any] = field(default_factory=dict)
+    rows: list[Row] = field(default_factory=list)
+    checks: list[dict[str, Any]] = field(default_factory=list)
+    targets: list[dict[str, Any]] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+    total_seconds: float = 0.0
+
+
+# -- helpers -------------------------------------------------------------------------
+
+
+def sh(argv: list[str], what: str) -> str:
+    proc = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise BenchError(f"{what} failed ({proc.returncode}): {(proc.stderr or proc.stdout).strip()[-1000:]}")
+    return proc.stdout
+
+
+def first_line(cmd: list[str]) -> str:
+    try:
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=20)
+        return (out.stdout or out.stderr).strip().splitlines()[0]
+    except (OSError, IndexError, subprocess.TimeoutExpired):
+        return "unknown"
+
+
+def machine_info() -> dict[str, str]:
+    cpu = "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    nbd = subprocess.run(["nbdcopy", "--version"], capture_output=True, text=True).stdout.split("\n")
+    libnbd = next((line for line in nbd if line.startswith("libnbd")), "unknown")
+    rev = subprocess.run(["git", "-C", str(TOP), "describe", "--always", "--dirty"], capture_output=True, text=True).stdout.strip()
+    return {
+        "nproc": str(os.cpu_count()),
+        "cpu": cpu,
+        "kernel": platform.release(),
+        "qemu": first_line(["qemu-system-x86_64", "--version"]),
+        "libnbd": libnbd,
+        "nbdcopy": nbd[0] if nbd else "unknown",
+        "zstd": first_line(["zstd", "--version"]).strip("* ").split(", by")[0],
+        "python": platform.python_version(),
+        "nbdbackup": (first_line([str(NBDBACKUP), "--version"]) + (f" (git {rev})" if rev else "")),
+    }
+
+
+def disk_usage(path: Path) -> int:
+    return os.stat(path).st_blocks * 512
+
+
+def compare(a: Path, b: Path, what: str, report: Report, force_share: bool = False) -> bool:
+    argv = ["qemu-img", "compare", "-q", "-f", "qcow2", "-F", "qcow2"]
+    if force_share:
+        argv.append("-U")
+    t0 = time.monotonic()
+    proc = subprocess.run(argv + [str(a), str(b)], capture_output=True, text=True)
+    ok = proc.returncode == 0
+    detail = "identical" if ok else (proc.stdout + proc.stderr).strip() or f"exit {proc.returncode}"
+    report.checks.append({"check": what, "ok": ok, "detail": detail, "seconds": round(time.monotonic() - t0, 1)})
+    log(f"check {what}: {'OK' if ok else 'FAILED: ' + detail}")
+    return ok
+
+
+def new_qcow2(path: Path, size: int) -> None:
+    path.unlink(missing_ok=True)
+    sh(["qemu-img", "create", "-q", "-f", "qcow2", "-o", "cluster_size=65536", str(path), str(size)], "qemu-img create")
+
+
+def best(runs: list[Timed]) -> Timed:
+    return min(runs, key=lambda t: t.seconds)
+
+
+def sync() -> None:
+    """Untimed: flush earlier writes so no measurement pays for another's writeback."""
+    os.sync()
+
+
+class Nbdbackup:
+    def __init__(self, repo: Path, config: Path) -> None:
+        self.repo, self.config = repo, config
+
+    def argv(self, *args: str) -> list[str]:
+        return [str(NBDBACKUP), "--repo", str(self.repo), "--config", str(self.config), *args]
+
+    def run(self, *args: str) -> Timed:
+        sync()
+        t = run_timed(self.argv(*args))
+        if not t.ok:
+            raise BenchError(f"nbdbackup {' '.join(args)} failed (exit {t.returncodes[0]}): {t.stderr.strip()[-1500:]}")
+        if t.stderr.strip():
+            log(f"nbdbackup {args[0]} said on stderr: {t.stderr.strip()[-500:]}")
+        return t
+
+    def backups(self, vm: str) -> dict[str, dict]:
+        out = sh(self.argv("list", vm, "--json"), "nbdbackup list")
+        return {b["checkpoint"]: b for b in json.loads(out)}
+
+
+# -- measurements ---------------------------------------------------------------------
+
+
+def reference_full(vm: VM, sockdir: Path, out: Path, request_size: int) -> Timed:
+    """Export the paused VM's qcow2 node read-only over NBD; nbdcopy | zstd; fsync; unexport."""
+    sock = sockdir / "ref-full.sock"
+    out.unlink(missing_ok=True)
+    sync()
+    t0 = time.monotonic()
+    with NbdExport(vm, sock, "vda"):
+        t = run_pipeline(
+            ["nbdcopy", f"--request-size={request_size}", f"nbd+unix:///vda?socket={sock}", "-"],
+            ["zstd", f"-{ZSTD_LEVEL}", f"-T{ZSTD_THREADS}", "-q", "-f", "-o", str(out)],
+        )
+        if t.ok:
+            fd = os.open(out, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+    total = time.monotonic() - t0
+    if not t.ok:
+        raise BenchError(f"reference nbdcopy | zstd failed {t.returncodes}: {t.stderr.strip()[-1000:]}")
+    t.extra = {"pipeline_seconds": t.seconds}  # type: ignore[attr-defined]
+    t.seconds = total
+    return t
+
+
+def reference_restore(archive: Path, target: Path, size: int, sockdir: Path, request_size: int) -> Timed:
+    """New qcow2, qemu-storage-daemon writable export, zstd -d | nbdcopy, daemon stop (flush)."""
+    sock = sockdir / "ref-restore.sock"
+    sync()
+    t0 = time.monotonic()
+    new_qcow2(target, size)
+    with StorageDaemon(target, sock, "t"):
+        t = run_pipeline(
+            ["zstd", "-d", "-c", "-q", str(archive)],
+            ["nbdcopy", f"--request-size={request_size}", "-", f"nbd+unix:///t?socket={sock}"],
+        )
+    total = time.monotonic() - t0
+    if not t.ok:
+        raise BenchError(f"reference zstd -d | nbdcopy failed {t.returncodes}: {t.stderr.strip()[-1000:]}")
+    t.extra = {"pipeline_seconds": t.seconds}  # type: ignore[attr-defined]
+    t.seconds = total
+    return t
+
+
+def remove_bitmaps(vm: VM) -> None:
+    """Between repeated full backups (each into a fresh repository): drop the previous run's bitmaps."""
+    assert vm.mon is not None
+    for node in vm.mon.cmd("query-named-block-nodes", flat=True):
+        if node["node-name"] == VM.NODE:
+            for b in node.get("dirty-bitmaps", []):
+                if "name" in b:
+                    vm.mon.cmd("block-dirty-bitmap-remove", node=VM.NODE, name=b["name"])
+
+
+def guest_writes(vm: VM, size: int, percent: float, seed: int) -> tuple[int, int, int, float]:
+    """Scattered 64 KiB..1 MiB writes totalling `percent` of the disk; (count, bytes, dirty 64K-granules bytes, s)."""
+    rng = random.Random(seed)
+    want = int(size * percent / 100)
+    total = count = 0
+    granules: set[int] = set()
+    t0 = time.monotonic()
+    while total < want:
+        length = min(rng.randrange(64 * 1024, 1024 * 1024 + 1, 4096), max(4096, (want - total + 4095) // 4096 * 4096))
+        length = min(length, size)
+        offset = rng.randrange(0, size - length + 1, 4096) if size > length else 0
+        vm.write(offset, length, rng.randrange(1, 256))
+        granules.update(range(offset // 65536, (offset + length + 65535) // 65536))
+        total += length
+        count += 1
+    return count, total, len(granules) * 65536, time.monotonic() - t0
+
+
+def rss(t: Timed) -> int:
+    return max(t.maxrss_kib)
+
+
+def main_case(args: argparse.Namespace, report: Report, rundir: Path, sockdir: Path, config: Path) -> None:
+    size, repeat = args.size, args.repeat
+    image = build_image(args.workdir, size, args.data, seed=args.seed)
+    report.images["main"] = {"path": str(image.path), **image.stats}
+    disk = rundir / "vm1-vda.qcow2"
+    log(f"copying the image to {disk}")
+    sh(["cp", "--sparse=never", str(image.path), str(disk)], "cp")
+    virtual = size
+    vm = VM(disk, rundir, sockdir)
+    vm.start()
+    try:
+        # a/b. full backup and its reference (reference first: QEMU allows one NBD server)
+        archive = rundir / "ref.zst"
+        refs = []
+        for i in range(repeat):
+            log(f"reference full: nbdcopy | zstd -{ZSTD_LEVEL} -T{ZSTD_THREADS} ({i + 1}/{repeat})")
+            refs.append(reference_full(vm, sockdir, archive, args.request_size))
+            log(f"  {refs[-1].seconds:.2f}s")
+        ref = best(refs)
+        ref_full = Row("full: nbdcopy | zstd (reference)", ref.seconds, virtual, 1.0, "1.00 (ref)", rss_kib=sum(ref.maxrss_kib),
+                       stored_bytes=os.path.getsize(archive), all_seconds=[r.seconds for r in refs],
+                       extra={"pipeline_seconds": ref.extra["pipeline_seconds"], "rss_kib_nbdcopy_zstd": ref.maxrss_kib})  # type: ignore[attr-defined]
+        report.rows.append(ref_full)
+
+        fulls, cp_full, nb = [], "", Nbdbackup(rundir / "repo", config)
+        for i in range(repeat):
+            if i:
+                shutil.rmtree(nb.repo)
+                remove_bitmaps(vm)
+            log(f"nbdbackup full ({i + 1}/{repeat})")
+            t = nb.run("full", "vm1", "--qmp", str(vm.tool_qmp))
+            cp_full = t.stdout.strip().splitlines()[-1]
+            t.extra = nb.backups("vm1")[cp_full]  # type: ignore[attr-defined]
+            fulls.append(t)
+            log(f"  {t.seconds:.2f}s, checkpoint {cp_full}")
+        full = best(fulls)
+        info = full.extra  # type: ignore[attr-defined]
+        ratio = (virtual / full.seconds) / (virtual / ref.seconds)
+        report.rows.append(Row("full: nbdbackup full", full.seconds, virtual, ratio, f"{ratio:.2f}", rss(full),
+                               info["read_bytes"], info["stored_bytes"], [t.seconds for t in fulls],
+                               {"hwm_kib_self": full.hwm_kib[0]}))
+        report.targets.append({"target": f"full throughput >= {FULL_RATIO_TARGET} x reference", "value": round(ratio, 3),
+                               "met": ratio >= FULL_RATIO_TARGET})
+        report.notes.append(f"full backup of {human(virtual)}: nbdbackup stored {human(info['stored_bytes'])}, "
+                            f"zstd -{ZSTD_LEVEL} archive {human(os.path.getsize(archive))}; "
+                            f"repository on disk {human(dir_usage(nb.repo))}")
+
+        # d. restore of the full point, and its reference
+        ref_rs = []
+        for i in range(repeat):
+            target = rundir / "ref-restore.qcow2"
+            log(f"reference restore: zstd -d | nbdcopy into qemu-storage-daemon ({i + 1}/{repeat})")
+            ref_rs.append(reference_restore(archive, target, size, sockdir, args.request_size))
+            ref_rs[-1].extra["usage"] = disk_usage(target)  # type: ignore[attr-defined]
+            log(f"  {ref_rs[-1].seconds:.2f}s")
+        ref_r = best(ref_rs)
+        report.rows.append(Row("restore: zstd -d | nbdcopy (reference)", ref_r.seconds, virtual, 1.0, "1.00 (ref)",
+                               sum(ref_r.maxrss_kib), None, ref_r.extra["usage"], [r.seconds for r in ref_rs],  # type: ignore[attr-defined]
+                               {"pipeline_seconds": ref_r.extra["pipeline_seconds"], "rss_kib_zstd_nbdcopy": ref_r.maxrss_kib}))  # type: ignore[attr-defined]
+        compare(rundir / "ref-restore.qcow2", image.path, "reference restore == source image", report)
+        (rundir / "ref-restore.qcow2").unlink()
+
+        restores = []
+        out_full = rundir / "restore-full"
+        for i in range(repeat):
+            shutil.rmtree(out_full, ignore_errors=True)
+            log(f"nbdbackup restore --to {cp_full} ({i + 1}/{repeat})")
+            restores.append(nb.run("restore", "vm1", "--to", cp_full, "--output", str(out_full)))
+            log(f"  {restores[-1].seconds:.2f}s")
+        rs = best(restores)
+        ratio = (virtual / rs.seconds) / (virtual / ref_r.seconds)
+        report.rows.append(Row("restore: nbdbackup restore (full point)", rs.seconds, virtual, ratio, f"{ratio:.2f}", rss(rs),
+                               None, disk_usage(out_full / "vda.qcow2"), [t.seconds for t in restores],
+                               {"hwm_kib_self": rs.hwm_kib[0]}))
+        report.targets.append({"target": f"restore throughput >= {RESTORE_RATIO_TARGET} x reference", "value": round(ratio, 3),
+                               "met": ratio >= RESTORE_RATIO_TARGET})
+        compare(out_full / "vda.qcow2", image.path, "nbdbackup restore of the full point == source image", report)
+        shutil.rmtree(out_full)
+        archive.unlink()
+
+        # c. 1% guest writes, incremental
+        log(f"guest writes: {args.incr_percent}% of the disk in 64 KiB..1 MiB writes through the device")
+        n, written, dirty, secs = guest_writes(vm, size, args.incr_percent, args.seed + 1)
+        log(f"  {n} writes, {human(written)} ({human(dirty)} of 64 KiB granules) in {secs:.1f}s")
+        incs = []
+        for i in range(repeat):
+            extra = ["--since", cp_full] if i else []
+            log(f"nbdbackup incremental ({i + 1}/{repeat})")
+            t = nb.run("incremental", "vm1", "--qmp", str(vm.tool_qmp), *extra)
+            cp = t.stdout.strip().splitlines()[-1]
+            t.extra = nb.backups("vm1")[cp]  # type: ignore[attr-defined]
+            incs.append(t)
+            log(f"  {t.seconds:.2f}s, checkpoint {cp}")
+        inc = best(incs)
+        info = inc.extra  # type: ignore[attr-defined]
+        pct = 100 * inc.seconds / full.seconds
+        report.rows.append(Row(f"incremental: nbdbackup ({args.incr_percent:g}% written)", inc.seconds, virtual, pct / 100,
+                               f"{pct:.1f}% of full", rss(inc), info["read_bytes"], info["stored_bytes"],
+                               [t.seconds for t in incs],
+                               {"writes": n, "written_bytes": written, "dirty_granule_bytes": dirty, "hwm_kib_self": inc.hwm_kib[0]}))
+        report.targets.append({"target": f"incremental time <= {INCR_TARGET_PCT}% of full", "value": round(pct, 2),
+                               "met": pct <= INCR_TARGET_PCT})
+        report.notes.append(f"incremental: {n} guest writes of {human(written)} touch {human(dirty)} of 64 KiB bitmap "
+                            f"granules; nbdbackup read {human(info['read_bytes'])}")
+
+        out_inc = rundir / "restore-incr"
+        restores = []
+        for i in range(repeat):
+            shutil.rmtree(out_inc, ignore_errors=True)
+            log(f"nbdbackup restore --to latest (incremental point) ({i + 1}/{repeat})")
+            restores.append(nb.run("restore", "vm1", "--to", "latest", "--output", str(out_inc)))
+            log(f"  {restores[-1].seconds:.2f}s")
+        rs = best(restores)
+        ratio = (virtual / rs.seconds) / (virtual / ref_r.seconds)
+        report.rows.append(Row("restore: nbdbackup restore (incremental point)", rs.seconds, virtual, ratio,
+                               f"{ratio:.2f}", rss(rs), None, disk_usage(out_inc / "vda.qcow2"),
+                               [t.seconds for t in restores], {"hwm_kib_self": rs.hwm_kib[0]}))
+    finally:
+        vm.quit()
+    compare(out_inc / "vda.qcow2", disk, "nbdbackup restore of the incremental point == disk after the writes", report)
+    shutil.rmtree(out_inc)
+
+
+def dir_usage(path: Path) -> int:
+    total = 0
+    for dirpath, _dirs, files in os.walk(path):
+        for f in files:
+            try:
+                total += os.lstat(os.path.join(dirpath, f)).st_blocks * 512
+            except OSError:
+                pass
+    return total
+
+
+def sparse_case(args: argparse.Namespace, report: Report, rundir: Path, sockdir: Path, config: Path, size: int) -> None:
+    label = f"sparse {human(size)}, {human(args.sparse_data)} data"
+    image = build_image(args.workdir, size, args.sparse_data, seed=args.seed)
+    report.images[label] = {"path": str(image.path), **image.stats}
+    disk = rundir / "vm2-vda.qcow2"
+    sh(["cp", "--sparse=never", str(image.path), str(disk)], "cp")
+    nb = Nbdbackup(rundir / "repo-sparse", config)
+    vm = VM(disk, rundir, sockdir, name="vm2")
+    vm.start()
+    try:
+        fulls = []
+        for i in range(args.repeat):
+            if i:
+                shutil.rmtree(nb.repo)
+                remove_bitmaps(vm)
+            log(f"{label}: nbdbackup full ({i + 1}/{args.repeat})")
+            t = nb.run("full", "vm2", "--qmp", str(vm.tool_qmp))
+            t.extra = nb.backups("vm2")[t.stdout.strip().splitlines()[-1]]  # type: ignore[attr-defined]
+            fulls.append(t)
+            log(f"  {t.seconds:.2f}s")
+        full = best(fulls)
+        info = full.extra  # type: ignore[attr-defined]
+        report.rows.append(Row(f"full: nbdbackup ({label})", full.seconds, size, None, "-", rss(full),
+                               info["read_bytes"], info["stored_bytes"], [t.seconds for t in fulls],
+                               {"data_bytes": image.stats["data_bytes"], "hwm_kib_self": full.hwm_kib[0],
+                                "data_MBps": image.stats["data_bytes"] / full.seconds / 1e6}))
+        out = rundir / "restore-sparse"
+        restores = []
+        for i in range(args.repeat):
+            shutil.rmtree(out, ignore_errors=True)
+            log(f"{label}: nbdbackup restore ({i + 1}/{args.repeat})")
+            restores.append(nb.run("restore", "vm2", "--to", "latest", "--output", str(out)))
+            log(f"  {restores[-1].seconds:.2f}s")
+        rs = best(restores)
+        report.rows.append(Row(f"restore: nbdbackup ({label})", rs.seconds, size, None, "-", rss(rs), None,
+                               disk_usage(out / "vda.qcow2"), [t.seconds for t in restores],
+                               {"data_bytes": image.stats["data_bytes"], "hwm_kib_self": rs.hwm_kib[0],
+                                "data_MBps": image.stats["data_bytes"] / rs.seconds / 1e6}))
+    finally:
+        vm.quit()
+    compare(out / "vda.qcow2", image.path, f"{label}: nbdbackup restore == source image", report)
+    shutil.rmtree(out)
+    shutil.rmtree(nb.repo)
+    disk.unlink()
+
+
+# -- output ---------------------------------------------------------------------------
+
+
+def fmt_bytes(n: int | None) -> str:
+    return "-" if n is None else human(n)
+
+
+def print_table(report: Report, file: Any = sys.stdout) -> None:
+    m = report.machine
+    p = lambda s="": print(s, file=file)  # noqa: E731
+    p(f"machine: {m['nproc']} cpus, {m['cpu']}, kernel {m['kernel']}; {m['qemu']}; {m['libnbd']}; {m['zstd']}")
+    p(f"nbdbackup: {m['nbdbackup']}; python {m['python']}")
+    for label, st in report.images.items():
+        kinds = ", ".join(f"{k} {human(v)}" for k, v in st["bytes_by_kind"].items())
+        p(f"image {label}: {human(st['virtual_size'])} virtual, {st['extents']} extents ({kinds}), "
+          f"{human(st['data_bytes'])} allocated data, rest holes/zero clusters")
+    p(f"config: repeat {report.config['repeat']} (best of), nbdcopy --request-size={report.config['request_size']}, "
+      f"zstd -{ZSTD_LEVEL} -T{ZSTD_THREADS}")
+    p()
+    head = ["step", "seconds", "MB/s", "ratio to reference", "peak RSS MiB", "read over NBD", "stored"]
+    rows = [[r.step, f"{r.seconds:.2f}", f"{r.mbps:.0f}", r.ratio_text or "-",
+             "-" if r.rss_kib is None else f"{r.rss_kib / 1024:.0f}", fmt_bytes(r.read_bytes), fmt_bytes(r.stored_bytes)]
+            for r in report.rows]
+    widths = [max(len(str(x)) for x in col) for col in zip(head, *rows)]
+    line = lambda cells: " | ".join(str(c).ljust(w) if i == 0 else str(c).rjust(w)  # noqa: E731
+                                     for i, (c, w) in enumerate(zip(cells, widths)))
+    p(line(head))
+    p("-+-".join("-" * w for w in widths))
+    for r in rows:
+        p(line(r))
+    p()
+    for t in report.targets:
+        p(f"target: {t['target']}: {t['value']} -> {'met' if t['met'] else 'NOT MET'}")
+    for c in report.checks:
+        p(f"check: {c['check']}: {'OK' if c['ok'] else 'FAILED (' + c['detail'] + ')'}")
+    for n in report.notes:
+        p(f"note: {n}")
+    for e in report.errors:
+        p(f"ERROR: {e}")
+    p(f"total benchmark time: {report.total_seconds:.0f}s")
+
+
+STANDARD_NOTES = [
+    "MB/s = virtual disk size / seconds (10^6 bytes/s), for nbdbackup and the references alike; "
+    "ratio = nbdbackup MB/s / reference MB/s (incremental: its time as % of the full's)",
+    "seconds are wall time of the whole command: nbdbackup's include Python start-up, QMP set-up, fleecing and the "
+    "repository sync at commit; the reference full includes the NBD export set-up/teardown and an fsync of the "
+    "archive, the reference restore the image creation, qemu-storage-daemon start and stop (its flush); "
+    "pipeline-only times are in --json (extra.pipeline_seconds)",
+    "page cache is not dropped between steps (not reliably possible here): every step reads a warm image; "
+    "`sync` runs (untimed) before each step",
+    "peak RSS: wait4() ru_maxrss, i.e. the largest of the process and the children it reaped (nbdbackup restore: "
+    "includes its qemu-storage-daemon); references: nbdcopy + zstd summed; --json has the polled VmHWM of "
+    "nbdbackup's own process (extra.hwm_kib_self)",
+    "restore rows' 'stored' column: disk usage of the restored image file",
+]
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(prog="scripts/bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--size", default="4G", help="virtual disk size (default 4G)")
+    ap.add_argument("--data", default="2G", help="data in the disk, holes elsewhere (default 2G)")
+    ap.add_argument("--workdir", default="/var/tmp/nbdbackup-bench", help="cache of built images and run files (default %(default)s)")
+    ap.add_argument("--repeat", type=int, default=1, help="run each measurement N times, report the best (default 1)")
+    ap.add_argument("--json", action="store_true", help="print the results as JSON instead of a table")
+    ap.add_argument("--request-size", default="4M", help="nbdcopy --request-size for the references (default 4M)")
+    ap.add_argument("--incr-percent", type=float, default=1.0, help="percentage of the disk written before the incremental (default 1)")
+    ap.add_argument("--sparse-size", default="64G",
+                    help="comma-separated virtual sizes of sparse-disk cases (default 64G; 'none' to skip), e.g. 64G,1T")
+    ap.add_argument("--sparse-data", default="1G", help="data in each sparse disk (default 1G)")
+    ap.add_argument("--seed", type=int, default=1, help="layout/content seed (default 1)")
+    ap.add_argument("--keep", action="store_true", help="keep the run directory (images, logs) for inspection")
+    args = ap.parse_args(argv)
+    try:
+        args.size = parse_size(args.size)
+        args.data = parse_size(args.data)
+        args.sparse_data = parse_size(args.sparse_data)
+        args.request_size = parse_size(args.request_size)
+        args.sparse_sizes = [] if args.sparse_size.strip().lower() in ("none", "", "0") else \
+            [parse_size(s) for s in args.sparse_size.split(",")]
+    except ValueError as exc:
+        ap.error(str(exc))
+    if args.repeat < 1:
+        ap.error("--repeat must be >= 1")
+    args.workdir = Path(args.workdir)
+    return args
+
+
+def main(argv: list[str]) -> int:
+    args = parse_args(argv)
+    if not NBDBACKUP.exists():
+        print(f"bench: {NBDBACKUP} is missing: run scripts/setup", file=sys.stderr)
+        return 2
+    missing = [p for p in ("nbdcopy", "zstd", "qemu-img", "qemu-io", "qemu-storage-daemon", "qemu-system-x86_64", "stdbuf")
+               if shutil.which(p) is None]
+    if missing:
+        print(f"bench: missing programs: {', '.join(missing)}", file=sys.stderr)
+        return 2
+
+    def on_term(signum: int, frame: Any) -> None:
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, on_term)
+    started = time.monotonic()
+    report = Report(machine_info(), {"size": args.size, "data": args.data, "repeat": args.repeat,
+                                      "request_size": args.request_size, "incr_percent": args.incr_percent,
+                                      "sparse_sizes": args.sparse_sizes, "sparse_data": args.sparse_data, "seed": args.seed})
+    report.notes.extend(STANDARD_NOTES)
+    args.workdir.mkdir(parents=True, exist_ok=True)
+    rundir = Path(tempfile.mkdtemp(prefix="run-", dir=args.workdir))
+    sockdir = Path(tempfile.mkdtemp(prefix="nbdbench-", dir="/tmp"))  # unix socket paths must stay short
+    config = rundir / "empty-config.toml"
+    config.write_text("")
+    status = 0
+    try:
+        main_case(args, report, rundir, sockdir, config)
+        for size in args.sparse_sizes:
+            sparse_case(args, report, rundir, sockdir, config, size)
+    except BenchError as exc:
+        report.errors.append(str(exc))
+        status = 1
+    except Exception as exc:  # a bug here or a tool misbehaving: show it, still print what was measured
+        import traceback
+
+        traceback.print_exc()
+        report.errors.append(f"{type(exc).__name__}: {exc}")
+        status = 1
+    except KeyboardInterrupt:
+        report.errors.append("interrupted")
+        status = 130
+    finally:
+        reap_all()
+        shutil.rmtree(sockdir, ignore_errors=True)
+        if args.keep or status:
+            log(f"run files kept in {rundir}")
+        else:
+            shutil.rmtree(rundir, ignore_errors=True)
+    if any(not c["ok"] for c in report.checks):
+        status = status or 1
+    report.total_seconds = time.monotonic() - started
+    if args.json:
+        out = asdict(report)
+        for r, row in zip(out["rows"], report.rows):
+            r["MBps"] = round(row.mbps, 1)
+        print(json.dumps(out, indent=1))
+    else:
+        print_table(report)
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
