@@ -24,7 +24,7 @@ from . import chain
 from .capture import CancelToken, Tuning, capture
 from .checkpoints import Checkpoints, create_actions
 from .errors import ChainBroken, ChainError, UsageError
-from .names import bitmap_name, check_name, new_checkpoint_name, utc_now
+from .names import check_name, new_checkpoint_name, utc_now
 from .nbdio import BASE_ALLOCATION, NbdEndpoint, dirty_bitmap_context, dirty_extents
 from .pointintime import PointInTime, clear_leftovers
 from .qmp import QMPSession
@@ -107,13 +107,13 @@ def run_backup(
     previous = records[-1] if records else None
 
     # 3. record
-    record = CheckpointRecord(name=name, created=utc_now(), chain=plan.chain_id, disks=tuple(d.id for d in disks))
+    record = checkpoints.new_record(name, utc_now(), plan.chain_id)
     checkpoints.add_pending(record)
 
     pit = PointInTime(
         session,
         disks,
-        checkpoint_actions=create_actions(disks, name, previous, checkpoints.bitmaps()),
+        checkpoint_actions=create_actions(disks, record, previous, checkpoints.bitmaps()),
         merges={p.disk.id: p.merges for p in plan.disks if p.merges is not None},
         scratch_dir=scratch_dir,
         socket_dir=socket_dir,
@@ -188,7 +188,6 @@ def make_plan(repo: Repository, checkpoints: Checkpoints, req: BackupRequest, di
         if req.mode != "auto":
             raise
         note = f"running a full backup: {exc}"
-        log.warning("%s", note)
         return _full_plan(disks, notes=(note,))
 
 
@@ -206,7 +205,7 @@ def _incremental_plan(repo: Repository, checkpoints: Checkpoints, req: BackupReq
         raise ChainBroken(f"the repository holds no complete backup at checkpoint {since.name}", hint="run `nbdbackup full`")
     if base.chain != since.chain:
         raise ChainBroken(f"the backup at {since.name} belongs to another chain", hint="run `nbdbackup full`")
-    merges = tuple(bitmap_name(r.name) for r in chain.since_chain(records, since.name))
+    merges = tuple(r.bitmap for r in chain.since_chain(records, since.name))
     plans = []
     for d in disks:
         at_base = base.disk(d.id)

@@ -16,18 +16,17 @@ from dataclasses import dataclass
 from typing import Sequence
 
 from .errors import ChainBroken, CheckpointUnknown
-from .names import bitmap_name
 from .records import Bitmap, CheckpointRecord
 
 GRANULARITY = 65536
 
 # Checkpoint states, as `nbdbackup checkpoints` shows them.
-OK, MISSING, INCONSISTENT, PENDING, ORPHAN, STALE = "ok", "missing", "inconsistent", "pending", "orphan", "stale"
+OK, MISSING, INCONSISTENT, PENDING, ORPHAN, FOREIGN = "ok", "missing", "inconsistent", "pending", "orphan", "foreign"
 
 
 @dataclass(frozen=True)
 class DeletePlan:
-    """Delete bitmap `remove`; first merge it into `merge_into` (if any), then enable that if `enable`."""
+    """Delete bitmap `remove`; first merge it into bitmap `merge_into` (if any), then enable that if `enable`."""
 
     remove: str
     merge_into: str | None
@@ -56,16 +55,15 @@ def since_chain(records: Sequence[CheckpointRecord], since: str) -> list[Checkpo
 
 
 def plan_delete(records: Sequence[CheckpointRecord], name: str) -> DeletePlan:
-    names = [r.name for r in records]
-    i = names.index(name)
+    i = [r.name for r in records].index(name)
     if i == 0:
-        return DeletePlan(remove=name, merge_into=None, enable=False)
-    return DeletePlan(remove=name, merge_into=names[i - 1], enable=(i == len(names) - 1))
+        return DeletePlan(remove=records[i].bitmap, merge_into=None, enable=False)
+    return DeletePlan(remove=records[i].bitmap, merge_into=records[i - 1].bitmap, enable=(i == len(records) - 1))
 
 
 def bitmap_problem(record: CheckpointRecord, disk_id: str, bitmap: Bitmap | None, *, active: bool) -> str | None:
     """Why this disk's bitmap for record cannot be trusted, or None."""
-    name = bitmap_name(record.name)
+    name = record.bitmap
     if bitmap is None:
         return f"bitmap {name} is missing on disk {disk_id}"
     if bitmap.inconsistent:
@@ -101,7 +99,7 @@ def check_since(
                 continue  # the disk was removed since; nothing to read
             if disk_id not in record.disks:
                 raise ChainBroken(f"disk {disk_id} was not part of checkpoint {record.name}")
-            problem = bitmap_problem(record, disk_id, disk_bitmaps[disk_id].get(bitmap_name(record.name)), active=(i == len(chain) - 1))
+            problem = bitmap_problem(record, disk_id, disk_bitmaps[disk_id].get(record.bitmap), active=(i == len(chain) - 1))
             if problem:
                 raise ChainBroken(problem, hint="the chain is broken from there: run `nbdbackup full` (or `auto`)")
 
@@ -112,15 +110,17 @@ class CheckpointStatus:
 
     name: str
     created: str
-    state: str  # ok | missing | inconsistent | altered | busy | pending | orphan
+    state: str  # ok | missing | inconsistent | altered | busy | pending | orphan | foreign
     active: bool  # the newest checkpoint: its bitmaps record guest writes now
     usable: bool  # an incremental --since this checkpoint would be accepted
     dirty_bytes: dict[str, int]  # per disk: bytes its bitmap marks (changes until the next checkpoint)
     problems: tuple[str, ...] = ()
 
 
-def assess(records: Sequence[CheckpointRecord], disk_bitmaps: dict[str, dict[str, Bitmap]]) -> list[CheckpointStatus]:
-    """The chain as QEMU and the repository see it, oldest first, then orphan bitmaps."""
+def assess(records: Sequence[CheckpointRecord], disk_bitmaps: dict[str, dict[str, Bitmap]], namespace: str) -> list[CheckpointStatus]:
+    """The chain as QEMU and the repository see it, oldest first; then bitmaps of
+    this repository's namespace without a record (orphan) and those of another
+    repository (foreign)."""
     rows: list[CheckpointStatus] = []
     for i, r in enumerate(records):
         newest = i == len(records) - 1
@@ -129,7 +129,7 @@ def assess(records: Sequence[CheckpointRecord], disk_bitmaps: dict[str, dict[str
         for disk_id in r.disks:
             if disk_id not in disk_bitmaps:
                 continue
-            b = disk_bitmaps[disk_id].get(bitmap_name(r.name))
+            b = disk_bitmaps[disk_id].get(r.bitmap)
             if b is not None:
                 dirty[disk_id] = b.count
             problem = bitmap_problem(r, disk_id, b, active=newest)
@@ -148,12 +148,17 @@ def assess(records: Sequence[CheckpointRecord], disk_bitmaps: dict[str, dict[str
     while usable_from > 0 and rows[usable_from - 1].state == OK and records[usable_from - 1].chain == records[-1].chain:
         usable_from -= 1
     rows = [CheckpointStatus(**{**row.__dict__, "usable": i >= usable_from}) for i, row in enumerate(rows)]
-    known = {bitmap_name(r.name) for r in records}
-    orphans: dict[str, dict[str, int]] = {}
+    known = {r.bitmap for r in records}
+    unknown: dict[str, dict[str, int]] = {}
     for disk_id, bitmaps in disk_bitmaps.items():
         for name, b in bitmaps.items():
             if name not in known:
-                orphans.setdefault(name, {})[disk_id] = b.count
-    for name, dirty in sorted(orphans.items()):
-        rows.append(CheckpointStatus(name.split(".", 1)[1], "", ORPHAN, False, False, dirty, ("bitmap without a checkpoint record",)))
+                unknown.setdefault(name, {})[disk_id] = b.count
+    for name, dirty in sorted(unknown.items()):
+        if name.startswith(namespace):
+            rows.append(CheckpointStatus(name[len(namespace):], "", ORPHAN, False, False, dirty,
+                                         (f"bitmap {name} has no checkpoint record; the next backup removes it",)))
+        else:
+            rows.append(CheckpointStatus(name, "", FOREIGN, False, False, dirty,
+                                         (f"bitmap {name} belongs to another nbdbackup repository; left alone",)))
     return rows

@@ -14,7 +14,7 @@ from dataclasses import dataclass, replace
 from typing import Iterable, Sequence
 
 from . import chain
-from .names import bitmap_name, checkpoint_of_bitmap
+from .names import bitmap_namespace, is_nbdbackup_bitmap
 from .qmp import QMPSession
 from .records import Bitmap, CheckpointRecord, Disk
 from .repository import Repository
@@ -26,24 +26,21 @@ Action = tuple[str, dict]
 
 
 def disk_bitmaps(session: QMPSession, disks: Sequence[Disk]) -> dict[str, dict[str, Bitmap]]:
-    """disk id -> bitmap name -> Bitmap, for our namespaced bitmaps only."""
+    """disk id -> bitmap name -> Bitmap, for nbdbackup's bitmaps only (any repository's)."""
     per_node = node_bitmaps(session)
-    return {
-        d.id: {b.name: b for b in per_node.get(d.node, []) if checkpoint_of_bitmap(b.name) is not None}
-        for d in disks
-    }
+    return {d.id: {b.name: b for b in per_node.get(d.node, []) if is_nbdbackup_bitmap(b.name)} for d in disks}
 
 
-def create_actions(disks: Sequence[Disk], new: str, previous: CheckpointRecord | None, bitmaps: dict[str, dict[str, Bitmap]]) -> list[Action]:
+def create_actions(disks: Sequence[Disk], new: CheckpointRecord, previous: CheckpointRecord | None, bitmaps: dict[str, dict[str, Bitmap]]) -> list[Action]:
     """Transaction actions: disable the previous active bitmap, add the new one, on every disk."""
     actions: list[Action] = []
     for d in disks:
         if previous is not None:
-            old = bitmaps[d.id].get(bitmap_name(previous.name))
+            old = bitmaps[d.id].get(previous.bitmap)
             if old is not None and old.recording and not old.inconsistent:
                 actions.append(("block-dirty-bitmap-disable", {"node": d.node, "name": old.name}))
         actions.append(
-            ("block-dirty-bitmap-add", {"node": d.node, "name": bitmap_name(new), "persistent": True, "granularity": chain.GRANULARITY})
+            ("block-dirty-bitmap-add", {"node": d.node, "name": new.bitmap, "persistent": True, "granularity": chain.GRANULARITY})
         )
     return actions
 
@@ -52,10 +49,10 @@ def delete_actions(plan: chain.DeletePlan, disks: Sequence[Disk], bitmaps: dict[
     actions: list[Action] = []
     for d in disks:
         have = bitmaps.get(d.id, {})
-        victim = have.get(bitmap_name(plan.remove))
+        victim = have.get(plan.remove)
         if victim is None:
             continue
-        target = have.get(bitmap_name(plan.merge_into)) if plan.merge_into else None
+        target = have.get(plan.merge_into) if plan.merge_into else None
         usable = not victim.inconsistent
         if target is not None and not target.inconsistent and usable:
             actions.append(("block-dirty-bitmap-merge", {"node": d.node, "target": target.name, "bitmaps": [victim.name]}))
@@ -66,7 +63,8 @@ def delete_actions(plan: chain.DeletePlan, disks: Sequence[Disk], bitmaps: dict[
 
 
 def remove_actions(disks: Sequence[Disk], names: Iterable[str], bitmaps: dict[str, dict[str, Bitmap]]) -> list[Action]:
-    names = {bitmap_name(n) for n in names}
+    """Remove the named bitmaps wherever they are."""
+    names = set(names)
     return [
         ("block-dirty-bitmap-remove", {"node": d.node, "name": b})
         for d in disks
@@ -84,6 +82,14 @@ class Checkpoints:
     vm: str
     disks: Sequence[Disk]
 
+    @property
+    def namespace(self) -> str:
+        return bitmap_namespace(self.repo.id)
+
+    def new_record(self, name: str, created: str, chain_id: str) -> CheckpointRecord:
+        return CheckpointRecord(name=name, created=created, chain=chain_id, disks=tuple(d.id for d in self.disks),
+                                bitmap=self.namespace + name)
+
     def records(self) -> list[CheckpointRecord]:
         return self.repo.checkpoints(self.vm)
 
@@ -96,7 +102,7 @@ class Checkpoints:
         records = self.records()
         bitmaps = self.bitmaps()
         for r in [r for r in records if r.state == "pending"]:
-            present = any(bitmap_name(r.name) in b for b in bitmaps.values())
+            present = any(r.bitmap in b for b in bitmaps.values())
             if present and self.repo.manifest(self.vm, r.name) is not None:
                 records = [replace(x, state="confirmed") if x.name == r.name else x for x in records]
                 done.append(f"confirmed checkpoint {r.name}: its backup had been committed")
@@ -107,11 +113,11 @@ class Checkpoints:
                 records = [x for x in records if x.name != r.name]
                 done.append(f"rolled back checkpoint {r.name}: its backup never completed")
             self.repo.save_checkpoints(self.vm, records)
-        known = {r.name for r in records}
-        orphans = sorted({checkpoint_of_bitmap(n) for b in bitmaps.values() for n in b} - known)
+        known = {r.bitmap for r in records}
+        orphans = sorted({n for b in bitmaps.values() for n in b if n.startswith(self.namespace)} - known)
         if orphans:
             self._apply(remove_actions(self.disks, orphans, bitmaps))
-            done.append(f"removed bitmaps without a checkpoint record: {', '.join(bitmap_name(o) for o in orphans)}")
+            done.append(f"removed bitmaps without a checkpoint record: {', '.join(orphans)}")
         stale = [r for r in records if records and r.chain != records[-1].chain]
         if stale:
             self.drop_chain([r.name for r in stale])
@@ -141,8 +147,8 @@ class Checkpoints:
 
     def drop_chain(self, names: Sequence[str]) -> None:
         """Remove whole checkpoints (an old chain after a new full): bitmaps first, records after."""
-        self._apply(remove_actions(self.disks, names, self.bitmaps()))
         gone = set(names)
+        self._apply(remove_actions(self.disks, [r.bitmap for r in self.records() if r.name in gone], self.bitmaps()))
         self.repo.save_checkpoints(self.vm, [r for r in self.records() if r.name not in gone])
 
     def _apply(self, actions: list[Action]) -> None:

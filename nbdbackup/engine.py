@@ -22,10 +22,10 @@ from .lock import file_lock
 from .qmp import QMPSession
 from .records import Manifest
 from .repository import Repository
-from .names import check_name
+from .names import bitmap_namespace, check_name
 from .restore import RestoreRequest, run_restore
 from .vm import qcow2_disks
-from .workdirs import private_dir
+from .workdirs import private_dir, remove_stale_dirs
 
 Progress = Callable[[int], None]
 Start = Callable[[int], None]
@@ -70,7 +70,9 @@ def vm_session(settings: Settings, vmconf: VMConfig) -> Iterator[tuple[Repositor
 def backup(settings: Settings, vmconf: VMConfig, req: BackupRequest, *, cancel: CancelToken, observer: Observer = Observer()) -> BackupResult:
     with contextlib.ExitStack() as stack:
         repo, session = stack.enter_context(vm_session(settings, vmconf))
-        scratch = stack.enter_context(private_dir(vmconf.scratch or repo.local_dir("tmp"), prefix=f"{vmconf.name}-"))
+        scratch_base = vmconf.scratch or repo.local_dir("tmp")
+        remove_stale_dirs(scratch_base, prefix=f"{vmconf.name}@")  # left by a killed run; we hold the VM's lock
+        scratch = stack.enter_context(private_dir(scratch_base, prefix=f"{vmconf.name}@"))
         sockets = stack.enter_context(private_dir())
         return run_backup(repo, session, req, scratch_dir=scratch, socket_dir=sockets, cancel=cancel,
                           progress=observer.progress, on_start=observer.on_start)
@@ -80,7 +82,7 @@ def checkpoint_status(settings: Settings, vmconf: VMConfig) -> list[CheckpointSt
     """Read-only: the chain as QEMU and the repository see it."""
     with vm_session(settings, vmconf) as (repo, session):
         disks = qcow2_disks(session, vmconf.disks)
-        return assess(repo.checkpoints(vmconf.name), disk_bitmaps(session, disks))
+        return assess(repo.checkpoints(vmconf.name), disk_bitmaps(session, disks), bitmap_namespace(repo.id))
 
 
 def delete_checkpoint(settings: Settings, vmconf: VMConfig, name: str, *, keep_backup: bool) -> None:

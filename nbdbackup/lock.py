@@ -1,4 +1,4 @@
-"""Locks: one run per VM; the repository lock shared by backups, exclusive for GC.
+"""Locks: one run per VM at a time.
 
 flock(2) locks die with their process, so a lock left by a dead run is simply
 taken over; the lock file holds the holder's pid for the error message.

@@ -34,15 +34,17 @@ def new_checkpoint_name(now: datetime | None = None) -> str:
     return now.strftime("%Y%m%dT%H%M%S") + f"{now.microsecond // 1000:03d}Z-" + secrets.token_hex(3)
 
 
-def bitmap_name(checkpoint: str) -> str:
-    return BITMAP_PREFIX + checkpoint
+def bitmap_namespace(repository_id: str) -> str:
+    """Prefix of the bitmaps a repository owns: nbdbackup.<first 8 hex digits of its id>.
+
+    Bitmaps of other tools never start with "nbdbackup."; those of another
+    repository backing up the same VM have another namespace and are left alone.
+    """
+    return f"{BITMAP_PREFIX}{repository_id[:8]}."
 
 
-def checkpoint_of_bitmap(bitmap: str) -> str | None:
-    """The checkpoint a namespaced bitmap belongs to, or None for other tools' bitmaps."""
-    if bitmap.startswith(BITMAP_PREFIX):
-        return bitmap[len(BITMAP_PREFIX):]
-    return None
+def is_nbdbackup_bitmap(bitmap: str) -> bool:
+    return bitmap.startswith(BITMAP_PREFIX)
 
 
 def utc_now() -> str:

@@ -95,8 +95,9 @@ class QMPSession:
         try:
             result = self._run(self._client.execute(command, arguments), timeout)
         except ExecuteError as exc:
-            log.debug("QMP <- error %s: %s", exc.error_class, exc.error.desc)
-            raise QEMUCommandFailed(command, exc.error_class, exc.error.desc) from None
+            description = exc.error.error.desc
+            log.debug("QMP <- error %s: %s", exc.error_class, description)
+            raise QEMUCommandFailed(command, exc.error_class, description) from None
         except asyncio.TimeoutError:
             raise VMUnreachable(f"QEMU did not answer {command} within {timeout:g}s") from None
         except (QMPError, OSError, EOFError) as exc:

@@ -102,6 +102,7 @@ class CheckpointRecord:
     created: str
     chain: str
     disks: tuple[str, ...]
+    bitmap: str  # name of its dirty bitmap on every disk
     state: CheckpointState = "pending"
 
 

@@ -18,6 +18,14 @@ def runtime_base() -> Path:
     return Path(tempfile.gettempdir())
 
 
+def remove_stale_dirs(parent: Path, prefix: str) -> None:
+    """Remove private directories named prefix* that a killed run left in parent."""
+    if parent.is_dir():
+        for stale in parent.glob(f"{prefix}*"):
+            if stale.is_dir() and not stale.is_symlink():
+                shutil.rmtree(stale, ignore_errors=True)
+
+
 @contextlib.contextmanager
 def private_dir(parent: Path | None = None, prefix: str = "nbdbackup-") -> Iterator[Path]:
     """A new 0700 directory, removed with its content on exit."""

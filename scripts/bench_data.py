@@ -273,3 +273,19 @@ def _run(argv: list[str]) -> str:
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(argv[:4])} ... failed ({proc.returncode}): {proc.stderr.strip()[-800:]}")
     return proc.stdout
+
+
+def build_in_subprocess(workdir: Path, size: int, data: int, seed: int = 1) -> Image:
+    """build_image in a child process, so the caller's memory stays small (its children's
+    ru_maxrss starts from the parent's RSS at fork time)."""
+    proc = subprocess.run([sys.executable, __file__, str(workdir), str(size), str(data), str(seed)],
+                          stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"building the {human(size)} image failed (exit {proc.returncode})")
+    info = json.loads(proc.stdout)
+    return Image(Path(info["path"]), info["size"], info["stats"])
+
+
+if __name__ == "__main__":
+    img = build_image(Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]))
+    print(json.dumps({"path": str(img.path), "size": img.size, "stats": img.stats}))

@@ -310,6 +310,7 @@ class Timed:
     hwm_kib: list[int] = field(default_factory=list)  # per process: polled VmHWM of the process itself
     stdout: str = ""
     stderr: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)  # filled in by the caller
 
     @property
     def ok(self) -> bool:
@@ -337,7 +338,7 @@ def _wait_all(procs: Sequence[subprocess.Popen], t0: float) -> tuple[float, list
             for i, p in enumerate(procs):
                 if p.returncode is None:
                     hwm[i] = max(hwm[i], _hwm(p.pid))
-            stop.wait(0.02)
+            stop.wait(0.01)
 
     poller = threading.Thread(target=poll, daemon=True)
     poller.start()

@@ -4,12 +4,14 @@ import pytest
 
 from nbdbackup import chain
 from nbdbackup.errors import ChainBroken, CheckpointUnknown
-from nbdbackup.names import bitmap_name
+
+def bitmap_name(checkpoint):
+    return f"nbdbackup.12345678.{checkpoint}"
 from nbdbackup.records import Bitmap, CheckpointRecord
 
 
 def rec(name, state="confirmed", chain_id="c1", disks=("vda", "vdb")):
-    return CheckpointRecord(name=name, created="2026-01-01T00:00:00Z", chain=chain_id, disks=disks, state=state)
+    return CheckpointRecord(name=name, created="2026-01-01T00:00:00Z", chain=chain_id, disks=disks, bitmap=bitmap_name(name), state=state)
 
 
 def bm(name, *, recording=False, persistent=True, busy=False, inconsistent=False):
@@ -43,7 +45,7 @@ def test_resolve_latest_and_unknown():
 )
 def test_delete_plans_follow_the_seed(name, merge_into, enable):
     plan = chain.plan_delete(RECORDS, name)
-    assert (plan.remove, plan.merge_into, plan.enable) == (name, merge_into, enable)
+    assert (plan.remove, plan.merge_into, plan.enable) == (bitmap_name(name), merge_into and bitmap_name(merge_into), enable)
 
 
 def test_sound_chain_passes():

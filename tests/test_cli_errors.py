@@ -11,6 +11,7 @@ import threading
 import pytest
 
 import cli
+from harness import assert_image_equals
 from nbdbackup.qmp import QMPSession
 
 KiB, MiB = 1024, 1024 * 1024
@@ -125,3 +126,45 @@ def test_usage_errors_exit_2(repo):
     cli.run(repo, "restore", "vm1", expect=2)
     cli.run(repo, "nosuchcommand", expect=2)
     cli.run(repo, "restore", "vm1", "--to", "x", "--output", "o", "--format", "vmdk", expect=2)
+
+
+def test_qemu_refusing_after_the_freeze_rolls_the_checkpoint_back(vm_factory, repo):
+    """QEMU refuses our NBD server (another one serves exports): exit 3, the VM exactly as before."""
+    vm = vm_factory({"vda": 1 * MiB, "vdb": 1 * MiB})
+    vm.start()
+    cli.run(repo, "full", "vm1", "--qmp", vm.qmp_socket, "--checkpoint", "one")
+    before = {d: vm.bitmaps(d) for d in vm.disks}
+    vm.qmp("nbd-server-start", addr={"type": "unix", "data": {"path": str(vm.workdir / "other.sock")}})
+    vm.qmp("block-export-add", type="nbd", id="theirs", **{"node-name": vm.disks["vdb"].node}, name="x", writable=False)
+    proc = cli.run(repo, "incremental", "vm1", "--qmp", vm.qmp_socket, expect=3)
+    assert "NBD server" in proc.stderr
+    state = vm.block_state()
+    assert [e["id"] for e in state["exports"]] == ["theirs"] and state["jobs"] == []
+    assert not [n for n in state["nodes"] if n.startswith("nbdbackup")]
+    assert {d: vm.bitmaps(d) for d in vm.disks} == before
+    assert [b["checkpoint"] for b in cli.backups(repo)] == ["one"]
+    assert list((repo / "tmp").iterdir()) == []
+
+
+def test_an_idle_nbd_server_left_behind_is_taken_over(vm_factory, repo):
+    vm = vm_factory({"vda": 1 * MiB})
+    vm.start()
+    vm.qmp("nbd-server-start", addr={"type": "unix", "data": {"path": str(vm.workdir / "stale.sock")}})
+    cli.run(repo, "full", "vm1", "--qmp", vm.qmp_socket)
+
+
+def test_two_repositories_back_up_one_vm_without_breaking_each_other(vm_factory, tmp_path):
+    vm = vm_factory({"vda": 2 * MiB})
+    vm.start()
+    a, b = tmp_path / "a", tmp_path / "b"
+    vm.write("vda", 0, 64 * KiB, 0x11)
+    cli.run(a, "full", "vm1", "--qmp", vm.qmp_socket)
+    cli.run(b, "full", "vm1", "--qmp", vm.qmp_socket)
+    vm.write("vda", 64 * KiB, 64 * KiB, 0x12)
+    cli.run(a, "incremental", "vm1", "--qmp", vm.qmp_socket)
+    cli.run(b, "incremental", "vm1", "--qmp", vm.qmp_socket)
+    rows = json.loads(cli.run(a, "checkpoints", "vm1", "--qmp", vm.qmp_socket, "--json").stdout)
+    assert [r["state"] for r in rows] == ["ok", "ok", "foreign", "foreign"]
+    for repo in (a, b):
+        images = cli.restore(repo, vm, "latest", tmp_path / f"out-{repo.name}")
+        assert_image_equals(images["vda"], vm.expected("vda"), "qcow2")

@@ -70,7 +70,7 @@ def test_truncated_index_and_manifest_are_detected(tmp_path):
 def test_modes_are_private(tmp_path):
     repo = Repository.open(tmp_path / "r")
     repo.commit(manifest(repo))
-    repo.save_checkpoints("vm1", [CheckpointRecord("cp1", "t", "c", ("vda",))])
+    repo.save_checkpoints("vm1", [CheckpointRecord("cp1", "t", "c", ("vda",), "nbdbackup.x.cp1")])
     for root, dirs, files in os.walk(tmp_path / "r"):
         for d in dirs:
             assert stat.S_IMODE(os.stat(os.path.join(root, d)).st_mode) == 0o700, d
@@ -95,6 +95,6 @@ def test_newer_format_and_foreign_directories_are_refused(tmp_path):
 
 def test_checkpoint_records_round_trip(tmp_path):
     repo = Repository.open(tmp_path / "r")
-    recs = [CheckpointRecord("a", "t1", "c", ("vda",), "confirmed"), CheckpointRecord("b", "t2", "c", ("vda", "vdb"))]
+    recs = [CheckpointRecord("a", "t1", "c", ("vda",), "nbdbackup.x.a", "confirmed"), CheckpointRecord("b", "t2", "c", ("vda", "vdb"), "nbdbackup.x.b")]
     repo.save_checkpoints("vm1", recs)
     assert repo.checkpoints("vm1") == recs

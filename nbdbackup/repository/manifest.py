@@ -60,7 +60,7 @@ def manifest_to_bytes(m: Manifest) -> bytes:
             "removed_disks": list(m.removed_disks),
             "stored_bytes": m.stored_bytes,
             "read_bytes": m.read_bytes,
-            "duration": round(m.duration, 3),
+            "duration_ms": round(m.duration * 1000),
         }
     )
 
@@ -81,7 +81,7 @@ def manifest_from_bytes(blob: bytes, where: str) -> Manifest:
             removed_disks=tuple(doc["removed_disks"]),
             stored_bytes=doc["stored_bytes"],
             read_bytes=doc["read_bytes"],
-            duration=doc["duration"],
+            duration=doc["duration_ms"] / 1000,
         )
     except (KeyError, TypeError) as exc:
         raise RepositoryDamaged(f"{where} lacks a field: {exc}") from None
@@ -92,7 +92,7 @@ def checkpoints_to_bytes(records: list[CheckpointRecord]) -> bytes:
         {
             "version": MANIFEST_VERSION,
             "checkpoints": [
-                {"name": r.name, "created": r.created, "chain": r.chain, "disks": list(r.disks), "state": r.state} for r in records
+                {"name": r.name, "created": r.created, "chain": r.chain, "disks": list(r.disks), "bitmap": r.bitmap, "state": r.state} for r in records
             ],
         }
     )
@@ -100,9 +100,11 @@ def checkpoints_to_bytes(records: list[CheckpointRecord]) -> bytes:
 
 def checkpoints_from_bytes(blob: bytes, where: str) -> list[CheckpointRecord]:
     doc = unseal(blob, where)
+    if doc.get("version") != MANIFEST_VERSION:
+        raise RepositoryUnusable(f"{where} has version {doc.get('version')}, this nbdbackup reads {MANIFEST_VERSION}", hint="upgrade nbdbackup")
     try:
         return [
-            CheckpointRecord(name=r["name"], created=r["created"], chain=r["chain"], disks=tuple(r["disks"]), state=r["state"])
+            CheckpointRecord(name=r["name"], created=r["created"], chain=r["chain"], disks=tuple(r["disks"]), bitmap=r["bitmap"], state=r["state"])
             for r in doc["checkpoints"]
         ]
     except (KeyError, TypeError) as exc:
