@@ -16,9 +16,10 @@ import functools
 import logging
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Literal
+from typing import Literal
 
 from . import chain
 from .capture import CancelToken, Tuning, capture

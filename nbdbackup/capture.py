@@ -17,9 +17,8 @@ import bisect
 import concurrent.futures as cf
 import functools
 import threading
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Callable, Iterable, Iterator
 
 from .errors import Interrupted
 from .nbdio import BASE_ALLOCATION, MAX_REQUEST, STATUS_STEP, NbdEndpoint, data_extents

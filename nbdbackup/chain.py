@@ -12,8 +12,8 @@ Nothing here talks to QEMU; checkpoints.py carries the decisions out.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 from .errors import ChainBroken, CheckpointUnknown
 from .records import Bitmap, CheckpointRecord

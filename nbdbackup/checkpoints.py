@@ -10,8 +10,8 @@ Crash-safety rules (docs/CHAIN.md):
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
-from typing import Iterable, Sequence
 
 from . import chain
 from .names import bitmap_namespace, is_nbdbackup_bitmap

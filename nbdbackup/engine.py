@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Callable, Iterator
 
 from .backup import BackupRequest, BackupResult, run_backup
 from .capture import CancelToken, Tuning
@@ -19,10 +19,10 @@ from .chain import CheckpointStatus, assess, resolve
 from .checkpoints import Checkpoints, disk_bitmaps
 from .config import Settings, VMConfig
 from .lock import file_lock
+from .names import bitmap_namespace, check_name
 from .qmp import QMPSession
 from .records import Manifest
 from .repository import Repository
-from .names import bitmap_namespace, check_name
 from .restore import RestoreRequest, run_restore
 from .vm import qcow2_disks
 from .workdirs import private_dir, remove_stale_dirs

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 import secrets
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 from .errors import UsageError
 
@@ -30,7 +30,7 @@ def check_name(kind: str, value: str) -> str:
 
 def new_checkpoint_name(now: datetime | None = None) -> str:
     """A unique name that sorts by creation time: 20261125T224512Z-3f9a1c."""
-    now = now or datetime.now(timezone.utc)
+    now = now or datetime.now(UTC)
     return now.strftime("%Y%m%dT%H%M%S") + f"{now.microsecond // 1000:03d}Z-" + secrets.token_hex(3)
 
 
@@ -48,4 +48,4 @@ def is_nbdbackup_bitmap(bitmap: str) -> bool:
 
 
 def utc_now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")

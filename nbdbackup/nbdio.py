@@ -9,8 +9,8 @@ reads or writes truly in parallel.
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import nbd
 
@@ -116,7 +116,7 @@ class NbdEndpoint:
             want = min(STATUS_STEP, end - offset)
             replies: dict[str, list[tuple[int, int, int]]] = {c: [] for c in self.contexts}
 
-            def collect(context: str, start: int, entries: list[int], err: list[int]) -> int:
+            def collect(context: str, start: int, entries: list[int], err: list[int], replies=replies) -> int:
                 pos, ext = start, replies.setdefault(context, [])
                 for i in range(0, len(entries), 2):
                     ext.append((pos, entries[i], entries[i + 1]))

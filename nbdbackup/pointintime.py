@@ -19,8 +19,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import subprocess
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 from .errors import NbdBackupError, QEMUCommandFailed, VMUnsuitable
 from .qmp import QMPSession

@@ -11,8 +11,9 @@ import asyncio
 import logging
 import os
 import stat
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any
 
 from qemu.qmp import ConnectError, EventListener, ExecuteError, QMPClient, QMPError
 
@@ -60,7 +61,7 @@ class QMPSession:
             raise VMUnreachable(f"{path} is not a socket", hint="give the path of the VM's QMP monitor socket")
         try:
             self._run(self._client.connect(str(path)), self.connect_timeout)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             self._abandon()
             raise VMUnreachable(
                 f"QMP socket {path} did not answer within {self.connect_timeout:g}s",
@@ -98,7 +99,7 @@ class QMPSession:
             description = exc.error.error.desc
             log.debug("QMP <- error %s: %s", exc.error_class, description)
             raise QEMUCommandFailed(command, exc.error_class, description) from None
-        except asyncio.TimeoutError:
+        except TimeoutError:
             raise VMUnreachable(f"QEMU did not answer {command} within {timeout:g}s") from None
         except (QMPError, OSError, EOFError) as exc:
             raise VMUnreachable(f"lost the QMP connection during {command}: {_describe(exc)}", hint="did QEMU exit?") from None
@@ -127,7 +128,7 @@ class QMPSession:
 
         try:
             return self._run(next_match(), timeout)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             raise VMUnreachable(f"QEMU did not send the expected event within {timeout:g}s") from None
 
     def drain_events(self) -> None:

@@ -13,9 +13,9 @@ import logging
 import os
 import secrets
 import threading
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
 
 from .capture import CancelToken, Tuning
 from .errors import CheckpointUnknown, RepositoryDamaged, RestoreTargetError, UsageError

@@ -5,9 +5,9 @@ from __future__ import annotations
 import logging
 import subprocess
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 from .errors import NbdBackupError, RestoreTargetError
 from .qmp import QMPSession

@@ -4,10 +4,11 @@ import pytest
 
 from nbdbackup import chain
 from nbdbackup.errors import ChainBroken, CheckpointUnknown
+from nbdbackup.records import Bitmap, CheckpointRecord
+
 
 def bitmap_name(checkpoint):
     return f"nbdbackup.12345678.{checkpoint}"
-from nbdbackup.records import Bitmap, CheckpointRecord
 
 
 def rec(name, state="confirmed", chain_id="c1", disks=("vda", "vdb")):

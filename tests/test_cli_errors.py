@@ -8,10 +8,10 @@ import os
 import socket
 import threading
 
-import pytest
-
 import cli
+import pytest
 from harness import assert_image_equals
+
 from nbdbackup.qmp import QMPSession
 
 KiB, MiB = 1024, 1024 * 1024

@@ -3,14 +3,11 @@
 from __future__ import annotations
 
 import itertools
+import time
 from pathlib import Path
 
-import time
-
-import pytest
-from qemu.qmp.legacy import QEMUMonitorProtocol
-
 import harness
+import pytest
 from harness import (
     BackgroundWriter,
     HarnessError,
@@ -19,6 +16,7 @@ from harness import (
     image_bytes,
     is_prefix,
 )
+from qemu.qmp.legacy import QEMUMonitorProtocol
 
 pytestmark = pytest.mark.timeout(120)
 

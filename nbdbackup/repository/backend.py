@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import ctypes
 import errno
-import os
-from pathlib import Path
 import itertools
+import os
 import threading
-from typing import Iterator, Protocol, Sequence, Union
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Protocol
 
 from ..errors import RepositoryUnusable
 
@@ -36,7 +37,7 @@ class Backend(Protocol):
         """Make every write so far durable."""
 
 
-Buffers = Union[bytes, bytearray, memoryview, Sequence[Union[bytes, bytearray, memoryview]]]
+Buffers = bytes | bytearray | memoryview | Sequence[bytes | bytearray | memoryview]
 DIR_MODE = 0o700
 FILE_MODE = 0o600
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import struct
-from typing import Iterable, Sequence
+from collections.abc import Iterable, Sequence
 
 from ..errors import RepositoryDamaged
 from ..records import Extent, IndexEntry

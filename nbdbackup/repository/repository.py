@@ -17,8 +17,8 @@ import hashlib
 import json
 import os
 import uuid
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 from ..errors import RepositoryDamaged, RepositoryUnusable
 from ..names import check_name, utc_now

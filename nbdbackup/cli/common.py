@@ -1,0 +1,82 @@
+"""What every command shares: global options, VM options, signals, progress, sizes."""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import click
+
+
+@dataclass(frozen=True)
+class Globals:
+    repo: str | None
+    config: str | None
+    debug: bool
+
+    def settings(self):
+        from ..config import load
+
+        return load(self.config, self.repo)
+
+
+pass_globals = click.make_pass_decorator(Globals)
+
+
+qmp_option = click.option("--qmp", metavar="SOCKET", help="The VM's QMP socket (default: [vm.NAME] qmp in the config file).")
+
+
+
+def human_size(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.0f}{unit}" if unit == "B" else f"{n:.1f}{unit}"
+        n /= 1024
+    return str(n)
+
+
+@contextlib.contextmanager
+def interruptible() -> Iterator[Any]:
+    """SIGINT/SIGTERM set a token the engine checks at safe points, so cleanup always runs."""
+    from ..capture import CancelToken
+
+    cancel = CancelToken()
+
+    def handler(signum: int, frame: Any) -> None:
+        if cancel.signum is None:
+            click.echo(f"nbdbackup: {signal.Signals(signum).name} received, stopping and cleaning up...", err=True)
+        cancel.set(signum)
+
+    old = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield cancel
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+
+
+@contextlib.contextmanager
+def progress_bar(what: str) -> Iterator[Any]:
+    from ..engine import Observer
+
+    if not sys.stderr.isatty():
+        yield Observer()
+        return
+    from tqdm import tqdm
+
+    bar = tqdm(total=0, unit="B", unit_scale=True, unit_divisor=1024, desc=what, file=sys.stderr, leave=False)
+
+    def start(total: int) -> None:
+        bar.total = total
+        bar.refresh()
+
+    try:
+        yield Observer(on_start=start, progress=bar.update)
+    finally:
+        bar.close()
+
+
