@@ -46,6 +46,7 @@ class BackupRequest:
     checkpoint: str | None = None
     since: str | None = None  # incremental: None means the newest checkpoint
     disks: tuple[str, ...] = ()  # only these disks (default: every qcow2 disk)
+    exclude: tuple[str, ...] = ()  # never these disks
     tuning: Tuning = Tuning()
 
 
@@ -87,7 +88,7 @@ def run_backup(
 ) -> BackupResult:
     started = time.monotonic()
     vm = check_name("VM", req.vm)
-    disks = qcow2_disks(session, req.disks)
+    disks = qcow2_disks(session, req.disks, req.exclude)
 
     # 1. look
     clear_leftovers(session)

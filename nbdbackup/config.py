@@ -3,13 +3,18 @@
     repository = "/var/lib/nbdbackup"      # optional
     [vm.NAME]
     qmp = "/run/NAME-backup.qmp"           # the VM's QMP socket reserved for backups
+    qga = "/run/NAME-qga.sock"             # qemu-guest-agent socket, for --fsfreeze
     disks = ["vda", "vdb"]                 # only these disks (default: every qcow2 disk)
+    exclude = ["vdc"]                      # never these disks
     compression = 3                        # zstd level
+    workers = 4                            # compression and I/O threads
     scratch = "/var/tmp/nbdbackup"         # where fleecing overlays grow
+    retention = { last = 3, daily = 7, weekly = 4, monthly = 12 }   # for `prune`
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import tomllib
 from dataclasses import dataclass, field
@@ -20,17 +25,21 @@ from .errors import UsageError, VMUnreachable
 from .names import check_name
 
 SYSTEM_CONFIG = Path("/etc/nbdbackup/config.toml")
-VM_KEYS = {"qmp": str, "disks": list, "compression": int, "scratch": str, "workers": int}
+VM_KEYS = {"qmp": str, "qga": str, "disks": list, "exclude": list, "compression": int, "scratch": str, "workers": int, "retention": dict}
+RETENTION_KEYS = ("last", "hourly", "daily", "weekly", "monthly", "yearly")
 
 
 @dataclass(frozen=True)
 class VMConfig:
     name: str
     qmp: Path | None = None
-    disks: tuple[str, ...] = ()
+    qga: Path | None = None
+    disks: tuple[str, ...] = ()  # only these disks (default: every qcow2 disk)
+    exclude: tuple[str, ...] = ()  # never these disks
     compression: int | None = None
     scratch: Path | None = None
     workers: int | None = None
+    retention: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -39,13 +48,14 @@ class Settings:
     config_file: Path | None
     vms: dict[str, VMConfig] = field(default_factory=dict)
 
-    def vm(self, name: str, qmp: str | None = None) -> VMConfig:
-        """The VM's settings, with --qmp taking precedence over the config file."""
+    def vm(self, name: str, qmp: str | None = None, *, required: bool = True) -> VMConfig:
+        """The VM's settings, with --qmp taking precedence over the config file.
+        required: a QMP socket must be known (VMUnreachable otherwise)."""
         check_name("VM", name)
         base = self.vms.get(name, VMConfig(name))
         if qmp:
-            return VMConfig(name, Path(qmp), base.disks, base.compression, base.scratch, base.workers)
-        if base.qmp is None:
+            return dataclasses.replace(base, qmp=Path(qmp))
+        if base.qmp is None and required:
             where = f" in {self.config_file}" if self.config_file else ""
             raise VMUnreachable(f"no QMP socket known for VM {name!r}{where}", hint=f'pass --qmp SOCKET or add [vm.{name}] qmp = "PATH" to the config file')
         return base
@@ -103,12 +113,24 @@ def _parse_vms(table: Any, path: Path | None) -> dict[str, VMConfig]:
                 raise UsageError(f"{path}: [vm.{name}] has unknown setting {key!r}", hint=f"known: {', '.join(sorted(VM_KEYS))}")
             if not isinstance(value, VM_KEYS[key]):
                 raise UsageError(f"{path}: [vm.{name}] {key} must be a {VM_KEYS[key].__name__}")
+        retention = conf.get("retention", {})
+        for key, value in retention.items():
+            if key not in RETENTION_KEYS or not isinstance(value, int) or value < 0:
+                raise UsageError(f"{path}: [vm.{name}] retention.{key} is not one of {', '.join(RETENTION_KEYS)} with a count >= 0")
+        for key in ("disks", "exclude"):
+            for disk in conf.get(key, ()):
+                if not isinstance(disk, str):
+                    raise UsageError(f"{path}: [vm.{name}] {key} must be a list of disk ids")
+                check_name("disk", disk)
         vms[name] = VMConfig(
             name=name,
             qmp=Path(conf["qmp"]) if "qmp" in conf else None,
+            qga=Path(conf["qga"]) if "qga" in conf else None,
             disks=tuple(conf.get("disks", ())),
+            exclude=tuple(conf.get("exclude", ())),
             compression=conf.get("compression"),
             scratch=Path(conf["scratch"]) if "scratch" in conf else None,
             workers=conf.get("workers"),
+            retention=dict(retention),
         )
     return vms

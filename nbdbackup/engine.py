@@ -18,12 +18,14 @@ from .capture import CancelToken, Tuning
 from .chain import CheckpointStatus, assess, resolve
 from .checkpoints import Checkpoints, disk_bitmaps
 from .config import Settings, VMConfig
+from .errors import LockHeld, VMUnreachable
 from .lock import file_lock
 from .names import bitmap_namespace, check_name
 from .qmp import QMPSession
 from .records import Manifest
 from .repository import Repository
 from .restore import RestoreRequest, run_restore
+from .retention import Decision, Policy, decide
 from .vm import qcow2_disks
 from .workdirs import private_dir, remove_stale_dirs
 
@@ -50,6 +52,16 @@ def vm_lock(repo: Repository, vm: str) -> Iterator[None]:
         yield
 
 
+# Garbage collection takes seconds; runs that need chunks wait that long for it.
+GC_WAIT = 600.0
+
+
+def repository_lock(repo: Repository, *, exclusive: bool = False, wait: float = GC_WAIT) -> contextlib.AbstractContextManager[None]:
+    """Shared by every run that reads or writes chunks; exclusive while chunks are deleted."""
+    what = "the repository for garbage collection" if not exclusive else "the repository (a backup or restore is running)"
+    return file_lock(repo.local_dir("locks") / "repository.lock", what=what, shared=not exclusive, wait=wait)
+
+
 def tuning_for(vmconf: VMConfig, base: Tuning = Tuning()) -> Tuning:
     changes = {}
     if vmconf.compression is not None:
@@ -63,7 +75,7 @@ def tuning_for(vmconf: VMConfig, base: Tuning = Tuning()) -> Tuning:
 def vm_session(settings: Settings, vmconf: VMConfig) -> Iterator[tuple[Repository, QMPSession]]:
     """The repository, the VM's lock, then its QMP session: what every VM command needs."""
     repo = open_repository(settings)
-    with vm_lock(repo, vmconf.name), QMPSession(vmconf.qmp) as session:
+    with vm_lock(repo, vmconf.name), repository_lock(repo), QMPSession(vmconf.qmp) as session:
         yield repo, session
 
 
@@ -81,7 +93,7 @@ def backup(settings: Settings, vmconf: VMConfig, req: BackupRequest, *, cancel: 
 def checkpoint_status(settings: Settings, vmconf: VMConfig) -> list[CheckpointStatus]:
     """Read-only: the chain as QEMU and the repository see it."""
     with vm_session(settings, vmconf) as (repo, session):
-        disks = qcow2_disks(session, vmconf.disks)
+        disks = qcow2_disks(session, vmconf.disks, vmconf.exclude)
         return assess(repo.checkpoints(vmconf.name), disk_bitmaps(session, disks), bitmap_namespace(repo.id))
 
 
@@ -89,7 +101,7 @@ def delete_checkpoint(settings: Settings, vmconf: VMConfig, name: str, *, keep_b
     """Delete a checkpoint the seed's way (bitmaps first, record after), and its backup unless kept."""
     check_name("checkpoint", name)
     with vm_session(settings, vmconf) as (repo, session):
-        checkpoints = Checkpoints(repo, session, vmconf.name, qcow2_disks(session, vmconf.disks))
+        checkpoints = Checkpoints(repo, session, vmconf.name, qcow2_disks(session, vmconf.disks, vmconf.exclude))
         checkpoints.reconcile()
         record = resolve(checkpoints.records(), name)
         checkpoints.delete(record.name)
@@ -99,7 +111,7 @@ def delete_checkpoint(settings: Settings, vmconf: VMConfig, name: str, *, keep_b
 
 def restore(settings: Settings, req: RestoreRequest, *, tuning: Tuning, cancel: CancelToken, observer: Observer = Observer()) -> list[Path]:
     repo = open_repository(settings)
-    with private_dir() as sockets:
+    with repository_lock(repo), private_dir() as sockets:
         return run_restore(repo, req, socket_dir=sockets, tuning=tuning, cancel=cancel,
                            progress=observer.progress, on_start=observer.on_start)
 
@@ -107,3 +119,62 @@ def restore(settings: Settings, req: RestoreRequest, *, tuning: Tuning, cancel: 
 def list_backups(settings: Settings, vm: str) -> list[Manifest]:
     check_name("VM", vm)
     return open_repository(settings).manifests(vm)
+
+
+@dataclasses.dataclass(frozen=True)
+class PruneReport:
+    decisions: tuple[Decision, ...]
+    dry_run: bool
+    checkpoints_deleted: tuple[str, ...] = ()
+    notes: tuple[str, ...] = ()
+    freed_chunks: int = 0
+    freed_bytes: int = 0
+    gc_done: bool = False
+
+
+def prune(settings: Settings, vmconf: VMConfig, policy: Policy, *, dry_run: bool, gc_wait: float = 60.0) -> PruneReport:
+    """Remove the backups outside the policy, their checkpoints in QEMU (the seed's way,
+    when the VM is reachable), then the chunks no backup references any more."""
+    repo = open_repository(settings)
+    vm = vmconf.name
+    notes: list[str] = []
+    deleted: list[str] = []
+    with vm_lock(repo, vm):
+        records = repo.checkpoints(vm)
+        newest_checkpoint = next((r.name for r in reversed(records) if r.state == "confirmed"), None)
+        decisions = tuple(decide(repo.manifests(vm), policy, protect={newest_checkpoint} if newest_checkpoint else set()))
+        if dry_run:
+            return PruneReport(decisions, dry_run=True)
+        doomed = [d.manifest.checkpoint for d in decisions if not d.keep]
+        with contextlib.ExitStack() as stack:
+            session = _try_session(stack, vmconf, notes)
+            if session is not None:
+                checkpoints = Checkpoints(repo, session, vm, qcow2_disks(session, vmconf.disks, vmconf.exclude))
+                checkpoints.reconcile()
+                # Checkpoints whose backup is gone (now, or pruned earlier while the VM was away)
+                # hold nothing a backup can build on: merge them away, the newest excepted.
+                kept = {d.manifest.checkpoint for d in decisions if d.keep}
+                for r in checkpoints.records()[:-1]:
+                    if r.name not in kept:
+                        checkpoints.delete(r.name)
+                        deleted.append(r.name)
+        for name in doomed:
+            repo.delete_backup(vm, name)
+    try:
+        with repository_lock(repo, exclusive=True, wait=gc_wait):
+            freed, size = repo.collect_garbage()
+        return PruneReport(decisions, False, tuple(deleted), tuple(notes), freed, size, True)
+    except LockHeld:
+        notes.append("chunks were not freed: backups or restores are running; the next prune frees them")
+        return PruneReport(decisions, False, tuple(deleted), tuple(notes))
+
+
+def _try_session(stack: contextlib.ExitStack, vmconf: VMConfig, notes: list[str]) -> QMPSession | None:
+    if vmconf.qmp is None:
+        notes.append("no QMP socket known: checkpoints in QEMU were left as they are")
+        return None
+    try:
+        return stack.enter_context(QMPSession(vmconf.qmp))
+    except VMUnreachable as exc:
+        notes.append(f"VM unreachable ({exc.message}): its checkpoints are merged away by the next prune")
+        return None

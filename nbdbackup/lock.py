@@ -1,7 +1,11 @@
-"""Locks: one run per VM at a time.
+"""Locks: one run per VM at a time; the repository lock for garbage collection.
 
 flock(2) locks die with their process, so a lock left by a dead run is simply
-taken over; the lock file holds the holder's pid for the error message.
+taken over; an exclusive lock file holds the holder's pid for the error message.
+
+    locks/vm-<vm>.lock     exclusive: one backup, delete or prune of a VM at a time
+    locks/repository.lock  shared by every run that reads or writes chunks,
+                           exclusive for garbage collection (deleting chunks)
 """
 
 from __future__ import annotations
@@ -9,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -16,14 +21,20 @@ from .errors import LockHeld
 
 
 @contextlib.contextmanager
-def file_lock(path: Path, *, what: str, shared: bool = False) -> Iterator[None]:
+def file_lock(path: Path, *, what: str, shared: bool = False, wait: float = 0.0) -> Iterator[None]:
+    """Hold the lock for the block; try for up to `wait` seconds, then LockHeld."""
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
     try:
-        try:
-            fcntl.flock(fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
-            raise LockHeld(f"another nbdbackup run (pid {holder}) holds {what}", hint="wait for it to finish") from None
+        deadline = time.monotonic() + wait
+        while True:
+            try:
+                fcntl.flock(fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+                    raise LockHeld(f"another nbdbackup run (pid {holder}) holds {what}", hint="wait for it to finish") from None
+                time.sleep(0.1)
         if not shared:
             os.ftruncate(fd, 0)
             os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)

@@ -56,14 +56,14 @@ def list_disks(session: QMPSession) -> list[Disk]:
     return disks
 
 
-def qcow2_disks(session: QMPSession, only: tuple[str, ...] = ()) -> list[Disk]:
+def qcow2_disks(session: QMPSession, only: tuple[str, ...] = (), exclude: tuple[str, ...] = ()) -> list[Disk]:
     """The disks that can carry checkpoints; VMUnsuitable when there are none."""
     disks = list_disks(session)
     by_id = {d.id: d for d in disks}
     for wanted in only:
         if wanted not in by_id:
             raise VMUnsuitable(f"the VM has no disk {wanted!r}", hint=f"its disks are: {', '.join(sorted(by_id)) or 'none'}")
-    chosen = [d for d in disks if not only or d.id in only]
+    chosen = [d for d in disks if (not only or d.id in only) and d.id not in exclude]
     usable = [d for d in chosen if d.format == "qcow2"]
     for d in chosen:
         if d.format != "qcow2":

@@ -42,8 +42,8 @@ def start(repo: Path, *args: str) -> subprocess.Popen[str]:
     return subprocess.Popen(command(repo, *args), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=environment())
 
 
-def backups(repo: Path) -> list[dict[str, Any]]:
-    return json.loads(run(repo, "list", "vm1", "--json").stdout)
+def backups(repo: Path, vm: str = "vm1") -> list[dict[str, Any]]:
+    return json.loads(run(repo, "list", vm, "--json").stdout)
 
 
 def restore(repo: Path, vm, checkpoint: str, out: Path, *extra: str) -> dict[str, Path]:

@@ -15,7 +15,7 @@ import traceback
 import click
 
 from .. import __version__
-from . import backup, checkpoints, listing, restore
+from . import backup, checkpoints, listing, prune, restore, verify
 from .common import Globals
 
 
@@ -40,7 +40,8 @@ def cli(ctx: click.Context, repo: str | None, config: str | None, debug: bool) -
     ctx.obj = Globals(repo, config, debug)
 
 
-for command in (backup.full, backup.incremental, backup.auto, restore.restore, listing.list_, checkpoints.checkpoints, checkpoints.delete):
+for command in (backup.full, backup.incremental, backup.auto, restore.restore, listing.list_, checkpoints.checkpoints, checkpoints.delete,
+                prune.prune, verify.verify):
     cli.add_command(command)
 
 

@@ -17,7 +17,7 @@ def _backup(g: Globals, vm: str, qmp: str | None, mode: str, checkpoint: str | N
     for kind, value in (("checkpoint", checkpoint), ("checkpoint", since)):
         if value is not None and value != "latest":
             check_name(kind, value)  # before touching the VM
-    req = BackupRequest(vm=vm, mode=mode, checkpoint=checkpoint, since=since, disks=vmconf.disks,
+    req = BackupRequest(vm=vm, mode=mode, checkpoint=checkpoint, since=since, disks=vmconf.disks, exclude=vmconf.exclude,
                         tuning=engine.tuning_for(vmconf))
     with interruptible() as cancel, progress_bar("backup") as observer:
         result = engine.backup(settings, vmconf, req, cancel=cancel, observer=observer)

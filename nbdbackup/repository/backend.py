@@ -33,6 +33,12 @@ class Backend(Protocol):
     def delete(self, key: str) -> None:
         """Remove the object; no error if it is already gone."""
 
+    def size(self, key: str) -> int:
+        """Stored size of the object in bytes."""
+
+    def delete_partial_writes(self) -> None:
+        """Remove what interrupted writes left (only while nobody writes)."""
+
     def sync(self) -> None:
         """Make every write so far durable."""
 
@@ -101,6 +107,15 @@ class LocalBackend:
 
     def delete(self, key: str) -> None:
         _unlink_quietly(self.path(key))
+
+    def size(self, key: str) -> int:
+        return self.path(key).stat().st_size
+
+    def delete_partial_writes(self) -> None:
+        for dirpath, _dirs, files in os.walk(self.root):
+            for name in files:
+                if name.startswith(".") and ".tmp-" in name:
+                    _unlink_quietly(Path(dirpath) / name)
 
     def sync(self) -> None:
         """syncfs() the repository's filesystem, then fsync the directories we added to."""

@@ -117,6 +117,28 @@ class Repository:
     def chunk_ids(self) -> set[bytes]:
         return {bytes.fromhex(k.rsplit("/", 1)[1]) for k in self.backend.list("chunks")}
 
+    def referenced_chunks(self) -> set[bytes]:
+        """Every chunk that a complete backup of any VM references."""
+        used: set[bytes] = set()
+        for vm in self.vms():
+            for m in self.manifests(vm):
+                for d in m.disks:
+                    used.update(e.chunk for e in self.read_index(m, d.id)[1])
+        return used
+
+    def collect_garbage(self) -> tuple[int, int]:
+        """Delete chunks no backup references, and leftovers of interrupted writes.
+        The caller MUST hold the repository lock exclusively.  Returns (chunks, bytes) freed."""
+        used = self.referenced_chunks()
+        freed = size = 0
+        for key in list(self.backend.list("chunks")):
+            if bytes.fromhex(key.rsplit("/", 1)[1]) not in used:
+                size += self.backend.size(key)
+                self.backend.delete(key)
+                freed += 1
+        self.backend.delete_partial_writes()
+        return freed, size
+
     # -- backups ---------------------------------------------------------
 
     @staticmethod
@@ -171,6 +193,20 @@ class Repository:
                 if m is not None:
                     found.append(m)
         return sorted(found, key=lambda m: (m.created, m.checkpoint))
+
+    def backup_names(self, vm: str) -> list[str]:
+        """Checkpoint names of vm's backups (folders holding a manifest), sorted; no manifest is read.
+
+        Unlike manifests(), this lists a backup whose manifest is damaged, so a
+        check can report it by name.
+        """
+        check_name("VM", vm)
+        names = set()
+        for key in self.backend.list(f"vms/{vm}/backups"):
+            parts = key.split("/")
+            if len(parts) == 5 and parts[4] == "manifest.json":
+                names.add(parts[3])
+        return sorted(names)
 
     def incomplete_backups(self, vm: str) -> list[str]:
         """Backup folders without a manifest: left by a run that did not finish."""

@@ -1,0 +1,95 @@
+"""verify: read back the backups of a VM and check every byte they reference."""
+
+from __future__ import annotations
+
+import json
+
+import click
+
+from .common import Globals, human_size, pass_globals, progress_bar
+
+
+@click.command()
+@click.argument("vm")
+@click.option("--checkpoint", metavar="NAME", help="Verify only this backup ('latest' for the newest; default: every backup of VM).")
+@click.option("--sample", "sample", type=click.FloatRange(0, 100, min_open=True), metavar="PERCENT",
+              help="Read only a random PERCENT of the chunks (manifests and indexes are always read in full).")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON object.")
+@pass_globals
+def verify(g: Globals, vm: str, checkpoint: str | None, sample: float | None, as_json: bool) -> None:
+    """Check that every backup of VM reads back intact: manifests, indexes and chunks.
+
+    Each chunk is read once, however many backups use it; damage is reported
+    for every backup, disk and offset that uses it. The VM need not run.
+    Exit 6 when anything is damaged (after the report).
+    """
+    from .. import engine
+    from ..errors import RepositoryDamaged
+    from ..verify import VerifyRequest, run_verify
+
+    settings = g.settings()
+    req = VerifyRequest(vm=vm, checkpoint=checkpoint, sample_percent=sample)
+    repo = engine.open_repository(settings)
+    with progress_bar("verify") as observer:
+        report = run_verify(repo, req, on_start=observer.on_start, progress=observer.progress)
+
+    if as_json:
+        click.echo(json.dumps(_as_json(report), indent=2))
+    else:
+        width = max(len(b.checkpoint) for b in report.backups)
+        for b in report.backups:
+            if b.ok:
+                click.echo(f"{b.checkpoint:<{width}}  ok")
+            for p in b.problems:
+                click.echo(f"{b.checkpoint:<{width}}  DAMAGED  {_describe(p)}")
+        click.echo(_summary(report))
+
+    damaged = report.damaged
+    if damaged:
+        verb = "is" if len(damaged) == 1 else "are"
+        raise RepositoryDamaged(f"{len(damaged)} of {len(report.backups)} backups of {vm} {verb} damaged: {', '.join(damaged)}")
+
+
+def _describe(p) -> str:
+    if p.disk is None:
+        return p.error
+    if p.offset is None:
+        return f"disk {p.disk}: {p.error}"
+    text = f"disk {p.disk} at offset {p.offset}: {p.error}"
+    if p.uses > 1:
+        more = ", ".join(str(o) for o in p.offsets[1:])
+        rest = p.uses - len(p.offsets)
+        text += f" (also at {more}{f' and {rest} more' if rest else ''})"
+    return text
+
+
+def _summary(report) -> str:
+    checked = f"{report.chunks_checked} chunks checked"
+    if report.sample_percent is not None:
+        checked += f" (a random {report.sample_percent:g}% sample of {report.chunks_referenced})"
+    n = len(report.backups)
+    return (f"{n} backup{'s' if n != 1 else ''} of {report.vm} checked, {len(report.damaged)} damaged; "
+            f"{checked}, {human_size(report.bytes_read)} of chunk content read, {report.damaged_chunks} damaged chunks")
+
+
+def _as_json(report) -> dict:
+    return {
+        "vm": report.vm,
+        "backups": [
+            {
+                "checkpoint": b.checkpoint,
+                "ok": b.ok,
+                "problems": [
+                    {"disk": p.disk, "offset": p.offset, "chunk": p.chunk, "error": p.error, "offsets": list(p.offsets), "uses": p.uses}
+                    for p in b.problems
+                ],
+            }
+            for b in report.backups
+        ],
+        "chunks_referenced": report.chunks_referenced,
+        "chunks_checked": report.chunks_checked,
+        "bytes_read": report.bytes_read,
+        "sample_percent": report.sample_percent,
+        "damaged_chunks": report.damaged_chunks,
+        "damaged": len(report.damaged),
+    }
