@@ -12,11 +12,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import time
 import uuid
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -85,6 +87,7 @@ def run_backup(
     cancel: CancelToken = CancelToken(),
     progress: Callable[[int], None] = lambda n: None,
     on_start: Callable[[int], None] = lambda total: None,
+    quiesce: Callable[[], AbstractContextManager] = contextlib.nullcontext,
 ) -> BackupResult:
     started = time.monotonic()
     vm = check_name("VM", req.vm)
@@ -119,6 +122,7 @@ def run_backup(
         merges={p.disk.id: p.merges for p in plan.disks if p.merges is not None},
         scratch_dir=scratch_dir,
         socket_dir=socket_dir,
+        quiesce=quiesce,
     )
     try:
         # 4. freeze and export

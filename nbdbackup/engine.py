@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+from . import guestagent
 from .backup import BackupRequest, BackupResult, run_backup
 from .capture import CancelToken, Tuning
 from .chain import CheckpointStatus, assess, resolve
@@ -79,7 +81,10 @@ def vm_session(settings: Settings, vmconf: VMConfig) -> Iterator[tuple[Repositor
         yield repo, session
 
 
-def backup(settings: Settings, vmconf: VMConfig, req: BackupRequest, *, cancel: CancelToken, observer: Observer = Observer()) -> BackupResult:
+def backup(settings: Settings, vmconf: VMConfig, req: BackupRequest, *, cancel: CancelToken, observer: Observer = Observer(),
+           fsfreeze: bool = False, require_fsfreeze: bool = False) -> BackupResult:
+    """Back up one VM.  fsfreeze: freeze the guest's filesystems through its agent around the point in time."""
+    quiesce = functools.partial(guestagent.fsfreeze, vmconf.qga, required=require_fsfreeze) if fsfreeze else contextlib.nullcontext
     with contextlib.ExitStack() as stack:
         repo, session = stack.enter_context(vm_session(settings, vmconf))
         scratch_base = vmconf.scratch or repo.local_dir("tmp")
@@ -87,7 +92,7 @@ def backup(settings: Settings, vmconf: VMConfig, req: BackupRequest, *, cancel: 
         scratch = stack.enter_context(private_dir(scratch_base, prefix=f"{vmconf.name}@"))
         sockets = stack.enter_context(private_dir())
         return run_backup(repo, session, req, scratch_dir=scratch, socket_dir=sockets, cancel=cancel,
-                          progress=observer.progress, on_start=observer.on_start)
+                          progress=observer.progress, on_start=observer.on_start, quiesce=quiesce)
 
 
 def checkpoint_status(settings: Settings, vmconf: VMConfig) -> list[CheckpointStatus]:

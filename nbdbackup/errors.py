@@ -13,6 +13,7 @@
      +-- RepositoryDamaged         exit 6  a chunk, index or manifest is bad
      +-- RepositoryUnusable        exit 7  newer format, read-only, full
      +-- RestoreTargetError        exit 8  restore target cannot be written
+     +-- SomeRunsFailed            the worst exit code of the VMs of `auto --all`
      +-- Interrupted               exit 130 (SIGINT) / 143 (SIGTERM)
 
 Every message is one line saying what is wrong and, where there is one,
@@ -92,6 +93,14 @@ class RepositoryUnusable(NbdBackupError):
 
 class RestoreTargetError(NbdBackupError):
     exit_code = 8
+
+
+class SomeRunsFailed(NbdBackupError):
+    """auto --all: at least one VM failed; the exit code is the worst of theirs."""
+
+    def __init__(self, message: str, exit_code: int) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
 
 
 class Interrupted(NbdBackupError):

@@ -19,7 +19,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import subprocess
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
 from pathlib import Path
 
 from .errors import NbdBackupError, QEMUCommandFailed, VMUnsuitable
@@ -54,6 +55,7 @@ class PointInTime:
         merges: dict[str, list[str]],
         scratch_dir: Path,
         socket_dir: Path,
+        quiesce: Callable[[], AbstractContextManager] = contextlib.nullcontext,
     ) -> None:
         """merges: disk id -> bitmap names (on that disk's node) to merge into its export bitmap;
         disks absent from merges are exported without a bitmap (read in full)."""
@@ -63,6 +65,7 @@ class PointInTime:
         self.merges = merges
         self.scratch_dir = scratch_dir
         self.socket = socket_dir / "nbd.sock"
+        self.quiesce = quiesce  # e.g. a guest filesystem freeze around the transaction
         self.frozen = False  # True once the transaction (and so the checkpoint) took effect
         self._stack = contextlib.ExitStack()
 
@@ -103,8 +106,9 @@ class PointInTime:
                 actions.append(("block-dirty-bitmap-merge", {"node": fleece_node(d), "target": EXPORT_BITMAP,
                                                               "bitmaps": [{"node": d.node, "name": b} for b in self.merges[d.id]]}))
             actions.append(("blockdev-backup", {"job-id": job_id(d), "device": d.node, "target": fleece_node(d), "sync": "none"}))
-        qmp.transaction(actions)
-        self.frozen = True
+        with self.quiesce():
+            qmp.transaction(actions)
+            self.frozen = True
         for d in self.disks:
             self._stack.callback(self._cancel_job, job_id(d))
 

@@ -29,11 +29,15 @@ COMMAND_TIMEOUT = 60.0
 class QMPSession:
     """One connection to a VM's QMP monitor.  Use as a context manager."""
 
-    def __init__(self, socket_path: Path, *, connect_timeout: float = CONNECT_TIMEOUT) -> None:
+    def __init__(self, socket_path: Path, *, connect_timeout: float = CONNECT_TIMEOUT, guest_agent: bool = False) -> None:
+        """guest_agent: the peer is qemu-guest-agent, which speaks QMP without greeting or negotiation."""
         self.socket_path = Path(socket_path)
         self.connect_timeout = connect_timeout
         self._loop = asyncio.new_event_loop()
         self._client = QMPClient("nbdbackup")
+        if guest_agent:
+            self._client.await_greeting = False
+            self._client.negotiate = False
         # One listener for the whole session, registered before any command,
         # so no event that a command triggers can be missed.
         self._events = EventListener()

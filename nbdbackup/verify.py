@@ -113,7 +113,7 @@ def run_verify(
     # Pass 1: indexes.  needed[chunk] = the longest prefix of the chunk any entry reads.
     needed: dict[bytes, int] = {}
     for b in backups:
-        for disk, entries in _indexes(repo, b):
+        for _disk, entries in _indexes(repo, b):
             for e in entries:
                 end = e.chunk_offset + e.length
                 if needed.get(e.chunk, -1) < end:
@@ -122,7 +122,7 @@ def run_verify(
     # Pass 2: chunks, each once.
     chosen = sorted(needed)
     if req.sample_percent is not None and chosen:
-        count = min(len(chosen), math.ceil(len(chosen) * req.sample_percent / 100))
+        count = min(len(chosen), math.ceil(round(len(chosen) * req.sample_percent / 100, 6)))  # round: 7.000000000000001 is 7
         chosen = sorted(random.Random(req.seed).sample(chosen, count))
     on_start(sum(needed[c] for c in chosen))
     bad, lengths, bytes_read = _check_chunks(repo, chosen, req.workers, progress)
@@ -136,13 +136,19 @@ def run_verify(
 
     return VerifyReport(
         vm=req.vm,
-        backups=tuple(BackupCheck(b.checkpoint, tuple(b.problems)) for b in backups),
+        backups=tuple(BackupCheck(b.checkpoint, _in_disk_order(b)) for b in backups),
         chunks_referenced=len(needed),
         chunks_checked=len(chosen),
         bytes_read=bytes_read,
         damaged_chunks=len(bad) + len(short),
         sample_percent=req.sample_percent,
     )
+
+
+def _in_disk_order(b: _Backup) -> tuple[Problem, ...]:
+    """Manifest problems first, then by disk (as the manifest lists them) and offset."""
+    order = {d.id: i for i, d in enumerate(b.manifest.disks)} if b.manifest else {}
+    return tuple(sorted(b.problems, key=lambda p: (p.disk is not None, order.get(p.disk, len(order)), -1 if p.offset is None else p.offset)))
 
 
 def _load_backups(repo: Repository, vm: str, checkpoint: str | None) -> list[_Backup]:

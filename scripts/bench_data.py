@@ -136,7 +136,7 @@ def layout(rng: random.Random, size: int, data: int) -> list[tuple[int, int, str
     gaps[-1] += hole_units - sum(gaps)
     extents = []
     pos = 0
-    for (n, kind), gap in zip(sizes, gaps):
+    for (n, kind), gap in zip(sizes, gaps[:-1], strict=True):
         pos += gap * ALIGN
         extents.append((pos, n * ALIGN, kind))
         pos += n * ALIGN

@@ -18,9 +18,10 @@ import subprocess
 import tempfile
 import threading
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 _LIVE: list[subprocess.Popen] = []
 
@@ -113,7 +114,7 @@ class Monitor:
             self._sock.settimeout(left)
             try:
                 reply = self._read()
-            except socket.timeout:
+            except TimeoutError:
                 raise QMPFailed("timed out waiting for a QMP event") from None
             finally:
                 self._sock.settimeout(60)

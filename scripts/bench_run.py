@@ -26,7 +26,7 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -44,6 +44,14 @@ INCR_TARGET_PCT = 5.0
 
 class BenchError(RuntimeError):
     pass
+
+
+class Interrupted(BaseException):
+    """SIGTERM: unwind like Ctrl-C, so every finally (VM, daemons, run files) runs."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
 
 
 @dataclass
@@ -315,7 +323,7 @@ def main_case(args: argparse.Namespace, report: Report, rundir: Path, sockdir: P
         (rundir / "ref-restore.qcow2").unlink()
         # context only: what decompressing the archive alone costs (no NBD, no image writes)
         floors = []
-        for i in range(repeat):
+        for _ in range(repeat):
             sync()
             floors.append(run_timed(["zstd", "-d", "-q", "-f", "-o", "/dev/null", str(archive)]))
             if not floors[-1].ok:
@@ -466,9 +474,9 @@ def print_table(report: Report, file: Any = sys.stdout) -> None:
     rows = [[r.step, f"{r.seconds:.2f}", f"{r.mbps:.0f}", r.ratio_text or "-",
              "-" if r.rss_kib is None else f"{r.rss_kib / 1024:.0f}", fmt_bytes(r.read_bytes), fmt_bytes(r.stored_bytes)]
             for r in report.rows]
-    widths = [max(len(str(x)) for x in col) for col in zip(head, *rows)]
+    widths = [max(len(str(x)) for x in col) for col in zip(head, *rows, strict=True)]
     line = lambda cells: " | ".join(str(c).ljust(w) if i == 0 else str(c).rjust(w)  # noqa: E731
-                                     for i, (c, w) in enumerate(zip(cells, widths)))
+                                     for i, (c, w) in enumerate(zip(cells, widths, strict=True)))
     p(line(head))
     p("-+-".join("-" * w for w in widths))
     for r in rows:
@@ -546,7 +554,7 @@ def main(argv: list[str]) -> int:
         return 2
 
     def on_term(signum: int, frame: Any) -> None:
-        raise SystemExit(128 + signum)
+        raise Interrupted(signum)
 
     signal.signal(signal.SIGTERM, on_term)
     started = time.monotonic()
@@ -574,8 +582,11 @@ def main(argv: list[str]) -> int:
         report.errors.append(f"{type(exc).__name__}: {exc}")
         status = 1
     except KeyboardInterrupt:
-        report.errors.append("interrupted")
+        report.errors.append("interrupted (SIGINT)")
         status = 130
+    except Interrupted as exc:
+        report.errors.append(f"interrupted ({exc})")
+        status = 128 + exc.signum
     finally:
         reap_all()
         shutil.rmtree(sockdir, ignore_errors=True)
@@ -588,7 +599,7 @@ def main(argv: list[str]) -> int:
     report.total_seconds = time.monotonic() - started
     if args.json:
         out = asdict(report)
-        for r, row in zip(out["rows"], report.rows):
+        for r, row in zip(out["rows"], report.rows, strict=True):
             r["MBps"] = round(row.mbps, 1)
         print(json.dumps(out, indent=1))
     else:

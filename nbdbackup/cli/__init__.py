@@ -8,14 +8,13 @@ nbdbackup.errors and nowhere else.
 
 from __future__ import annotations
 
-import logging
 import sys
 import traceback
 
 import click
 
 from .. import __version__
-from . import backup, checkpoints, listing, prune, restore, verify
+from . import backup, checkpoints, listing, logs, prune, restore, verify
 from .common import Globals
 
 
@@ -23,9 +22,11 @@ from .common import Globals
 @click.option("--repo", metavar="PATH", help="Repository [env NBDBACKUP_REPO; config 'repository'; default /var/lib/nbdbackup, or $XDG_DATA_HOME/nbdbackup for non-root].")
 @click.option("--config", metavar="FILE", help="TOML config file [env NBDBACKUP_CONFIG; default /etc/nbdbackup/config.toml, then $XDG_CONFIG_HOME/nbdbackup/config.toml].")
 @click.option("--debug", is_flag=True, help="Log every QMP exchange; show tracebacks.")
+@click.option("--log-file", metavar="FILE", help="Also log to FILE (appended). Syslog gets the log too when stderr is not a terminal.")
+@click.option("--metrics-file", metavar="FILE", help="Prometheus textfile updated by every backup run (node_exporter's textfile collector).")
 @click.version_option(__version__, prog_name="nbdbackup")
 @click.pass_context
-def cli(ctx: click.Context, repo: str | None, config: str | None, debug: bool) -> None:
+def cli(ctx: click.Context, repo: str | None, config: str | None, debug: bool, log_file: str | None, metrics_file: str | None) -> None:
     """Incremental backups of running QEMU VMs, over QMP and NBD.
 
     Exit codes: 0 success, 1 unexpected error, 2 usage error, 3 VM unreachable
@@ -33,11 +34,8 @@ def cli(ctx: click.Context, repo: str | None, config: str | None, debug: bool) -
     run, 6 repository damaged, 7 repository unusable (newer format, read-only,
     full), 8 restore target cannot be written, 130/143 interrupted.
     """
-    logging.basicConfig(level=logging.DEBUG if debug else logging.WARNING, format="nbdbackup: %(levelname)s: %(message)s",
-                        stream=sys.stderr)
-    # qemu.qmp's own protocol chatter stays out of the way even with --debug.
-    logging.getLogger("qemu").setLevel(logging.CRITICAL)
-    ctx.obj = Globals(repo, config, debug)
+    logs.setup(debug=debug, log_file=log_file)
+    ctx.obj = Globals(repo, config, debug, log_file, metrics_file)
 
 
 for command in (backup.full, backup.incremental, backup.auto, restore.restore, listing.list_, checkpoints.checkpoints, checkpoints.delete,

@@ -1,66 +1,176 @@
-"""full, incremental, auto: make a backup."""
+"""full, incremental, auto: make a backup (auto --all: of every configured VM)."""
 
 from __future__ import annotations
 
+import dataclasses
+import json
+import time
+from dataclasses import dataclass
+
 import click
 
-from .common import Globals, interruptible, pass_globals, progress_bar, qmp_option
+from . import logs
+from .common import Globals, human_size, interruptible, pass_globals, progress_bar, qmp_option
 
 
-def _backup(g: Globals, vm: str, qmp: str | None, mode: str, checkpoint: str | None, since: str | None) -> None:
+@dataclass(frozen=True)
+class BackupOptions:
+    mode: str
+    checkpoint: str | None = None
+    since: str | None = None
+    qmp: str | None = None
+    qga: str | None = None
+    fsfreeze: bool = False
+    require_fsfreeze: bool = False
+
+
+@dataclass(frozen=True)
+class Outcome:
+    vm: str
+    result: object | None = None  # BackupResult on success
+    failure: Exception | None = None  # the NbdBackupError on failure
+
+    @property
+    def exit_code(self) -> int:
+        return self.failure.exit_code if self.failure else 0
+
+
+def backup_options(f):
+    """Options shared by full, incremental and auto."""
+    for option in reversed([
+        qmp_option,
+        click.option("--checkpoint", metavar="NAME", help="Name of the new checkpoint (default: generated, sortable by time)."),
+        click.option("--fsfreeze", is_flag=True, help="Freeze the guest's filesystems (qemu-guest-agent) around the point in time."),
+        click.option("--require-fsfreeze", is_flag=True, help="Fail, instead of going on crash-consistent, if the guest cannot be frozen."),
+        click.option("--qga", metavar="SOCKET", help="The VM's guest agent socket (default: [vm.NAME] qga in the config file)."),
+        click.option("--json", "as_json", is_flag=True, help="Print the result as a JSON object."),
+    ]):
+        f = option(f)
+    return f
+
+
+def run_one(g: Globals, settings, vm: str, opts: BackupOptions) -> Outcome:
+    """One VM's backup, its summary line and metrics; errors become an Outcome (and are logged)."""
+    from pathlib import Path
+
     from .. import engine
     from ..backup import BackupRequest
+    from ..errors import Interrupted, NbdBackupError
     from ..names import check_name
 
-    settings = g.settings()
-    vmconf = settings.vm(vm, qmp)
-    for kind, value in (("checkpoint", checkpoint), ("checkpoint", since)):
-        if value is not None and value != "latest":
-            check_name(kind, value)  # before touching the VM
-    req = BackupRequest(vm=vm, mode=mode, checkpoint=checkpoint, since=since, disks=vmconf.disks, exclude=vmconf.exclude,
-                        tuning=engine.tuning_for(vmconf))
-    with interruptible() as cancel, progress_bar("backup") as observer:
-        result = engine.backup(settings, vmconf, req, cancel=cancel, observer=observer)
+    started = time.monotonic()
+    try:
+        vmconf = settings.vm(vm, opts.qmp)
+        if opts.qga:
+            vmconf = dataclasses.replace(vmconf, qga=Path(opts.qga))
+        for value in (opts.checkpoint, opts.since):
+            if value is not None and value != "latest":
+                check_name("checkpoint", value)  # before touching the VM
+        req = BackupRequest(vm=vm, mode=opts.mode, checkpoint=opts.checkpoint, since=opts.since, disks=vmconf.disks,
+                            exclude=vmconf.exclude, tuning=engine.tuning_for(vmconf))
+        with interruptible() as cancel, progress_bar(f"{vm}") as observer:
+            result = engine.backup(settings, vmconf, req, cancel=cancel, observer=observer,
+                                   fsfreeze=opts.fsfreeze or opts.require_fsfreeze, require_fsfreeze=opts.require_fsfreeze)
+    except Interrupted:
+        _record(g, vm, 128 + 2, time.monotonic() - started)
+        raise
+    except NbdBackupError as exc:
+        _record(g, vm, exc.exit_code, time.monotonic() - started)
+        logs.summary(f"{vm} {opts.mode} FAILED (exit {exc.exit_code}): {exc}")
+        return Outcome(vm, failure=exc)
+    m = result.manifest
     for note in result.notes:
-        click.echo(f"nbdbackup: {note}", err=True)
-    click.echo(result.manifest.checkpoint)
+        click.echo(f"nbdbackup: {vm}: {note}", err=True)
+    ratio = f"{m.read_bytes / m.stored_bytes:.1f}x" if m.stored_bytes else "all deduplicated"
+    logs.summary(f"{vm} {m.kind} {m.checkpoint}: read {human_size(m.read_bytes)}, stored {human_size(m.stored_bytes)} "
+                 f"(reduction {ratio}) in {m.duration:.1f}s")
+    _record(g, vm, 0, m.duration, m.read_bytes, m.stored_bytes)
+    return Outcome(vm, result=result)
+
+
+def _record(g: Globals, vm: str, code: int, duration: float, read: int = 0, stored: int = 0) -> None:
+    if g.metrics_file:
+        from pathlib import Path
+
+        from ..metrics import RunMetrics, update
+
+        update(Path(g.metrics_file), RunMetrics(vm, code, duration, read, stored))
+
+
+def _as_dict(outcome: Outcome) -> dict:
+    if outcome.result is None:
+        return {"vm": outcome.vm, "exit_code": outcome.exit_code, "error": str(outcome.failure)}
+    m = outcome.result.manifest
+    return {"vm": m.vm, "exit_code": 0, "checkpoint": m.checkpoint, "kind": m.kind, "since": m.since, "created": m.created,
+            "disks": [{"id": d.id, "size": d.size, "read_bytes": d.read_bytes} for d in m.disks],
+            "read_bytes": m.read_bytes, "stored_bytes": m.stored_bytes, "duration": m.duration, "notes": list(outcome.result.notes)}
+
+
+def _single(g: Globals, vm: str, opts: BackupOptions, as_json: bool) -> None:
+    outcome = run_one(g, g.settings(), vm, opts)
+    if outcome.failure:
+        raise outcome.failure
+    click.echo(json.dumps(_as_dict(outcome), indent=2) if as_json else outcome.result.manifest.checkpoint)
 
 
 @click.command()
 @click.argument("vm")
-@qmp_option
-@click.option("--checkpoint", metavar="NAME", help="Name of the new checkpoint (default: generated, sortable by time).")
+@backup_options
 @pass_globals
-def full(g: Globals, vm: str, qmp: str | None, checkpoint: str | None) -> None:
+def full(g: Globals, vm: str, as_json: bool, **opts) -> None:
     """Back up every qcow2 disk of VM at one instant; start a new checkpoint chain.
 
     Prints the new checkpoint's name.
     """
-    _backup(g, vm, qmp, "full", checkpoint, None)
+    _single(g, vm, BackupOptions(mode="full", **opts), as_json)
 
 
 @click.command()
 @click.argument("vm")
-@qmp_option
 @click.option("--since", metavar="CHECKPOINT", help="Back up changes since this checkpoint (default: latest, the newest).")
-@click.option("--checkpoint", metavar="NAME", help="Name of the new checkpoint.")
+@backup_options
 @pass_globals
-def incremental(g: Globals, vm: str, qmp: str | None, since: str | None, checkpoint: str | None) -> None:
+def incremental(g: Globals, vm: str, as_json: bool, **opts) -> None:
     """Back up what changed since a checkpoint, and create a new one.
 
     Exit 4 (nothing written) when the chain from CHECKPOINT to now cannot be
     trusted; `nbdbackup auto` then makes a full backup.
     """
-    _backup(g, vm, qmp, "incremental", checkpoint, since)
+    _single(g, vm, BackupOptions(mode="incremental", **opts), as_json)
 
 
 @click.command()
-@click.argument("vm")
-@qmp_option
-@click.option("--checkpoint", metavar="NAME", help="Name of the new checkpoint.")
+@click.argument("vm", required=False)
+@click.option("--all", "all_vms", is_flag=True, help="Every VM of the config file in turn; the exit code is the worst one.")
+@backup_options
 @pass_globals
-def auto(g: Globals, vm: str, qmp: str | None, checkpoint: str | None) -> None:
-    """Incremental since the newest checkpoint if the chain is sound, else full (for cron)."""
-    _backup(g, vm, qmp, "auto", checkpoint, None)
+def auto(g: Globals, vm: str | None, all_vms: bool, as_json: bool, **opts) -> None:
+    """Incremental since the newest checkpoint if the chain is sound, else full (for cron).
 
+    With --all, back up every VM of the config file in turn: one VM's failure
+    does not stop the others; a summary follows; the exit code is the worst one.
+    """
+    from ..errors import SomeRunsFailed, UsageError
 
+    if all_vms == (vm is not None):
+        raise UsageError("give either a VM or --all")
+    if not all_vms:
+        _single(g, vm, BackupOptions(mode="auto", **opts), as_json)
+        return
+    if opts.get("qmp") or opts.get("qga") or opts.get("checkpoint"):
+        raise UsageError("--qmp, --qga and --checkpoint name one VM; with --all they come from the config file")
+    settings = g.settings()
+    if not settings.vms:
+        raise UsageError("--all: the config file names no VM", hint=f"add [vm.NAME] tables to {settings.config_file or 'the config file'}")
+    outcomes = [run_one(g, settings, name, BackupOptions(mode="auto", **opts)) for name in sorted(settings.vms)]
+    if as_json:
+        click.echo(json.dumps([_as_dict(o) for o in outcomes], indent=2))
+    else:
+        for o in outcomes:
+            click.echo(f"{o.vm:<20} ok      {o.result.manifest.kind:<12} {o.result.manifest.checkpoint}" if not o.exit_code
+                       else f"{o.vm:<20} FAILED  exit {o.exit_code}: {o.failure}")
+    worst = max(o.exit_code for o in outcomes)
+    failed = [o.vm for o in outcomes if o.exit_code]
+    logs.summary(f"auto --all: {len(outcomes) - len(failed)} of {len(outcomes)} VMs backed up" + (f"; failed: {', '.join(failed)}" if failed else ""))
+    if worst:
+        raise SomeRunsFailed(f"{len(failed)} of {len(outcomes)} VMs failed: {', '.join(failed)}", worst)

@@ -17,6 +17,8 @@ class Globals:
     repo: str | None
     config: str | None
     debug: bool
+    log_file: str | None = None
+    metrics_file: str | None = None
 
     def settings(self):
         from ..config import load

@@ -69,7 +69,7 @@ def _summary(report) -> str:
         checked += f" (a random {report.sample_percent:g}% sample of {report.chunks_referenced})"
     n = len(report.backups)
     return (f"{n} backup{'s' if n != 1 else ''} of {report.vm} checked, {len(report.damaged)} damaged; "
-            f"{checked}, {human_size(report.bytes_read)} of chunk content read, {report.damaged_chunks} damaged chunks")
+            f"{checked}, {human_size(report.bytes_read)} of chunk content read, {report.damaged_chunks} damaged chunk{'s' if report.damaged_chunks != 1 else ''}")
 
 
 def _as_json(report) -> dict:
