@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import random
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,7 +22,7 @@ from .qmp import QMPSession
 
 log = logging.getLogger(__name__)
 
-AGENT_TIMEOUT = 10.0
+AGENT_TIMEOUT = float(os.environ.get("NBDBACKUP_AGENT_TIMEOUT", "10"))
 
 
 class GuestAgentError(VMUnreachable):

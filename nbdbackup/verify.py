@@ -93,6 +93,7 @@ class _Backup:
     manifest: Manifest | None
     problems: list[Problem]
     readable_disks: list[str]
+    gone: bool = False  # deleted (by prune or delete) while we read it: not reported
 
 
 def run_verify(
@@ -136,7 +137,7 @@ def run_verify(
 
     return VerifyReport(
         vm=req.vm,
-        backups=tuple(BackupCheck(b.checkpoint, _in_disk_order(b)) for b in backups),
+        backups=tuple(BackupCheck(b.checkpoint, _in_disk_order(b)) for b in backups if not b.gone),
         chunks_referenced=len(needed),
         chunks_checked=len(chosen),
         bytes_read=bytes_read,
@@ -207,8 +208,19 @@ def _indexes(repo: Repository, b: _Backup) -> Iterable[tuple[str, list[IndexEntr
         else:
             yield disk, entries
             continue
+        if _deleted(repo, b):  # a deletion removes the manifest before the indexes
+            b.gone = True
+            b.readable_disks.clear()
+            return
         b.problems.append(Problem(error, disk=disk))
         b.readable_disks.remove(disk)
+
+
+def _deleted(repo: Repository, b: _Backup) -> bool:
+    try:
+        return repo.manifest(b.manifest.vm, b.checkpoint) is None
+    except (RepositoryDamaged, OSError):
+        return False
 
 
 def _check_chunks(repo: Repository, chunk_ids: list[bytes], workers: int,

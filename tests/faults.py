@@ -275,9 +275,9 @@ def qemu_leftovers(vm: Any) -> dict[str, list[Any]]:
     """What a backup may leave in QEMU: its exports, jobs, nodes and temporary bitmaps."""
     state = vm.block_state()
     return {
-        "exports": [e["id"] for e in state["exports"]],
-        "jobs": [j["device"] for j in state["jobs"]],
-        "nodes": [n for n in state["nodes"] if n.startswith("nbdbackup")],
+        "exports": sorted(e["id"] for e in state["exports"]),
+        "jobs": sorted(j["device"] for j in state["jobs"]),
+        "nodes": sorted(n for n in state["nodes"] if n.startswith("nbdbackup")),
         # a job's own bitmap has no name; nbdbackup's temporary ones are named nbdbackup-...
         "temporary bitmaps": sorted((node, b.get("name", "<unnamed>")) for node, bitmaps in state["bitmaps"].items()
                                     for b in bitmaps if b.get("name", "nbdbackup-").startswith("nbdbackup-")),
@@ -368,7 +368,8 @@ def assert_restores(repo: Path, vm: Any, checkpoint: str, expected: dict[str, by
     from harness import assert_image_equals
 
     cli.run(repo, "restore", vm.name, "--to", checkpoint, "--output", out)
-    assert sorted(p.name for p in out.iterdir()) == sorted(f"{d}.qcow2" for d in expected), f"{checkpoint}: restored {sorted(p.name for p in out.iterdir())}"
+    got = sorted(p.name for p in out.iterdir())
+    assert got == sorted(f"{d}.qcow2" for d in expected), f"restore of {checkpoint} wrote {got}, expected disks {sorted(expected)}"
     for disk, content in expected.items():
         assert_image_equals(out / f"{disk}.qcow2", content, "qcow2")
 
@@ -380,13 +381,22 @@ def backup(repo: Path, vm: Any, kind: str, *args: Any) -> str:
 
 
 def assert_recovers(repo: Path, vm: Any, out: Path, kind: str = "incremental") -> str:
-    """The next run succeeds, leaves nothing behind and restores exactly what the guest wrote."""
+    """The next run succeeds, restores exactly what the guest wrote, and leaves nothing behind
+    (in QEMU, in the scratch directory, or as a backup folder without a manifest)."""
     name = backup(repo, vm, kind)
-    assert qemu_leftovers(vm) == NOTHING_LEFT
-    assert partial_backups(repo, vm.name) == []
-    assert scratch_left(repo) == []
     assert_restores(repo, vm, name, snapshot(vm), out)
+    left = qemu_leftovers(vm)
+    assert left == NOTHING_LEFT, f"the run after a fault left this in QEMU: {left}"
+    assert scratch_left(repo) == [], f"scratch files left: {scratch_left(repo)}"
+    assert_no_partial_backups(repo, vm.name)
     return name
+
+
+def assert_no_partial_backups(repo: Path, vm: str = "vm1") -> None:
+    left = partial_backups(repo, vm)
+    base = repo / "vms" / vm / "backups"
+    assert left == [], ("backup folders without a manifest are left in the repository: "
+                        + "; ".join(f"{name}/ holds {sorted(p.name for p in (base / name).iterdir())}" for name in left))
 
 
 # -- a small filesystem for the repository ------------------------------------------

@@ -150,6 +150,20 @@ def test_damaged_manifests_are_reported_by_folder_name(shared):
     assert [(b.checkpoint, b.ok) for b in only.backups] == [("cp1", True)]
 
 
+def test_a_backup_deleted_while_it_is_verified_is_not_reported_as_damage(shared, monkeypatch):
+    _root, repo, _s, _own = shared
+    read_index = repo.read_index
+
+    def deleting(m, disk):
+        if m.checkpoint == "cp2":
+            repo.delete_backup("vm1", "cp2")  # as a prune would, between manifest and index
+        return read_index(m, disk)
+
+    monkeypatch.setattr(repo, "read_index", deleting)
+    report = run_verify(repo, VerifyRequest("vm1"))
+    assert [(b.checkpoint, b.ok) for b in report.backups] == [("cp1", True), ("cp3", True)]
+
+
 def test_unknown_backups_are_refused(shared, tmp_path):
     _root, repo, _s, _own = shared
     with pytest.raises(CheckpointUnknown, match="nope"):

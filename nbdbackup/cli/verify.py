@@ -30,13 +30,14 @@ def verify(g: Globals, vm: str, checkpoint: str | None, sample: float | None, as
     settings = g.settings()
     req = VerifyRequest(vm=vm, checkpoint=checkpoint, sample_percent=sample)
     repo = engine.open_repository(settings)
-    with progress_bar("verify") as observer:
+    # Shared, as backups and restores hold it: garbage collection must not delete chunks under us.
+    with engine.repository_lock(repo), progress_bar("verify") as observer:
         report = run_verify(repo, req, on_start=observer.on_start, progress=observer.progress)
 
     if as_json:
         click.echo(json.dumps(_as_json(report), indent=2))
     else:
-        width = max(len(b.checkpoint) for b in report.backups)
+        width = max((len(b.checkpoint) for b in report.backups), default=0)
         for b in report.backups:
             if b.ok:
                 click.echo(f"{b.checkpoint:<{width}}  ok")

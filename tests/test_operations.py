@@ -1,0 +1,130 @@
+"""Running from cron: auto --all, metrics, logs, guest filesystem freeze."""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+from pathlib import Path
+
+import cli
+from harness import assert_image_equals
+
+KiB, MiB = 1024, 1024 * 1024
+
+
+def write_config(path: Path, repo: Path, vms: dict[str, Path], extra: str = "") -> Path:
+    text = f'repository = "{repo}"\n' + "".join(f'[vm.{name}]\nqmp = "{sock}"\n{extra}' for name, sock in vms.items())
+    path.write_text(text)
+    return path
+
+
+def test_auto_all_goes_on_after_a_broken_vm_and_exits_with_the_worst_code(vm_factory, repo, tmp_path, monkeypatch):
+    good1 = vm_factory({"vda": 1 * MiB}, name="vm1")
+    good2 = vm_factory({"vda": 1 * MiB}, name="vm3")
+    for vm in (good1, good2):
+        vm.start()
+        vm.write("vda", 0, 64 * KiB, 0x61)
+    conf = write_config(tmp_path / "c.toml", repo, {"vm1": good1.qmp_socket, "vm2": tmp_path / "gone.sock", "vm3": good2.qmp_socket})
+    monkeypatch.setenv("NBDBACKUP_TEST_CONFIG", str(conf))
+    metrics = tmp_path / "nbdbackup.prom"
+
+    proc = cli.run(repo, "--metrics-file", metrics, "auto", "--all", expect=3)
+    lines = proc.stdout.splitlines()
+    assert lines[0].startswith("vm1") and "ok" in lines[0] and "full" in lines[0]
+    assert lines[1].startswith("vm2") and "FAILED" in lines[1] and "exit 3" in lines[1]
+    assert lines[2].startswith("vm3") and "ok" in lines[2]
+    assert "vm2" in proc.stderr
+
+    good1.write("vda", 64 * KiB, 64 * KiB, 0x62)
+    runs = json.loads(cli.run(repo, "--metrics-file", metrics, "auto", "--all", "--json", expect=3).stdout)
+    assert [(r["vm"], r["exit_code"], r.get("kind")) for r in runs] == [("vm1", 0, "incremental"), ("vm2", 3, None), ("vm3", 0, "incremental")]
+    images = cli.restore(repo, good1, "latest", tmp_path / "out")
+    assert_image_equals(images["vda"], good1.expected("vda"), "qcow2")
+
+    text = metrics.read_text()
+    values = {line.split(" ")[0]: float(line.split(" ")[1]) for line in text.splitlines() if not line.startswith("#")}
+    assert values['nbdbackup_last_exit_code{vm="vm1"}'] == 0
+    assert values['nbdbackup_last_exit_code{vm="vm2"}'] == 3
+    assert 'nbdbackup_last_success_timestamp_seconds{vm="vm2"}' not in values
+    assert values['nbdbackup_last_success_timestamp_seconds{vm="vm1"}'] > 1.7e9
+    assert values['nbdbackup_last_read_bytes{vm="vm1"}'] == 64 * KiB
+    assert "# TYPE nbdbackup_last_exit_code gauge" in text
+
+
+def test_summary_line_goes_to_the_log_file(vm_factory, repo, tmp_path):
+    vm = vm_factory({"vda": 1 * MiB})
+    vm.start()
+    vm.write("vda", 0, 64 * KiB, 0x61)
+    log = tmp_path / "nbdbackup.log"
+    name = cli.run(repo, "--log-file", log, "full", "vm1", "--qmp", vm.qmp_socket).stdout.strip()
+    [summary] = [line for line in log.read_text().splitlines() if name in line]
+    assert "vm1 full" in summary and "read 64.0KiB" in summary and "reduction" in summary
+    cli.run(repo, "--log-file", log, "incremental", "vm1", "--qmp", tmp_path / "nope", expect=3)
+    assert "vm1 incremental FAILED (exit 3)" in log.read_text()
+
+
+class FakeGuestAgent:
+    """A qemu-guest-agent stand-in on a unix socket (never the host's own filesystems).
+
+    On freeze and thaw it looks at the VM through the harness monitor, to prove
+    that the freeze comes right before the checkpoint is created and the thaw after.
+    """
+
+    def __init__(self, path: Path, vm, *, answer: bool = True) -> None:
+        self.path, self.vm, self.answer = path, vm, answer
+        self.log: list[tuple[str, int]] = []
+        self.server = socket.socket(socket.AF_UNIX)
+        self.server.bind(str(path))
+        self.server.listen()
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def checkpoint_bitmaps(self) -> int:
+        return sum(1 for b in self.vm.bitmaps("vda") if b.get("name", "").startswith("nbdbackup."))
+
+    @staticmethod
+    def _messages(conn):
+        """JSON objects as they arrive (QMP clients need not end them with newlines)."""
+        decoder, buf = json.JSONDecoder(), ""
+        while data := conn.recv(4096):
+            buf += data.decode()
+            while buf.strip():
+                try:
+                    msg, end = decoder.raw_decode(buf.lstrip())
+                except ValueError:
+                    break
+                buf = buf.lstrip()[end:]
+                yield msg
+
+    def _serve(self) -> None:
+        conn, _ = self.server.accept()
+        for msg in self._messages(conn):
+            command = msg["execute"]
+            self.log.append((command, self.checkpoint_bitmaps() if command.startswith("guest-fsfreeze") else -1))
+            if not self.answer:
+                continue
+            result = msg.get("arguments", {}).get("id") if command == "guest-sync" else 1
+            conn.sendall(json.dumps({"return": result, "id": msg.get("id")}).encode() + b"\n")
+
+
+def test_fsfreeze_brackets_the_point_in_time(vm_factory, repo, tmp_path):
+    vm = vm_factory({"vda": 1 * MiB})
+    vm.start()
+    agent = FakeGuestAgent(tmp_path / "qga.sock", vm)
+    cli.run(repo, "full", "vm1", "--qmp", vm.qmp_socket, "--qga", agent.path, "--require-fsfreeze")
+    assert [c for c, _ in agent.log] == ["guest-sync", "guest-fsfreeze-freeze", "guest-fsfreeze-thaw"]
+    assert agent.log[1][1] == 0 and agent.log[2][1] == 1  # frozen before the checkpoint existed, thawed after
+
+
+def test_a_silent_agent_means_crash_consistent_or_failure_when_required(vm_factory, repo, tmp_path, monkeypatch):
+    vm = vm_factory({"vda": 1 * MiB})
+    vm.start()
+    monkeypatch.setenv("NBDBACKUP_AGENT_TIMEOUT", "1")
+    FakeGuestAgent(tmp_path / "qga1.sock", vm, answer=False)
+    proc = cli.run(repo, "full", "vm1", "--qmp", vm.qmp_socket, "--qga", tmp_path / "qga1.sock", "--fsfreeze")
+    assert "crash-consistent" in proc.stderr
+    before = vm.bitmaps("vda")
+    FakeGuestAgent(tmp_path / "qga2.sock", vm, answer=False)
+    proc = cli.run(repo, "incremental", "vm1", "--qmp", vm.qmp_socket, "--qga", tmp_path / "qga2.sock", "--require-fsfreeze", expect=3)
+    assert "freeze" in proc.stderr
+    assert vm.bitmaps("vda") == before and vm.block_state()["jobs"] == [] and len(cli.backups(repo)) == 1
