@@ -128,3 +128,18 @@ def test_a_silent_agent_means_crash_consistent_or_failure_when_required(vm_facto
     proc = cli.run(repo, "incremental", "vm1", "--qmp", vm.qmp_socket, "--qga", tmp_path / "qga2.sock", "--require-fsfreeze", expect=3)
     assert "freeze" in proc.stderr
     assert vm.bitmaps("vda") == before and vm.block_state()["jobs"] == [] and len(cli.backups(repo)) == 1
+
+
+def test_prune_all_applies_each_vms_retention_setting(vm_factory, repo, tmp_path, monkeypatch):
+    vm = vm_factory({"vda": 1 * MiB}, name="vm1")
+    vm.start()
+    conf = write_config(tmp_path / "c.toml", repo, {"vm1": vm.qmp_socket}, extra="retention = { last = 1 }\n")
+    monkeypatch.setenv("NBDBACKUP_TEST_CONFIG", str(conf))
+    for pattern in (0x71, 0x72, 0x73):
+        vm.write("vda", 0, 64 * KiB, pattern)
+        cli.run(repo, "auto", "vm1")
+    [report] = json.loads(cli.run(repo, "prune", "--all", "--json").stdout)
+    assert report["vm"] == "vm1" and [b["keep"] for b in report["backups"]] == [False, False, True]
+    assert len(cli.backups(repo)) == 1 and len(vm.bitmaps("vda")) == 1
+    images = cli.restore(repo, vm, "latest", tmp_path / "out")
+    assert_image_equals(images["vda"], vm.expected("vda"), "qcow2")

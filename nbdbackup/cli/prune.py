@@ -6,7 +6,7 @@ import json
 
 import click
 
-from .common import Globals, pass_globals, qmp_option
+from .common import Globals, human_size, pass_globals, qmp_option
 
 KEEP = ("last", "hourly", "daily", "weekly", "monthly", "yearly")
 
@@ -19,13 +19,14 @@ def keep_options(f):
 
 
 @click.command()
-@click.argument("vm")
+@click.argument("vm", required=False)
+@click.option("--all", "all_vms", is_flag=True, help="Every VM of the config file that has a retention setting.")
 @qmp_option
 @keep_options
 @click.option("--dry-run", is_flag=True, help="Print what would be kept and removed, and why; change nothing.")
 @click.option("--json", "as_json", is_flag=True, help="Print the decisions as JSON.")
 @pass_globals
-def prune(g: Globals, vm: str, qmp: str | None, dry_run: bool, as_json: bool, **keep: int | None) -> None:
+def prune(g: Globals, vm: str | None, all_vms: bool, qmp: str | None, dry_run: bool, as_json: bool, **keep: int | None) -> None:
     """Remove backups outside a retention policy (restic semantics, UTC).
 
     Their checkpoints are deleted in QEMU the seed's way (merged into the
@@ -34,25 +35,67 @@ def prune(g: Globals, vm: str, qmp: str | None, dry_run: bool, as_json: bool, **
     checkpoint are always kept.  Without --keep-* options, the VM's
     `retention` setting in the config file applies.
     """
+    from ..errors import NbdBackupError, SomeRunsFailed, UsageError
+
+    if all_vms == (vm is not None):
+        raise UsageError("give either a VM or --all")
+    settings = g.settings()
+    given = {k: v for k, v in keep.items() if v is not None}
+    if not all_vms:
+        report = _prune_one(settings, settings.vm(vm, qmp, required=False), given, dry_run)
+        _print(vm, report, dry_run, as_json)
+        return
+    if qmp:
+        raise UsageError("--qmp names one VM; with --all the sockets come from the config file")
+    names = [n for n, c in sorted(settings.vms.items()) if given or c.retention]
+    if not names:
+        raise UsageError("--all: no VM of the config file has a retention setting", hint="add retention = { daily = 7 } to [vm.NAME]")
+    failures: dict[str, NbdBackupError] = {}
+    reports = {}
+    for name in names:
+        try:
+            reports[name] = _prune_one(settings, settings.vm(name, required=False), given, dry_run)
+        except NbdBackupError as exc:
+            failures[name] = exc
+            click.echo(f"nbdbackup: {name}: error: {exc}", err=True)
+    if as_json:
+        click.echo(json.dumps([{"vm": n, **_as_dict(r, dry_run)} for n, r in reports.items()], indent=2))
+    else:
+        for name, report in reports.items():
+            _print(name, report, dry_run, False)
+    if failures:
+        raise SomeRunsFailed(f"prune failed for {', '.join(failures)}", max(e.exit_code for e in failures.values()))
+
+
+def _prune_one(settings, vmconf, given: dict[str, int], dry_run: bool):
     from .. import engine
     from ..retention import Policy
 
-    settings = g.settings()
-    vmconf = settings.vm(vm, qmp, required=False)
-    given = {k: v for k, v in keep.items() if v is not None}
-    policy = Policy(**(given or vmconf.retention))
-    report = engine.prune(settings, vmconf, policy, dry_run=dry_run)
-    rows = [{"checkpoint": d.manifest.checkpoint, "created": d.manifest.created, "kind": d.manifest.kind,
-             "keep": d.keep, "reasons": list(d.reasons)} for d in report.decisions]
+    return engine.prune(settings, vmconf, Policy(**(given or vmconf.retention)), dry_run=dry_run)
+
+
+def _as_dict(report, dry_run: bool) -> dict:
+    return {
+        "dry_run": dry_run,
+        "backups": [{"checkpoint": d.manifest.checkpoint, "created": d.manifest.created, "kind": d.manifest.kind,
+                     "keep": d.keep, "reasons": list(d.reasons)} for d in report.decisions],
+        "checkpoints_deleted": list(report.checkpoints_deleted),
+        "freed_chunks": report.freed_chunks,
+        "freed_bytes": report.freed_bytes,
+        "notes": list(report.notes),
+    }
+
+
+def _print(vm: str, report, dry_run: bool, as_json: bool) -> None:
+    doc = _as_dict(report, dry_run)
     if as_json:
-        click.echo(json.dumps({"dry_run": dry_run, "backups": rows, "checkpoints_deleted": list(report.checkpoints_deleted),
-                               "freed_chunks": report.freed_chunks, "freed_bytes": report.freed_bytes,
-                               "notes": list(report.notes)}, indent=2))
+        click.echo(json.dumps(doc, indent=2))
     else:
-        for r in rows:
-            verdict = "keep  " if r["keep"] else ("would remove" if dry_run else "remove")
-            click.echo(f"{verdict:<12} {r['checkpoint']:<28} {r['created']:<24} {', '.join(r['reasons'])}")
+        for r in doc["backups"]:
+            verdict = "keep" if r["keep"] else ("would remove" if dry_run else "remove")
+            click.echo(f"{vm:<16} {verdict:<12} {r['checkpoint']:<28} {r['created']:<24} {', '.join(r['reasons'])}")
         if not dry_run:
-            click.echo(f"removed {sum(not r['keep'] for r in rows)} backups, freed {report.freed_chunks} chunks ({report.freed_bytes} bytes)")
+            removed = sum(not r["keep"] for r in doc["backups"])
+            click.echo(f"{vm:<16} removed {removed} backups; freed {report.freed_chunks} chunks ({human_size(report.freed_bytes)})")
     for note in report.notes:
-        click.echo(f"nbdbackup: {note}", err=True)
+        click.echo(f"nbdbackup: {vm}: {note}", err=True)
