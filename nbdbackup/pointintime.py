@@ -203,7 +203,7 @@ def _create_scratch(path: Path, size: int) -> None:
     _unlink(path)
     proc = subprocess.run(
         ["qemu-img", "create", "-q", "-f", "qcow2", "-o", "cluster_size=65536", str(path), str(size)],
-        capture_output=True, text=True,
+        capture_output=True, text=True, start_new_session=True,  # a terminal's Ctrl-C is ours to handle
     )
     if proc.returncode != 0:
         raise NbdBackupError(f"cannot create scratch file {path}: {proc.stderr.strip()}", hint="check the scratch directory")

@@ -27,7 +27,7 @@ def create_image(image: TargetImage) -> None:
     cmd = ["qemu-img", "create", "-q", "-f", image.format]
     if image.format == "qcow2":
         cmd += ["-o", "cluster_size=65536"]
-    proc = subprocess.run([*cmd, str(image.path), str(image.size)], capture_output=True, text=True)
+    proc = subprocess.run([*cmd, str(image.path), str(image.size)], capture_output=True, text=True, start_new_session=True)
     if proc.returncode != 0:
         raise RestoreTargetError(f"cannot create {image.path}: {proc.stderr.strip()}")
     image.path.chmod(0o600)
@@ -40,6 +40,7 @@ class StorageDaemon:
         self.images = list(images)
         self.socket = socket_dir / "restore.sock"
         self.monitor = socket_dir / "restore-qmp.sock"
+        self.log = socket_dir / "qemu-storage-daemon.log"
         self._proc: subprocess.Popen | None = None
 
     def __enter__(self) -> StorageDaemon:
@@ -52,11 +53,13 @@ class StorageDaemon:
                     "--blockdev", f"driver={img.format},file=f{i},node-name=n{i},discard=unmap",
                     "--export", f"type=nbd,id=e{i},node-name=n{i},name={img.export},writable=on"]
         log.debug("starting %s", cmd)
-        self._proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        # Its own session: a terminal's Ctrl-C reaches nbdbackup, which stops the daemon in order.
+        with open(self.log, "wb") as output:
+            self._proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=output, stderr=subprocess.STDOUT, start_new_session=True)
         deadline = time.monotonic() + 30
         while not (self.socket.exists() and self.monitor.exists()):
             if self._proc.poll() is not None:
-                out = (self._proc.stdout.read() if self._proc.stdout else "").strip()
+                out = self.log.read_text(errors="replace").strip()
                 raise RestoreTargetError(f"qemu-storage-daemon failed to start: {out.splitlines()[-1] if out else self._proc.returncode}")
             if time.monotonic() > deadline:
                 self._kill()

@@ -45,6 +45,7 @@ def human_size(n: int) -> str:
 def interruptible() -> Iterator[Any]:
     """SIGINT/SIGTERM set a token the engine checks at safe points, so cleanup always runs."""
     from ..capture import CancelToken
+    from ..errors import Interrupted, NbdBackupError
 
     cancel = CancelToken()
 
@@ -56,6 +57,11 @@ def interruptible() -> Iterator[Any]:
     old = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         yield cancel
+    except NbdBackupError as exc:
+        # Whatever failed while we were stopping failed because we were asked to stop.
+        if cancel.signum is not None and not isinstance(exc, Interrupted):
+            raise Interrupted(cancel.signum) from exc
+        raise
     finally:
         for s, h in old.items():
             signal.signal(s, h)
