@@ -43,9 +43,9 @@ class Observer:
     progress: Progress = lambda n: None
 
 
-def open_repository(settings: Settings) -> Repository:
-    """The repository, created on first use."""
-    return Repository.open(settings.repo)
+def open_repository(settings: Settings, *, create: bool = False) -> Repository:
+    """The repository; only backups create it (a typo in --repo must not make a new one)."""
+    return Repository.open(settings.repo, create=create)
 
 
 @contextlib.contextmanager
@@ -74,9 +74,9 @@ def tuning_for(vmconf: VMConfig, base: Tuning = Tuning()) -> Tuning:
 
 
 @contextlib.contextmanager
-def vm_session(settings: Settings, vmconf: VMConfig) -> Iterator[tuple[Repository, QMPSession]]:
+def vm_session(settings: Settings, vmconf: VMConfig, *, create: bool = False) -> Iterator[tuple[Repository, QMPSession]]:
     """The repository, the VM's lock, then its QMP session: what every VM command needs."""
-    repo = open_repository(settings)
+    repo = open_repository(settings, create=create)
     with vm_lock(repo, vmconf.name), repository_lock(repo), QMPSession(vmconf.qmp) as session:
         yield repo, session
 
@@ -86,7 +86,7 @@ def backup(settings: Settings, vmconf: VMConfig, req: BackupRequest, *, cancel: 
     """Back up one VM.  fsfreeze: freeze the guest's filesystems through its agent around the point in time."""
     quiesce = functools.partial(guestagent.fsfreeze, vmconf.qga, required=require_fsfreeze) if fsfreeze else contextlib.nullcontext
     with contextlib.ExitStack() as stack:
-        repo, session = stack.enter_context(vm_session(settings, vmconf))
+        repo, session = stack.enter_context(vm_session(settings, vmconf, create=True))
         scratch_base = vmconf.scratch or repo.local_dir("tmp")
         remove_stale_dirs(scratch_base, prefix=f"{vmconf.name}@")  # left by a killed run; we hold the VM's lock
         scratch = stack.enter_context(private_dir(scratch_base, prefix=f"{vmconf.name}@"))

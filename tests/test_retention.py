@@ -1,6 +1,6 @@
 """Retention rules (pure logic, restic semantics)."""
 
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 import pytest
 
@@ -14,7 +14,7 @@ def backups(times):
                      created=t.isoformat().replace("+00:00", "Z"), chain="c", disks=()) for i, t in enumerate(times)]
 
 
-START = datetime(2026, 1, 1, 0, 30, tzinfo=timezone.utc)
+START = datetime(2026, 1, 1, 0, 30, tzinfo=UTC)
 HOURLY_FOR_10_DAYS = backups([START + timedelta(hours=h) for h in range(240)])
 
 

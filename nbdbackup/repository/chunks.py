@@ -79,7 +79,7 @@ def decode(blob: bytes, expected_id: bytes, where: str) -> bytes:
         try:
             data = _decompressor().decompress(payload, max_output_size=length)
         except zstandard.ZstdError as exc:
-            raise RepositoryDamaged(f"chunk {expected_id.hex()} does not decompress: {exc} ({where})") from None
+            raise RepositoryDamaged(f"chunk {expected_id.hex()} is damaged: it does not decompress ({exc}) ({where})") from None
     elif encoding == STORED:
         data = bytes(payload)
     else:

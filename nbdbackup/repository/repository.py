@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import uuid
 from collections.abc import Sequence
@@ -25,6 +26,8 @@ from ..names import check_name, utc_now
 from ..records import CheckpointRecord, IndexEntry, Manifest
 from . import chunks, index, manifest
 from .backend import DIR_MODE, Backend, LocalBackend
+
+log = logging.getLogger(__name__)
 
 FORMAT_NAME = "nbdbackup repository"
 FORMAT_VERSION = 1
@@ -48,7 +51,7 @@ class Repository:
             if path.exists() and any(path.iterdir()):
                 raise RepositoryUnusable(f"{path} is not an nbdbackup repository (no config.json)", hint="give an empty or new directory with --repo") from None
             if not create:
-                raise RepositoryUnusable(f"there is no repository at {path}") from None
+                raise RepositoryUnusable(f"there is no repository at {path}", hint="check --repo; the first backup creates it") from None
             return cls._create(path, backend)
         except NotADirectoryError:
             raise RepositoryUnusable(f"repository path {path} is not a directory") from None
@@ -121,7 +124,7 @@ class Repository:
         """Every chunk that a complete backup of any VM references."""
         used: set[bytes] = set()
         for vm in self.vms():
-            for m in self.manifests(vm):
+            for m in self.manifests(vm, strict=True):  # a damaged manifest stops GC: its chunks are unknown
                 for d in m.disks:
                     used.update(e.chunk for e in self.read_index(m, d.id)[1])
         return used
@@ -182,16 +185,23 @@ class Repository:
             return None
         return manifest.manifest_from_bytes(blob, f"manifest of backup {checkpoint}")
 
-    def manifests(self, vm: str) -> list[Manifest]:
-        """Complete backups of vm, oldest first."""
-        check_name("VM", vm)
+    def manifests(self, vm: str, *, strict: bool = False) -> list[Manifest]:
+        """Complete backups of vm, oldest first.
+
+        A damaged manifest is skipped with a warning (one damaged backup must
+        not hide the others), or raises RepositoryDamaged when strict.
+        """
         found = []
-        for key in self.backend.list(f"vms/{vm}/backups"):
-            parts = key.split("/")
-            if len(parts) == 5 and parts[4] == "manifest.json":
-                m = self.manifest(vm, parts[3])
-                if m is not None:
-                    found.append(m)
+        for name in self.backup_names(vm):
+            try:
+                m = self.manifest(vm, name)
+            except RepositoryDamaged as exc:
+                if strict:
+                    raise
+                log.warning("skipping backup %s of %s: %s (run `nbdbackup verify %s`)", name, vm, exc, vm)
+                continue
+            if m is not None:
+                found.append(m)
         return sorted(found, key=lambda m: (m.created, m.checkpoint))
 
     def backup_names(self, vm: str) -> list[str]:
