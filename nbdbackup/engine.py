@@ -14,7 +14,6 @@ import functools
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from . import guestagent
 from .backup import BackupRequest, BackupResult, run_backup
 from .capture import CancelToken, Tuning
 from .chain import CheckpointStatus, assess, resolve
@@ -84,7 +83,11 @@ def vm_session(settings: Settings, vmconf: VMConfig, *, create: bool = False) ->
 def backup(settings: Settings, vmconf: VMConfig, req: BackupRequest, *, cancel: CancelToken, observer: Observer = Observer(),
            fsfreeze: bool = False, require_fsfreeze: bool = False) -> BackupResult:
     """Back up one VM.  fsfreeze: freeze the guest's filesystems through its agent around the point in time."""
-    quiesce = functools.partial(guestagent.fsfreeze, vmconf.qga, required=require_fsfreeze) if fsfreeze else contextlib.nullcontext
+    quiesce: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
+    if fsfreeze:
+        from .guestagent import fsfreeze as freeze_guest
+
+        quiesce = functools.partial(freeze_guest, vmconf.qga, required=require_fsfreeze)
     with contextlib.ExitStack() as stack:
         repo, session = stack.enter_context(vm_session(settings, vmconf, create=True))
         scratch_base = vmconf.scratch or repo.local_dir("tmp")

@@ -18,6 +18,7 @@ import json
 import os
 import platform
 import random
+import resource
 import shutil
 import signal
 import subprocess
@@ -35,6 +36,12 @@ from bench_qemu import VM, NbdExport, StorageDaemon, Timed, reap_all, run_pipeli
 
 TOP = Path(__file__).resolve().parent.parent
 NBDBACKUP = TOP / ".venv" / "bin" / "nbdbackup"
+PYTHON = TOP / ".venv" / "bin" / "python"
+# How nbdbackup is run: the work tree's entry point, or (--rev) `python -m nbdbackup` on an exported revision.
+NB_PREFIX: list[str] = [str(NBDBACKUP)]
+NB_ENV: dict[str, str] | None = None
+NB_CWD: Path | None = None  # `python -m` puts the current directory first on sys.path
+NB_SOURCE = "work tree"
 ZSTD_LEVEL = 3  # nbdbackup's default zstd level (Tuning.level)
 ZSTD_THREADS = 2
 FULL_RATIO_TARGET = 0.7
@@ -103,6 +110,24 @@ def first_line(cmd: list[str]) -> str:
         return "unknown"
 
 
+def use_revision(rev: str, into: Path) -> None:
+    """Run nbdbackup from `git archive REV` (read-only on the repository), not from the work tree."""
+    global NB_PREFIX, NB_ENV, NB_SOURCE, NB_CWD
+    sha = sh(["git", "-C", str(TOP), "rev-parse", "--short", f"{rev}^{{commit}}"], f"git rev-parse {rev}").strip()
+    archive = subprocess.Popen(["git", "-C", str(TOP), "archive", sha, "nbdbackup"], stdout=subprocess.PIPE)
+    tar = subprocess.run(["tar", "-x", "-C", str(into)], stdin=archive.stdout)
+    if archive.wait() != 0 or tar.returncode != 0:
+        raise BenchError(f"cannot export nbdbackup at {rev}")
+    NB_PREFIX = [str(PYTHON), "-m", "nbdbackup"]
+    NB_ENV = {**os.environ, "PYTHONPATH": str(into)}
+    NB_CWD = into
+    where = subprocess.run([str(PYTHON), "-c", "import nbdbackup; print(nbdbackup.__file__)"], capture_output=True,
+                           text=True, env=NB_ENV, cwd=NB_CWD).stdout.strip()
+    if not where.startswith(str(into)):
+        raise BenchError(f"the exported nbdbackup is not the one imported ({where or 'import failed'})")
+    NB_SOURCE = f"git {rev} ({sha}), exported"
+
+
 def machine_info() -> dict[str, str]:
     cpu = "unknown"
     try:
@@ -115,6 +140,8 @@ def machine_info() -> dict[str, str]:
     nbd = subprocess.run(["nbdcopy", "--version"], capture_output=True, text=True).stdout.split("\n")
     libnbd = next((line for line in nbd if line.startswith("libnbd")), "unknown")
     rev = subprocess.run(["git", "-C", str(TOP), "describe", "--always", "--dirty"], capture_output=True, text=True).stdout.strip()
+    version = subprocess.run([*NB_PREFIX, "--version"], capture_output=True, text=True, env=NB_ENV, cwd=NB_CWD).stdout.strip()
+    source = NB_SOURCE if NB_ENV is not None else f"work tree, git {rev}"
     return {
         "nproc": str(os.cpu_count()),
         "cpu": cpu,
@@ -124,8 +151,28 @@ def machine_info() -> dict[str, str]:
         "nbdcopy": nbd[0] if nbd else "unknown",
         "zstd": first_line(["zstd", "--version"]).strip("* ").split(", by")[0],
         "python": platform.python_version(),
-        "nbdbackup": (first_line([str(NBDBACKUP), "--version"]) + (f" (git {rev})" if rev else "")),
+        "nbdbackup": f"{version or 'unknown version'} ({source})",
+        "loadavg_start": loadavg(),
     }
+
+
+def loadavg() -> str:
+    try:
+        return " ".join(Path("/proc/loadavg").read_text().split()[:3])
+    except OSError:
+        return "unknown"
+
+
+def cpu_seconds() -> tuple[float, float]:
+    """(CPU seconds the whole machine has been busy, CPU seconds of this process and its reaped descendants)."""
+    hz = os.sysconf("SC_CLK_TCK")
+    fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    busy = sum(fields[:3]) + sum(fields[5:8])  # user nice system (not idle iowait) irq softirq steal
+    own = 0.0
+    for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN):
+        r = resource.getrusage(who)
+        own += r.ru_utime + r.ru_stime
+    return busy / hz, own
 
 
 def disk_usage(path: Path) -> int:
@@ -164,11 +211,11 @@ class Nbdbackup:
         self.repo, self.config = repo, config
 
     def argv(self, *args: str) -> list[str]:
-        return [str(NBDBACKUP), "--repo", str(self.repo), "--config", str(self.config), *args]
+        return [*NB_PREFIX, "--repo", str(self.repo), "--config", str(self.config), *args]
 
     def run(self, *args: str) -> Timed:
         sync()
-        t = run_timed(self.argv(*args))
+        t = run_timed(self.argv(*args), env=NB_ENV, cwd=NB_CWD)
         if not t.ok:
             raise BenchError(f"nbdbackup {' '.join(args)} failed (exit {t.returncodes[0]}): {t.stderr.strip()[-1500:]}")
         if t.stderr.strip():
@@ -176,7 +223,10 @@ class Nbdbackup:
         return t
 
     def backups(self, vm: str) -> dict[str, dict]:
-        out = sh(self.argv("list", vm, "--json"), "nbdbackup list")
+        proc = subprocess.run(self.argv("list", vm, "--json"), capture_output=True, text=True, env=NB_ENV, cwd=NB_CWD)
+        if proc.returncode != 0:
+            raise BenchError(f"nbdbackup list failed: {proc.stderr.strip()[-500:]}")
+        out = proc.stdout
         return {b["checkpoint"]: b for b in json.loads(out)}
 
 
@@ -463,6 +513,8 @@ def print_table(report: Report, file: Any = sys.stdout) -> None:
     p = lambda s="": print(s, file=file)  # noqa: E731
     p(f"machine: {m['nproc']} cpus, {m['cpu']}, kernel {m['kernel']}; {m['qemu']}; {m['libnbd']}; {m['zstd']}")
     p(f"nbdbackup: {m['nbdbackup']}; python {m['python']}")
+    p(f"load average at start (1/5/15 min): {m['loadavg_start']}; CPU used by other processes during the run: "
+      f"{m.get('foreign_cpu_seconds', '?')}s ({m.get('foreign_cpu_share', '?')} of the machine)")
     for label, st in report.images.items():
         kinds = ", ".join(f"{k} {human(v)}" for k, v in st["bytes_by_kind"].items())
         p(f"image {label}: {human(st['virtual_size'])} virtual, {st['extents']} extents ({kinds}), "
@@ -526,6 +578,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     ap.add_argument("--sparse-data", default="1G", help="data in each sparse disk (default 1G)")
     ap.add_argument("--seed", type=int, default=1, help="layout/content seed (default 1)")
     ap.add_argument("--keep", action="store_true", help="keep the run directory (images, logs) for inspection")
+    ap.add_argument("--rev", metavar="GIT-REV",
+                    help="benchmark nbdbackup as committed at this revision (git archive into the run directory, "
+                         "run with the project's venv) instead of the work tree")
     args = ap.parse_args(argv)
     try:
         args.size = parse_size(args.size)
@@ -558,12 +613,22 @@ def main(argv: list[str]) -> int:
 
     signal.signal(signal.SIGTERM, on_term)
     started = time.monotonic()
-    report = Report(machine_info(), {"size": args.size, "data": args.data, "repeat": args.repeat,
-                                      "request_size": args.request_size, "incr_percent": args.incr_percent,
-                                      "sparse_sizes": args.sparse_sizes, "sparse_data": args.sparse_data, "seed": args.seed})
-    report.notes.extend(STANDARD_NOTES)
+    busy0, own0 = cpu_seconds()
     args.workdir.mkdir(parents=True, exist_ok=True)
     rundir = Path(tempfile.mkdtemp(prefix="run-", dir=args.workdir))
+    if args.rev:
+        try:
+            (rundir / "src").mkdir()
+            use_revision(args.rev, rundir / "src")
+        except BenchError as exc:
+            shutil.rmtree(rundir, ignore_errors=True)
+            print(f"bench: {exc}", file=sys.stderr)
+            return 2
+    report = Report(machine_info(), {"size": args.size, "data": args.data, "repeat": args.repeat,
+                                      "request_size": args.request_size, "incr_percent": args.incr_percent,
+                                      "sparse_sizes": args.sparse_sizes, "sparse_data": args.sparse_data, "seed": args.seed,
+                                      "rev": args.rev})
+    report.notes.extend(STANDARD_NOTES)
     sockdir = Path(tempfile.mkdtemp(prefix="nbdbench-", dir="/tmp"))  # unix socket paths must stay short
     config = rundir / "empty-config.toml"
     config.write_text("")
@@ -597,6 +662,15 @@ def main(argv: list[str]) -> int:
     if any(not c["ok"] for c in report.checks):
         status = status or 1
     report.total_seconds = time.monotonic() - started
+    busy1, own1 = cpu_seconds()  # every child has been reaped by now
+    foreign = max(0.0, (busy1 - busy0) - (own1 - own0))
+    capacity = report.total_seconds * (os.cpu_count() or 1)
+    report.machine["foreign_cpu_seconds"] = f"{foreign:.1f}"
+    report.machine["foreign_cpu_share"] = f"{100 * foreign / capacity:.0f}%" if capacity else "?"
+    if capacity and foreign / capacity > 0.10:
+        report.notes.insert(0, f"WARNING: other processes used {foreign:.0f} CPU seconds during the run "
+                               f"({report.machine['foreign_cpu_share']} of the machine): timings are noisy; "
+                               "rerun on a quiet machine, or with --repeat N (best of N)")
     if args.json:
         out = asdict(report)
         for r, row in zip(out["rows"], report.rows, strict=True):

@@ -4,7 +4,6 @@ when stderr is not a terminal, e.g. under cron or a systemd timer."""
 from __future__ import annotations
 
 import logging
-import logging.handlers
 import os
 import sys
 
@@ -30,8 +29,10 @@ def setup(*, debug: bool, log_file: str | None) -> None:
         handler.setFormatter(logging.Formatter("%(asctime)s nbdbackup[%(process)d] %(levelname)s: %(message)s"))
         root.addHandler(handler)
     if not sys.stderr.isatty() and os.path.exists(SYSLOG_SOCKET) and not os.environ.get("NBDBACKUP_NO_SYSLOG"):
+        from logging.handlers import SysLogHandler  # only here: it costs milliseconds at every start
+
         try:
-            syslog = logging.handlers.SysLogHandler(address=SYSLOG_SOCKET)
+            syslog = SysLogHandler(address=SYSLOG_SOCKET)
             syslog.setLevel(logging.INFO)
             syslog.setFormatter(logging.Formatter("nbdbackup[%(process)d]: %(levelname)s: %(message)s"))
             root.addHandler(syslog)
