@@ -26,7 +26,7 @@ from typing import Literal
 from . import chain
 from .capture import CancelToken, Tuning, capture
 from .checkpoints import Checkpoints, create_actions
-from .errors import ChainBroken, ChainError, UsageError
+from .errors import ChainBroken, ChainError, RepositoryDamaged, UsageError
 from .names import check_name, new_checkpoint_name, utc_now
 from .nbdio import BASE_ALLOCATION, NbdEndpoint, dirty_bitmap_context, dirty_extents
 from .pointintime import PointInTime, clear_leftovers
@@ -190,7 +190,7 @@ def make_plan(repo: Repository, checkpoints: Checkpoints, req: BackupRequest, di
         return _full_plan(disks)
     try:
         return _incremental_plan(repo, checkpoints, req, disks, records)
-    except ChainError as exc:
+    except (ChainError, RepositoryDamaged) as exc:
         if req.mode != "auto":
             raise
         note = f"running a full backup: {exc}"

@@ -26,6 +26,7 @@ from .names import check_name
 
 SYSTEM_CONFIG = Path("/etc/nbdbackup/config.toml")
 VM_KEYS = {"qmp": str, "qga": str, "disks": list, "exclude": list, "compression": int, "scratch": str, "workers": int, "retention": dict}
+TOP_KEYS = {"repository", "vm"}
 RETENTION_KEYS = ("last", "hourly", "daily", "weekly", "monthly", "yearly")
 
 
@@ -61,6 +62,20 @@ class Settings:
         return base
 
 
+def env_seconds(name: str, default: float) -> float:
+    """A timeout from the environment (e.g. NBDBACKUP_CONNECT_TIMEOUT), checked."""
+    raw = os.environ.get(name)
+    if raw is None:
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        value = -1.0
+    if not value > 0:
+        raise UsageError(f"{name}={raw!r} is not a positive number of seconds")
+    return value
+
+
 def default_repo() -> Path:
     if os.geteuid() == 0:
         return Path("/var/lib/nbdbackup")
@@ -81,6 +96,9 @@ def load(config_opt: str | None, repo_opt: str | None) -> Settings:
     else:
         path = next((p for p in config_candidates() if p.exists()), None)
         data = _read(path) if path else {}
+    unknown = set(data) - TOP_KEYS
+    if unknown:
+        raise UsageError(f"{path}: unknown setting {', '.join(sorted(unknown))!r}", hint=f"known: {', '.join(sorted(TOP_KEYS))}")
     vms = _parse_vms(data.get("vm", {}), path)
     repo = repo_opt or os.environ.get("NBDBACKUP_REPO") or data.get("repository")
     if repo is not None and not isinstance(repo, str):
@@ -113,6 +131,10 @@ def _parse_vms(table: Any, path: Path | None) -> dict[str, VMConfig]:
                 raise UsageError(f"{path}: [vm.{name}] has unknown setting {key!r}", hint=f"known: {', '.join(sorted(VM_KEYS))}")
             if not isinstance(value, VM_KEYS[key]):
                 raise UsageError(f"{path}: [vm.{name}] {key} must be a {VM_KEYS[key].__name__}")
+        if not 1 <= conf.get("compression", 3) <= 22:
+            raise UsageError(f"{path}: [vm.{name}] compression must be a zstd level from 1 to 22")
+        if not 1 <= conf.get("workers", 1) <= 64:
+            raise UsageError(f"{path}: [vm.{name}] workers must be from 1 to 64")
         retention = conf.get("retention", {})
         for key, value in retention.items():
             if key not in RETENTION_KEYS or not isinstance(value, int) or value < 0:

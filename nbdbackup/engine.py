@@ -19,7 +19,7 @@ from .capture import CancelToken, Tuning
 from .chain import CheckpointStatus, assess, resolve
 from .checkpoints import Checkpoints, disk_bitmaps
 from .config import Settings, VMConfig
-from .errors import LockHeld, VMUnreachable
+from .errors import LockHeld, RepositoryDamaged, VMUnreachable
 from .lock import file_lock
 from .names import bitmap_namespace, check_name
 from .qmp import QMPSession
@@ -49,7 +49,7 @@ def open_repository(settings: Settings, *, create: bool = False) -> Repository:
 
 @contextlib.contextmanager
 def vm_lock(repo: Repository, vm: str) -> Iterator[None]:
-    with file_lock(repo.local_dir("locks") / f"vm-{vm}.lock", what=f"VM {vm}"):
+    with file_lock(repo.lock_path(f"vm-{vm}"), what=f"VM {vm}"):
         yield
 
 
@@ -60,7 +60,7 @@ GC_WAIT = 600.0
 def repository_lock(repo: Repository, *, exclusive: bool = False, wait: float = GC_WAIT) -> contextlib.AbstractContextManager[None]:
     """Shared by every run that reads or writes chunks; exclusive while chunks are deleted."""
     what = "the repository for garbage collection" if not exclusive else "the repository (a backup or restore is running)"
-    return file_lock(repo.local_dir("locks") / "repository.lock", what=what, shared=not exclusive, wait=wait)
+    return file_lock(repo.lock_path("repository"), what=what, shared=not exclusive, wait=wait)
 
 
 def tuning_for(vmconf: VMConfig, base: Tuning = Tuning()) -> Tuning:
@@ -130,19 +130,26 @@ def list_backups(settings: Settings, vm: str) -> list[Manifest]:
 
 
 @dataclasses.dataclass(frozen=True)
+class GarbageReport:
+    done: bool  # False: skipped (see note)
+    freed_chunks: int = 0
+    freed_bytes: int = 0
+    note: str | None = None
+    damaged: bool = False  # skipped because a manifest or index is damaged
+
+
+@dataclasses.dataclass(frozen=True)
 class PruneReport:
     decisions: tuple[Decision, ...]
     dry_run: bool
     checkpoints_deleted: tuple[str, ...] = ()
     notes: tuple[str, ...] = ()
-    freed_chunks: int = 0
-    freed_bytes: int = 0
-    gc_done: bool = False
+    garbage: GarbageReport | None = None
 
 
-def prune(settings: Settings, vmconf: VMConfig, policy: Policy, *, dry_run: bool, gc_wait: float = 60.0) -> PruneReport:
-    """Remove the backups outside the policy, their checkpoints in QEMU (the seed's way,
-    when the VM is reachable), then the chunks no backup references any more."""
+def prune(settings: Settings, vmconf: VMConfig, policy: Policy, *, dry_run: bool, collect: bool = True) -> PruneReport:
+    """Remove the backups outside the policy and their checkpoints in QEMU (the seed's way,
+    when the VM is reachable); then, if collect, the chunks no backup references any more."""
     repo = open_repository(settings)
     vm = vmconf.name
     notes: list[str] = []
@@ -153,7 +160,6 @@ def prune(settings: Settings, vmconf: VMConfig, policy: Policy, *, dry_run: bool
         decisions = tuple(decide(repo.manifests(vm), policy, protect={newest_checkpoint} if newest_checkpoint else set()))
         if dry_run:
             return PruneReport(decisions, dry_run=True)
-        doomed = [d.manifest.checkpoint for d in decisions if not d.keep]
         with contextlib.ExitStack() as stack:
             session = _try_session(stack, vmconf, notes)
             if session is not None:
@@ -166,15 +172,24 @@ def prune(settings: Settings, vmconf: VMConfig, policy: Policy, *, dry_run: bool
                     if r.name not in kept:
                         checkpoints.delete(r.name)
                         deleted.append(r.name)
-        for name in doomed:
-            repo.delete_backup(vm, name)
+        for d in decisions:
+            if not d.keep:
+                repo.delete_backup(vm, d.manifest.checkpoint)
+    garbage = collect_garbage(settings) if collect else None
+    return PruneReport(decisions, False, tuple(deleted), tuple(notes), garbage)
+
+
+def collect_garbage(settings: Settings, *, wait: float = 60.0) -> GarbageReport:
+    """Free the chunks that no backup of any VM references, under the exclusive repository lock."""
+    repo = open_repository(settings)
     try:
-        with repository_lock(repo, exclusive=True, wait=gc_wait):
+        with repository_lock(repo, exclusive=True, wait=wait):
             freed, size = repo.collect_garbage()
-        return PruneReport(decisions, False, tuple(deleted), tuple(notes), freed, size, True)
+        return GarbageReport(True, freed, size)
     except LockHeld:
-        notes.append("chunks were not freed: backups or restores are running; the next prune frees them")
-        return PruneReport(decisions, False, tuple(deleted), tuple(notes))
+        return GarbageReport(False, note="chunks were not freed: backups or restores are running; the next prune frees them")
+    except RepositoryDamaged as exc:
+        return GarbageReport(False, note=f"chunks were not freed: {exc}; run `nbdbackup verify`", damaged=True)
 
 
 def _try_session(stack: contextlib.ExitStack, vmconf: VMConfig, notes: list[str]) -> QMPSession | None:

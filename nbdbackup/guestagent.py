@@ -12,17 +12,17 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import random
 from collections.abc import Iterator
 from pathlib import Path
 
+from .config import env_seconds
 from .errors import NbdBackupError, VMUnreachable
 from .qmp import QMPSession
 
 log = logging.getLogger(__name__)
 
-AGENT_TIMEOUT = float(os.environ.get("NBDBACKUP_AGENT_TIMEOUT", "10"))
+AGENT_TIMEOUT = 10.0
 
 
 class GuestAgentError(VMUnreachable):
@@ -30,8 +30,10 @@ class GuestAgentError(VMUnreachable):
 
 
 @contextlib.contextmanager
-def fsfreeze(socket: Path | None, *, required: bool, timeout: float = AGENT_TIMEOUT) -> Iterator[bool]:
-    """Yield True while the guest's filesystems are frozen, False if they could not be."""
+def fsfreeze(socket: Path | None, *, required: bool, timeout: float | None = None) -> Iterator[bool]:
+    """Yield True while the guest's filesystems are frozen, False if they could not be.
+    timeout: per agent command; default $NBDBACKUP_AGENT_TIMEOUT or AGENT_TIMEOUT seconds."""
+    timeout = timeout or env_seconds("NBDBACKUP_AGENT_TIMEOUT", AGENT_TIMEOUT)
     agent = _freeze(socket, required=required, timeout=timeout)
     try:
         yield agent is not None
@@ -70,4 +72,5 @@ def _thaw(agent: QMPSession, timeout: float) -> None:
     try:
         agent.execute("guest-fsfreeze-thaw", timeout=timeout)
     except NbdBackupError as exc:
-        log.warning("guest agent: thaw failed: %s (the guest thaws by itself when the agent times out)", exc)
+        log.error("guest agent: THAW FAILED: %s; the guest's filesystems may still be frozen: "
+                  "thaw them (guest-fsfreeze-thaw through the agent) now", exc)

@@ -11,19 +11,33 @@ taken over; an exclusive lock file holds the holder's pid for the error message.
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import os
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from .errors import LockHeld
+from .errors import LockHeld, RepositoryUnusable
 
 
 @contextlib.contextmanager
 def file_lock(path: Path, *, what: str, shared: bool = False, wait: float = 0.0) -> Iterator[None]:
-    """Hold the lock for the block; try for up to `wait` seconds, then LockHeld."""
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    """Hold the lock for the block; try for up to `wait` seconds, then LockHeld.
+
+    On a read-only filesystem nobody can write, so a shared lock is not needed
+    and is skipped; an exclusive one is refused (RepositoryUnusable).
+    """
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    except OSError as exc:
+        if exc.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+            if shared:
+                yield
+                return
+            raise RepositoryUnusable(f"cannot lock {what}: {path.parent} is {'read-only' if exc.errno == errno.EROFS else 'not writable'}",
+                                     hint="this command writes to the repository") from None
+        raise
     try:
         deadline = time.monotonic() + wait
         while True:

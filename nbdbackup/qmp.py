@@ -17,22 +17,24 @@ from typing import Any
 
 from qemu.qmp import ConnectError, EventListener, ExecuteError, QMPClient, QMPError
 
+from .config import env_seconds
 from .errors import QEMUCommandFailed, VMUnreachable
 
 log = logging.getLogger(__name__)
 
 # A held monitor accepts the connection but never greets: wait this long.
-CONNECT_TIMEOUT = float(os.environ.get("NBDBACKUP_CONNECT_TIMEOUT", "10"))
+CONNECT_TIMEOUT = 10.0
 COMMAND_TIMEOUT = 60.0
 
 
 class QMPSession:
     """One connection to a VM's QMP monitor.  Use as a context manager."""
 
-    def __init__(self, socket_path: Path, *, connect_timeout: float = CONNECT_TIMEOUT, guest_agent: bool = False) -> None:
-        """guest_agent: the peer is qemu-guest-agent, which speaks QMP without greeting or negotiation."""
+    def __init__(self, socket_path: Path, *, connect_timeout: float | None = None, guest_agent: bool = False) -> None:
+        """guest_agent: the peer is qemu-guest-agent, which speaks QMP without greeting or negotiation.
+        connect_timeout: default $NBDBACKUP_CONNECT_TIMEOUT or CONNECT_TIMEOUT seconds."""
         self.socket_path = Path(socket_path)
-        self.connect_timeout = connect_timeout
+        self.connect_timeout = connect_timeout or env_seconds("NBDBACKUP_CONNECT_TIMEOUT", CONNECT_TIMEOUT)
         self._loop = asyncio.new_event_loop()
         self._client = QMPClient("nbdbackup")
         if guest_agent:

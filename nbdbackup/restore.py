@@ -13,6 +13,7 @@ import logging
 import os
 import secrets
 import threading
+from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +28,7 @@ from .storage_daemon import StorageDaemon, TargetImage, create_image
 log = logging.getLogger(__name__)
 
 ZERO_BLOCK = 64 * 1024
+CHUNK_CACHE = 4  # decompressed chunks kept per writer thread
 _ZERO = bytes(ZERO_BLOCK)
 FORMATS = ("qcow2", "raw")
 
@@ -42,6 +44,10 @@ class RestoreRequest:
 
 
 def find_backup(repo: Repository, vm: str, checkpoint: str) -> Manifest:
+    if checkpoint != "latest":
+        found = repo.manifest(vm, checkpoint)  # a damaged manifest raises RepositoryDamaged (exit 6)
+        if found is not None:
+            return found
     manifests = repo.manifests(vm)
     if checkpoint == "latest" and manifests:
         return manifests[-1]
@@ -126,11 +132,16 @@ def _write_disk(repo: Repository, m: Manifest, disk_id: str, entries: list[Index
         return local.ep
 
     def chunk(cid: bytes, offset: int) -> bytes:
-        cached = getattr(local, "chunk", (None, None))
-        if cached[0] != cid:
-            cached = (cid, repo.get_chunk(cid, f"backup {m.checkpoint}, disk {disk_id}, offset {offset}"))
-            local.chunk = cached
-        return cached[1]
+        """A small per-thread cache: after incrementals, neighbouring entries often share a chunk."""
+        cache: OrderedDict[bytes, bytes] = local.__dict__.setdefault("chunks", OrderedDict())
+        if cid in cache:
+            cache.move_to_end(cid)
+            return cache[cid]
+        data = repo.get_chunk(cid, f"backup {m.checkpoint}, disk {disk_id}, offset {offset}")
+        cache[cid] = data
+        if len(cache) > CHUNK_CACHE:
+            cache.popitem(last=False)
+        return data
 
     def work(batch: list[IndexEntry]) -> int:
         if cancel.signum is not None:

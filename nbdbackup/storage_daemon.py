@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import ctypes
 import logging
+import signal
 import subprocess
 import time
 from collections.abc import Sequence
@@ -55,7 +57,8 @@ class StorageDaemon:
         log.debug("starting %s", cmd)
         # Its own session: a terminal's Ctrl-C reaches nbdbackup, which stops the daemon in order.
         with open(self.log, "wb") as output:
-            self._proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=output, stderr=subprocess.STDOUT, start_new_session=True)
+            self._proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=output, stderr=subprocess.STDOUT,
+                                          start_new_session=True, preexec_fn=_die_with_parent)
         deadline = time.monotonic() + 30
         while not (self.socket.exists() and self.monitor.exists()):
             if self._proc.poll() is not None:
@@ -86,6 +89,15 @@ class StorageDaemon:
         if self._proc and self._proc.poll() is None:
             self._proc.kill()
             self._proc.wait()
+
+
+def _die_with_parent() -> None:
+    """In the child: get SIGTERM (qemu-storage-daemon then quits cleanly) if nbdbackup dies, even by SIGKILL."""
+    PR_SET_PDEATHSIG = 1
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    except (OSError, AttributeError):
+        pass
 
 
 def _escape(path: Path) -> str:

@@ -138,7 +138,7 @@ def test_prune_all_applies_each_vms_retention_setting(vm_factory, repo, tmp_path
     for pattern in (0x71, 0x72, 0x73):
         vm.write("vda", 0, 64 * KiB, pattern)
         cli.run(repo, "auto", "vm1")
-    [report] = json.loads(cli.run(repo, "prune", "--all", "--json").stdout)
+    [report] = json.loads(cli.run(repo, "prune", "--all", "--json").stdout)["vms"]
     assert report["vm"] == "vm1" and [b["keep"] for b in report["backups"]] == [False, False, True]
     assert len(cli.backups(repo)) == 1 and len(vm.bitmaps("vda")) == 1
     images = cli.restore(repo, vm, "latest", tmp_path / "out")

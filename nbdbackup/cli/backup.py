@@ -71,8 +71,8 @@ def run_one(g: Globals, settings, vm: str, opts: BackupOptions) -> Outcome:
         with interruptible() as cancel, progress_bar(f"{vm}") as observer:
             result = engine.backup(settings, vmconf, req, cancel=cancel, observer=observer,
                                    fsfreeze=opts.fsfreeze or opts.require_fsfreeze, require_fsfreeze=opts.require_fsfreeze)
-    except Interrupted:
-        _record(g, vm, 128 + 2, time.monotonic() - started)
+    except Interrupted as exc:
+        _record(g, vm, exc.exit_code, time.monotonic() - started)
         raise
     except NbdBackupError as exc:
         _record(g, vm, exc.exit_code, time.monotonic() - started)
@@ -89,12 +89,18 @@ def run_one(g: Globals, settings, vm: str, opts: BackupOptions) -> Outcome:
 
 
 def _record(g: Globals, vm: str, code: int, duration: float, read: int = 0, stored: int = 0) -> None:
+    """Update the metrics file; a metrics problem is a warning, never a failed backup."""
     if g.metrics_file:
+        import logging
         from pathlib import Path
 
+        from ..errors import NbdBackupError
         from ..metrics import RunMetrics, update
 
-        update(Path(g.metrics_file), RunMetrics(vm, code, duration, read, stored))
+        try:
+            update(Path(g.metrics_file), RunMetrics(vm, code, duration, read, stored))
+        except (OSError, NbdBackupError) as exc:
+            logging.getLogger("nbdbackup").warning("cannot update metrics file %s: %s", g.metrics_file, exc)
 
 
 def _as_dict(outcome: Outcome) -> dict:
@@ -103,7 +109,7 @@ def _as_dict(outcome: Outcome) -> dict:
     m = outcome.result.manifest
     return {"vm": m.vm, "exit_code": 0, "checkpoint": m.checkpoint, "kind": m.kind, "since": m.since, "created": m.created,
             "disks": [{"id": d.id, "size": d.size, "read_bytes": d.read_bytes} for d in m.disks],
-            "read_bytes": m.read_bytes, "stored_bytes": m.stored_bytes, "duration": m.duration, "notes": list(outcome.result.notes)}
+            "read_bytes": m.read_bytes, "stored_bytes": m.stored_bytes, "duration": round(m.duration, 3), "notes": list(outcome.result.notes)}
 
 
 def _single(g: Globals, vm: str, opts: BackupOptions, as_json: bool) -> None:

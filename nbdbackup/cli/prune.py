@@ -35,6 +35,7 @@ def prune(g: Globals, vm: str | None, all_vms: bool, qmp: str | None, dry_run: b
     checkpoint are always kept.  Without --keep-* options, the VM's
     `retention` setting in the config file applies.
     """
+    from .. import engine
     from ..errors import NbdBackupError, SomeRunsFailed, UsageError
 
     if all_vms == (vm is not None):
@@ -42,8 +43,9 @@ def prune(g: Globals, vm: str | None, all_vms: bool, qmp: str | None, dry_run: b
     settings = g.settings()
     given = {k: v for k, v in keep.items() if v is not None}
     if not all_vms:
-        report = _prune_one(settings, settings.vm(vm, qmp, required=False), given, dry_run)
+        report = _prune_one(settings, settings.vm(vm, qmp, required=False), given, dry_run, collect=True)
         _print(vm, report, dry_run, as_json)
+        _finish(report.garbage)
         return
     if qmp:
         raise UsageError("--qmp names one VM; with --all the sockets come from the config file")
@@ -54,24 +56,47 @@ def prune(g: Globals, vm: str | None, all_vms: bool, qmp: str | None, dry_run: b
     reports = {}
     for name in names:
         try:
-            reports[name] = _prune_one(settings, settings.vm(name, required=False), given, dry_run)
+            reports[name] = _prune_one(settings, settings.vm(name, required=False), given, dry_run, collect=False)
         except NbdBackupError as exc:
             failures[name] = exc
             click.echo(f"nbdbackup: {name}: error: {exc}", err=True)
+    garbage = None if dry_run else engine.collect_garbage(settings)  # once, after every VM
     if as_json:
-        click.echo(json.dumps([{"vm": n, **_as_dict(r, dry_run)} for n, r in reports.items()], indent=2))
+        click.echo(json.dumps({"vms": [{"vm": n, **_as_dict(r, dry_run)} for n, r in reports.items()],
+                               "garbage": _garbage_dict(garbage)}, indent=2))
     else:
         for name, report in reports.items():
             _print(name, report, dry_run, False)
+        if garbage and garbage.done:
+            click.echo(f"freed {garbage.freed_chunks} chunks ({human_size(garbage.freed_bytes)})")
+    _finish(garbage)
     if failures:
         raise SomeRunsFailed(f"prune failed for {', '.join(failures)}", max(e.exit_code for e in failures.values()))
 
 
-def _prune_one(settings, vmconf, given: dict[str, int], dry_run: bool):
+def _prune_one(settings, vmconf, given: dict[str, int], dry_run: bool, *, collect: bool):
     from .. import engine
     from ..retention import Policy
 
-    return engine.prune(settings, vmconf, Policy(**(given or vmconf.retention)), dry_run=dry_run)
+    return engine.prune(settings, vmconf, Policy(**(given or vmconf.retention)), dry_run=dry_run, collect=collect)
+
+
+def _garbage_dict(garbage) -> dict | None:
+    if garbage is None:
+        return None
+    return {"done": garbage.done, "freed_chunks": garbage.freed_chunks, "freed_bytes": garbage.freed_bytes, "note": garbage.note}
+
+
+def _finish(garbage) -> None:
+    """Say why chunks were not freed; damage makes the run fail (exit 6) after the report."""
+    from ..errors import RepositoryDamaged
+
+    if garbage is None or garbage.done:
+        return
+    click.echo(f"nbdbackup: {garbage.note}", err=True)
+    if garbage.damaged:
+        raise RepositoryDamaged("the repository has damage: backups were pruned but no chunk was freed",
+                                hint="run `nbdbackup verify VM` for each VM")
 
 
 def _as_dict(report, dry_run: bool) -> dict:
@@ -80,8 +105,9 @@ def _as_dict(report, dry_run: bool) -> dict:
         "backups": [{"checkpoint": d.manifest.checkpoint, "created": d.manifest.created, "kind": d.manifest.kind,
                      "keep": d.keep, "reasons": list(d.reasons)} for d in report.decisions],
         "checkpoints_deleted": list(report.checkpoints_deleted),
-        "freed_chunks": report.freed_chunks,
-        "freed_bytes": report.freed_bytes,
+        "freed_chunks": report.garbage.freed_chunks if report.garbage else 0,
+        "freed_bytes": report.garbage.freed_bytes if report.garbage else 0,
+        "garbage": _garbage_dict(report.garbage),
         "notes": list(report.notes),
     }
 
@@ -96,6 +122,7 @@ def _print(vm: str, report, dry_run: bool, as_json: bool) -> None:
             click.echo(f"{vm:<16} {verdict:<12} {r['checkpoint']:<28} {r['created']:<24} {', '.join(r['reasons'])}")
         if not dry_run:
             removed = sum(not r["keep"] for r in doc["backups"])
-            click.echo(f"{vm:<16} removed {removed} backups; freed {report.freed_chunks} chunks ({human_size(report.freed_bytes)})")
+            freed = f"; freed {doc['freed_chunks']} chunks ({human_size(doc['freed_bytes'])})" if report.garbage else ""
+            click.echo(f"{vm:<16} removed {removed} backups{freed}")
     for note in report.notes:
         click.echo(f"nbdbackup: {vm}: {note}", err=True)

@@ -15,15 +15,16 @@ from ..errors import RepositoryUnusable
 
 
 class Backend(Protocol):
-    """What the repository needs from storage.  An S3 backend implements the same six calls."""
+    """What the repository needs from storage.  An S3 backend implements the same calls."""
 
     def read(self, key: str) -> bytes:
         """The object's content; FileNotFoundError when there is none."""
 
-    def write(self, key: str, data: Buffers, *, durable: bool = False) -> None:
+    def write(self, key: str, data: Buffers, *, durable: bool = False, exclusive: bool = False) -> None:
         """Create or replace the object atomically: readers see old or new, never a part.
         data is one buffer or a list of buffers to concatenate.
-        durable=True returns only once the object survives a crash."""
+        durable=True returns only once the object survives a crash.
+        exclusive=True raises FileExistsError instead of replacing an existing object."""
 
     def exists(self, key: str) -> bool: ...
 
@@ -35,6 +36,9 @@ class Backend(Protocol):
 
     def size(self, key: str) -> int:
         """Stored size of the object in bytes."""
+
+    def remove_folder(self, prefix: str) -> None:
+        """Forget the folder prefix once no object is below it (object stores need nothing)."""
 
     def delete_partial_writes(self) -> None:
         """Remove what interrupted writes left (only while nobody writes)."""
@@ -64,7 +68,7 @@ class LocalBackend:
         with open(self.path(key), "rb") as f:
             return f.read()
 
-    def write(self, key: str, data: Buffers, *, durable: bool = False) -> None:
+    def write(self, key: str, data: Buffers, *, durable: bool = False, exclusive: bool = False) -> None:
         target = self.path(key)
         tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}-{threading.get_ident()}-{next(_serial)}")
         self._makedirs(target.parent)
@@ -83,7 +87,14 @@ class LocalBackend:
                     os.fsync(fd)
             finally:
                 os.close(fd)
-            os.replace(tmp, target)
+            if exclusive:
+                os.link(tmp, target)  # fails if target exists
+                os.unlink(tmp)
+            else:
+                os.replace(tmp, target)
+        except FileExistsError:
+            _unlink_quietly(tmp)
+            raise
         except OSError as exc:
             _unlink_quietly(tmp)
             raise _storage_error(exc, target) from None
@@ -110,6 +121,12 @@ class LocalBackend:
 
     def size(self, key: str) -> int:
         return self.path(key).stat().st_size
+
+    def remove_folder(self, prefix: str) -> None:
+        try:
+            self.path(prefix).rmdir()
+        except OSError:
+            pass  # not empty or already gone
 
     def delete_partial_writes(self) -> None:
         for dirpath, _dirs, files in os.walk(self.root):

@@ -84,7 +84,7 @@ def manifest_from_bytes(blob: bytes, where: str) -> Manifest:
             duration=doc["duration_ms"] / 1000,
         )
     except (KeyError, TypeError) as exc:
-        raise RepositoryDamaged(f"{where} lacks a field: {exc}") from None
+        raise RepositoryDamaged(f"{where} has a missing or unexpected field: {exc}") from None
 
 
 def checkpoints_to_bytes(records: list[CheckpointRecord]) -> bytes:
@@ -108,4 +108,4 @@ def checkpoints_from_bytes(blob: bytes, where: str) -> list[CheckpointRecord]:
             for r in doc["checkpoints"]
         ]
     except (KeyError, TypeError) as exc:
-        raise RepositoryDamaged(f"{where} lacks a field: {exc}") from None
+        raise RepositoryDamaged(f"{where} has a missing or unexpected field: {exc}") from None

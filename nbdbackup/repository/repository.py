@@ -48,7 +48,7 @@ class Repository:
         try:
             blob = backend.read("config.json")
         except FileNotFoundError:
-            if path.exists() and any(path.iterdir()):
+            if path.exists() and any(not p.name.startswith(".") for p in path.iterdir()):
                 raise RepositoryUnusable(f"{path} is not an nbdbackup repository (no config.json)", hint="give an empty or new directory with --repo") from None
             if not create:
                 raise RepositoryUnusable(f"there is no repository at {path}", hint="check --repo; the first backup creates it") from None
@@ -80,8 +80,22 @@ class Repository:
             raise RepositoryUnusable(f"cannot create the repository at {path}: {exc.strerror}") from None
         repo_id = uuid.uuid4().hex
         config = {"format": FORMAT_NAME, "version": FORMAT_VERSION, "id": repo_id, "created": utc_now()}
-        backend.write("config.json", json.dumps(config, indent=1).encode() + b"\n", durable=True)
+        try:
+            backend.write("config.json", json.dumps(config, indent=1).encode() + b"\n", durable=True, exclusive=True)
+        except FileExistsError:  # another run created it first: use theirs
+            return cls.open(path, create=False)
         return cls(backend, repo_id, path)
+
+    def lock_path(self, name: str) -> Path:
+        """Where the lock file called name lives (locks are local files, whatever the backend)."""
+        if self.root is None:
+            raise RepositoryUnusable("this repository has no local directory for locks")
+        locks = self.root / "locks"
+        try:
+            locks.mkdir(mode=DIR_MODE, exist_ok=True)
+        except OSError:
+            pass  # read-only: file_lock decides what that means
+        return locks / f"{name}.lock"
 
     def local_dir(self, name: str) -> Path:
         """A private directory inside a local repository (locks, scratch)."""
@@ -235,6 +249,7 @@ class Repository:
         self.backend.sync()
         for key in list(self.backend.list(base)):
             self.backend.delete(key)
+        self.backend.remove_folder(base)
 
     def vms(self) -> list[str]:
         return sorted({k.split("/")[1] for k in self.backend.list("vms")})
