@@ -6,7 +6,7 @@ Two halves:
   tests/faults.py --repo R full vm1 ...`` runs the real command line after
   installing one *pause point*, chosen by the environment:
 
-      NBDB_FAULT_POINT  freeze | export | read | index | manifest | confirm | write
+      NBDB_FAULT_POINT  freeze | export | read | index | manifest | confirm | write | config
       NBDB_FAULT_AFTER  pause from the Nth time the point is reached (default 1)
       NBDB_FAULT_DIR    where the point announces itself and waits
 
@@ -24,10 +24,15 @@ Two halves:
   | freeze   | before the freeze transaction (pending record written, fleece nodes added)  |
   | export   | after the transaction, before nbd-server-start (checkpoint bitmap exists)   |
   | read     | before an NBD read of the backup's data (exports exist, no index yet)       |
-  | index    | before writing the first disk's index file (all of that disk was read)      |
+  | index    | before writing a disk's index file (all of that disk was read)              |
   | manifest | before writing manifest.json (every index written and synced)               |
   | confirm  | after the manifest, before the checkpoint record is set to confirmed        |
   | write    | restore: before an NBD write into the qemu-storage-daemon export            |
+  | config   | creating a repository: config.json's temporary file written, not yet published |
+
+  Each point wraps one internal function (see _install). A refactoring that
+  renames it makes the tests fail with "did not reach pause point", never pass
+  without the fault.
 
 * **In the test process**: :class:`Run` starts such a process, and helpers
   look at what a run left in QEMU and in the repository.
@@ -39,6 +44,7 @@ import contextlib
 import dataclasses
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -52,7 +58,7 @@ from typing import Any
 THIS = Path(__file__).resolve()
 PAUSE_LIMIT = 120.0  # seconds a paused run waits for "go" before it goes on by itself
 
-POINTS = ("freeze", "export", "read", "index", "manifest", "confirm", "write")
+POINTS = ("freeze", "export", "read", "index", "manifest", "confirm", "write", "config")
 
 
 # ---------------------------------------------------------------------------
@@ -80,6 +86,16 @@ class _Pause:
         go = self.where / "go"
         while not go.exists() and time.monotonic() < deadline:
             time.sleep(0.005)
+
+
+class _OsWith:
+    """The os module, with some functions replaced."""
+
+    def __init__(self, **functions: Any) -> None:
+        self.__dict__.update(functions)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(os, name)
 
 
 def _install(point: str, after: int, where: Path) -> None:
@@ -116,6 +132,20 @@ def _install(point: str, after: int, where: Path) -> None:
         wrap(Checkpoints, "confirm", lambda *a, **k: True)
     elif point == "write":
         wrap(NbdEndpoint, "pwrite", lambda *a, **k: True)
+    elif point == "config":
+        # config.json is written to a temporary file, then published by rename or by link:
+        # wait before either.
+        import nbdbackup.repository.backend as backend
+
+        def publishing(real: Any) -> Any:
+            def publish(src: Any, dst: Any, *args: Any, **kwargs: Any) -> Any:
+                if str(dst).endswith("/config.json"):
+                    pause()
+                return real(src, dst, *args, **kwargs)
+
+            return publish
+
+        backend.os = _OsWith(replace=publishing(os.replace), link=publishing(os.link))  # type: ignore[attr-defined]
     else:
         raise SystemExit(f"faults.py: unknown pause point {point!r}; known: {', '.join(POINTS)}")
 
@@ -166,6 +196,11 @@ class Run:
         self.pause = pause
         self.dir = Path(tempfile.mkdtemp(prefix="nbdb-fault-"))
         env = environment()
+        # nbdbackup's private socket directories go below this run's own directory, which is
+        # removed afterwards: a killed run cannot remove its own.
+        (self.dir / "tmp").mkdir()
+        env["TMPDIR"] = str(self.dir / "tmp")
+        env.pop("XDG_RUNTIME_DIR", None)
         if pause:
             env.update(NBDB_FAULT_POINT=pause, NBDB_FAULT_AFTER=str(after), NBDB_FAULT_DIR=str(self.dir))
         self._out = open(self.dir / "stdout", "w+")
@@ -234,6 +269,7 @@ class Run:
                 os.kill(pid, signal.SIGKILL)
         self._out.close()
         self._err.close()
+        shutil.rmtree(self.dir, ignore_errors=True)
 
 
 def child_pids(pid: int) -> list[int]:
@@ -382,13 +418,13 @@ def backup(repo: Path, vm: Any, kind: str, *args: Any) -> str:
 
 def assert_recovers(repo: Path, vm: Any, out: Path, kind: str = "incremental") -> str:
     """The next run succeeds, restores exactly what the guest wrote, and leaves nothing behind
-    (in QEMU, in the scratch directory, or as a backup folder without a manifest)."""
+    in QEMU or in the scratch directory. (Tests check for backup folders without a manifest
+    with assert_no_partial_backups, last.)"""
     name = backup(repo, vm, kind)
     assert_restores(repo, vm, name, snapshot(vm), out)
     left = qemu_leftovers(vm)
     assert left == NOTHING_LEFT, f"the run after a fault left this in QEMU: {left}"
     assert scratch_left(repo) == [], f"scratch files left: {scratch_left(repo)}"
-    assert_no_partial_backups(repo, vm.name)
     return name
 
 
@@ -419,6 +455,11 @@ def small_filesystem(path: Path, size_mib: int) -> Iterator[Path]:
 
 def grow_filesystem(path: Path, size_mib: int) -> None:
     subprocess.run(["mount", "-o", f"remount,size={size_mib}m", str(path)], check=True, capture_output=True)
+
+
+def remount(path: Path, mode: str) -> None:
+    """mode: "ro" or "rw"."""
+    subprocess.run(["mount", "-o", f"remount,{mode}", str(path)], check=True, capture_output=True)
 
 
 if __name__ == "__main__":
