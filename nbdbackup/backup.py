@@ -26,7 +26,7 @@ from typing import Literal
 from . import chain
 from .capture import CancelToken, Tuning, capture
 from .checkpoints import Checkpoints, create_actions
-from .errors import ChainBroken, ChainError, RepositoryDamaged, UsageError
+from .errors import ChainBroken, ChainError, Interrupted, NbdBackupError, RepositoryDamaged, UsageError, VMUnreachable
 from .names import check_name, new_checkpoint_name, utc_now
 from .nbdio import BASE_ALLOCATION, NbdEndpoint, dirty_bitmap_context, dirty_extents
 from .pointintime import PointInTime, clear_leftovers
@@ -162,8 +162,12 @@ def run_backup(
         t0 = time.monotonic()
         repo.commit(manifest)
         log.debug("committed backup %s in %.2fs", name, time.monotonic() - t0)
-    except BaseException:
+    except BaseException as exc:
+        qemu_gone = isinstance(exc, NbdBackupError) and not isinstance(exc, Interrupted) and not session.alive()
         _abandon(checkpoints, repo, vm, name, pit.frozen)
+        if qemu_gone:
+            raise VMUnreachable("the VM's QEMU went away during the backup; nothing was recorded",
+                                hint="start the VM again: the next run checks its bitmaps (`auto` makes a full backup if they were lost)") from exc
         raise
     checkpoints.confirm(name)
     if plan.kind == "full":
@@ -175,6 +179,11 @@ def run_backup(
 
 def _abandon(checkpoints: Checkpoints, repo: Repository, vm: str, name: str, frozen: bool) -> None:
     """Undo a failed backup: checkpoint rolled back in QEMU, record and partial backup gone."""
+    if checkpoints.session.lost:
+        # QEMU is gone: a bitmap it had not saved is gone too; one it saved is rolled
+        # back by the next run's reconciliation, which finds this record pending.
+        repo.delete_backup(vm, name)
+        return
     try:
         if frozen:
             checkpoints.rollback(name)

@@ -124,10 +124,12 @@ class PointInTime:
     # -- cleanup steps: each one must run even if an earlier one failed ---------
 
     def _quietly(self, command: str, args: dict) -> None:
+        if self.session.lost:
+            return  # QEMU is gone, and with it everything this would undo
         try:
             self.session.execute(command, args)
         except NbdBackupError as exc:
-            log.warning("cleanup: %s", exc)
+            _cleanup_failed(self.session, command, exc)
 
     def _cancel_job(self, job: str) -> None:
         delete_job(self.session, job)
@@ -137,14 +139,18 @@ class PointInTime:
 
 
 def delete_export(session: QMPSession, export: str) -> None:
+    if session.lost:
+        return
     try:
         session.execute("block-export-del", {"id": export, "mode": "hard"})
         session.wait_event(lambda e: e["event"] == "BLOCK_EXPORT_DELETED" and e["data"].get("id") == export, timeout=30)
     except NbdBackupError as exc:
-        log.warning("cleanup: export %s: %s", export, exc)
+        _cleanup_failed(session, f"export {export}", exc)
 
 
 def delete_job(session: QMPSession, job: str) -> None:
+    if session.lost:
+        return
     try:
         session.execute("block-job-cancel", {"device": job, "force": True})
         session.wait_event(
@@ -152,7 +158,15 @@ def delete_job(session: QMPSession, job: str) -> None:
             timeout=30,
         )
     except NbdBackupError as exc:
-        log.warning("cleanup: job %s: %s", job, exc)
+        _cleanup_failed(session, f"job {job}", exc)
+
+
+def _cleanup_failed(session: QMPSession, what: str, exc: NbdBackupError) -> None:
+    """A cleanup step failed: worth a warning, unless QEMU is gone (then the error says so once)."""
+    if session.lost:
+        log.debug("cleanup: %s: %s", what, exc)
+    else:
+        log.warning("cleanup: %s: %s", what, exc)
 
 
 def start_nbd_server(session: QMPSession, socket: Path) -> None:

@@ -45,6 +45,7 @@ class QMPSession:
         self._events = EventListener()
         self._client.register_listener(self._events)
         self._pending: list[dict] = []
+        self.lost = False  # the connection broke (QEMU exited?): later commands fail at once
 
     # -- lifecycle -------------------------------------------------------
 
@@ -98,6 +99,8 @@ class QMPSession:
 
     def execute(self, command: str, arguments: dict | None = None, *, timeout: float = COMMAND_TIMEOUT) -> Any:
         """Run one QMP command; QEMU's refusal becomes QEMUCommandFailed."""
+        if self.lost:
+            raise VMUnreachable(f"cannot send {command}: the QMP connection was lost", hint="did QEMU exit?")
         log.debug("QMP -> %s %s", command, arguments or "")
         try:
             result = self._run(self._client.execute(command, arguments), timeout)
@@ -108,9 +111,18 @@ class QMPSession:
         except TimeoutError:
             raise VMUnreachable(f"QEMU did not answer {command} within {timeout:g}s") from None
         except (QMPError, OSError, EOFError) as exc:
+            self.lost = True
             raise VMUnreachable(f"lost the QMP connection during {command}: {_describe(exc)}", hint="did QEMU exit?") from None
         log.debug("QMP <- %s", result)
         return result
+
+    def alive(self) -> bool:
+        """Whether QEMU still answers (used to explain a failure)."""
+        try:
+            self.execute("query-status", timeout=5)
+            return True
+        except VMUnreachable:
+            return False
 
     def transaction(self, actions: Iterable[tuple[str, dict]]) -> None:
         """Run actions atomically: all of them or, on any error, none."""
