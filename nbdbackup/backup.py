@@ -27,9 +27,9 @@ from . import chain
 from .capture import CancelToken, Tuning, capture
 from .checkpoints import Checkpoints, create_actions
 from .errors import ChainBroken, ChainError, Interrupted, NbdBackupError, RepositoryDamaged, UsageError, VMUnreachable
-from .names import check_name, new_checkpoint_name, utc_now
+from .names import block_namespace, check_name, new_checkpoint_name, utc_now
 from .nbdio import BASE_ALLOCATION, NbdEndpoint, dirty_bitmap_context, dirty_extents
-from .pointintime import PointInTime, clear_leftovers
+from .pointintime import BlockNames, PointInTime, clear_leftovers
 from .qmp import QMPSession
 from .records import CheckpointRecord, Disk, DiskBackup, Extent, IndexEntry, Manifest
 from .repository import Repository
@@ -94,7 +94,7 @@ def run_backup(
     disks = qcow2_disks(session, req.disks, req.exclude)
 
     # 1. look
-    clear_leftovers(session)
+    clear_leftovers(session, block_namespace(repo.id))
     for stale in repo.incomplete_backups(vm):
         log.warning("removing backup %s of %s: it never completed", stale, vm)
         repo.delete_backup(vm, stale)
@@ -122,6 +122,7 @@ def run_backup(
         merges={p.disk.id: p.merges for p in plan.disks if p.merges is not None},
         scratch_dir=scratch_dir,
         socket_dir=socket_dir,
+        names=BlockNames(block_namespace(repo.id)),
         quiesce=quiesce,
     )
     try:

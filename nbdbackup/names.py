@@ -43,6 +43,13 @@ def bitmap_namespace(repository_id: str) -> str:
     return f"{BITMAP_PREFIX}{repository_id[:8]}."
 
 
+def block_namespace(repository_id: str) -> str:
+    """Prefix of the block nodes, jobs and exports a repository's backups create:
+    nbdbackup-<first 8 hex digits of its id>-.  A backup cleans up leftovers of its
+    own repository only, never another repository's backup in progress."""
+    return f"nbdbackup-{repository_id[:8]}-"
+
+
 def is_nbdbackup_bitmap(bitmap: str) -> bool:
     return bitmap.startswith(BITMAP_PREFIX)
 

@@ -21,6 +21,7 @@ import logging
 import subprocess
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
+from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import NbdBackupError, QEMUCommandFailed, VMUnsuitable
@@ -29,20 +30,23 @@ from .records import Disk
 
 log = logging.getLogger(__name__)
 
-PREFIX = "nbdbackup-"
-EXPORT_BITMAP = "nbdbackup-export"
+EXPORT_BITMAP = "nbdbackup-export"  # lives on our fleece node only
 
 
-def fleece_node(disk: Disk) -> str:
-    return f"{PREFIX}fleece-{disk.id}"
+@dataclass(frozen=True)
+class BlockNames:
+    """Names of what a backup adds to QEMU's block layer, in its repository's namespace."""
 
+    namespace: str  # names.block_namespace(repository id)
 
-def job_id(disk: Disk) -> str:
-    return f"{PREFIX}job-{disk.id}"
+    def fleece(self, disk: Disk) -> str:
+        return f"{self.namespace}fleece-{disk.id}"
 
+    def job(self, disk: Disk) -> str:
+        return f"{self.namespace}job-{disk.id}"
 
-def export_id(disk: Disk) -> str:
-    return f"{PREFIX}export-{disk.id}"
+    def export(self, disk: Disk) -> str:
+        return f"{self.namespace}export-{disk.id}"
 
 
 class PointInTime:
@@ -55,6 +59,7 @@ class PointInTime:
         merges: dict[str, list[str]],
         scratch_dir: Path,
         socket_dir: Path,
+        names: BlockNames,
         quiesce: Callable[[], AbstractContextManager] = contextlib.nullcontext,
     ) -> None:
         """merges: disk id -> bitmap names (on that disk's node) to merge into its export bitmap;
@@ -65,6 +70,7 @@ class PointInTime:
         self.merges = merges
         self.scratch_dir = scratch_dir
         self.socket = socket_dir / "nbd.sock"
+        self.names = names
         self.quiesce = quiesce  # e.g. a guest filesystem freeze around the transaction
         self.frozen = False  # True once the transaction (and so the checkpoint) took effect
         self._stack = contextlib.ExitStack()
@@ -94,32 +100,32 @@ class PointInTime:
             self._stack.callback(_unlink, scratch)
             qmp.execute(
                 "blockdev-add",
-                {"driver": "qcow2", "node-name": fleece_node(d), "backing": d.node, "discard": "unmap",
+                {"driver": "qcow2", "node-name": self.names.fleece(d), "backing": d.node, "discard": "unmap",
                  "file": {"driver": "file", "filename": str(scratch)}},
             )
-            self._stack.callback(self._quietly, "blockdev-del", {"node-name": fleece_node(d)})
+            self._stack.callback(self._quietly, "blockdev-del", {"node-name": self.names.fleece(d)})
 
         actions = list(self.checkpoint_actions)
         for d in self.disks:
             if d.id in self.merges:
-                actions.append(("block-dirty-bitmap-add", {"node": fleece_node(d), "name": EXPORT_BITMAP, "persistent": False, "disabled": True, "granularity": 65536}))
-                actions.append(("block-dirty-bitmap-merge", {"node": fleece_node(d), "target": EXPORT_BITMAP,
+                actions.append(("block-dirty-bitmap-add", {"node": self.names.fleece(d), "name": EXPORT_BITMAP, "persistent": False, "disabled": True, "granularity": 65536}))
+                actions.append(("block-dirty-bitmap-merge", {"node": self.names.fleece(d), "target": EXPORT_BITMAP,
                                                               "bitmaps": [{"node": d.node, "name": b} for b in self.merges[d.id]]}))
-            actions.append(("blockdev-backup", {"job-id": job_id(d), "device": d.node, "target": fleece_node(d), "sync": "none"}))
+            actions.append(("blockdev-backup", {"job-id": self.names.job(d), "device": d.node, "target": self.names.fleece(d), "sync": "none"}))
         with self.quiesce():
             qmp.transaction(actions)
             self.frozen = True
         for d in self.disks:
-            self._stack.callback(self._cancel_job, job_id(d))
+            self._stack.callback(self._cancel_job, self.names.job(d))
 
         start_nbd_server(qmp, self.socket)
         self._stack.callback(self._quietly, "nbd-server-stop", {})
         for d in self.disks:
-            args = {"type": "nbd", "id": export_id(d), "node-name": fleece_node(d), "name": self.export_name(d), "writable": False}
+            args = {"type": "nbd", "id": self.names.export(d), "node-name": self.names.fleece(d), "name": self.export_name(d), "writable": False}
             if d.id in self.merges:
                 args["bitmaps"] = [EXPORT_BITMAP]
             qmp.execute("block-export-add", args)
-            self._stack.callback(self._delete_export, export_id(d))
+            self._stack.callback(self._delete_export, self.names.export(d))
 
     # -- cleanup steps: each one must run even if an earlier one failed ---------
 
@@ -183,11 +189,11 @@ def start_nbd_server(session: QMPSession, socket: Path) -> None:
         session.execute("nbd-server-start", args)
 
 
-def clear_leftovers(session: QMPSession) -> list[str]:
-    """Remove exports, jobs and nodes that an interrupted run (SIGKILL) left in QEMU."""
+def clear_leftovers(session: QMPSession, namespace: str) -> list[str]:
+    """Remove exports, jobs and nodes that an interrupted run (SIGKILL) of this repository left in QEMU."""
     done = []
     exports = session.execute("query-block-exports")
-    ours = [e["id"] for e in exports if e["id"].startswith(PREFIX)]
+    ours = [e["id"] for e in exports if e["id"].startswith(namespace)]
     for export in ours:
         delete_export(session, export)
         done.append(f"export {export}")
@@ -198,11 +204,11 @@ def clear_leftovers(session: QMPSession) -> list[str]:
         except NbdBackupError:
             pass
     for job in session.execute("query-block-jobs"):
-        if job["device"].startswith(PREFIX):
+        if job["device"].startswith(namespace):
             delete_job(session, job["device"])
             done.append(f"job {job['device']}")
     for node in session.execute("query-named-block-nodes", {"flat": True}):
-        if node["node-name"].startswith(PREFIX + "fleece-"):
+        if node["node-name"].startswith(namespace + "fleece-"):
             try:
                 session.execute("blockdev-del", {"node-name": node["node-name"]})
                 done.append(f"node {node['node-name']}")

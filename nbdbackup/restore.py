@@ -48,7 +48,8 @@ def find_backup(repo: Repository, vm: str, checkpoint: str) -> Manifest:
         found = repo.manifest(vm, checkpoint)  # a damaged manifest raises RepositoryDamaged (exit 6)
         if found is not None:
             return found
-    manifests = repo.manifests(vm)
+    # "latest" must be the newest backup: with a damaged manifest about, which one that is is unknown.
+    manifests = repo.manifests(vm, strict=checkpoint == "latest")
     if checkpoint == "latest" and manifests:
         return manifests[-1]
     for m in manifests:

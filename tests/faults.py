@@ -464,3 +464,8 @@ def remount(path: Path, mode: str) -> None:
 
 if __name__ == "__main__":
     main(sys.argv[1:])
+
+
+def block_namespace(repo: Path) -> str:
+    """The prefix of the nodes, jobs and exports the repository's backups create."""
+    return "nbdbackup-" + json.loads((repo / "config.json").read_text())["id"][:8] + "-"

@@ -31,6 +31,7 @@ from faults import (
     backup,
     backups,
     bitmap_state,
+    block_namespace,
     manifest,
     qemu_leftovers,
     records,
@@ -70,15 +71,16 @@ def check_stage(vm, repo, stage: str, before) -> None:
     folder = repo / "vms" / "vm1" / "backups" / "hung"
     files = sorted(p.name for p in folder.iterdir() if not p.name.startswith(".")) if folder.is_dir() else []
     new_bitmap = pending[0]["bitmap"]
+    ns = block_namespace(repo)
     if stage == "freeze":  # fleece nodes added, the transaction not yet sent
-        assert left["nodes"] == ["nbdbackup-fleece-vda", "nbdbackup-fleece-vdb"] and left["jobs"] == [], left
+        assert left["nodes"] == [f"{ns}fleece-vda", f"{ns}fleece-vdb"] and left["jobs"] == [], left
         assert bitmap_state(vm) == before
         return
     assert new_bitmap in [name for name, _, _ in bitmap_state(vm)["vda"]]
     if stage == "export":  # the transaction ran: jobs and the new bitmap, no export yet
-        assert left["jobs"] == ["nbdbackup-job-vda", "nbdbackup-job-vdb"] and left["exports"] == [], left
+        assert left["jobs"] == [f"{ns}job-vda", f"{ns}job-vdb"] and left["exports"] == [], left
     elif stage == "read":  # exported, being read, nothing written but chunks
-        assert sorted(left["exports"]) == ["nbdbackup-export-vda", "nbdbackup-export-vdb"], left
+        assert sorted(left["exports"]) == [f"{ns}export-vda", f"{ns}export-vdb"], left
         assert files == []
     elif stage == "index":  # vda's index written, vdb read, no manifest
         assert files == ["vda.index"], files

@@ -7,9 +7,8 @@ import json
 import shutil
 from pathlib import Path
 
-import pytest
-
 import cli
+import pytest
 from harness import image_bytes
 
 GOLDEN = Path(__file__).parent / "golden"
