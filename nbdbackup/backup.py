@@ -118,7 +118,7 @@ def run_backup(
     pit = PointInTime(
         session,
         disks,
-        checkpoint_actions=create_actions(disks, record, previous, checkpoints.bitmaps()),
+        checkpoint_actions=create_actions(disks, record, previous, checkpoints.bitmaps(), checkpoints.twin),
         merges={p.disk.id: p.merges for p in plan.disks if p.merges is not None},
         scratch_dir=scratch_dir,
         socket_dir=socket_dir,
@@ -216,6 +216,7 @@ def _incremental_plan(repo: Repository, checkpoints: Checkpoints, req: BackupReq
     since = chain.resolve(records, req.since or "latest")
     bitmaps = checkpoints.bitmaps()
     chain.check_since(records, since, bitmaps)
+    checkpoints.verify_active(records[-1])
     base = repo.manifest(req.vm, since.name)
     if base is None:
         raise ChainBroken(f"the repository holds no complete backup at checkpoint {since.name}", hint="run `nbdbackup full`")

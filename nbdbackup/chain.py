@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from .errors import ChainBroken, CheckpointUnknown
+from .names import twin_bitmap
 from .records import Bitmap, CheckpointRecord
 
 GRANULARITY = 65536
@@ -62,7 +63,11 @@ def plan_delete(records: Sequence[CheckpointRecord], name: str) -> DeletePlan:
 
 
 def bitmap_problem(record: CheckpointRecord, disk_id: str, bitmap: Bitmap | None, *, active: bool) -> str | None:
-    """Why this disk's bitmap for record cannot be trusted, or None."""
+    """Why this disk's bitmap for record cannot be trusted, or None.
+
+    A bitmap that stopped recording must still hold the dirty bytes recorded
+    when it stopped (record.counts): clearing or merging by another tool shows.
+    """
     name = record.bitmap
     if bitmap is None:
         return f"bitmap {name} is missing on disk {disk_id}"
@@ -76,6 +81,25 @@ def bitmap_problem(record: CheckpointRecord, disk_id: str, bitmap: Bitmap | None
         state = "recording" if bitmap.recording else "disabled"
         want = "recording" if active else "disabled"
         return f"bitmap {name} on disk {disk_id} is {state} but should be {want} (changed by another tool?)"
+    expected = record.counts.get(disk_id)
+    if not active and expected is not None and bitmap.count != expected:
+        return (f"bitmap {name} on disk {disk_id} was changed by another tool: it held {expected} dirty bytes "
+                f"when it stopped recording, it holds {bitmap.count} now")
+    return None
+
+
+def twin_problem(active: CheckpointRecord, disk_id: str, twin: Bitmap | None, counts: tuple[int, int] | None) -> str | None:
+    """Why the active bitmap on this disk cannot be trusted, judged by its twin.
+
+    counts: (active, twin) dirty bytes, snapshotted at one instant.
+    """
+    if twin is None:
+        return f"the twin bitmap of checkpoint {active.name} is missing on disk {disk_id}"
+    if twin.inconsistent or not twin.persistent or not twin.recording:
+        return f"the twin bitmap {twin.name} on disk {disk_id} is unusable (inconsistent, disabled or not persistent)"
+    if counts is not None and counts[0] != counts[1]:
+        return (f"bitmap {active.bitmap} on disk {disk_id} was changed by another tool (cleared?): it holds {counts[0]} "
+                f"dirty bytes, its twin {counts[1]}")
     return None
 
 
@@ -148,7 +172,7 @@ def assess(records: Sequence[CheckpointRecord], disk_bitmaps: dict[str, dict[str
     while usable_from > 0 and rows[usable_from - 1].state == OK and records[usable_from - 1].chain == records[-1].chain:
         usable_from -= 1
     rows = [CheckpointStatus(**{**row.__dict__, "usable": i >= usable_from}) for i, row in enumerate(rows)]
-    known = {r.bitmap for r in records}
+    known = {r.bitmap for r in records} | {twin_bitmap(namespace)}
     unknown: dict[str, dict[str, int]] = {}
     for disk_id, bitmaps in disk_bitmaps.items():
         for name, b in bitmaps.items():

@@ -5,6 +5,12 @@ Crash-safety rules (docs/CHAIN.md):
   delete: bitmaps first (one transaction, all disks) -> record after
   every run first reconciles: pending records are rolled back (or confirmed when
   their backup was committed), namespaced bitmaps without a record are removed.
+
+Tamper evidence (another tool clearing or merging into our bitmaps):
+  a disabled bitmap must keep the dirty count recorded when it stopped recording;
+  the active bitmap has a twin that records the same writes (cleared together in
+  the freeze transaction, merged together on delete); they are compared in one
+  atomic snapshot before every incremental.
 """
 
 from __future__ import annotations
@@ -14,7 +20,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
 
 from . import chain
-from .names import bitmap_namespace, is_nbdbackup_bitmap
+from .errors import ChainBroken, NbdBackupError
+from .names import bitmap_namespace, is_nbdbackup_bitmap, twin_bitmap
 from .qmp import QMPSession
 from .records import Bitmap, CheckpointRecord, Disk
 from .repository import Repository
@@ -31,21 +38,34 @@ def disk_bitmaps(session: QMPSession, disks: Sequence[Disk]) -> dict[str, dict[s
     return {d.id: {b.name: b for b in per_node.get(d.node, []) if is_nbdbackup_bitmap(b.name)} for d in disks}
 
 
-def create_actions(disks: Sequence[Disk], new: CheckpointRecord, previous: CheckpointRecord | None, bitmaps: dict[str, dict[str, Bitmap]]) -> list[Action]:
-    """Transaction actions: disable the previous active bitmap, add the new one, on every disk."""
+def _add(node: str, name: str) -> Action:
+    return ("block-dirty-bitmap-add", {"node": node, "name": name, "persistent": True, "granularity": chain.GRANULARITY})
+
+
+def create_actions(disks: Sequence[Disk], new: CheckpointRecord, previous: CheckpointRecord | None,
+                   bitmaps: dict[str, dict[str, Bitmap]], twin: str) -> list[Action]:
+    """Transaction actions, on every disk: disable the previous active bitmap, add the new one,
+    and start its twin afresh (cleared, or added if missing) at the same instant."""
     actions: list[Action] = []
     for d in disks:
         if previous is not None:
             old = bitmaps[d.id].get(previous.bitmap)
             if old is not None and old.recording and not old.inconsistent:
                 actions.append(("block-dirty-bitmap-disable", {"node": d.node, "name": old.name}))
-        actions.append(
-            ("block-dirty-bitmap-add", {"node": d.node, "name": new.bitmap, "persistent": True, "granularity": chain.GRANULARITY})
-        )
+        actions.append(_add(d.node, new.bitmap))
+        current = bitmaps[d.id].get(twin)
+        if current is None:
+            actions.append(_add(d.node, twin))
+        else:
+            actions.append(("block-dirty-bitmap-clear", {"node": d.node, "name": twin}))
+            if not current.recording:
+                actions.append(("block-dirty-bitmap-enable", {"node": d.node, "name": twin}))
     return actions
 
 
-def delete_actions(plan: chain.DeletePlan, disks: Sequence[Disk], bitmaps: dict[str, dict[str, Bitmap]]) -> list[Action]:
+def delete_actions(plan: chain.DeletePlan, disks: Sequence[Disk], bitmaps: dict[str, dict[str, Bitmap]], twin: str) -> list[Action]:
+    """Delete a checkpoint's bitmap the seed's way; when the newest goes, the previous one
+    becomes active and its twin takes in the previous one's bits too."""
     actions: list[Action] = []
     for d in disks:
         have = bitmaps.get(d.id, {})
@@ -58,6 +78,8 @@ def delete_actions(plan: chain.DeletePlan, disks: Sequence[Disk], bitmaps: dict[
             actions.append(("block-dirty-bitmap-merge", {"node": d.node, "target": target.name, "bitmaps": [victim.name]}))
             if plan.enable:
                 actions.append(("block-dirty-bitmap-enable", {"node": d.node, "name": target.name}))
+                if twin in have and not have[twin].inconsistent:
+                    actions.append(("block-dirty-bitmap-merge", {"node": d.node, "target": twin, "bitmaps": [target.name]}))
         actions.append(("block-dirty-bitmap-remove", {"node": d.node, "name": victim.name}))
     return actions
 
@@ -86,6 +108,10 @@ class Checkpoints:
     def namespace(self) -> str:
         return bitmap_namespace(self.repo.id)
 
+    @property
+    def twin(self) -> str:
+        return twin_bitmap(self.namespace)
+
     def new_record(self, name: str, created: str, chain_id: str) -> CheckpointRecord:
         return CheckpointRecord(name=name, created=created, chain=chain_id, disks=tuple(d.id for d in self.disks),
                                 bitmap=self.namespace + name)
@@ -108,12 +134,20 @@ class Checkpoints:
                 done.append(f"confirmed checkpoint {r.name}: its backup had been committed")
             else:
                 if present:
-                    self._apply(delete_actions(chain.plan_delete(records, r.name), self.disks, bitmaps))
+                    plan = chain.plan_delete(records, r.name)
+                    self._apply(delete_actions(plan, self.disks, bitmaps, self.twin))
                     bitmaps = self.bitmaps()
+                    records = self._recount(records, plan, bitmaps)
                 records = [x for x in records if x.name != r.name]
                 done.append(f"rolled back checkpoint {r.name}: its backup never completed")
             self.repo.save_checkpoints(self.vm, records)
-        known = {r.bitmap for r in records}
+        broken_twins = [(d, b[self.twin]) for d, b in bitmaps.items()
+                        if self.twin in b and (b[self.twin].inconsistent or not b[self.twin].persistent)]
+        if broken_twins:  # cannot be cleared: removed, and the next full backup starts a new one
+            self._apply([("block-dirty-bitmap-remove", {"node": t.node, "name": t.name}) for _, t in broken_twins])
+            bitmaps = self.bitmaps()
+            done.append(f"removed the unusable twin bitmap on disk {', '.join(d for d, _ in broken_twins)}")
+        known = {r.bitmap for r in records} | {self.twin}
         orphans = sorted({n for b in bitmaps.values() for n in b if n.startswith(self.namespace)} - known)
         if orphans:
             self._apply(remove_actions(self.disks, orphans, bitmaps))
@@ -130,20 +164,65 @@ class Checkpoints:
         self.repo.save_checkpoints(self.vm, [*self.records(), record])
 
     def confirm(self, name: str) -> None:
-        self.repo.save_checkpoints(self.vm, [replace(r, state="confirmed") if r.name == name else r for r in self.records()])
+        """The backup at name is committed.  Bitmaps that stopped recording get their final counts."""
+        bitmaps = self.bitmaps()
+        records = self.records()
+        updated = []
+        for i, r in enumerate(records):
+            if r.name == name:
+                r = replace(r, state="confirmed")
+            elif i < len(records) - 1 and not r.counts:
+                r = replace(r, counts=_counts(r, bitmaps))
+            updated.append(r)
+        self.repo.save_checkpoints(self.vm, updated)
 
     def rollback(self, name: str) -> None:
         """Undo a checkpoint whose backup failed: QEMU's bitmaps as before, record gone."""
-        records = self.records()
-        if any(r.name == name for r in records):
-            self._apply(delete_actions(chain.plan_delete(records, name), self.disks, self.bitmaps()))
-            self.repo.save_checkpoints(self.vm, [r for r in records if r.name != name])
+        if any(r.name == name for r in self.records()):
+            self.delete(name)
 
     def delete(self, name: str) -> None:
         """Delete a checkpoint anywhere in the chain: bitmaps first, record after."""
         records = self.records()
-        self._apply(delete_actions(chain.plan_delete(records, name), self.disks, self.bitmaps()))
+        plan = chain.plan_delete(records, name)
+        self._apply(delete_actions(plan, self.disks, self.bitmaps(), self.twin))
+        records = self._recount(records, plan, self.bitmaps())
         self.repo.save_checkpoints(self.vm, [r for r in records if r.name != name])
+
+    def _recount(self, records: list[CheckpointRecord], plan: chain.DeletePlan, bitmaps: dict[str, dict[str, Bitmap]]) -> list[CheckpointRecord]:
+        """After our merge into plan.merge_into: its new final counts, or none if it records again."""
+        return [replace(r, counts={} if plan.enable else _counts(r, bitmaps)) if r.bitmap == plan.merge_into else r for r in records]
+
+    def verify_active(self, active: CheckpointRecord) -> None:
+        """ChainBroken unless the active bitmap equals its twin on every disk (one atomic snapshot)."""
+        bitmaps = self.bitmaps()
+        sound = [d for d in self.disks if active.bitmap in bitmaps[d.id] and not bitmaps[d.id][active.bitmap].inconsistent
+                 and self.twin in bitmaps[d.id] and not bitmaps[d.id][self.twin].inconsistent]
+        counts = self._snapshot_counts(sound, active.bitmap) if sound else {}
+        for d in self.disks:
+            if d.id in active.disks:
+                problem = chain.twin_problem(active, d.id, bitmaps[d.id].get(self.twin), counts.get(d.id))
+                if problem:
+                    raise ChainBroken(problem, hint="the chain cannot be trusted: run `nbdbackup full` (or `auto`)")
+
+    def _snapshot_counts(self, disks: Sequence[Disk], active: str) -> dict[str, tuple[int, int]]:
+        """(active, twin) dirty bytes per disk, copied at one instant into temporary bitmaps."""
+        a, t = f"{self.namespace}@check-active", f"{self.namespace}@check-twin"
+        actions: list[Action] = []
+        for d in disks:
+            for temp, source in ((a, active), (t, self.twin)):
+                actions.append(("block-dirty-bitmap-add", {"node": d.node, "name": temp, "persistent": False, "disabled": True,
+                                                           "granularity": chain.GRANULARITY}))
+                actions.append(("block-dirty-bitmap-merge", {"node": d.node, "target": temp, "bitmaps": [source]}))
+        self._apply(actions)
+        try:
+            snapshot = self.bitmaps()
+            return {d.id: (snapshot[d.id][a].count, snapshot[d.id][t].count) for d in disks}
+        finally:
+            try:
+                self._apply([("block-dirty-bitmap-remove", {"node": d.node, "name": n}) for d in disks for n in (a, t)])
+            except NbdBackupError as exc:  # non-persistent: they go with QEMU anyway
+                log.warning("could not remove temporary bitmaps: %s", exc)
 
     def drop_chain(self, names: Sequence[str]) -> None:
         """Remove whole checkpoints (an old chain after a new full): bitmaps first, records after."""
@@ -154,3 +233,7 @@ class Checkpoints:
     def _apply(self, actions: list[Action]) -> None:
         if actions:
             self.session.transaction(actions)
+
+
+def _counts(record: CheckpointRecord, bitmaps: dict[str, dict[str, Bitmap]]) -> dict[str, int]:
+    return {disk: b[record.bitmap].count for disk, b in bitmaps.items() if record.bitmap in b and disk in record.disks}

@@ -19,7 +19,7 @@ from .capture import CancelToken, Tuning
 from .chain import CheckpointStatus, assess, resolve
 from .checkpoints import Checkpoints, disk_bitmaps
 from .config import Settings, VMConfig
-from .errors import LockHeld, RepositoryDamaged, VMUnreachable
+from .errors import ChainBroken, LockHeld, RepositoryDamaged, VMUnreachable
 from .lock import file_lock
 from .names import bitmap_namespace, check_name
 from .qmp import QMPSession
@@ -102,7 +102,17 @@ def checkpoint_status(settings: Settings, vmconf: VMConfig) -> list[CheckpointSt
     """Read-only: the chain as QEMU and the repository see it."""
     with vm_session(settings, vmconf) as (repo, session):
         disks = qcow2_disks(session, vmconf.disks, vmconf.exclude)
-        return assess(repo.checkpoints(vmconf.name), disk_bitmaps(session, disks), bitmap_namespace(repo.id))
+        records = repo.checkpoints(vmconf.name)
+        rows = assess(records, disk_bitmaps(session, disks), bitmap_namespace(repo.id))
+        active = next((r for r in rows if r.active), None)
+        if active is not None:
+            try:  # the active bitmap against its twin: a snapshot in QEMU, removed at once
+                Checkpoints(repo, session, vmconf.name, disks).verify_active(records[-1])
+            except ChainBroken as exc:
+                rows = [dataclasses.replace(r, state="altered", active=False, problems=(*r.problems, exc.message)) if r is active else r
+                        for r in rows]
+                rows = [dataclasses.replace(r, usable=False) for r in rows]
+        return rows
 
 
 def delete_checkpoint(settings: Settings, vmconf: VMConfig, name: str, *, keep_backup: bool) -> None:

@@ -43,6 +43,12 @@ def bitmap_namespace(repository_id: str) -> str:
     return f"{BITMAP_PREFIX}{repository_id[:8]}."
 
 
+def twin_bitmap(namespace: str) -> str:
+    """The bitmap that records exactly what the active checkpoint bitmap records, on every disk:
+    if another tool clears or changes the active bitmap, the two differ."""
+    return f"{namespace}@twin"
+
+
 def block_namespace(repository_id: str) -> str:
     """Prefix of the block nodes, jobs and exports a repository's backups create:
     nbdbackup-<first 8 hex digits of its id>-.  A backup cleans up leftovers of its

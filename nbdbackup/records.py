@@ -104,6 +104,9 @@ class CheckpointRecord:
     disks: tuple[str, ...]
     bitmap: str  # name of its dirty bitmap on every disk
     state: CheckpointState = "pending"
+    # Dirty bytes of its bitmap per disk, recorded once the bitmap stopped recording
+    # (and after each of our merges into it): another tool's change shows as a difference.
+    counts: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

@@ -324,8 +324,16 @@ NOTHING_LEFT = {"exports": [], "jobs": [], "nodes": [], "temporary bitmaps": []}
 
 
 def bitmap_state(vm: Any) -> dict[str, list[tuple[str, bool, bool]]]:
-    """Every named bitmap on every disk: (name, recording, persistent), sorted."""
-    return {d: sorted((b.get("name", "<unnamed>"), b["recording"], b["persistent"]) for b in vm.bitmaps(d)) for d in vm.disks}
+    """Every named checkpoint bitmap on every disk: (name, recording, persistent), sorted.
+    The active bitmap's twin (nbdbackup.<ns>.@twin) is left out: twin_state() shows it."""
+    return {d: sorted((b.get("name", "<unnamed>"), b["recording"], b["persistent"]) for b in vm.bitmaps(d)
+                      if not b.get("name", "").endswith(".@twin")) for d in vm.disks}
+
+
+def twin_state(vm: Any) -> dict[str, list[tuple[bool, bool, int]]]:
+    """The twin bitmap on every disk: (recording, persistent, dirty bytes)."""
+    return {d: [(b["recording"], b["persistent"], b["count"]) for b in vm.bitmaps(d) if b.get("name", "").endswith(".@twin")]
+            for d in vm.disks}
 
 
 def snapshot(vm: Any) -> dict[str, bytes]:

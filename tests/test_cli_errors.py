@@ -165,7 +165,7 @@ def test_two_repositories_back_up_one_vm_without_breaking_each_other(vm_factory,
     cli.run(a, "incremental", "vm1", "--qmp", vm.qmp_socket)
     cli.run(b, "incremental", "vm1", "--qmp", vm.qmp_socket)
     rows = json.loads(cli.run(a, "checkpoints", "vm1", "--qmp", vm.qmp_socket, "--json").stdout)
-    assert [r["state"] for r in rows] == ["ok", "ok", "foreign", "foreign"]
+    assert [r["state"] for r in rows] == ["ok", "ok", "foreign", "foreign", "foreign"]  # b: two checkpoints and the twin
     for repo in (a, b):
         images = cli.restore(repo, vm, "latest", tmp_path / f"out-{repo.name}")
         assert_image_equals(images["vda"], vm.expected("vda"), "qcow2")

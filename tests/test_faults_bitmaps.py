@@ -1,10 +1,9 @@
 """Another tool changes the disks' dirty bitmaps between two backups (through the harness monitor).
 
-* Our bitmaps removed, disabled or enabled: the incremental that would rely on them exits 4
-  naming the bitmap, the disk and the problem, writes nothing and changes nothing in QEMU;
-  `auto` makes a full backup and the chain goes on exactly.
-* Our active bitmap cleared: QEMU's state looks like "no changes" (the limitation the
-  first test below exposes; see docs/RELIABILITY.md).
+* Our bitmaps removed, disabled, enabled or cleared: the incremental that would rely on
+  them exits 4 naming the bitmap, the disk and the problem, writes nothing and changes
+  nothing in QEMU; `auto` makes a full backup and the chain goes on exactly.  A cleared
+  bitmap is caught by its recorded count (disabled bitmaps) or by its twin (the active one).
 * A bitmap of our namespace without a record is removed by the next run.
 * Bitmaps of other tools are never touched and break nothing.
 """
@@ -25,6 +24,7 @@ from faults import (
     qemu_leftovers,
     records,
     snapshot,
+    twin_state,
 )
 
 KiB, MiB = 1024, 1024 * 1024
@@ -56,6 +56,8 @@ CASES = [
     ("disable", "two", None, "disabled but should be recording"),
     ("remove", "one", "one", "missing"),
     ("enable", "one", "one", "recording but should be disabled"),
+    ("clear", "two", None, "changed by another tool"),
+    ("clear", "one", "one", "changed by another tool"),
 ]
 
 
@@ -89,13 +91,27 @@ def test_bitmap_changed_by_another_tool_is_refused_and_auto_recovers(vm_factory,
 
 def test_writes_before_another_tool_cleared_our_active_bitmap_reach_the_next_backup(vm_factory, repo, tmp_path):
     """block-dirty-bitmap-clear on our active bitmap erases the record of the guest's writes
-    since the last backup; QEMU then shows an ordinary bitmap with no changes. Whatever
-    nbdbackup does, the backup it makes must not silently miss those writes."""
+    since the last backup; QEMU then shows an ordinary bitmap with no changes.  The twin
+    still holds them: the incremental refuses, and `auto`'s full backup holds the writes."""
     vm, bitmap = two_checkpoints(vm_factory, repo)
     tamper(vm, "clear", bitmap["two"])
-    result = cli.run(repo, "incremental", "vm1", "--qmp", vm.qmp_socket, "--checkpoint", "three")
-    assert result.returncode == 0
+    result = cli.run(repo, "incremental", "vm1", "--qmp", vm.qmp_socket, "--checkpoint", "three", expect=4)
+    assert "cleared" in result.stderr and "vda" in result.stderr
+    cli.run(repo, "auto", "vm1", "--qmp", vm.qmp_socket, "--checkpoint", "three")
+    assert cli.backups(repo)[-1]["kind"] == "full"
     assert_restores(repo, vm, "three", snapshot(vm), tmp_path / "three")
+
+
+def test_the_twin_follows_the_active_bitmap_through_deletes(vm_factory, repo, tmp_path):
+    """Deleting the newest checkpoint makes the previous one active again: its twin takes in
+    its bits, so the next incremental is accepted and exact."""
+    vm, bitmap = two_checkpoints(vm_factory, repo)
+    cli.run(repo, "delete", "vm1", "two", "--qmp", vm.qmp_socket)
+    vm.write("vdb", 2 * MiB, 64 * KiB, 0x23)
+    backup(repo, vm, "incremental", "--checkpoint", "three")
+    assert cli.backups(repo)[-1]["since"] == "one"
+    assert_restores(repo, vm, "three", snapshot(vm), tmp_path / "three")
+    assert all(t == [(True, True, 0)] for t in twin_state(vm).values())
 
 
 def test_a_full_backup_after_a_cleared_bitmap_restores_exactly(vm_factory, repo, tmp_path):

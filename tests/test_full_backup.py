@@ -133,7 +133,7 @@ def test_sigint_during_full_backup_leaves_nothing_behind(vm_factory, repo, tmp_p
     state, bitmaps_before = leftovers(vm, before)
     assert state["exports"] == [] and state["jobs"] == [] and state["nodes"] == []
     assert state["bitmaps"] == bitmaps_before  # no new checkpoint; the old one active again
-    assert [b["recording"] for b in vm.bitmaps("vda")] == [True]
+    assert [b["recording"] for b in vm.bitmaps("vda") if not b["name"].endswith("@twin")] == [True]
     assert [b["checkpoint"] for b in cli.backups(repo)] == [first]
     assert list((repo / "tmp").iterdir()) == []  # no scratch file
     assert not list((repo / "vms" / "vm1" / "backups").glob("*/*.index")) or \

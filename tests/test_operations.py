@@ -80,7 +80,7 @@ class FakeGuestAgent:
         threading.Thread(target=self._serve, daemon=True).start()
 
     def checkpoint_bitmaps(self) -> int:
-        return sum(1 for b in self.vm.bitmaps("vda") if b.get("name", "").startswith("nbdbackup."))
+        return sum(1 for b in self.vm.bitmaps("vda") if b.get("name", "").startswith("nbdbackup.") and "@" not in b["name"])
 
     @staticmethod
     def _messages(conn):
@@ -140,6 +140,6 @@ def test_prune_all_applies_each_vms_retention_setting(vm_factory, repo, tmp_path
         cli.run(repo, "auto", "vm1")
     [report] = json.loads(cli.run(repo, "prune", "--all", "--json").stdout)["vms"]
     assert report["vm"] == "vm1" and [b["keep"] for b in report["backups"]] == [False, False, True]
-    assert len(cli.backups(repo)) == 1 and len(vm.bitmaps("vda")) == 1
+    assert len(cli.backups(repo)) == 1 and len(vm.bitmaps("vda")) == 2  # the newest checkpoint's bitmap and its twin
     images = cli.restore(repo, vm, "latest", tmp_path / "out")
     assert_image_equals(images["vda"], vm.expected("vda"), "qcow2")

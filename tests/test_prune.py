@@ -40,7 +40,7 @@ def test_prune_follows_the_policy_in_the_repository_and_in_qemu(vm_factory, repo
     assert report["freed_chunks"] > 0 and chunk_count(repo) == before - report["freed_chunks"]
     rows = json.loads(cli.run(repo, "checkpoints", "vm1", "--qmp", vm.qmp_socket, "--json").stdout)
     assert [(r["name"], r["state"], r["active"]) for r in rows] == [("cp3", "ok", False), ("cp4", "ok", True)]
-    assert sorted(b["name"].rsplit(".", 1)[1] for b in vm.bitmaps("vda")) == ["cp3", "cp4"]
+    assert sorted(b["name"].rsplit(".", 1)[1] for b in vm.bitmaps("vda")) == ["@twin", "cp3", "cp4"]
 
     for name in ("cp3", "cp4"):  # kept backups still restore identical
         images = cli.restore(repo, vm, name, tmp_path / name)

@@ -92,7 +92,8 @@ def checkpoints_to_bytes(records: list[CheckpointRecord]) -> bytes:
         {
             "version": MANIFEST_VERSION,
             "checkpoints": [
-                {"name": r.name, "created": r.created, "chain": r.chain, "disks": list(r.disks), "bitmap": r.bitmap, "state": r.state} for r in records
+                {"name": r.name, "created": r.created, "chain": r.chain, "disks": list(r.disks), "bitmap": r.bitmap, "state": r.state,
+                 "counts": dict(sorted(r.counts.items()))} for r in records
             ],
         }
     )
@@ -104,7 +105,8 @@ def checkpoints_from_bytes(blob: bytes, where: str) -> list[CheckpointRecord]:
         raise RepositoryUnusable(f"{where} has version {doc.get('version')}, this nbdbackup reads {MANIFEST_VERSION}", hint="upgrade nbdbackup")
     try:
         return [
-            CheckpointRecord(name=r["name"], created=r["created"], chain=r["chain"], disks=tuple(r["disks"]), bitmap=r["bitmap"], state=r["state"])
+            CheckpointRecord(name=r["name"], created=r["created"], chain=r["chain"], disks=tuple(r["disks"]), bitmap=r["bitmap"], state=r["state"],
+                             counts=dict(r.get("counts", {})))
             for r in doc["checkpoints"]
         ]
     except (KeyError, TypeError) as exc:
