@@ -83,3 +83,23 @@ def test_removed_disk_is_ignored_and_unfinished_checkpoint_refused():
     chain.check_since(RECORDS, RECORDS[1], bitmaps)
     with pytest.raises(ChainBroken, match="never completed"):
         chain.check_since([*RECORDS[:3], rec("D", state="pending")], RECORDS[1], sound_bitmaps())
+
+
+def test_a_disabled_bitmap_must_keep_its_recorded_count():
+    records = [CheckpointRecord(**{**r.__dict__, "counts": {"vda": 0, "vdb": 0}}) if r.name != "D" else r for r in RECORDS]
+    chain.check_since(records, records[1], sound_bitmaps())
+    bitmaps = sound_bitmaps()
+    bitmaps["vdb"][bitmap_name("C")] = Bitmap(node="n", name=bitmap_name("C"), granularity=65536, count=65536,
+                                              recording=False, persistent=True, busy=False, inconsistent=False)
+    with pytest.raises(ChainBroken, match="changed by another tool"):
+        chain.check_since(records, records[1], bitmaps)
+
+
+@pytest.mark.parametrize(
+    "twin, counts, words",
+    [(None, None, "missing"), (bm("T", recording=False), (0, 0), "unusable"), (bm("T", recording=True), (65536, 0), "cleared"),
+     (bm("T", recording=True), (0, 65536), "cleared")],
+)
+def test_the_active_bitmap_must_equal_its_twin(twin, counts, words):
+    assert chain.twin_problem(RECORDS[-1], "vda", bm("T", recording=True), (4096, 4096)) is None
+    assert words in chain.twin_problem(RECORDS[-1], "vda", twin, counts)
