@@ -477,3 +477,22 @@ if __name__ == "__main__":
 def block_namespace(repo: Path) -> str:
     """The prefix of the nodes, jobs and exports the repository's backups create."""
     return "nbdbackup-" + json.loads((repo / "config.json").read_text())["id"][:8] + "-"
+
+
+SIZES = {"vda": 8 * MiB, "vdb": 4 * MiB + 512}  # vdb ends inside a bitmap granule
+
+
+def prepare(vm_factory: Any, repo: Path) -> tuple[Any, dict[str, bytes]]:
+    """A VM with a full backup "one", and changes on both disks for the next incremental:
+    in both 4 MiB chunk windows of vda (two reads) and on vdb.  Returns (vm, content at one)."""
+    vm = vm_factory(SIZES)
+    vm.start()
+    vm.write("vda", 0, 1 * MiB, 0x11)
+    vm.write("vda", 4 * MiB, 64 * KiB, 0x12)
+    vm.write("vdb", 0, 512 * KiB, 0x21)
+    backup(repo, vm, "full", "--checkpoint", "one")
+    at_one = snapshot(vm)
+    vm.write("vda", 64 * KiB, 64 * KiB, 0x13)
+    vm.write("vda", 5 * MiB, 64 * KiB, 0x14)
+    vm.write("vdb", 1 * MiB, 64 * KiB, 0x22)
+    return vm, at_one

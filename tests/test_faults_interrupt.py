@@ -28,11 +28,11 @@ from faults import (
     assert_one_line_error,
     assert_recovers,
     assert_restores,
-    backup,
     backups,
     bitmap_state,
     block_namespace,
     manifest,
+    prepare,
     qemu_leftovers,
     records,
     scratch_left,
@@ -40,27 +40,11 @@ from faults import (
 )
 
 KiB, MiB = 1024, 1024 * 1024
-SIZES = {"vda": 8 * MiB, "vdb": 4 * MiB + 512}
 
 # Where a run pauses: "read" at the second read (the first one's chunk may be stored), "index"
 # before the second disk's index (the first disk's index is written).
 AFTER = {"index": 2, "read": 2}
 
-
-def prepare(vm_factory, repo):
-    """A VM with a full backup "one", and changes on both disks for the next incremental."""
-    vm = vm_factory(SIZES)
-    vm.start()
-    vm.write("vda", 0, 1 * MiB, 0x11)
-    vm.write("vda", 4 * MiB, 64 * KiB, 0x12)
-    vm.write("vdb", 0, 512 * KiB, 0x21)
-    backup(repo, vm, "full", "--checkpoint", "one")
-    at_one = snapshot(vm)
-    # Changes in both 4 MiB chunk windows of vda (two reads) and on vdb.
-    vm.write("vda", 64 * KiB, 64 * KiB, 0x13)
-    vm.write("vda", 5 * MiB, 64 * KiB, 0x14)
-    vm.write("vdb", 1 * MiB, 64 * KiB, 0x22)
-    return vm, at_one
 
 
 def check_stage(vm, repo, stage: str, before) -> None:

@@ -16,6 +16,7 @@ import time
 import cli
 from faults import (
     NOTHING_LEFT,
+    SIZES,
     Run,
     assert_no_partial_backups,
     assert_one_line_error,
@@ -28,6 +29,7 @@ from faults import (
     child_pids,
     command_name,
     grow_filesystem,
+    prepare,
     qemu_leftovers,
     records,
     remount,
@@ -38,21 +40,7 @@ from faults import (
 )
 
 KiB, MiB = 1024, 1024 * 1024
-SIZES = {"vda": 8 * MiB, "vdb": 4 * MiB + 512}
 
-
-def prepare(vm_factory, repo):
-    vm = vm_factory(SIZES)
-    vm.start()
-    vm.write("vda", 0, 1 * MiB, 0x11)
-    vm.write("vda", 4 * MiB, 64 * KiB, 0x12)
-    vm.write("vdb", 0, 512 * KiB, 0x21)
-    backup(repo, vm, "full", "--checkpoint", "one")
-    at_one = snapshot(vm)
-    vm.write("vda", 64 * KiB, 64 * KiB, 0x13)
-    vm.write("vda", 5 * MiB, 64 * KiB, 0x14)
-    vm.write("vdb", 1 * MiB, 64 * KiB, 0x22)
-    return vm, at_one
 
 
 # -- QEMU dies ------------------------------------------------------------------------
