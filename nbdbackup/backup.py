@@ -128,6 +128,7 @@ def run_backup(
     try:
         # 4. freeze and export
         with pit:
+            checkpoints.record_final_counts()  # the previous bitmap stopped recording in the freeze
             cancel.check()
             disk_results = []
             regions = {p.disk.id: _regions(p, pit) for p in plan.disks}

@@ -163,18 +163,17 @@ class Checkpoints:
     def add_pending(self, record: CheckpointRecord) -> None:
         self.repo.save_checkpoints(self.vm, [*self.records(), record])
 
-    def confirm(self, name: str) -> None:
-        """The backup at name is committed.  Bitmaps that stopped recording get their final counts."""
+    def record_final_counts(self) -> None:
+        """Right after the freeze: bitmaps that stopped recording get their final counts."""
         bitmaps = self.bitmaps()
         records = self.records()
-        updated = []
-        for i, r in enumerate(records):
-            if r.name == name:
-                r = replace(r, state="confirmed")
-            elif i < len(records) - 1 and not r.counts:
-                r = replace(r, counts=_counts(r, bitmaps))
-            updated.append(r)
-        self.repo.save_checkpoints(self.vm, updated)
+        self.repo.save_checkpoints(self.vm, [replace(r, counts=_counts(r, bitmaps)) if i < len(records) - 1 and not r.counts else r
+                                             for i, r in enumerate(records)])
+
+    def confirm(self, name: str) -> None:
+        """The backup at name is committed."""
+        self.record_final_counts()  # no-op unless the run was interrupted in between
+        self.repo.save_checkpoints(self.vm, [replace(r, state="confirmed") if r.name == name else r for r in self.records()])
 
     def rollback(self, name: str) -> None:
         """Undo a checkpoint whose backup failed: QEMU's bitmaps as before, record gone."""
@@ -208,6 +207,8 @@ class Checkpoints:
     def _snapshot_counts(self, disks: Sequence[Disk], active: str) -> dict[str, tuple[int, int]]:
         """(active, twin) dirty bytes per disk, copied at one instant into temporary bitmaps."""
         a, t = f"{self.namespace}@check-active", f"{self.namespace}@check-twin"
+        left = self.bitmaps()  # left by a run killed during a check: cannot be added again
+        self._apply([("block-dirty-bitmap-remove", {"node": d.node, "name": n}) for d in disks for n in (a, t) if n in left[d.id]])
         actions: list[Action] = []
         for d in disks:
             for temp, source in ((a, active), (t, self.twin)):

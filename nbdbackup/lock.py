@@ -31,11 +31,11 @@ def file_lock(path: Path, *, what: str, shared: bool = False, wait: float = 0.0)
     try:
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
     except OSError as exc:
-        if exc.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+        if exc.errno in (errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOENT):  # ENOENT: no locks/ folder could be made
             if shared:
                 yield
                 return
-            raise RepositoryUnusable(f"cannot lock {what}: {path.parent} is {'read-only' if exc.errno == errno.EROFS else 'not writable'}",
+            raise RepositoryUnusable(f"cannot lock {what}: {path.parent} is {'not writable' if exc.errno != errno.EROFS else 'read-only'}",
                                      hint="this command writes to the repository") from None
         raise
     try:

@@ -49,7 +49,10 @@ def find_backup(repo: Repository, vm: str, checkpoint: str) -> Manifest:
         if found is not None:
             return found
     # "latest" must be the newest backup: with a damaged manifest about, which one that is is unknown.
-    manifests = repo.manifests(vm, strict=checkpoint == "latest")
+    try:
+        manifests = repo.manifests(vm, strict=checkpoint == "latest")
+    except RepositoryDamaged as exc:
+        raise RepositoryDamaged(f"cannot tell which backup is the latest: {exc}", hint="name the backup with --to CHECKPOINT; run `nbdbackup verify`") from None
     if checkpoint == "latest" and manifests:
         return manifests[-1]
     for m in manifests:

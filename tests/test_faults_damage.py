@@ -109,3 +109,19 @@ def test_truncated_manifest(three_backups, repo, tmp_path):
     others_restore(repo, vm, expected, tmp_path)
     line = restore_fails(repo, vm, "two", tmp_path / "out")
     assert "backup two" in line, line
+
+
+def test_a_damaged_base_makes_auto_run_a_full_and_latest_refuse_to_guess(three_backups, repo, tmp_path):
+    """The manifest of three (the base of the next incremental) is damaged: `incremental` exits 6,
+    `auto` makes a full backup instead; `restore --to latest` will not guess which backup is newest."""
+    vm, expected = three_backups
+    manifest = repo / "vms" / "vm1" / "backups" / "three" / "manifest.json"
+    manifest.write_bytes(manifest.read_bytes()[:-20])
+    vm.write("vda", 0, 64 * KiB, 0x16)
+    cli.run(repo, "incremental", "vm1", "--qmp", vm.qmp_socket, expect=6)
+    proc = cli.run(repo, "restore", "vm1", "--to", "latest", "--output", tmp_path / "latest", expect=6)
+    assert "--to CHECKPOINT" in proc.stderr
+    proc = cli.run(repo, "auto", "vm1", "--qmp", vm.qmp_socket, "--checkpoint", "four")
+    assert "full" in proc.stderr
+    assert_restores(repo, vm, "four", snapshot(vm), tmp_path / "four")
+    assert_restores(repo, vm, "two", expected["two"], tmp_path / "two")

@@ -60,3 +60,23 @@ def test_bad_config_is_a_usage_error(tmp_path, text, words):
     conf.write_text(text)
     with pytest.raises(errors.UsageError, match=words):
         config.load(str(conf), None)
+
+
+@pytest.mark.parametrize(
+    "text, words",
+    [("[vm.vm1]\ncompression = 30\n", "compression"), ("[vm.vm1]\nworkers = 0\n", "workers"),
+     ("repositry = '/x'\n", "unknown setting"), ("[vm.vm1]\nretention = { dayly = 3 }\n", "retention.dayly")],
+)
+def test_out_of_range_settings_are_usage_errors(tmp_path, text, words):
+    conf = tmp_path / "c.toml"
+    conf.write_text(text)
+    with pytest.raises(errors.UsageError, match=words):
+        config.load(str(conf), None)
+
+
+def test_bad_timeouts_are_usage_errors(monkeypatch):
+    monkeypatch.setenv("NBDBACKUP_CONNECT_TIMEOUT", "soon")
+    with pytest.raises(errors.UsageError, match="NBDBACKUP_CONNECT_TIMEOUT"):
+        config.env_seconds("NBDBACKUP_CONNECT_TIMEOUT", 10)
+    monkeypatch.setenv("NBDBACKUP_CONNECT_TIMEOUT", "2.5")
+    assert config.env_seconds("NBDBACKUP_CONNECT_TIMEOUT", 10) == 2.5

@@ -99,3 +99,13 @@ def test_checkpoint_records_round_trip(tmp_path):
     recs = [CheckpointRecord("a", "t1", "c", ("vda",), "nbdbackup.x.a", "confirmed"), CheckpointRecord("b", "t2", "c", ("vda", "vdb"), "nbdbackup.x.b")]
     repo.save_checkpoints("vm1", recs)
     assert repo.checkpoints("vm1") == recs
+
+
+def test_checkpoint_records_without_counts_are_read_and_bad_counts_refused(tmp_path):
+    from nbdbackup.repository.manifest import checkpoints_from_bytes, seal
+
+    rec = {"name": "a", "created": "t", "chain": "c", "disks": ["vda"], "bitmap": "nbdbackup.x.a", "state": "confirmed"}
+    [old] = checkpoints_from_bytes(seal({"version": 1, "checkpoints": [rec]}), "t")
+    assert old.counts == {}
+    with pytest.raises(RepositoryDamaged):
+        checkpoints_from_bytes(seal({"version": 1, "checkpoints": [{**rec, "counts": {"vda": "x"}}]}), "t")

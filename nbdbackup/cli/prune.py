@@ -122,7 +122,7 @@ def _print(vm: str, report, dry_run: bool, as_json: bool) -> None:
             click.echo(f"{vm:<16} {verdict:<12} {r['checkpoint']:<28} {r['created']:<24} {', '.join(r['reasons'])}")
         if not dry_run:
             removed = sum(not r["keep"] for r in doc["backups"])
-            freed = f"; freed {doc['freed_chunks']} chunks ({human_size(doc['freed_bytes'])})" if report.garbage else ""
+            freed = f"; freed {doc['freed_chunks']} chunks ({human_size(doc['freed_bytes'])})" if report.garbage and report.garbage.done else ""
             click.echo(f"{vm:<16} removed {removed} backups{freed}")
     for note in report.notes:
         click.echo(f"nbdbackup: {vm}: {note}", err=True)

@@ -104,6 +104,10 @@ def checkpoints_from_bytes(blob: bytes, where: str) -> list[CheckpointRecord]:
     if doc.get("version") != MANIFEST_VERSION:
         raise RepositoryUnusable(f"{where} has version {doc.get('version')}, this nbdbackup reads {MANIFEST_VERSION}", hint="upgrade nbdbackup")
     try:
+        for r in doc["checkpoints"]:
+            counts = r.get("counts", {})
+            if not isinstance(counts, dict) or not all(isinstance(v, int) and not isinstance(v, bool) for v in counts.values()):
+                raise TypeError(f"counts of {r.get('name')!r} must map disk ids to integers")
         return [
             CheckpointRecord(name=r["name"], created=r["created"], chain=r["chain"], disks=tuple(r["disks"]), bitmap=r["bitmap"], state=r["state"],
                              counts=dict(r.get("counts", {})))
