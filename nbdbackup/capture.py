@@ -14,14 +14,13 @@ reads, never a whole-disk map first.
 from __future__ import annotations
 
 import bisect
-import concurrent.futures as cf
 import functools
-import threading
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 from .errors import Interrupted
 from .nbdio import BASE_ALLOCATION, MAX_REQUEST, STATUS_STEP, NbdEndpoint, data_extents
+from .pipeline import Pipeline
 from .records import Extent, IndexEntry
 from .repository import Repository
 from .repository.chunks import chunk_id
@@ -132,22 +131,12 @@ def capture(
 ) -> CaptureResult:
     """Read `regions` of the export and store them; returns entries covering their data."""
     result = CaptureResult(entries=[])
-    local = threading.local()
-    endpoints: list[NbdEndpoint] = []
-    lock = threading.Lock()
-
-    def endpoint() -> NbdEndpoint:
-        if not hasattr(local, "ep"):
-            local.ep = connect()
-            with lock:
-                endpoints.append(local.ep)
-        return local.ep
 
     def work(reads: list[Extent]) -> tuple[IndexEntry | None, int, int]:
         if cancel.signum is not None:
             return None, 0, 0
         span = Extent(reads[0].offset, reads[-1].end - reads[0].offset)
-        ep = endpoint()
+        ep = pipe.endpoint()
         buf: bytes | bytearray
         if len(reads) == 1 and span.length <= MAX_REQUEST:
             buf = ep.pread(span.length, span.offset)  # the common case: no copy
@@ -163,34 +152,24 @@ def capture(
         stored = repo.put_chunk(cid, buf, tuning.level)
         return IndexEntry(span.offset, span.length, cid, 0), nread, stored
 
-    def collect(fut: cf.Future, piece_length: int) -> None:
-        entry, nread, stored = fut.result()
+    def collect(done: tuple[IndexEntry | None, int, int], advance: int) -> None:
+        entry, nread, stored = done
         if entry is not None:
             result.entries.append(entry)
             result.data_bytes += entry.length
         result.read_bytes += nread
         result.stored_bytes += stored
-        progress(piece_length)
+        progress(advance)
 
-    try:
-        with connect(contexts=(BASE_ALLOCATION,)) as mapper, cf.ThreadPoolExecutor(tuning.workers, "capture") as pool:
-            inflight: dict[cf.Future, int] = {}
-            for advance, reads in work_items(AllocationMap(mapper), regions, tuning.chunk_size):
-                cancel.check()
-                if not reads:
-                    progress(advance)
-                    continue
-                while len(inflight) >= tuning.depth:
-                    done, _ = cf.wait(inflight, return_when=cf.FIRST_COMPLETED)
-                    for fut in done:
-                        collect(fut, inflight.pop(fut))
-                inflight[pool.submit(work, reads)] = advance
-            for fut in cf.as_completed(list(inflight)):
-                collect(fut, inflight.pop(fut))
+    with connect(contexts=(BASE_ALLOCATION,)) as mapper, Pipeline(tuning.workers, tuning.depth, connect, collect, "capture") as pipe:
+        for advance, reads in work_items(AllocationMap(mapper), regions, tuning.chunk_size):
             cancel.check()
-    finally:
-        for ep in endpoints:
-            ep.close()
+            if reads:
+                pipe.submit(work, reads, advance)
+            else:
+                progress(advance)
+        pipe.drain()
+        cancel.check()
     result.entries.sort(key=lambda e: e.offset)
     return result
 

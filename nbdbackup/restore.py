@@ -8,11 +8,10 @@ read; nothing is renamed into place unless every disk was restored.
 
 from __future__ import annotations
 
-import concurrent.futures as cf
+import functools
 import logging
 import os
 import secrets
-import threading
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -21,6 +20,7 @@ from pathlib import Path
 from .capture import CancelToken, Tuning
 from .errors import CheckpointUnknown, RepositoryDamaged, RestoreTargetError, UsageError
 from .nbdio import MAX_REQUEST, NbdEndpoint, NbdIOError
+from .pipeline import Pipeline
 from .records import IndexEntry, Manifest
 from .repository import Repository
 from .storage_daemon import StorageDaemon, TargetImage, create_image
@@ -124,20 +124,9 @@ def _batches(entries: Sequence[IndexEntry], limit: int) -> Iterator[list[IndexEn
 
 def _write_disk(repo: Repository, m: Manifest, disk_id: str, entries: list[IndexEntry], socket: Path,
                 tuning: Tuning, cancel: CancelToken, progress: Callable[[int], None]) -> None:
-    local = threading.local()
-    endpoints: list[NbdEndpoint] = []
-    lock = threading.Lock()
-
-    def endpoint() -> NbdEndpoint:
-        if not hasattr(local, "ep"):
-            local.ep = NbdEndpoint(socket, disk_id, writable=True)
-            with lock:
-                endpoints.append(local.ep)
-        return local.ep
-
     def chunk(cid: bytes, offset: int) -> bytes:
         """A small per-thread cache: after incrementals, neighbouring entries often share a chunk."""
-        cache: OrderedDict[bytes, bytes] = local.__dict__.setdefault("chunks", OrderedDict())
+        cache: OrderedDict[bytes, bytes] = pipe.local().__dict__.setdefault("chunks", OrderedDict())
         if cid in cache:
             cache.move_to_end(cid)
             return cache[cid]
@@ -150,7 +139,7 @@ def _write_disk(repo: Repository, m: Manifest, disk_id: str, entries: list[Index
     def work(batch: list[IndexEntry]) -> int:
         if cancel.signum is not None:
             return 0
-        ep = endpoint()
+        ep = pipe.endpoint()
         for e in batch:
             data = memoryview(chunk(e.chunk, e.offset))[e.chunk_offset:e.chunk_offset + e.length]
             if len(data) != e.length:
@@ -162,23 +151,14 @@ def _write_disk(repo: Repository, m: Manifest, disk_id: str, entries: list[Index
                 raise RestoreTargetError(f"writing disk {disk_id}: {exc}") from None
         return sum(e.length for e in batch)
 
-    try:
-        with cf.ThreadPoolExecutor(tuning.workers, "restore") as pool:
-            inflight: set[cf.Future] = set()
-            for batch in _batches(entries, tuning.chunk_size):
-                cancel.check()
-                while len(inflight) >= tuning.depth:
-                    done, inflight = cf.wait(inflight, return_when=cf.FIRST_COMPLETED)
-                    for fut in done:
-                        progress(fut.result())
-                inflight.add(pool.submit(work, batch))
-            for fut in cf.as_completed(inflight):
-                progress(fut.result())
+    connect = functools.partial(NbdEndpoint, socket, disk_id, writable=True)
+    with Pipeline(tuning.workers, tuning.depth, connect, lambda written, _: progress(written), "restore") as pipe:
+        for batch in _batches(entries, tuning.chunk_size):
             cancel.check()
-        endpoint().flush()
-    finally:
-        for ep in endpoints:
-            ep.close()
+            pipe.submit(work, batch, None)
+        pipe.drain()
+        cancel.check()
+        pipe.endpoint().flush()  # multi-conn: one flush covers every connection's writes
 
 
 def _nonzero_runs(offset: int, data: memoryview) -> Iterator[tuple[int, int]]:
