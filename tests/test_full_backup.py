@@ -144,3 +144,13 @@ def test_sigint_during_full_backup_leaves_nothing_behind(vm_factory, repo, tmp_p
     images = cli.restore(repo, vm, second, tmp_path / "out")
     for disk, path in images.items():
         assert_image_equals(path, vm.expected(disk), "qcow2")
+
+
+def test_restore_json_names_each_image(vm_factory, repo, tmp_path):
+    vm = vm_factory({"vda": 1 * MiB, "vdb": 1 * MiB})
+    vm.start()
+    vm.write("vdb", 0, 64 * KiB, 0x17)
+    cli.run(repo, "full", "vm1", "--qmp", vm.qmp_socket, "--checkpoint", "c")
+    images = json.loads(cli.run(repo, "restore", "vm1", "--to", "c", "--output", tmp_path / "o", "--format", "raw", "--json").stdout)
+    assert [(i["disk"], i["format"]) for i in images] == [("vda", "raw"), ("vdb", "raw")]
+    assert_image_equals(images[1]["path"], vm.expected("vdb"), "raw")

@@ -14,9 +14,13 @@ from .common import Globals, interruptible, pass_globals, progress_bar
 @click.option("--format", "fmt", type=click.Choice(["qcow2", "raw"]), default="qcow2", show_default=True, help="Image format.")
 @click.option("--disk", "disks", multiple=True, metavar="ID", help="Restore only this disk (repeatable).")
 @click.option("--force", is_flag=True, help="Overwrite existing images in DIR.")
+@click.option("--json", "as_json", is_flag=True, help="Print the restored images as a JSON array of {disk, path, format}.")
 @pass_globals
-def restore(g: Globals, vm: str, checkpoint: str, output: str, fmt: str, disks: tuple[str, ...], force: bool) -> None:
-    """Write DIR/<disk>.<format> for each disk, identical to the disk at CHECKPOINT."""
+def restore(g: Globals, vm: str, checkpoint: str, output: str, fmt: str, disks: tuple[str, ...], force: bool, as_json: bool) -> None:
+    """Write DIR/<disk>.<format> for each disk, identical to the disk at CHECKPOINT.
+
+    Prints the path of each image.
+    """
     from pathlib import Path
 
     from .. import engine
@@ -31,6 +35,11 @@ def restore(g: Globals, vm: str, checkpoint: str, output: str, fmt: str, disks: 
     req = RestoreRequest(vm=vm, checkpoint=checkpoint, output=Path(output), format=fmt, disks=disks, force=force)
     with interruptible() as cancel, progress_bar("restore") as observer:
         paths = engine.restore(settings, req, tuning=Tuning(), cancel=cancel, observer=observer)
+    if as_json:
+        import json
+
+        click.echo(json.dumps([{"disk": p.name.rsplit(".", 1)[0], "path": str(p), "format": fmt} for p in paths], indent=2))
+        return
     for p in paths:
         click.echo(str(p))
 
