@@ -88,6 +88,7 @@ def run_backup(
     progress: Callable[[int], None] = lambda n: None,
     on_start: Callable[[int], None] = lambda total: None,
     quiesce: Callable[[], AbstractContextManager] = contextlib.nullcontext,
+    owner: tuple[int, int] | None = None,
 ) -> BackupResult:
     started = time.monotonic()
     vm = check_name("VM", req.vm)
@@ -123,6 +124,7 @@ def run_backup(
         scratch_dir=scratch_dir,
         socket_dir=socket_dir,
         names=BlockNames(block_namespace(repo.id)),
+        owner=owner,
         quiesce=quiesce,
     )
     try:

@@ -28,7 +28,7 @@ from .repository import Repository
 from .restore import RestoreRequest, run_restore
 from .retention import Decision, Policy, decide
 from .vm import qcow2_disks
-from .workdirs import private_dir, remove_stale_dirs
+from .workdirs import foreign_owner, private_dir, remove_stale_dirs, scratch_base
 
 Progress = Callable[[int], None]
 Start = Callable[[int], None]
@@ -90,12 +90,13 @@ def backup(settings: Settings, vmconf: VMConfig, req: BackupRequest, *, cancel: 
         quiesce = functools.partial(freeze_guest, vmconf.qga, required=require_fsfreeze)
     with contextlib.ExitStack() as stack:
         repo, session = stack.enter_context(vm_session(settings, vmconf, create=True))
-        scratch_base = vmconf.scratch or repo.local_dir("tmp")
-        remove_stale_dirs(scratch_base, prefix=f"{vmconf.name}@")  # left by a killed run; we hold the VM's lock
-        scratch = stack.enter_context(private_dir(scratch_base, prefix=f"{vmconf.name}@"))
-        sockets = stack.enter_context(private_dir())
+        owner = foreign_owner(session.peer_user())  # QEMU must reach the scratch files and create the NBD socket
+        base = scratch_base(vmconf.scratch, lambda: repo.local_dir("tmp"), owner)
+        remove_stale_dirs(base, prefix=f"{vmconf.name}@")  # left by a killed run; we hold the VM's lock
+        scratch = stack.enter_context(private_dir(base, prefix=f"{vmconf.name}@", owner=owner))
+        sockets = stack.enter_context(private_dir(owner=owner))
         return run_backup(repo, session, req, scratch_dir=scratch, socket_dir=sockets, cancel=cancel,
-                          progress=observer.progress, on_start=observer.on_start, quiesce=quiesce)
+                          progress=observer.progress, on_start=observer.on_start, quiesce=quiesce, owner=owner)
 
 
 def checkpoint_status(settings: Settings, vmconf: VMConfig) -> list[CheckpointStatus]:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import subprocess
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
@@ -60,6 +61,7 @@ class PointInTime:
         scratch_dir: Path,
         socket_dir: Path,
         names: BlockNames,
+        owner: tuple[int, int] | None = None,
         quiesce: Callable[[], AbstractContextManager] = contextlib.nullcontext,
     ) -> None:
         """merges: disk id -> bitmap names (on that disk's node) to merge into its export bitmap;
@@ -71,6 +73,7 @@ class PointInTime:
         self.scratch_dir = scratch_dir
         self.socket = socket_dir / "nbd.sock"
         self.names = names
+        self.owner = owner  # (uid, gid) QEMU runs as, when it is not us: it must open the scratch files
         self.quiesce = quiesce  # e.g. a guest filesystem freeze around the transaction
         self.frozen = False  # True once the transaction (and so the checkpoint) took effect
         self._stack = contextlib.ExitStack()
@@ -96,7 +99,7 @@ class PointInTime:
         qmp = self.session
         for d in self.disks:
             scratch = self.scratch_dir / f"{d.id}.fleece.qcow2"
-            _create_scratch(scratch, d.size)
+            _create_scratch(scratch, d.size, self.owner)
             self._stack.callback(_unlink, scratch)
             qmp.execute(
                 "blockdev-add",
@@ -219,7 +222,7 @@ def clear_leftovers(session: QMPSession, namespace: str) -> list[str]:
     return done
 
 
-def _create_scratch(path: Path, size: int) -> None:
+def _create_scratch(path: Path, size: int, owner: tuple[int, int] | None) -> None:
     _unlink(path)
     proc = subprocess.run(
         ["qemu-img", "create", "-q", "-f", "qcow2", "-o", "cluster_size=65536", str(path), str(size)],
@@ -228,6 +231,8 @@ def _create_scratch(path: Path, size: int) -> None:
     if proc.returncode != 0:
         raise NbdBackupError(f"cannot create scratch file {path}: {proc.stderr.strip()}", hint="check the scratch directory")
     path.chmod(0o600)
+    if owner:
+        os.chown(path, *owner)
 
 
 def _unlink(path: Path) -> None:

@@ -10,7 +10,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import socket
 import stat
+import struct
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
@@ -115,6 +117,20 @@ class QMPSession:
             raise VMUnreachable(f"lost the QMP connection during {command}: {_describe(exc)}", hint="did QEMU exit?") from None
         log.debug("QMP <- %s", result)
         return result
+
+    def peer_user(self) -> tuple[int, int] | None:
+        """(uid, gid) the QEMU process runs as now (SO_PEERCRED gives its pid; -runas may
+        have changed its user after it created the socket), or None if unknown."""
+        writer = getattr(self._client, "_writer", None)  # qemu.qmp keeps its stream here (0.0.x)
+        sock = writer.get_extra_info("socket") if writer is not None else None
+        if sock is None:
+            return None
+        try:
+            pid, _, _ = struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i")))
+            fields = dict(line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines() if ":" in line)
+            return int(fields["Uid"].split()[1]), int(fields["Gid"].split()[1])  # effective ids
+        except (OSError, KeyError, ValueError, IndexError):
+            return None
 
     def alive(self) -> bool:
         """Whether QEMU still answers (used to explain a failure)."""

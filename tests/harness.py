@@ -30,6 +30,7 @@ from __future__ import annotations
 import atexit
 import itertools
 import json
+import os
 import re
 import shutil
 import signal
@@ -224,6 +225,7 @@ class TestVM:
         fmt: str = "qcow2",
         cluster_size: int = 65536,
         write_cache: bool = False,
+        runas: str | None = None,
     ) -> None:
         if fmt not in ("qcow2", "raw"):
             raise ValueError(f"unsupported image format {fmt!r}")
@@ -237,6 +239,7 @@ class TestVM:
         self.fmt = fmt
         self.cluster_size = cluster_size
         self.write_cache = write_cache
+        self.runas = runas  # QEMU drops to this user after opening its sockets (-runas)
         self.disks: dict[str, GuestDisk] = {
             disk_id: GuestDisk(disk_id, self.workdir / f"{name}-{disk_id}.{fmt}", size, fmt)
             for disk_id, size in disks.items()
@@ -491,6 +494,8 @@ class TestVM:
             "-qmp", f"unix:{self.qmp_socket},server=on,wait=off",
             "-qmp", f"unix:{self._harness_socket},server=on,wait=off",
         ]
+        if self.runas:
+            cmd += ["-runas", self.runas]
         write_cache = "on" if self.write_cache else "off"
         for disk in self.disks.values():
             file_node = {"driver": "file", "filename": str(disk.path),
@@ -507,6 +512,12 @@ class TestVM:
             cmd += ["-o", f"cluster_size={self.cluster_size}"]
         cmd += [str(disk.path), str(disk.size)]
         _run(cmd)
+        if self.runas:  # the images belong to the user QEMU runs as
+            import pwd
+
+            user = pwd.getpwnam(self.runas)
+            for path in (self.workdir, disk.path):
+                os.chown(path, user.pw_uid, user.pw_gid)
 
     def _reap(self, *, kill: bool) -> int:
         """Wait for (optionally after SIGKILL) the QEMU process; forget it."""

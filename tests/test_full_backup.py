@@ -154,3 +154,17 @@ def test_restore_json_names_each_image(vm_factory, repo, tmp_path):
     images = json.loads(cli.run(repo, "restore", "vm1", "--to", "c", "--output", tmp_path / "o", "--format", "raw", "--json").stdout)
     assert [(i["disk"], i["format"]) for i in images] == [("vda", "raw"), ("vdb", "raw")]
     assert_image_equals(images[1]["path"], vm.expected("vdb"), "raw")
+
+
+def test_qemu_running_as_another_user(vm_factory, repo, tmp_path):
+    """QEMU started by root with -runas nobody cannot enter root's 0700 directories: nbdbackup
+    hands it its private scratch and socket directories, and the backup chain works as usual."""
+    vm = vm_factory({"vda": 2 * MiB}, runas="nobody")
+    vm.start()
+    vm.write("vda", 0, 256 * KiB, 0x31)
+    cli.run(repo, "full", "vm1", "--qmp", vm.qmp_socket)
+    vm.write("vda", 64 * KiB, 64 * KiB, 0x32)
+    cli.run(repo, "incremental", "vm1", "--qmp", vm.qmp_socket)
+    images = cli.restore(repo, vm, "latest", tmp_path / "out")
+    assert_image_equals(images["vda"], vm.expected("vda"), "qcow2")
+    assert vm.block_state()["exports"] == [] and vm.block_state()["jobs"] == []
