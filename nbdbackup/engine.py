@@ -14,19 +14,21 @@ import functools
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+from . import prune as pruning
 from .backup import BackupRequest, BackupResult, run_backup
 from .capture import CancelToken, Tuning
 from .chain import CheckpointStatus, assess, resolve
 from .checkpoints import Checkpoints, disk_bitmaps
 from .config import Settings, VMConfig
-from .errors import ChainBroken, LockHeld, RepositoryDamaged, VMUnreachable
+from .errors import ChainBroken, LockHeld, VMUnreachable
 from .lock import file_lock
 from .names import bitmap_namespace, check_name
+from .prune import GarbageReport, PruneReport, decide_for, remove_backups
 from .qmp import QMPSession
 from .records import Manifest
 from .repository import Repository
 from .restore import RestoreRequest, run_restore
-from .retention import Decision, Policy, decide
+from .retention import Policy
 from .vm import qcow2_disks
 from .workdirs import foreign_owner, private_dir, remove_stale_dirs, scratch_base
 
@@ -140,54 +142,21 @@ def list_backups(settings: Settings, vm: str) -> list[Manifest]:
     return open_repository(settings).manifests(vm)
 
 
-@dataclasses.dataclass(frozen=True)
-class GarbageReport:
-    done: bool  # False: skipped (see note)
-    freed_chunks: int = 0
-    freed_bytes: int = 0
-    note: str | None = None
-    damaged: bool = False  # skipped because a manifest or index is damaged
-
-
-@dataclasses.dataclass(frozen=True)
-class PruneReport:
-    decisions: tuple[Decision, ...]
-    dry_run: bool
-    checkpoints_deleted: tuple[str, ...] = ()
-    notes: tuple[str, ...] = ()
-    garbage: GarbageReport | None = None
-
-
 def prune(settings: Settings, vmconf: VMConfig, policy: Policy, *, dry_run: bool, collect: bool = True) -> PruneReport:
     """Remove the backups outside the policy and their checkpoints in QEMU (the seed's way,
     when the VM is reachable); then, if collect, the chunks no backup references any more."""
     repo = open_repository(settings)
-    vm = vmconf.name
     notes: list[str] = []
-    deleted: list[str] = []
-    with vm_lock(repo, vm):
-        records = repo.checkpoints(vm)
-        newest_checkpoint = next((r.name for r in reversed(records) if r.state == "confirmed"), None)
-        decisions = tuple(decide(repo.manifests(vm), policy, protect={newest_checkpoint} if newest_checkpoint else set()))
+    with vm_lock(repo, vmconf.name):
+        decisions = decide_for(repo, vmconf.name, policy)
         if dry_run:
             return PruneReport(decisions, dry_run=True)
         with contextlib.ExitStack() as stack:
             session = _try_session(stack, vmconf, notes)
-            if session is not None:
-                checkpoints = Checkpoints(repo, session, vm, qcow2_disks(session, vmconf.disks, vmconf.exclude))
-                checkpoints.reconcile()
-                # Checkpoints whose backup is gone (now, or pruned earlier while the VM was away)
-                # hold nothing a backup can build on: merge them away, the newest excepted.
-                kept = {d.manifest.checkpoint for d in decisions if d.keep}
-                for r in checkpoints.records()[:-1]:
-                    if r.name not in kept:
-                        checkpoints.delete(r.name)
-                        deleted.append(r.name)
-        for d in decisions:
-            if not d.keep:
-                repo.delete_backup(vm, d.manifest.checkpoint)
+            disks = qcow2_disks(session, vmconf.disks, vmconf.exclude) if session else []
+            deleted = remove_backups(repo, vmconf.name, decisions, session, disks)
     garbage = collect_garbage(settings) if collect else None
-    return PruneReport(decisions, False, tuple(deleted), tuple(notes), garbage)
+    return PruneReport(decisions, False, deleted, tuple(notes), garbage)
 
 
 def collect_garbage(settings: Settings, *, wait: float = 60.0) -> GarbageReport:
@@ -195,12 +164,9 @@ def collect_garbage(settings: Settings, *, wait: float = 60.0) -> GarbageReport:
     repo = open_repository(settings)
     try:
         with repository_lock(repo, exclusive=True, wait=wait):
-            freed, size = repo.collect_garbage()
-        return GarbageReport(True, freed, size)
+            return pruning.collect_garbage(repo)
     except LockHeld:
         return GarbageReport(False, note="chunks were not freed: backups or restores are running; the next prune frees them")
-    except RepositoryDamaged as exc:
-        return GarbageReport(False, note=f"chunks were not freed: {exc}; run `nbdbackup verify`", damaged=True)
 
 
 def _try_session(stack: contextlib.ExitStack, vmconf: VMConfig, notes: list[str]) -> QMPSession | None:
