@@ -30,6 +30,11 @@ Progress = Callable[[int], None]
 
 @dataclass(frozen=True)
 class Tuning:
+    """Data-path settings.  Measured on 2 vCPUs (4 GiB disk, 1.8 GiB mixed data): chunk sizes
+    1-8 MiB, 2-4 workers and depths 4-16 all took 3.5-4.4 s, within the run-to-run noise;
+    zstd level 1 took about 25% less time for 3.7% more bytes stored, level 6 28% more
+    time for 1.3% fewer.  Level 3 is zstd's own default and the benchmark reference's."""
+
     chunk_size: int = 4 * 1024 * 1024
     workers: int = 4
     depth: int = 8  # pieces in flight (memory: depth x chunk_size)

@@ -7,7 +7,9 @@
     disks = ["vda", "vdb"]                 # only these disks (default: every qcow2 disk)
     exclude = ["vdc"]                      # never these disks
     compression = 3                        # zstd level
-    workers = 4                            # compression and I/O threads
+    workers = 4                            # compression and I/O threads, one NBD connection each
+    chunk_mib = 4                          # largest chunk, MiB (1..32)
+    queue_depth = 8                        # chunks in flight (memory: queue_depth x chunk_mib)
     scratch = "/var/tmp/nbdbackup"         # where fleecing overlays grow
     retention = { last = 3, daily = 7, weekly = 4, monthly = 12 }   # for `prune`
 """
@@ -25,7 +27,8 @@ from .errors import UsageError, VMUnreachable
 from .names import check_name
 
 SYSTEM_CONFIG = Path("/etc/nbdbackup/config.toml")
-VM_KEYS = {"qmp": str, "qga": str, "disks": list, "exclude": list, "compression": int, "scratch": str, "workers": int, "retention": dict}
+VM_KEYS = {"qmp": str, "qga": str, "disks": list, "exclude": list, "compression": int, "scratch": str, "workers": int,
+           "chunk_mib": int, "queue_depth": int, "retention": dict}
 TOP_KEYS = {"repository", "vm"}
 RETENTION_KEYS = ("last", "hourly", "daily", "weekly", "monthly", "yearly")
 
@@ -40,6 +43,8 @@ class VMConfig:
     compression: int | None = None
     scratch: Path | None = None
     workers: int | None = None
+    chunk_mib: int | None = None
+    queue_depth: int | None = None
     retention: dict[str, int] = field(default_factory=dict)
 
 
@@ -133,8 +138,9 @@ def _parse_vms(table: Any, path: Path | None) -> dict[str, VMConfig]:
                 raise UsageError(f"{path}: [vm.{name}] {key} must be a {VM_KEYS[key].__name__}")
         if not 1 <= conf.get("compression", 3) <= 22:
             raise UsageError(f"{path}: [vm.{name}] compression must be a zstd level from 1 to 22")
-        if not 1 <= conf.get("workers", 1) <= 64:
-            raise UsageError(f"{path}: [vm.{name}] workers must be from 1 to 64")
+        for key, low, high in (("workers", 1, 64), ("chunk_mib", 1, 32), ("queue_depth", 1, 64)):
+            if not low <= conf.get(key, low) <= high:
+                raise UsageError(f"{path}: [vm.{name}] {key} must be from {low} to {high}")
         retention = conf.get("retention", {})
         for key, value in retention.items():
             if key not in RETENTION_KEYS or not isinstance(value, int) or value < 0:
@@ -153,6 +159,8 @@ def _parse_vms(table: Any, path: Path | None) -> dict[str, VMConfig]:
             compression=conf.get("compression"),
             scratch=Path(conf["scratch"]) if "scratch" in conf else None,
             workers=conf.get("workers"),
+            chunk_mib=conf.get("chunk_mib"),
+            queue_depth=conf.get("queue_depth"),
             retention=dict(retention),
         )
     return vms

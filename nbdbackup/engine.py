@@ -71,6 +71,10 @@ def tuning_for(vmconf: VMConfig, base: Tuning = Tuning()) -> Tuning:
         changes["level"] = vmconf.compression
     if vmconf.workers is not None:
         changes["workers"] = vmconf.workers
+    if vmconf.chunk_mib is not None:
+        changes["chunk_size"] = vmconf.chunk_mib * 1024 * 1024
+    if vmconf.queue_depth is not None:
+        changes["depth"] = vmconf.queue_depth
     return dataclasses.replace(base, **changes)
 
 

@@ -80,3 +80,15 @@ def test_bad_timeouts_are_usage_errors(monkeypatch):
         config.env_seconds("NBDBACKUP_CONNECT_TIMEOUT", 10)
     monkeypatch.setenv("NBDBACKUP_CONNECT_TIMEOUT", "2.5")
     assert config.env_seconds("NBDBACKUP_CONNECT_TIMEOUT", 10) == 2.5
+
+
+def test_data_path_settings_reach_the_tuning(tmp_path):
+    from nbdbackup.engine import tuning_for
+
+    conf = tmp_path / "c.toml"
+    conf.write_text('[vm.vm1]\nqmp = "/q"\ncompression = 1\nworkers = 2\nchunk_mib = 1\nqueue_depth = 3\n')
+    t = tuning_for(config.load(str(conf), None).vm("vm1"))
+    assert (t.level, t.workers, t.chunk_size, t.depth) == (1, 2, 1 << 20, 3)
+    conf.write_text('[vm.vm1]\nchunk_mib = 64\n')
+    with pytest.raises(errors.UsageError, match="chunk_mib"):
+        config.load(str(conf), None)
