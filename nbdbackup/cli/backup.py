@@ -81,7 +81,7 @@ def run_one(g: Globals, settings, vm: str, opts: BackupOptions) -> Outcome:
     m = result.manifest
     for note in result.notes:
         click.echo(f"nbdbackup: {vm}: {note}", err=True)
-    ratio = f"{m.read_bytes / m.stored_bytes:.1f}x" if m.stored_bytes else "all deduplicated"
+    ratio = f"{m.read_bytes / m.stored_bytes:.1f}x" if m.stored_bytes else ("all deduplicated" if m.read_bytes else "nothing changed")
     logs.summary(f"{vm} {m.kind} {m.checkpoint}: read {human_size(m.read_bytes)}, stored {human_size(m.stored_bytes)} "
                  f"(reduction {ratio}) in {m.duration:.1f}s")
     _record(g, vm, 0, m.duration, m.read_bytes, m.stored_bytes)
