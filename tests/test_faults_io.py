@@ -85,6 +85,27 @@ def test_qemu_killed_while_a_backup_reads(vm_factory, repo, tmp_path):
     assert len(result.stderr.splitlines()) == 1, result.describe()
 
 
+def test_qemu_quitting_cleanly_while_a_backup_reads_keeps_the_chain(vm_factory, repo, tmp_path):
+    """QEMU quits (SIGTERM-like, bitmaps saved, the new checkpoint's too) while nbdbackup reads:
+    one error line, no backup; after QEMU restarts, the next run rolls the pending checkpoint
+    back the seed's way (its bitmap merged into the previous one, and the twin with it) and
+    the chain goes on: an incremental, exact."""
+    vm, at_one = prepare(vm_factory, repo)
+    with Run(repo, "incremental", "vm1", "--qmp", vm.qmp_socket, "--checkpoint", "hung", pause="read") as run:
+        run.wait_paused()
+        vm.stop()
+        result = run.finish(timeout=90)
+    assert_one_line_error(result)
+    assert backups(repo) == ["one"]
+    vm.start()
+    vm.write("vdb", 3 * MiB, 64 * KiB, 0x24)
+    proc = cli.run(repo, "incremental", "vm1", "--qmp", vm.qmp_socket, "--checkpoint", "two")
+    assert "rolled back checkpoint hung" in proc.stderr, proc.stderr
+    assert cli.backups(repo)[-1]["since"] == "one"
+    assert_restores(repo, vm, "two", snapshot(vm), tmp_path / "two")
+    assert [r["name"] for r in records(repo)] == ["one", "two"]
+
+
 # -- the NBD connection drops -----------------------------------------------------------
 
 
