@@ -1,4 +1,4 @@
-"""Processes for the benchmark: a paused QEMU VM with two monitors, a tiny QMP client,
+"""Processes for the benchmark: a paused QEMU VM with two monitors (ours through nbdbackup.qmp),
 qemu-storage-daemon restore targets, and timed child processes with their peak RSS.
 
 Every process started here is registered, and `reap_all()` (called from the
@@ -8,12 +8,10 @@ benchmark's finally and atexit) stops whatever is still running.
 from __future__ import annotations
 
 import atexit
-import itertools
 import json
 import os
 import resource
 import signal
-import socket
 import subprocess
 import tempfile
 import threading
@@ -57,81 +55,43 @@ class QMPFailed(RuntimeError):
 
 
 class Monitor:
-    """A minimal synchronous QMP client (one JSON document per line)."""
+    """The benchmark's own QMP monitor: nbdbackup's QMP adapter with keyword arguments.
+
+    Keyword arguments with '_' are sent with '-' (node_name=...).
+    """
 
     def __init__(self, path: Path, alive: Callable[[], bool], timeout: float = 15.0) -> None:
+        from nbdbackup.errors import NbdBackupError
+        from nbdbackup.qmp import QMPSession
+
+        self._errors = NbdBackupError
         deadline = time.monotonic() + timeout
-        while True:
-            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            sock.settimeout(60)
-            try:
-                sock.connect(str(path))
-                break
-            except (FileNotFoundError, ConnectionRefusedError):
-                sock.close()
-                if not alive():
-                    raise QMPFailed(f"process exited before its monitor {path} appeared") from None
-                if time.monotonic() > deadline:
-                    raise QMPFailed(f"monitor {path} did not appear") from None
-                time.sleep(0.01)
-        self._sock = sock
-        self._buf = b""
-        self._ids = itertools.count(1)
-        self.events: list[dict[str, Any]] = []
-        greeting = self._read()
-        if "QMP" not in greeting:
-            raise QMPFailed(f"unexpected greeting {greeting}")
-        self.cmd("qmp_capabilities")
+        while not path.exists():  # QEMU creates the socket a moment after it starts
+            if not alive():
+                raise QMPFailed(f"process exited before its monitor {path} appeared")
+            if time.monotonic() > deadline:
+                raise QMPFailed(f"monitor {path} did not appear")
+            time.sleep(0.01)
+        self._session = QMPSession(path, connect_timeout=timeout)
+        try:
+            self._session.connect()
+        except NbdBackupError as exc:
+            raise QMPFailed(str(exc)) from None
 
     def cmd(self, _command: str, **args: Any) -> Any:
-        """Run a QMP command; keyword arguments with '_' are sent with '-' (node_name=...)."""
-        name = _command
-        msg_id = next(self._ids)
-        msg: dict[str, Any] = {"execute": name, "id": msg_id}
-        if args:
-            msg["arguments"] = {k.replace("_", "-"): v for k, v in args.items()}
-        self._sock.sendall(json.dumps(msg).encode() + b"\n")
-        while True:
-            reply = self._read()
-            if "event" in reply:
-                self.events.append(reply)
-            elif reply.get("id") != msg_id:
-                continue
-            elif "error" in reply:
-                raise QMPFailed(f"{name}: {reply['error'].get('class')}: {reply['error'].get('desc')}")
-            else:
-                return reply["return"]
+        try:
+            return self._session.execute(_command, {k.replace("_", "-"): v for k, v in args.items()} or None)
+        except self._errors as exc:
+            raise QMPFailed(str(exc)) from None
 
     def wait_event(self, pred: Callable[[dict], bool], timeout: float = 30.0) -> dict:
-        deadline = time.monotonic() + timeout
-        while True:
-            for i, e in enumerate(self.events):
-                if pred(e):
-                    return self.events.pop(i)
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise QMPFailed("timed out waiting for a QMP event")
-            self._sock.settimeout(left)
-            try:
-                reply = self._read()
-            except TimeoutError:
-                raise QMPFailed("timed out waiting for a QMP event") from None
-            finally:
-                self._sock.settimeout(60)
-            if "event" in reply:
-                self.events.append(reply)
-
-    def _read(self) -> dict[str, Any]:
-        while b"\n" not in self._buf:
-            chunk = self._sock.recv(65536)
-            if not chunk:
-                raise ConnectionResetError("monitor closed")
-            self._buf += chunk
-        line, self._buf = self._buf.split(b"\n", 1)
-        return json.loads(line)
+        try:
+            return self._session.wait_event(pred, timeout)
+        except self._errors as exc:
+            raise QMPFailed(str(exc)) from None
 
     def close(self) -> None:
-        self._sock.close()
+        self._session.close()
 
 
 class VM:
