@@ -46,7 +46,6 @@ class CaptureResult:
     entries: list[IndexEntry]
     read_bytes: int = 0
     stored_bytes: int = 0
-    data_bytes: int = 0
 
 
 class CancelToken:
@@ -161,7 +160,6 @@ def capture(
         entry, nread, stored = done
         if entry is not None:
             result.entries.append(entry)
-            result.data_bytes += entry.length
         result.read_bytes += nread
         result.stored_bytes += stored
         progress(advance)

@@ -165,10 +165,12 @@ class Checkpoints:
 
     def record_final_counts(self) -> None:
         """Right after the freeze: bitmaps that stopped recording get their final counts."""
-        bitmaps = self.bitmaps()
         records = self.records()
-        self.repo.save_checkpoints(self.vm, [replace(r, counts=_counts(r, bitmaps)) if i < len(records) - 1 and not r.counts else r
-                                             for i, r in enumerate(records)])
+        needy = {r.name for r in records[:-1] if not r.counts}
+        if not needy:
+            return
+        bitmaps = self.bitmaps()
+        self.repo.save_checkpoints(self.vm, [replace(r, counts=_counts(r, bitmaps)) if r.name in needy else r for r in records])
 
     def confirm(self, name: str) -> None:
         """The backup at name is committed."""
@@ -197,17 +199,17 @@ class Checkpoints:
         bitmaps = self.bitmaps()
         sound = [d for d in self.disks if active.bitmap in bitmaps[d.id] and not bitmaps[d.id][active.bitmap].inconsistent
                  and self.twin in bitmaps[d.id] and not bitmaps[d.id][self.twin].inconsistent]
-        counts = self._snapshot_counts(sound, active.bitmap) if sound else {}
+        counts = self._snapshot_counts(sound, active.bitmap, bitmaps) if sound else {}
         for d in self.disks:
             if d.id in active.disks:
                 problem = chain.twin_problem(active, d.id, bitmaps[d.id].get(self.twin), counts.get(d.id))
                 if problem:
                     raise ChainBroken(problem, hint="the chain cannot be trusted: run `nbdbackup full` (or `auto`)")
 
-    def _snapshot_counts(self, disks: Sequence[Disk], active: str) -> dict[str, tuple[int, int]]:
-        """(active, twin) dirty bytes per disk, copied at one instant into temporary bitmaps."""
+    def _snapshot_counts(self, disks: Sequence[Disk], active: str, left: dict[str, dict[str, Bitmap]]) -> dict[str, tuple[int, int]]:
+        """(active, twin) dirty bytes per disk, copied at one instant into temporary bitmaps.
+        left: the bitmaps now, to remove check bitmaps a run killed during a check left behind."""
         a, t = f"{self.namespace}@check-active", f"{self.namespace}@check-twin"
-        left = self.bitmaps()  # left by a run killed during a check: cannot be added again
         self._apply([("block-dirty-bitmap-remove", {"node": d.node, "name": n}) for d in disks for n in (a, t) if n in left[d.id]])
         actions: list[Action] = []
         for d in disks:

@@ -165,10 +165,6 @@ class QMPSession:
         except TimeoutError:
             raise VMUnreachable(f"QEMU did not send the expected event within {timeout:g}s") from None
 
-    def drain_events(self) -> None:
-        while not self._events.empty():
-            msg = self._events.clear()
-            self._pending.extend({"event": m["event"], "data": dict(m.get("data", {}))} for m in msg)
 
 
 def _describe(exc: BaseException) -> str:

@@ -107,14 +107,3 @@ class CheckpointRecord:
     # Dirty bytes of its bitmap per disk, recorded once the bitmap stopped recording
     # (and after each of our merges into it): another tool's change shows as a difference.
     counts: dict[str, int] = field(default_factory=dict)
-
-
-@dataclass(frozen=True)
-class Stats:
-    """What a backup did, for the summary line and metrics."""
-
-    read_bytes: int = 0
-    stored_bytes: int = 0
-    new_chunks: int = 0
-    reused_chunks: int = 0
-    extra: dict = field(default_factory=dict)

@@ -97,9 +97,6 @@ def node_bitmaps(session: QMPSession) -> dict[str, list[Bitmap]]:
     return result
 
 
-def node_names(session: QMPSession) -> set[str]:
-    return {n["node-name"] for n in session.execute("query-named-block-nodes", {"flat": True})}
-
 
 def _file_children(session: QMPSession) -> dict[str, str]:
     """node name -> node name of its 'file' child, from the block graph."""

@@ -112,9 +112,6 @@ class Repository:
         h = cid.hex()
         return f"chunks/{h[:2]}/{h}"
 
-    def has_chunk(self, cid: bytes) -> bool:
-        return self.backend.exists(self._chunk_key(cid))
-
     def put_chunk(self, cid: bytes, data: bytes | memoryview, level: int) -> int:
         """Store data under cid unless it is there already; returns bytes written."""
         key = self._chunk_key(cid)
