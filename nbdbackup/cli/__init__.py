@@ -38,8 +38,17 @@ def cli(ctx: click.Context, repo: str | None, config: str | None, debug: bool, l
     ctx.obj = Globals(repo, config, debug, log_file, metrics_file)
 
 
-for command in (backup.full, backup.incremental, backup.auto, restore.restore, listing.list_, checkpoints.checkpoints, checkpoints.delete,
-                prune.prune, verify.verify):
+for command in (
+    backup.full,
+    backup.incremental,
+    backup.auto,
+    restore.restore,
+    listing.list_,
+    checkpoints.checkpoints,
+    checkpoints.delete,
+    prune.prune,
+    verify.verify,
+):
     cli.add_command(command)
 
 
