@@ -21,7 +21,6 @@ from .chain import CheckpointStatus, assess, resolve
 from .checkpoints import Checkpoints, disk_bitmaps
 from .config import Settings, VMConfig
 from .errors import ChainBroken, LockHeld, VMUnreachable
-from .lock import file_lock
 from .names import bitmap_namespace, check_name
 from .prune import GarbageReport, PruneReport, decide_for, remove_backups
 from .qmp import QMPSession
@@ -46,12 +45,12 @@ class Observer:
 
 def open_repository(settings: Settings, *, create: bool = False) -> Repository:
     """The repository; only backups create it (a typo in --repo must not make a new one)."""
-    return Repository.open(settings.repo, create=create)
+    return Repository.open(settings.repo, create=create, s3=settings.s3)
 
 
 @contextlib.contextmanager
 def vm_lock(repo: Repository, vm: str) -> Iterator[None]:
-    with file_lock(repo.lock_path(f"vm-{vm}"), what=f"VM {vm}"):
+    with repo.lock(f"vm-{vm}", what=f"VM {vm}"):
         yield
 
 
@@ -62,7 +61,7 @@ GC_WAIT = 600.0
 def repository_lock(repo: Repository, *, exclusive: bool = False, wait: float = GC_WAIT) -> contextlib.AbstractContextManager[None]:
     """Shared by every run that reads or writes chunks; exclusive while chunks are deleted."""
     what = "the repository for garbage collection" if not exclusive else "the repository (a backup or restore is running)"
-    return file_lock(repo.lock_path("repository"), what=what, shared=not exclusive, wait=wait)
+    return repo.lock("repository", what=what, shared=not exclusive, wait=wait)
 
 
 def tuning_for(vmconf: VMConfig, base: Tuning = Tuning()) -> Tuning:

@@ -12,6 +12,10 @@
      +-- LockHeld                  exit 5  another nbdbackup run holds the VM
      +-- RepositoryDamaged         exit 6  a chunk, index or manifest is bad
      +-- RepositoryUnusable        exit 7  newer format, read-only, full
+     |    +-- S3CredentialsRefused exit 9  the object store refused the credentials
+     |    +-- S3BucketMissing      exit 10 the bucket does not exist
+     |    +-- S3AccessDenied       exit 11 the bucket is not ours (access denied)
+     |    +-- S3Unreachable        exit 12 endpoint unreachable or not S3
      +-- RestoreTargetError        exit 8  restore target cannot be written
      +-- SomeRunsFailed            the worst exit code of the VMs of `auto --all`
      +-- Interrupted               exit 130 (SIGINT) / 143 (SIGTERM)
@@ -91,6 +95,22 @@ class RepositoryUnusable(NbdBackupError):
     exit_code = 7
 
 
+class S3CredentialsRefused(RepositoryUnusable):
+    exit_code = 9
+
+
+class S3BucketMissing(RepositoryUnusable):
+    exit_code = 10
+
+
+class S3AccessDenied(RepositoryUnusable):
+    exit_code = 11
+
+
+class S3Unreachable(RepositoryUnusable):
+    exit_code = 12
+
+
 class RestoreTargetError(NbdBackupError):
     exit_code = 8
 
@@ -123,6 +143,10 @@ EXIT_CODES: dict[str, int] = {
     "damaged": RepositoryDamaged.exit_code,
     "repository": RepositoryUnusable.exit_code,
     "restore-target": RestoreTargetError.exit_code,
+    "s3-credentials": S3CredentialsRefused.exit_code,
+    "s3-bucket-missing": S3BucketMissing.exit_code,
+    "s3-access-denied": S3AccessDenied.exit_code,
+    "s3-unreachable": S3Unreachable.exit_code,
     "sigint": 128 + signal.SIGINT,
     "sigterm": 128 + signal.SIGTERM,
 }
