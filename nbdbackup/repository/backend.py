@@ -149,6 +149,7 @@ class LocalBackend:
     def remove_folder(self, prefix: str) -> None:
         try:
             self.path(prefix).rmdir()
+            self._dirty_dirs.discard(self.path(prefix))  # gone: nothing to fsync there
         except OSError:
             pass  # not empty or already gone
 
