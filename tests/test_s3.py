@@ -29,6 +29,13 @@ def restore_equal(url, vm, checkpoint, out, expected):
         assert_image_equals(path, expected[disk], "qcow2")
 
 
+def verified(url, vm):
+    """verify reads every chunk of every backup of vm and finds nothing wrong (exit 0)."""
+    report = json.loads(cli.run(url, "verify", vm, "--json").stdout)
+    assert report["backups"] and all(b["ok"] for b in report["backups"]) and report["damaged"] == 0
+    assert report["chunks_checked"] == report["chunks_referenced"] > 0
+
+
 def test_every_command_on_an_s3_repository(vm_factory, s3_repo, tmp_path):
     url = s3_repo.url
     vm = vm_factory({"vda": 4 * MiB, "vdb": 2 * MiB + 512})
@@ -49,7 +56,7 @@ def test_every_command_on_an_s3_repository(vm_factory, s3_repo, tmp_path):
         restore_equal(url, vm, name, tmp_path / name, expected[name])
     rows = json.loads(cli.run(url, "checkpoints", "vm1", "--qmp", vm.qmp_socket, "--json").stdout)
     assert [(r["name"], r["active"]) for r in rows] == [("cp0", False), ("cp1", False), ("cp2", False), ("cp3", True)]
-    assert json.loads(cli.run(url, "verify", "vm1", "--json").stdout)["ok"]
+    verified(url, "vm1")
 
     cli.run(url, "delete", "vm1", "cp1", "--qmp", vm.qmp_socket)
     assert [b["checkpoint"] for b in cli.backups(url)] == ["cp0", "cp2", "cp3"]
@@ -62,7 +69,7 @@ def test_every_command_on_an_s3_repository(vm_factory, s3_repo, tmp_path):
     vm.write("vda", 0, 64 * KiB, 0x77)
     cli.run(url, "incremental", "vm1", "--qmp", vm.qmp_socket, "--checkpoint", "cp4")
     restore_equal(url, vm, "cp4", tmp_path / "cp4", {d: vm.expected(d) for d in vm.disks})
-    assert json.loads(cli.run(url, "verify", "vm1", "--json").stdout)["ok"]
+    verified(url, "vm1")
     assert qemu_leftovers(vm) == NOTHING_LEFT
 
 
@@ -176,12 +183,12 @@ def test_s3_server_killed_mid_backup(vm_factory, tmp_path, monkeypatch):
         for k, v in server.env().items():
             monkeypatch.setenv(k, v)
         url = "s3://crash/repo"
-        vm = vm_factory({"vda": 8 * MiB})
+        vm = vm_factory({"vda": 32 * MiB})
         vm.start()
         vm.write("vda", 0, 1 * MiB, 0x31)
         cli.run(url, "full", "vm1", "--qmp", vm.qmp_socket, "--checkpoint", "first")
         first = vm.expected("vda")
-        vm.write("vda", 1 * MiB, 6 * MiB, 0x32)
+        vm.write("vda", 1 * MiB, 28 * MiB, 0x32)
         with Run(url, "full", "vm1", "--qmp", vm.qmp_socket, "--checkpoint", "doomed", pause="read", after=3) as run:
             run.wait_paused()
             server.kill()
@@ -197,7 +204,7 @@ def test_s3_server_killed_mid_backup(vm_factory, tmp_path, monkeypatch):
         assert [b["checkpoint"] for b in cli.backups(url)] == ["first", "after"]
         restore_equal(url, vm, "first", tmp_path / "first", {"vda": first})
         restore_equal(url, vm, "after", tmp_path / "after", {"vda": vm.expected("vda")})
-        assert json.loads(cli.run(url, "verify", "vm1", "--json").stdout)["ok"]
+        verified(url, "vm1")
 
 
 def test_two_hosts_back_up_into_one_bucket_while_a_third_prunes(vm_factory, s3_repo, tmp_path, monkeypatch):
@@ -233,7 +240,7 @@ def test_two_hosts_back_up_into_one_bucket_while_a_third_prunes(vm_factory, s3_r
     assert report["garbage"]["done"]  # GC waited for both backups' shared locks
     assert [b["checkpoint"] for b in cli.backups(url, "vm1")] == ["b"]
     for name in ("vm1", "vm2", "vm3"):
-        assert json.loads(cli.run(url, "verify", name, "--json").stdout)["ok"]
+        verified(url, name)
     assert not [k for k in s3_repo.keys() if "/locks/" in k]
 
 
