@@ -223,20 +223,28 @@ def test_two_hosts_back_up_into_one_bucket_while_a_third_prunes(vm_factory, s3_r
     vm3.write("vda", 0, 1 * MiB, 0x51)
     vm3.write("vda", 2 * MiB, 20 * MiB, 0x54)
 
-    runs = []
+    runs = []  # two hosts: the runs inherit NBDBACKUP_HOST_ID from the environment
     for host, vm in (("host-a", vm2), ("host-b", vm3)):
         monkeypatch.setenv("NBDBACKUP_HOST_ID", host)
-        runs.append((vm, cli.start(url, "full", vm.name, "--qmp", vm.qmp_socket)))
-    deadline = time.monotonic() + 60
-    while not all(vm.block_state()["exports"] for vm, _ in runs):
-        assert all(p.poll() is None for _, p in runs) and time.monotonic() < deadline
-        time.sleep(0.01)
-    monkeypatch.setenv("NBDBACKUP_HOST_ID", "host-c")
-    report = json.loads(cli.run(url, "prune", "vm1", "--qmp", vm1.qmp_socket, "--json", "--keep-last", "1").stdout)
-    for vm, proc in runs:
-        out, err = proc.communicate(timeout=240)
-        assert proc.returncode == 0, err
-        restore_equal(url, vm, out.strip(), tmp_path / vm.name, {"vda": vm.expected("vda")})
+        runs.append(Run(url, "full", vm.name, "--qmp", vm.qmp_socket, pause="read", after=2))
+    try:
+        for run in runs:
+            run.wait_paused()  # both backups hold the shared repository lock and have stored chunks
+        monkeypatch.setenv("NBDBACKUP_HOST_ID", "host-c")
+        pruner = cli.start(url, "prune", "vm1", "--qmp", vm1.qmp_socket, "--json", "--keep-last", "1")
+        time.sleep(3)
+        assert pruner.poll() is None  # garbage collection waits for the backups of the other hosts
+        assert [b["checkpoint"] for b in cli.backups(url, "vm1")] == ["b"]  # but "a" is already gone
+        results = [run.finish(timeout=240) for run in runs]
+        out, err = pruner.communicate(timeout=240)
+        assert pruner.returncode == 0, err
+        report = json.loads(out)
+    finally:
+        for run in runs:
+            run.__exit__(None, None, None)
+    for (vm, result) in zip((vm2, vm3), results):
+        assert result.returncode == 0, result.describe()
+        restore_equal(url, vm, result.stdout.strip(), tmp_path / vm.name, {"vda": vm.expected("vda")})
     assert report["garbage"]["done"]  # GC waited for both backups' shared locks
     assert [b["checkpoint"] for b in cli.backups(url, "vm1")] == ["b"]
     for name in ("vm1", "vm2", "vm3"):
