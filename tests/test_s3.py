@@ -265,3 +265,77 @@ def test_vm_lock_holds_across_hosts(vm_factory, s3_repo, monkeypatch):
         assert "on host-a" in proc.stderr
         assert first.finish().returncode == 0
     os.environ.pop("NBDBACKUP_HOST_ID", None)
+
+
+class FlakyProxy:
+    """A TCP proxy in front of the S3 server whose first `failures` connections get
+    HTTP 503 SlowDown (as a busy S3 answers) and are closed; later ones are passed through."""
+
+    def __init__(self, target_port: int, failures: int) -> None:
+        import socket
+
+        self.target_port, self.failures, self.refused = target_port, failures, 0
+        self.server = socket.create_server(("127.0.0.1", 0))
+        self.port = self.server.getsockname()[1]
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        import socket
+
+        while True:
+            try:
+                conn, _ = self.server.accept()
+            except OSError:
+                return
+            if self.refused < self.failures:
+                self.refused += 1
+                conn.recv(65536)
+                body = b"<?xml version='1.0'?><Error><Code>SlowDown</Code><Message>Please reduce your request rate.</Message></Error>"
+                conn.sendall(b"HTTP/1.1 503 Slow Down\r\nContent-Type: application/xml\r\nConnection: close\r\n"
+                             b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+                conn.close()
+                continue
+            upstream = socket.create_connection(("127.0.0.1", self.target_port))
+            for a, b in ((conn, upstream), (upstream, conn)):
+                threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def _pipe(src, dst) -> None:
+        try:
+            while data := src.recv(65536):
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for s in (src, dst):
+                try:
+                    s.close()
+                except OSError:
+                    pass
+
+    def close(self) -> None:
+        self.server.close()
+
+
+@pytest.mark.parametrize("failures, retries, ok", [(2, 4, True), (5, 3, False)])
+def test_transient_errors_are_retried_a_bounded_number_of_times(s3_repo, failures, retries, ok):
+    from nbdbackup.errors import S3Unreachable
+    from nbdbackup.repository.location import S3Settings
+    from nbdbackup.repository.s3 import S3Backend
+
+    proxy = FlakyProxy(s3_repo.server.port, failures)
+    try:
+        settings = S3Settings(endpoint=f"http://127.0.0.1:{proxy.port}", region="us-east-1", addressing="path", retries=retries)
+        backend = S3Backend(S3Location(s3_repo.bucket, "retry"), settings)
+        started = time.monotonic()
+        if ok:
+            backend.write("obj", b"data")
+            assert backend.read("obj") == b"data" and proxy.refused == failures
+        else:
+            with pytest.raises(S3Unreachable, match=f"SlowDown.*after {retries} attempts"):
+                backend.write("obj", b"data")
+            # as many attempts as configured; the HTTP layer resends once a request whose connection was closed
+            assert retries <= proxy.refused <= retries + 1
+        assert time.monotonic() - started < 60  # backoff is bounded
+    finally:
+        proxy.close()
