@@ -339,3 +339,28 @@ def test_transient_errors_are_retried_a_bounded_number_of_times(s3_repo, failure
         assert time.monotonic() - started < 60  # backoff is bounded
     finally:
         proxy.close()
+
+
+def test_auto_all_jobs_backs_up_vms_at_once_into_s3(vm_factory, s3_repo, tmp_path, monkeypatch):
+    vms = [vm_factory({"vda": 24 * MiB}, name=f"vm{i}") for i in (1, 2, 3)]
+    for i, vm in enumerate(vms):
+        vm.start()
+        vm.write("vda", 0, 20 * MiB, 0x70 + i)
+    conf = tmp_path / "all.toml"
+    conf.write_text(s3_repo.server.config_text() + "".join(f'[vm.{vm.name}]\nqmp = "{vm.qmp_socket}"\n' for vm in vms)
+                    + f'[vm.gone]\nqmp = "{tmp_path / "gone.sock"}"\n')
+    monkeypatch.setenv("NBDBACKUP_TEST_CONFIG", str(conf))
+    with Run(s3_repo.url, "auto", "--all", "--jobs", "3", "--json", pause="read") as run:
+        run.wait_paused()  # every VM's reads wait at the pause point: all three are exported at once
+        deadline = time.monotonic() + 60
+        while not all(vm.block_state()["exports"] for vm in vms):
+            assert time.monotonic() < deadline, [vm.block_state()["exports"] for vm in vms]
+            time.sleep(0.05)
+        result = run.finish(timeout=240)
+    assert result.returncode == 3, result.describe()
+    runs = json.loads(result.stdout)
+    assert [(r["vm"], r["exit_code"], r.get("kind")) for r in runs] == [
+        ("gone", 3, None), ("vm1", 0, "full"), ("vm2", 0, "full"), ("vm3", 0, "full")]
+    for vm in vms:
+        restore_equal(s3_repo.url, vm, "latest", tmp_path / vm.name, {"vda": vm.expected("vda")})
+    cli.run(s3_repo.url, "auto", "--all", "--jobs", "0", expect=2)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import time
@@ -49,8 +50,10 @@ def backup_options(f):
     return f
 
 
-def run_one(g: Globals, settings, vm: str, opts: BackupOptions) -> Outcome:
-    """One VM's backup, its summary line and metrics; errors become an Outcome (and are logged)."""
+def run_one(g: Globals, settings, vm: str, opts: BackupOptions, cancel=None) -> Outcome:
+    """One VM's backup, its summary line and metrics; errors become an Outcome (and are logged).
+    cancel: the token of `auto --all --jobs N`, whose signal handlers the main thread holds
+    (no progress bar then: several would interleave)."""
     from pathlib import Path
 
     from .. import engine
@@ -68,7 +71,8 @@ def run_one(g: Globals, settings, vm: str, opts: BackupOptions) -> Outcome:
                 check_name("checkpoint", value)  # before touching the VM
         req = BackupRequest(vm=vm, mode=opts.mode, checkpoint=opts.checkpoint, since=opts.since, disks=vmconf.disks,
                             exclude=vmconf.exclude, tuning=engine.tuning_for(vmconf))
-        with interruptible() as cancel, progress_bar(f"{vm}") as observer:
+        with contextlib.nullcontext(cancel) if cancel else interruptible() as cancel, \
+                contextlib.nullcontext(engine.Observer()) if cancel else progress_bar(f"{vm}") as observer:
             result = engine.backup(settings, vmconf, req, cancel=cancel, observer=observer,
                                    fsfreeze=opts.fsfreeze or opts.require_fsfreeze, require_fsfreeze=opts.require_fsfreeze)
     except Interrupted as exc:
@@ -148,13 +152,15 @@ def incremental(g: Globals, vm: str, as_json: bool, **opts) -> None:
 @click.command()
 @click.argument("vm", required=False)
 @click.option("--all", "all_vms", is_flag=True, help="Every VM of the config file in turn; the exit code is the worst one.")
+@click.option("--jobs", type=click.IntRange(1, 64), default=1, show_default=True, help="With --all: back up this many VMs at once.")
 @backup_options
 @pass_globals
-def auto(g: Globals, vm: str | None, all_vms: bool, as_json: bool, **opts) -> None:
+def auto(g: Globals, vm: str | None, all_vms: bool, jobs: int, as_json: bool, **opts) -> None:
     """Incremental since the newest checkpoint if the chain is sound, else full (for cron).
 
-    With --all, back up every VM of the config file in turn: one VM's failure
-    does not stop the others; a summary follows; the exit code is the worst one.
+    With --all, back up every VM of the config file in turn (--jobs N: N at
+    once): one VM's failure does not stop the others; a summary follows; the
+    exit code is the worst one.
     """
     from ..errors import SomeRunsFailed, UsageError
 
@@ -168,7 +174,14 @@ def auto(g: Globals, vm: str | None, all_vms: bool, as_json: bool, **opts) -> No
     settings = g.settings()
     if not settings.vms:
         raise UsageError("--all: the config file names no VM", hint=f"add [vm.NAME] tables to {settings.config_file or 'the config file'}")
-    outcomes = [run_one(g, settings, name, BackupOptions(mode="auto", **opts)) for name in sorted(settings.vms)]
+    if jobs == 1:
+        outcomes = [run_one(g, settings, name, BackupOptions(mode="auto", **opts)) for name in sorted(settings.vms)]
+    else:
+        import concurrent.futures as cf
+
+        with interruptible() as cancel, cf.ThreadPoolExecutor(jobs, "auto") as pool:
+            outcomes = list(pool.map(lambda name: run_one(g, settings, name, BackupOptions(mode="auto", **opts), cancel),
+                                     sorted(settings.vms)))
     if as_json:
         click.echo(json.dumps([_as_dict(o) for o in outcomes], indent=2))
     else:

@@ -57,6 +57,8 @@ class Repository:
         except FileNotFoundError:
             occupied = (any(not p.name.startswith(".") for p in local.iterdir()) if local.exists() else False) if local \
                 else any(True for _ in backend.list(""))
+            if occupied and backend.exists("config.json"):  # another run created it just now
+                return cls.open(backend, create=False)
             if occupied:
                 raise RepositoryUnusable(f"{here} is not an nbdbackup repository (no config.json)", hint="give an empty or new location with --repo") from None
             if not create:
