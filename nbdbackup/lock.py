@@ -2,6 +2,8 @@
 
 flock(2) locks die with their process, so a lock left by a dead run is simply
 taken over; an exclusive lock file holds the holder's pid for the error message.
+Repositories that are not local directories (S3) use lock objects instead:
+object_lock() below, the same names and modes, shared by many hosts.
 
     locks/vm-<vm>.lock     exclusive: one backup, delete or prune of a VM at a time
     locks/repository.lock  shared by every run that reads or writes chunks,

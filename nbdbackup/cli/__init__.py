@@ -19,7 +19,7 @@ from .common import Globals
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
-@click.option("--repo", metavar="PATH", help="Repository [env NBDBACKUP_REPO; config 'repository'; default /var/lib/nbdbackup, or $XDG_DATA_HOME/nbdbackup for non-root].")
+@click.option("--repo", metavar="PATH|s3://BUCKET/PREFIX", help="Repository: a directory or S3 object storage (settings in [s3]) [env NBDBACKUP_REPO; config 'repository'; default /var/lib/nbdbackup, or $XDG_DATA_HOME/nbdbackup for non-root].")
 @click.option("--config", metavar="FILE", help="TOML config file [env NBDBACKUP_CONFIG; default /etc/nbdbackup/config.toml, then $XDG_CONFIG_HOME/nbdbackup/config.toml].")
 @click.option("--debug", is_flag=True, help="Log every QMP exchange; show tracebacks.")
 @click.option("--log-file", metavar="FILE", help="Also log to FILE (appended). Syslog gets the log too when stderr is not a terminal.")
@@ -32,7 +32,9 @@ def cli(ctx: click.Context, repo: str | None, config: str | None, debug: bool, l
     Exit codes: 0 success, 1 unexpected error, 2 usage error, 3 VM unreachable
     or unsuitable, 4 checkpoint unknown or chain broken, 5 VM locked by another
     run, 6 repository damaged, 7 repository unusable (newer format, read-only,
-    full), 8 restore target cannot be written, 130/143 interrupted.
+    full), 8 restore target cannot be written, 9 S3 credentials refused, 10 S3
+    bucket missing, 11 S3 access denied, 12 S3 endpoint unreachable or not S3,
+    130/143 interrupted.
     """
     logs.setup(debug=debug, log_file=log_file)
     ctx.obj = Globals(repo, config, debug, log_file, metrics_file)
