@@ -245,7 +245,7 @@ def test_two_hosts_back_up_into_one_bucket_while_a_third_prunes(vm_factory, s3_r
     finally:
         for run in runs:
             run.__exit__(None, None, None)
-    for (vm, result) in zip((vm2, vm3), results):
+    for vm, result in zip((vm2, vm3), results, strict=True):
         assert result.returncode == 0, result.describe()
         restore_equal(url, vm, result.stdout.strip(), tmp_path / vm.name, {"vda": vm.expected("vda")})
     assert report["garbage"]["done"]  # GC waited for both backups' shared locks

@@ -137,10 +137,10 @@ class Repository:
             d = self.root / name
             d.mkdir(mode=DIR_MODE, exist_ok=True)
             return d
-        d = LOCAL_CACHE / f"nbdbackup-{os.geteuid()}"
-        for d in (d, d / self.id, d / self.id / name):
+        base = LOCAL_CACHE / f"nbdbackup-{os.geteuid()}"
+        for d in (base, base / self.id, base / self.id / name):
             d.mkdir(mode=DIR_MODE, exist_ok=True)
-        return d
+        return base / self.id / name
 
     # -- chunks ----------------------------------------------------------
 
