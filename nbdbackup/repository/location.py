@@ -66,8 +66,10 @@ def parse_location(text: str) -> Location:
     return S3Location(bucket, "/".join(parts))
 
 
-def backend_for(where: Location, s3: S3Settings | None = None):
+def backend_for(where: Location | str, s3: S3Settings | None = None):
     """The Backend for a location; an S3 one is checked with one request (credentials, bucket, endpoint)."""
+    if isinstance(where, str):
+        where = parse_location(where)
     if isinstance(where, S3Location):
         from .s3 import S3Backend  # boto3 is imported only for S3 repositories
 
