@@ -147,12 +147,16 @@ def _conflict(backend, name: str, mine: str, shared: bool, stale: float) -> dict
         if key == mine:
             continue
         try:
-            doc = json.loads(backend.read(key))
             age = backend.age(key)
+            blob = backend.read(key)
         except FileNotFoundError:
             continue  # released meanwhile
+        try:
+            doc = json.loads(blob)
         except ValueError:
-            doc, age = {}, 0.0  # unreadable (being written?): a conflict until it goes stale
+            doc = {}
+        if not isinstance(doc, dict):
+            doc = {}  # unreadable: a conflict until it goes stale
         dead = doc.get("host") == me and isinstance(doc.get("pid"), int) and not _pid_alive(doc["pid"])
         if age > stale or dead:
             backend.delete(key)

@@ -211,11 +211,18 @@ def test_other_hosts_lock_blocks_until_stale(object_backend, monkeypatch):
     with pytest.raises(LockHeld, match="on other-host"):
         with object_lock(object_backend, "vm-a", what="VM a"):
             pass
+    object_backend.delete("locks/vm-a/foreign")
+    object_backend.write("locks/vm-b/junk", b"[not a lock")  # unreadable: held until stale
+    with pytest.raises(LockHeld, match="an unknown host"):
+        with object_lock(object_backend, "vm-b", what="VM b"):
+            pass
+    object_backend.write("locks/vm-a/foreign", body)
     monkeypatch.setenv("NBDBACKUP_LOCK_STALE", "1")
     time.sleep(2.1)  # S3 times have one-second resolution
-    with object_lock(object_backend, "vm-a", what="VM a"):
-        pass
-    assert not object_backend.exists("locks/vm-a/foreign")
+    for name in ("vm-a", "vm-b"):
+        with object_lock(object_backend, name, what=name):
+            pass
+    assert list(object_backend.list("locks")) == []
 
 
 def test_lock_of_a_dead_process_on_this_host_is_removed(object_backend):
