@@ -24,8 +24,8 @@ from pathlib import Path
 TOP = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(TOP / "tests"))
 
-from harness import TestVM  # noqa: E402
 from faults import write_data  # noqa: E402
+from harness import TestVM  # noqa: E402
 from s3server import SeaweedFS  # noqa: E402
 
 MiB = 1 << 20
