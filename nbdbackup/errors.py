@@ -9,6 +9,7 @@
      +-- ChainError                exit 4  checkpoint unknown or chain broken
      |    +-- CheckpointUnknown
      |    +-- ChainBroken
+     |    +-- ChainOfAnotherVM         QEMU holds another VM name's chain
      +-- LockHeld                  exit 5  another nbdbackup run holds the VM
      +-- RepositoryDamaged         exit 6  a chunk, index or manifest is bad
      +-- RepositoryUnusable        exit 7  newer format, read-only, full
@@ -77,6 +78,10 @@ class CheckpointUnknown(ChainError):
 
 class ChainBroken(ChainError):
     pass
+
+
+class ChainOfAnotherVM(ChainError):
+    """The QEMU's checkpoints (of this repository) belong to another VM name: never touched."""
 
 
 class LockHeld(NbdBackupError):
