@@ -136,18 +136,15 @@ class Checkpoints:
             owners.update({name: vm for name in present & theirs})
         return owners
 
-    def check_owner(self, bitmaps: dict[str, dict[str, Bitmap]]) -> None:
+    def check_owner(self, bitmaps: dict[str, dict[str, Bitmap]]) -> dict[str, str]:
         """ChainOfAnotherVM if the QEMU holds another VM name's chain, unless force_new_chain:
-        then that chain's bitmaps count as ours to remove (its records stay; its next backup
-        here is refused in turn)."""
+        then returns that chain's bitmaps (name -> VM), to be removed (its records stay; its
+        next backup here is refused in turn)."""
         owners = self.other_owners(bitmaps)
-        if not owners:
-            return
+        if not owners or self.force_new_chain:
+            return owners
         others = sorted(set(owners.values()))
         who = " and ".join(repr(v) for v in others)
-        if self.force_new_chain:
-            log.warning("starting a new chain for VM %r: removing the checkpoints of VM %s from this QEMU", self.vm, who)
-            return
         raise ChainOfAnotherVM(
             f"this {qemu_identity(self.session)} holds the checkpoints of VM {who}, not of {self.vm!r}: "
             f"nothing was changed",
@@ -161,7 +158,12 @@ class Checkpoints:
         done: list[str] = []
         records = self.records()
         bitmaps = self.bitmaps()
-        self.check_owner(bitmaps)
+        taken = self.check_owner(bitmaps)
+        if taken:
+            self._apply(remove_actions(self.disks, taken, bitmaps))
+            bitmaps = self.bitmaps()
+            done.append(f"started a new chain for VM {self.vm!r}: removed the checkpoints of VM "
+                        f"{' and '.join(repr(v) for v in sorted(set(taken.values())))} from this QEMU")
         for r in [r for r in records if r.state == "pending"]:
             present = any(r.bitmap in b for b in bitmaps.values())
             if present and self.repo.manifest(self.vm, r.name) is not None:

@@ -72,18 +72,14 @@ def qcow2_disks(session: QMPSession, only: tuple[str, ...] = (), exclude: tuple[
 
 
 def qemu_identity(session: QMPSession) -> str:
-    """How the VM calls itself (-name, -uuid), for messages: "QEMU -name vm3", or "QEMU"."""
-    parts = ["QEMU"]
+    """How the VM calls itself (-name, -uuid), for messages: "QEMU (-name vm3)", or "QEMU"."""
     try:
         name = session.execute("query-name").get("name")
         uuid = session.execute("query-uuid").get("UUID", "")
     except NbdBackupError:
         return "QEMU"
-    if name:
-        parts.append(f"-name {name}")
-    if uuid and uuid.strip("0-"):
-        parts.append(f"-uuid {uuid}")
-    return " ".join(parts)
+    parts = ([f"-name {name}"] if name else []) + ([f"-uuid {uuid}"] if uuid.strip("0-") else [])
+    return f"QEMU ({', '.join(parts)})" if parts else "QEMU"
 
 
 def node_bitmaps(session: QMPSession) -> dict[str, list[Bitmap]]:
