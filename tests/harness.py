@@ -102,7 +102,8 @@ def _kill_leftovers() -> None:
 #   scsi-hd        -blockdev ... -device scsi-hd,id=<id> on a virtio-scsi-pci controller
 #   drive-virtio   -drive file=...,if=virtio,index=N: QEMU names it virtio<N>; the id must be that
 #   drive-ide      -drive file=...,if=ide,bus=N,unit=0: QEMU names it ide<N>-hd0; the id must be that
-ATTACH_STYLES = ("virtio-blk", "scsi-hd", "drive-virtio", "drive-ide")
+#   throttled      virtio-blk-pci,id=<id> on a throttle filter node above the format node
+ATTACH_STYLES = ("virtio-blk", "scsi-hd", "drive-virtio", "drive-ide", "throttled")
 _DRIVE_ID = {"drive-virtio": re.compile(r"^virtio(\d+)$"), "drive-ide": re.compile(r"^ide(\d+)-hd0$")}
 
 
@@ -527,6 +528,8 @@ class TestVM:
         write_cache = "on" if self.write_cache else "off"
         if any(d.attach == "scsi-hd" for d in self.disks.values()):
             cmd += ["-device", "virtio-scsi-pci,id=scsi0"]
+        if any(d.attach == "throttled" for d in self.disks.values()):
+            cmd += ["-object", "throttle-group,id=tg0,x-iops-total=100000"]
         for disk in self.disks.values():
             drive = _DRIVE_ID.get(disk.attach)
             if drive:  # a -drive as users write it: QEMU picks the device and its id
@@ -540,8 +543,12 @@ class TestVM:
                          "node-name": disk.file_node, "discard": "unmap"}
             fmt_node = {"driver": disk.fmt, "file": disk.file_node,
                         "node-name": disk.node, "discard": "unmap"}
-            cmd += ["-blockdev", json.dumps(file_node), "-blockdev", json.dumps(fmt_node),
-                    "-device", f"{'scsi-hd' if disk.attach == 'scsi-hd' else 'virtio-blk-pci'},drive={disk.node},"
+            cmd += ["-blockdev", json.dumps(file_node), "-blockdev", json.dumps(fmt_node)]
+            top = disk.node
+            if disk.attach == "throttled":  # the bitmaps stay on the format node below the filter
+                top = f"{disk._short}-thr"
+                cmd += ["-blockdev", json.dumps({"driver": "throttle", "throttle-group": "tg0", "file": disk.node, "node-name": top})]
+            cmd += ["-device", f"{'scsi-hd' if disk.attach == 'scsi-hd' else 'virtio-blk-pci'},drive={top},"
                                f"id={disk.id},write-cache={write_cache}"]
         return cmd
 

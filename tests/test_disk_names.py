@@ -95,3 +95,19 @@ def test_leftovers_of_a_killed_run_are_removed_for_every_drive_style(vm_factory,
     backup(repo, vm, "auto", "--checkpoint", "two")
     assert qemu_leftovers(vm) == NOTHING_LEFT
     assert [b["checkpoint"] for b in cli.backups(repo)] == ["one", "two"]
+
+
+def test_disk_under_a_filter_node(vm_factory, repo, tmp_path):
+    """A throttle filter above the format node: found with stable QMP, bitmaps on the format node."""
+    vm = vm_factory({"vda": 2 * MiB, "vdb": 1 * MiB}, attach={"vda": "throttled"})
+    vm.start()
+    vm.write("vda", 0, 128 * KiB, 0x41)
+    full = backup(repo, vm, "full")
+    at_full = {d: vm.expected(d) for d in vm.disks}
+    vm.write("vda", 1 * MiB, 64 * KiB, 0x42)
+    incr = backup(repo, vm, "incremental")
+    assert [d["read_bytes"] for d in manifest(repo, incr)["disks"] if d["id"] == "vda"] == [64 * KiB]
+    assert any(b["name"].endswith("." + incr) for b in vm.bitmaps("vda"))  # on the format node
+    assert_restores(repo, vm, full, at_full, tmp_path / "full")
+    assert_restores(repo, vm, incr, {d: vm.expected(d) for d in vm.disks}, tmp_path / "incr")
+
