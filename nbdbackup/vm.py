@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import logging
 
-from .errors import NbdBackupError, VMUnsuitable
+from .errors import NbdBackupError, UsageError, VMUnsuitable
 from .names import GRANULARITY, check_name
 from .qmp import QMPSession
 from .records import Bitmap, Disk
@@ -38,7 +38,6 @@ def list_disks(session: QMPSession) -> list[Disk]:
         if disk_id is None:
             log.warning("skipping a disk without a device id (%s)", inserted.get("node-name"))
             continue
-        check_name("disk", disk_id)
         node = _below_filters(inserted, nodes)
         info = nodes.get(node, inserted)
         image = info.get("image", {})
@@ -62,6 +61,13 @@ def qcow2_disks(session: QMPSession, only: tuple[str, ...] = (), exclude: tuple[
         if wanted not in by_id:
             raise VMUnsuitable(f"the VM has no disk {wanted!r}", hint=f"its disks are: {', '.join(sorted(by_id)) or 'none'}")
     chosen = [d for d in disks if (not only or d.id in only) and d.id not in exclude]
+    for d in chosen:
+        try:
+            check_name("disk", d.id)
+        except UsageError as exc:  # possible with JSON -device or device_add, which take any id
+            raise VMUnsuitable(f"the VM's disk id {d.id!r} cannot name a disk in the repository ({exc.message})",
+                               hint="give the device an id of letters, digits, '.', '_' and '-' (at most 64 characters), "
+                                    "or leave the disk out with exclude = [...] in the config file") from None
     usable = [d for d in chosen if d.format == "qcow2"]
     for d in chosen:
         if d.format != "qcow2":

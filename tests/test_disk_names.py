@@ -8,11 +8,15 @@ QEMU's limits (node names: 31 characters) for all of them.
 
 from __future__ import annotations
 
+import json
+import subprocess
+import time
+
 import pytest
 
 import cli
 from faults import NOTHING_LEFT, Run, block_names, manifest, qemu_leftovers
-from harness import assert_image_equals
+from harness import QEMU_IMG, QEMU_SYSTEM, assert_image_equals
 from nbdbackup.names import NODE_NAME_MAX, QEMU_ID, BlockNames, block_namespace, disk_key
 
 KiB, MiB = 1024, 1024 * 1024
@@ -111,3 +115,27 @@ def test_disk_under_a_filter_node(vm_factory, repo, tmp_path):
     assert_restores(repo, vm, full, at_full, tmp_path / "full")
     assert_restores(repo, vm, incr, {d: vm.expected(d) for d in vm.disks}, tmp_path / "incr")
 
+
+
+@pytest.mark.qemu
+def test_device_id_that_cannot_name_a_disk_in_the_repository(tmp_path, repo):
+    """JSON -device takes any id ("disk one" here): refused with one line naming it, nothing left in QEMU."""
+    image, sock = tmp_path / "d.qcow2", tmp_path / "q.sock"
+    subprocess.run([QEMU_IMG, "create", "-q", "-f", "qcow2", str(image), "1M"], check=True)
+    device = json.dumps({"driver": "virtio-blk-pci", "drive": "d-fmt", "id": "disk one"})
+    proc = subprocess.Popen([QEMU_SYSTEM, "-machine", "q35,accel=tcg", "-nodefaults", "-S", "-display", "none",
+                             "-blockdev", f"driver=file,filename={image},node-name=d-file",
+                             "-blockdev", "driver=qcow2,file=d-file,node-name=d-fmt", "-device", device,
+                             "-qmp", f"unix:{sock},server=on,wait=off"], stdin=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 15
+        while not sock.exists():
+            assert proc.poll() is None and time.monotonic() < deadline
+            time.sleep(0.01)
+        line = cli.run(repo, "full", "vm1", "--qmp", sock, expect=3).stderr.strip()
+        assert "disk id 'disk one' cannot name a disk in the repository" in line and "exclude" in line, line
+        out = subprocess.run(["qemu-img", "info", "-U", "--output=json", str(image)], capture_output=True, text=True, check=True)
+        assert "bitmaps" not in json.loads(out.stdout).get("format-specific", {}).get("data", {})
+    finally:
+        proc.kill()
+        proc.wait()
