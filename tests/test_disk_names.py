@@ -139,3 +139,29 @@ def test_device_id_that_cannot_name_a_disk_in_the_repository(tmp_path, repo):
     finally:
         proc.kill()
         proc.wait()
+
+
+def test_format_node_below_filters_from_recorded_qmp():
+    """query-block / query-named-block-nodes as QEMU 7.2 answers for copy-on-read over throttle over qcow2."""
+    from nbdbackup.vm import _below_filters
+
+    nodes = {n["node-name"]: n for n in [
+        {"node-name": "c", "drv": "copy-on-read", "file": 'json:{"driver": "copy-on-read", ...}'},
+        {"node-name": "t", "drv": "throttle", "file": 'json:{"driver": "throttle", ...}'},
+        {"node-name": "q", "drv": "qcow2", "file": "/srv/d.qcow2"},
+        {"node-name": "f", "drv": "file", "file": "/srv/d.qcow2"},
+    ]}
+    image = {"format": "copy-on-read", "filename": "json:...",
+             "backing-image": {"format": "throttle", "filename": "json:...",
+                               "backing-image": {"format": "qcow2", "filename": "/srv/d.qcow2"}}}
+    assert _below_filters({"node-name": "c", "image": image}, nodes) == "q"
+    assert _below_filters({"node-name": "q", "image": image["backing-image"]["backing-image"]}, nodes) == "q"
+
+
+def test_bitmap_actions_carry_the_granularity():
+    from nbdbackup.names import GRANULARITY
+    from nbdbackup.vm import bitmap_add, bitmap_merge
+
+    assert bitmap_add("n", "b") == ("block-dirty-bitmap-add", {"node": "n", "name": "b", "persistent": True, "granularity": GRANULARITY})
+    assert bitmap_add("n", "t", persistent=False, disabled=True)[1]["disabled"] is True
+    assert bitmap_merge("f", "t", [("n", "a"), ("n", "b")])[1]["bitmaps"] == [{"node": "n", "name": "a"}, {"node": "n", "name": "b"}]
