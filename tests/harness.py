@@ -1,7 +1,9 @@
 """A real-QEMU test harness for nbdbackup's integration tests.
 
 A :class:`TestVM` is a ``qemu-system-x86_64`` started with ``-S`` (no guest
-runs, no guest OS needed) and one virtio-blk disk per entry of ``disks``.
+runs, no guest OS needed) and one disk per entry of ``disks``: virtio-blk by
+default, or attached as users start QEMU by hand (``attach``: -drive
+if=virtio, -drive if=ide, scsi-hd, a throttle filter; see ATTACH_STYLES).
 "Guest writes" are made with HMP ``qemu-io`` through each disk's device, so
 they pass through the same block layer as a guest's writes and dirty the
 disk's bitmaps. The harness keeps a model of every disk's content, so tests
@@ -129,7 +131,7 @@ class GuestDisk:
 
     @property
     def node(self) -> str:
-        """Node name of the format node the device is attached to."""
+        """Node name of the format node the device is attached to (not for -drive disks: TestVM.node)."""
         return f"{self._short}-fmt"
 
     @property
@@ -430,8 +432,19 @@ class TestVM:
 
     def bitmaps(self, disk: str) -> list[dict[str, Any]]:
         """The dirty bitmaps of a disk's format node."""
-        bitmaps: list[dict[str, Any]] = self.block_state()["bitmaps"][self.disks[disk].node]
+        bitmaps: list[dict[str, Any]] = self.block_state()["bitmaps"][self.node(disk)]
         return bitmaps
+
+    def node(self, disk: str) -> str:
+        """The node name of a disk's format node; QEMU picks it (#block123) for a -drive disk."""
+        d = self.disks[disk]
+        if not d.attach.startswith("drive-"):
+            return d.node
+        for blk in self.qmp("query-block"):
+            if blk["device"] == d.id:
+                node: str = blk["inserted"]["node-name"]
+                return node
+        raise HarnessError(f"QEMU shows no drive {d.id}")
 
     # -- guest I/O ---------------------------------------------------------
 
@@ -536,8 +549,7 @@ class TestVM:
                 interface, number = disk.attach.removeprefix("drive-"), drive.match(disk.id).group(1)  # type: ignore[union-attr]
                 where = f"index={number}" if interface == "virtio" else f"bus={number},unit=0"
                 cache = "writeback" if self.write_cache else "writethrough"
-                cmd += ["-drive", f"file={disk.path},format={disk.fmt},if={interface},{where},node-name={disk.node},"
-                                  f"file.node-name={disk.file_node},discard=unmap,cache={cache}"]
+                cmd += ["-drive", f"file={disk.path},format={disk.fmt},if={interface},{where},discard=unmap,cache={cache}"]
                 continue
             file_node = {"driver": "file", "filename": str(disk.path),
                          "node-name": disk.file_node, "discard": "unmap"}

@@ -63,6 +63,7 @@ def test_drive_styles_full_incremental_restore(vm_factory, repo, tmp_path):
     """-drive if=virtio, scsi-hd, -drive if=ide and a 60-character -device id, in one VM."""
     vm = vm_factory(DISKS, attach=ATTACH)
     vm.start()
+    assert vm.node("virtio0").startswith("#block") and vm.node("ide0-hd0").startswith("#block")  # as users get them
     for i, disk in enumerate(DISKS):
         vm.write(disk, i * 64 * KiB, 256 * KiB, 0x10 + i)
     full = backup(repo, vm, "full")
@@ -78,6 +79,9 @@ def test_drive_styles_full_incremental_restore(vm_factory, repo, tmp_path):
     for d in manifest(repo, incr)["disks"]:  # the incremental read only what changed, on every disk
         assert d["read_bytes"] <= 128 * KiB, d
     assert qemu_leftovers(vm) == NOTHING_LEFT
+    for disk in DISKS:  # the full's bitmap stopped recording, the incremental's records, on each disk's format node
+        names = sorted((b["name"].rsplit(".", 1)[1], b["recording"]) for b in vm.bitmaps(disk))
+        assert names == sorted([(full, False), (incr, True), ("@twin", True)]), (disk, names)
     assert_restores(repo, vm, full, at_full, tmp_path / "full")
     assert_restores(repo, vm, incr, at_incr, tmp_path / "incr")
 
