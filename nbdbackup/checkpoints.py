@@ -30,6 +30,7 @@ from .vm import (Action, bitmap_add, bitmap_clear, bitmap_disable, bitmap_enable
 
 log = logging.getLogger(__name__)
 
+
 def disk_bitmaps(session: QMPSession, disks: Sequence[Disk]) -> dict[str, dict[str, Bitmap]]:
     """disk id -> bitmap name -> Bitmap, for nbdbackup's bitmaps only (any repository's)."""
     per_node = node_bitmaps(session)
