@@ -101,6 +101,10 @@ for command in (
 ):
     cli.add_command(command)
 
+for command in cli.commands.values():  # every command, also those registered above by others
+    command.epilog = ((command.epilog + "\n\n") if command.epilog else "") + (
+        "Global options (--repo/-r, --config, --log-file, --metrics-file, --debug) may come before or after the command; see 'nbdbackup --help'.")
+
 
 def main(argv: list[str] | None = None) -> None:
     """Console entry point: run the CLI, map errors to exit codes."""

@@ -16,7 +16,7 @@ KEEP = ("last", "hourly", "daily", "weekly", "monthly", "yearly")
 def keep_options(f):
     for kind in reversed(KEEP):
         what = "newest backups" if kind == "last" else f"{kind} backups (the newest of each of the N most recent {kind[:-2] if kind != 'daily' else 'day'}s)"
-        f = click.option(f"--keep-{kind}", kind, type=int, metavar="N", help=f"Keep N {what}.")(f)
+        f = click.option(f"--keep-{kind}", kind, type=int, metavar="N", help=f"Keep the N {what}." if kind == "last" else f"Keep N {what}.")(f)
     return f
 
 
