@@ -6,6 +6,7 @@ as syslogd would: `<PRI>nbdbackup[PID]: LEVEL: text`, PRI = facility user (8) + 
 
 from __future__ import annotations
 
+import json
 import re
 import socket
 import subprocess
@@ -107,6 +108,12 @@ def test_auto_all_under_cron_tells_each_failure_on_stderr_log_file_and_syslog(vm
     messages = syslog.read()
     assert [s for s, t in messages if t.startswith("vm1 incremental ")] == [INFO], messages
     assert not [t for s, t in messages if s == WARNING], messages
+
+    # list without a VM: the VMs of the repository (vm2 never got a backup).
+    [row] = json.loads(cli.run(repo, "list", "--json").stdout)
+    assert row["vm"] == "vm1" and row["backups"] == 2 and row["newest"] == cli.backups(repo)[-1]["checkpoint"]
+    proc = cli.run(repo, "list")
+    assert proc.stdout.splitlines()[1].split()[:2] == ["vm1", "2"] and proc.stderr == "1 VM, 2 backups\n"
 
     # A single VM's failure: one error line on stderr, the same reason in syslog at err.
     proc = cli.run(repo, "incremental", "vm1", "--qmp", gone, expect=3)
