@@ -46,6 +46,8 @@ def setup(*, debug: bool, log_file: str | None) -> None:
     root.handlers.clear()
     root.setLevel(logging.DEBUG)
     stderr = logging.StreamHandler(sys.stderr)
+    # The level lets through only what the filter may pass: INFO only for a terminal's summary line.
+    stderr.setLevel(logging.DEBUG if debug else logging.INFO if sys.stderr.isatty() else logging.WARNING)
     stderr.addFilter(_ToStderr(logging.DEBUG if debug else logging.WARNING))
     stderr.setFormatter(_StderrFormatter())
     root.addHandler(stderr)
@@ -76,9 +78,10 @@ def setup(*, debug: bool, log_file: str | None) -> None:
 
 def summary(line: str, *, level: int = logging.INFO, stderr: bool | None = None) -> None:
     """The one line that ends a run: to the log file and syslog at `level`, and to stderr
-    when it is a problem (WARNING or worse) or stderr is a terminal; `stderr` overrides that."""
-    if stderr is None:
-        stderr = level >= logging.WARNING or sys.stderr.isatty()
+    when it is a problem (WARNING or worse), stderr is a terminal, or with --debug;
+    `stderr` True/False overrides that (False: the line is already on stdout or stderr)."""
+    if stderr is None and sys.stderr.isatty():
+        stderr = True
     logging.getLogger(SUMMARY).log(level, "%s", line, extra={"stderr": stderr})
 
 

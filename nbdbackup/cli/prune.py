@@ -66,13 +66,15 @@ def prune(g: Globals, vm: str | None, all_vms: bool, qmp: str | None, dry_run: b
     if as_json:
         click.echo(json.dumps({"vms": [{"vm": n, **_as_dict(r, dry_run)} for n, r in reports.items()],
                                "garbage": _garbage_dict(garbage)}, indent=2))
+        for name, report in reports.items():
+            _log(name, report, dry_run)
     else:
         for name, report in reports.items():
             _print(name, report, dry_run, False)
         if garbage and garbage.done:
             click.echo(f"freed {plural(garbage.freed_chunks, 'chunk')} ({human_size(garbage.freed_bytes)})")
     if garbage and garbage.done:
-        logs.summary(f"prune --all: freed {plural(garbage.freed_chunks, 'chunk')} ({human_size(garbage.freed_bytes)})")
+        logs.summary(f"prune --all: freed {plural(garbage.freed_chunks, 'chunk')} ({human_size(garbage.freed_bytes)})", stderr=False)
     _finish(garbage)
     if failures:
         raise SomeRunsFailed(f"prune failed for {', '.join(failures)}", max(e.exit_code for e in failures.values()))
@@ -126,10 +128,15 @@ def _print(vm: str, report, dry_run: bool, as_json: bool) -> None:
             click.echo(f"{vm:<16} {verdict:<12} {r['checkpoint']:<28} {r['created']:<24} {', '.join(r['reasons'])}")
         if not dry_run:
             click.echo(f"{vm:<16} {_removed(report)}")
+    _log(vm, report, dry_run)
+
+
+def _log(vm: str, report, dry_run: bool) -> None:
+    """The VM's warnings (stderr, log file, syslog) and summary line (log file, syslog)."""
     for note in report.notes:
         logs.warning(f"{vm}: {note}")
     if not dry_run:
-        logs.summary(f"prune {vm}: {_removed(report)}")
+        logs.summary(f"prune {vm}: {_removed(report)}", stderr=False)  # the same line is on stdout
 
 
 def _removed(report) -> str:
