@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import click
 import cli
 import pytest
 
@@ -40,6 +41,21 @@ def test_bare_nbdbackup_prints_help_without_an_error():
 ])
 def test_global_options_move_before_the_command(args, expected):
     assert hoist_global_options(group, args) == expected
+
+
+def test_a_commands_own_option_of_the_same_name_stays_its_own():
+    @click.group(cls=type(group))
+    @click.option("--repo")
+    def g(repo):
+        pass
+
+    @g.command()
+    @click.option("--repo")
+    def copy(repo):
+        pass
+
+    assert hoist_global_options(g, ["copy", "--repo", "X"]) == ["copy", "--repo", "X"]
+    assert hoist_global_options(g, ["--repo", "A", "copy", "--repo", "B"]) == ["--repo", "A", "copy", "--repo", "B"]
 
 
 def test_global_options_after_the_command_work(tmp_path):

@@ -29,7 +29,8 @@ class Group(click.Group):
 def hoist_global_options(group: click.Group, args: list[str]) -> list[str]:
     """Move the group's own options found after the command name to before it.
 
-    `nbdbackup list vm1 --repo X` becomes `nbdbackup --repo X list vm1`. Stops at `--`.
+    `nbdbackup list vm1 --repo X` becomes `nbdbackup --repo X list vm1`. Stops at `--`;
+    leaves alone an option that the command itself also has.
     """
     flags = {name for p in group.params if isinstance(p, click.Option) and p.is_flag for name in p.opts}
     valued = {name for p in group.params if isinstance(p, click.Option) and not p.is_flag for name in p.opts}
@@ -46,6 +47,8 @@ def hoist_global_options(group: click.Group, args: list[str]) -> list[str]:
             break
     if i >= len(args) or args[i] not in group.commands:
         return args
+    own = {name for p in group.commands[args[i]].params for name in getattr(p, "opts", ())}
+    flags, valued = flags - own, valued - own  # a command's own option of the same name stays its own
     hoisted: list[str] = []
     rest: list[str] = [args[i]]
     i += 1
