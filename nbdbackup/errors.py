@@ -15,6 +15,8 @@
      +-- RestoreTargetError        exit 8  restore target cannot be written
      +-- SomeRunsFailed            the worst exit code of the VMs of `auto --all`
      +-- Interrupted               exit 130 (SIGINT) / 143 (SIGTERM)
+ +-- ImageInUse                exit 16 rollback: the VM's images are in use (its QEMU runs)
+ +-- RollbackIncomplete        exit 17 rollback stopped after writing began: run it again
 
 Every message is one line saying what is wrong and, where there is one,
 what to do about it.  Only the CLI turns these into exit codes.
@@ -113,6 +115,18 @@ class Interrupted(NbdBackupError):
         self.exit_code = 128 + signum
 
 
+class ImageInUse(NbdBackupError):
+    """The disks to roll back are open in a running QEMU (or another process)."""
+
+    exit_code = 16
+
+
+class RollbackIncomplete(NbdBackupError):
+    """A rollback failed after it began writing: the disks are partly rolled back."""
+
+    exit_code = 17
+
+
 EXIT_CODES: dict[str, int] = {
     "success": 0,
     "unexpected": NbdBackupError.exit_code,
@@ -123,6 +137,8 @@ EXIT_CODES: dict[str, int] = {
     "damaged": RepositoryDamaged.exit_code,
     "repository": RepositoryUnusable.exit_code,
     "restore-target": RestoreTargetError.exit_code,
+    "image-in-use": ImageInUse.exit_code,
+    "rollback-incomplete": RollbackIncomplete.exit_code,
     "sigint": 128 + signal.SIGINT,
     "sigterm": 128 + signal.SIGTERM,
 }

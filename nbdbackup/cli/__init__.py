@@ -14,7 +14,7 @@ import traceback
 import click
 
 from .. import __version__
-from . import backup, checkpoints, listing, logs, prune, restore, verify
+from . import backup, checkpoints, listing, logs, prune, restore, rollback, verify
 from .common import Globals
 
 
@@ -32,7 +32,8 @@ def cli(ctx: click.Context, repo: str | None, config: str | None, debug: bool, l
     Exit codes: 0 success, 1 unexpected error, 2 usage error, 3 VM unreachable
     or unsuitable, 4 checkpoint unknown or chain broken, 5 VM locked by another
     run, 6 repository damaged, 7 repository unusable (newer format, read-only,
-    full), 8 restore target cannot be written, 130/143 interrupted.
+    full), 8 restore target cannot be written, 16 rollback: the VM's images
+    are in use, 17 rollback stopped partway (run it again), 130/143 interrupted.
     """
     logs.setup(debug=debug, log_file=log_file)
     ctx.obj = Globals(repo, config, debug, log_file, metrics_file)
@@ -43,6 +44,7 @@ for command in (
     backup.incremental,
     backup.auto,
     restore.restore,
+    rollback.rollback,
     listing.list_,
     checkpoints.checkpoints,
     checkpoints.delete,
