@@ -52,15 +52,18 @@ class StorageDaemon:
         self._proc: subprocess.Popen | None = None
 
     def __enter__(self) -> StorageDaemon:
-        cmd = ["qemu-storage-daemon",
-               "--chardev", f"socket,id=m,path={self.monitor},server=on,wait=off",
-               "--monitor", "chardev=m",
-               "--nbd-server", f"addr.type=unix,addr.path={self.socket}"]
+        # Images first: the daemon handles its options in order, so an image it cannot open
+        # (locked by a running QEMU) ends it before the sockets we wait for exist.
+        cmd = ["qemu-storage-daemon"]
         ro = ",read-only=on" if self.read_only else ""
         for i, img in enumerate(self.images):
             cmd += ["--blockdev", f"driver=file,filename={_escape(img.path)},node-name=f{i},discard=unmap{ro}",
                     "--blockdev", f"driver={img.format},file=f{i},node-name={self.node(i)},discard=unmap{ro}"]
-            if self.exports:
+        cmd += ["--chardev", f"socket,id=m,path={self.monitor},server=on,wait=off",
+                "--monitor", "chardev=m",
+                "--nbd-server", f"addr.type=unix,addr.path={self.socket}"]
+        if self.exports:
+            for i, img in enumerate(self.images):
                 cmd += ["--export", f"type=nbd,id=e{i},node-name={self.node(i)},name={img.export},writable=on"]
         log.debug("starting %s", cmd)
         # Its own session: a terminal's Ctrl-C reaches nbdbackup, which stops the daemon in order.
