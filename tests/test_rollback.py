@@ -196,3 +196,19 @@ def test_interrupted_rollback_completes_when_run_again(vm_factory, repo, signum)
     assert "completing an interrupted rollback" in out.stdout
     assert_images(vm, expected["A"])
     assert not (repo / "rollbacks" / "vm1.json").exists()
+
+
+@pytest.mark.parametrize("new_size", [SIZES["vdb"] + 3 * MiB, 3 * MiB])
+def test_resized_disk_is_refused_unless_full(vm_factory, repo, new_size):
+    from faults import resize
+
+    vm = vm_factory(SIZES)
+    expected = make_chain(vm, repo)
+    resize(vm, "vdb", new_size)
+    vm.stop()
+    proc = rollback(repo, vm, "D", expect=4)
+    assert "vdb was resized since checkpoint D" in proc.stderr and "--full" in proc.stderr
+    plan = json.loads(rollback(repo, vm, "D", "--full", "--dry-run", "--json").stdout)
+    assert [d["disk"] for d in plan["disks"] if "resized" in d["reason"]] == ["vdb"]
+    rollback(repo, vm, "D", "--full")
+    assert_images(vm, expected["D"])
