@@ -142,6 +142,36 @@ class Marker:
 # -- orchestration -----------------------------------------------------------------------
 
 
+class ImageTarget:
+    """The shut-down VM's images, opened by qemu-storage-daemon (which loads their bitmaps).
+    Writes go straight into the images: every disk's export is writable from the start."""
+
+    writes_directly = True
+
+    def __init__(self, daemon: StorageDaemon, session: QMPSession, images: Sequence[TargetImage]) -> None:
+        self.daemon, self.session, self.socket = daemon, session, daemon.socket
+        nodes = {n["node-name"]: n for n in session.execute("query-named-block-nodes", {"flat": True})}
+        self.disks = []
+        for i, img in enumerate(images):
+            node = nodes[daemon.node(i)]
+            self.disks.append(Disk(id=img.export, node=node["node-name"], size=int(node["image"]["virtual-size"]),
+                                   format=node.get("drv", "qcow2"), filename=str(img.path)))
+
+    def export_changed(self, disk: Disk, merges: Sequence[str], *, writable: bool) -> str:
+        _export(self.session, disk, disk.id, merges, writable=writable)
+        return disk.id
+
+    def writable_export(self, disk: Disk, p: DiskRollback) -> str:
+        if p.mode == FULL:
+            if p.size_now != p.size_at:
+                self.session.execute("block_resize", {"node-name": disk.node, "size": p.size_at})
+            _export(self.session, disk, disk.id, writable=True)
+        return disk.id
+
+    def finish(self, cancel: CancelToken) -> None:
+        """Nothing: the writes are in the images; the daemon's quit stores the bitmaps."""
+
+
 def run_rollback(
     repo: Repository,
     req: RollbackRequest,
@@ -153,31 +183,42 @@ def run_rollback(
     on_start: Callable[[int], None] = lambda total: None,
 ) -> RollbackResult:
     """Roll the shut-down VM's images back to req.checkpoint (caller holds the VM's lock)."""
-    started = time.monotonic()
     m = find_backup(repo, req.vm, req.checkpoint)
     chosen = choose_disks(m, req)
+    images = [TargetImage(d.id, path, "qcow2", d.size) for d, path in chosen]
+    with StorageDaemon(images, socket_dir, exports=False, read_only=req.dry_run) as daemon, daemon.session() as session:
+        return roll_back(repo, req, m, ImageTarget(daemon, session, images), tuning=tuning, cancel=cancel, progress=progress, on_start=on_start)
+    # the daemon quit cleanly: data flushed, bitmaps stored in the images
+
+
+def roll_back(repo: Repository, req: RollbackRequest, m: Manifest, target, *, tuning: Tuning, cancel: CancelToken,
+              progress: Callable[[int], None], on_start: Callable[[int], None]) -> RollbackResult:
+    """Plan (validating every disk), then write: on a target that has the disks open (ImageTarget,
+    or rollback_live.LiveTarget for a paused VM).  The caller closes the target afterwards."""
+    started = time.monotonic()
     marker = Marker(repo, req.vm)
     unfinished = marker.read()
-    images = [TargetImage(d.id, path, "qcow2", d.size) for d, path in chosen]
     writing = False
     try:
-        with StorageDaemon(images, socket_dir, exports=False, read_only=req.dry_run) as daemon, daemon.session() as session:
-            disks = _daemon_disks(session, daemon, images)
-            plan = make_plan(repo, session, daemon, req, m, disks, [path for _, path in chosen])
-            if unfinished is not None:
-                plan = dataclasses.replace(plan, resumed=unfinished.get("checkpoint", "?"))
-            if req.dry_run:
-                return RollbackResult(plan, True, seconds=time.monotonic() - started)
-            cancel.check()
+        plan = make_plan(repo, target, req, m)
+        if unfinished is not None:
+            plan = dataclasses.replace(plan, resumed=unfinished.get("checkpoint", "?"))
+        if req.dry_run:
+            return RollbackResult(plan, True, seconds=time.monotonic() - started)
+        cancel.check()
+        if target.writes_directly:
             marker.write(plan)
             writing = True
-            written, zeroed = _execute(repo, session, daemon, m, plan, disks, tuning, cancel, progress, on_start)
-        # the daemon quit cleanly: data flushed, bitmaps stored in the images
-        marker.clear()
+        written, zeroed = _execute(repo, target, m, plan, tuning, cancel, progress, on_start)
+        if not target.writes_directly:
+            marker.write(plan)
+            writing = True
+            target.finish(cancel)
+        marker.clear()  # ImageTarget: the data is flushed; the daemon's quit stores the bitmaps
         return RollbackResult(plan, False, written, zeroed, time.monotonic() - started)
     except Interrupted as exc:
         state = (f"the disks are partly rolled back to {m.checkpoint}: run the same command again to complete the rollback"
-                 if writing else "nothing was written")
+                 if writing else "nothing was written to the disks")
         exc.message = f"interrupted by {signal.Signals(exc.signum).name}; {state}"
         raise
     except NbdBackupError as exc:
@@ -188,6 +229,7 @@ def run_rollback(
 
 
 def choose_disks(m: Manifest, req: RollbackRequest) -> list[tuple[DiskBackup, Path]]:
+    """The backup's disks to roll back, with their images."""
     by_id = {d.id: d for d in m.disks}
     unknown = set(req.disks) - set(by_id)
     if unknown:
@@ -205,30 +247,21 @@ def choose_disks(m: Manifest, req: RollbackRequest) -> list[tuple[DiskBackup, Pa
     return [(d, req.images[d.id]) for d in wanted]
 
 
-def _daemon_disks(session: QMPSession, daemon: StorageDaemon, images: Sequence[TargetImage]) -> list[Disk]:
-    nodes = {n["node-name"]: n for n in session.execute("query-named-block-nodes", {"flat": True})}
-    disks = []
-    for i, img in enumerate(images):
-        node = nodes[daemon.node(i)]
-        disks.append(Disk(id=img.export, node=node["node-name"], size=int(node["image"]["virtual-size"]),
-                          format=node.get("drv", "qcow2"), filename=str(img.path)))
-    return disks
-
-
-def make_plan(repo: Repository, session: QMPSession, daemon: StorageDaemon, req: RollbackRequest, m: Manifest,
-              disks: list[Disk], paths: list[Path]) -> RollbackPlan:
-    """Validate every disk, then find what to write on each.  Changes nothing on the images."""
+def make_plan(repo: Repository, target, req: RollbackRequest, m: Manifest) -> RollbackPlan:
+    """Validate every disk, then find what to write on each.  Changes nothing on the disks."""
     at = {d.id: d for d in m.disks}
+    disks = target.disks
+    paths = [Path(d.filename) for d in disks]
     if req.full:
         return RollbackPlan(req.vm, m.checkpoint, tuple(
             DiskRollback(d.id, p, FULL, (Extent(0, at[d.id].size),) if at[d.id].size else (), d.size, at[d.id].size,
                          "--full: the whole disk" + (f"; resized from {d.size} back to {at[d.id].size} bytes" if d.size != at[d.id].size else ""))
             for d, p in zip(disks, paths)))
-    merges = validate(repo, session, req.vm, m, disks)
+    merges = validate(repo, target.session, req.vm, m, disks)
     plans = []
     for d, p in zip(disks, paths):
-        _export(session, d, merges, writable=not req.dry_run)
-        with NbdEndpoint(daemon.socket, d.id, contexts=(dirty_bitmap_context(TEMP_BITMAP),)) as ep:
+        name = target.export_changed(d, merges, writable=not req.dry_run)
+        with NbdEndpoint(target.socket, name, contexts=(dirty_bitmap_context(TEMP_BITMAP),)) as ep:
             regions = tuple(dirty_extents(ep, TEMP_BITMAP, d.size))
         plans.append(DiskRollback(d.id, p, CHANGED, regions, d.size, d.size, f"changed since {m.checkpoint}"))
     return RollbackPlan(req.vm, m.checkpoint, tuple(plans))
@@ -259,10 +292,10 @@ def validate(repo: Repository, session: QMPSession, vm: str, m: Manifest, disks:
     return tuple(r.bitmap for r in chain.since_chain(records, record.name))
 
 
-def _export(session: QMPSession, disk: Disk, merges: Sequence[str] = (), *, writable: bool) -> None:
-    """An NBD export of the disk's node named after the disk; with merges, also the temporary
-    bitmap holding their union (disabled: it does not record the rollback's own writes)."""
-    args: dict = {"type": "nbd", "id": f"rollback-{disk.id}", "node-name": disk.node, "name": disk.id, "writable": writable}
+def _export(session: QMPSession, disk: Disk, name: str, merges: Sequence[str] = (), *, writable: bool, node: str | None = None) -> None:
+    """An NBD export `name` of the disk's node (or `node`); with merges, also the temporary bitmap
+    holding their union, on the disk's node (disabled: it does not record the rollback's own writes)."""
+    args: dict = {"type": "nbd", "id": name, "node-name": node or disk.node, "name": name, "writable": writable}
     if merges:
         session.transaction([
             ("block-dirty-bitmap-add", {"node": disk.node, "name": TEMP_BITMAP, "persistent": False, "disabled": True,
@@ -273,21 +306,16 @@ def _export(session: QMPSession, disk: Disk, merges: Sequence[str] = (), *, writ
     session.execute("block-export-add", args)
 
 
-def _execute(repo: Repository, session: QMPSession, daemon: StorageDaemon, m: Manifest, plan: RollbackPlan, disks: list[Disk],
-             tuning: Tuning, cancel: CancelToken, progress: Callable[[int], None],
-             on_start: Callable[[int], None]) -> tuple[dict[str, int], dict[str, int]]:
-    by_id = {d.id: d for d in disks}
-    for p in plan.disks:
-        if p.mode == FULL:
-            if p.size_now != p.size_at:
-                session.execute("block_resize", {"node-name": by_id[p.disk].node, "size": p.size_at})
-            _export(session, by_id[p.disk], writable=True)
+def _execute(repo: Repository, target, m: Manifest, plan: RollbackPlan, tuning: Tuning, cancel: CancelToken,
+             progress: Callable[[int], None], on_start: Callable[[int], None]) -> tuple[dict[str, int], dict[str, int]]:
+    by_id = {d.id: d for d in target.disks}
+    exports = {p.disk: target.writable_export(by_id[p.disk], p) for p in plan.disks}
     entries = {p.disk: repo.read_index(m, p.disk)[1] for p in plan.disks}
     on_start(sum(p.bytes for p in plan.disks))
     written, zeroed = {}, {}
     for p in plan.disks:
         t0 = time.monotonic()
-        written[p.disk], zeroed[p.disk] = write_disk(repo, m, p, entries[p.disk], daemon.socket, tuning, cancel, progress)
+        written[p.disk], zeroed[p.disk] = write_disk(repo, m, p, entries[p.disk], target.socket, exports[p.disk], tuning, cancel, progress)
         log.debug("disk %s: wrote %d bytes, zeroed %d in %.2fs", p.disk, written[p.disk], zeroed[p.disk], time.monotonic() - t0)
     return written, zeroed
 
@@ -330,8 +358,8 @@ def runs(offset: int, data: memoryview) -> Iterator[tuple[int, int, bool]]:
         yield run[0], end, run[1]
 
 
-def write_disk(repo: Repository, m: Manifest, p: DiskRollback, entries: list[IndexEntry], socket: Path, tuning: Tuning,
-               cancel: CancelToken, progress: Callable[[int], None]) -> tuple[int, int]:
+def write_disk(repo: Repository, m: Manifest, p: DiskRollback, entries: list[IndexEntry], socket: Path, export: str,
+               tuning: Tuning, cancel: CancelToken, progress: Callable[[int], None]) -> tuple[int, int]:
     """Write p's regions from the backup's index; (data bytes written, bytes zeroed)."""
     starts = [e.offset for e in entries]
     totals = [0, 0]
@@ -377,7 +405,7 @@ def write_disk(repo: Repository, m: Manifest, p: DiskRollback, entries: list[Ind
         totals[1] += result[1]
         progress(result[0] + result[1])
 
-    connect = functools.partial(NbdEndpoint, socket, p.disk, writable=True)
+    connect = functools.partial(NbdEndpoint, socket, export, writable=True)
     with Pipeline(tuning.workers, tuning.depth, connect, done, "rollback") as pipe:
         for piece in pieces(p.regions, tuning.chunk_size):
             cancel.check()
@@ -393,7 +421,8 @@ def write_disk(repo: Repository, m: Manifest, p: DiskRollback, entries: list[Ind
 
 def rollback(settings, vmconf, req: RollbackRequest, *, cancel: CancelToken, observer=None, pause: bool = False,
              reset: bool = True, tuning: Tuning = Tuning()) -> RollbackResult:
-    """Under the VM's lock (no backup of it meanwhile): refuse a running QEMU, then roll back."""
+    """Under the VM's lock (no backup of it meanwhile): the shut-down VM's images through
+    qemu-storage-daemon, or the paused VM's disks through its QEMU."""
     from .engine import Observer, open_repository, repository_lock, vm_lock
     from .workdirs import private_dir
 
@@ -403,10 +432,57 @@ def rollback(settings, vmconf, req: RollbackRequest, *, cancel: CancelToken, obs
     with vm_lock(repo, req.vm), repository_lock(repo):
         with _running_qemu(vmconf) as qemu:
             if qemu is not None:
-                refuse_running(qemu, req.vm, pause=pause)
+                return _rollback_live(repo, vmconf, qemu, req, cancel=cancel, observer=observer, pause=pause, reset=reset, tuning=tuning)
         with private_dir() as sockets:
             return run_rollback(repo, req, socket_dir=sockets, tuning=tuning, cancel=cancel,
                                 progress=observer.progress, on_start=observer.on_start)
+
+
+def _rollback_live(repo: Repository, vmconf, qemu: QMPSession, req: RollbackRequest, *, cancel: CancelToken, observer,
+                   pause: bool, reset: bool, tuning: Tuning) -> RollbackResult:
+    """The VM's QEMU runs: only with the guest paused (--pause pauses it); afterwards the guest
+    is reset (its page cache holds the old content) unless reset is False, and resumed if we paused it."""
+    from .names import block_namespace
+    from .rollback_live import LiveTarget
+    from .vm import qcow2_disks
+    from .workdirs import foreign_owner, private_dir, scratch_base
+
+    status = qemu.execute("query-status")
+    if status.get("running") and not pause:
+        raise ImageInUse(f"VM {req.vm} is running: its disks cannot be rolled back under a running guest",
+                         hint="shut the VM down, or pass --pause to pause it (it is reset and resumed afterwards)")
+    if status.get("status") in ("inmigrate", "postmigrate", "finish-migrate", "save-vm", "restore-vm"):
+        raise ImageInUse(f"VM {req.vm} is migrating or saving its state ({status['status']})", hint="wait for it to finish")
+    m = find_backup(repo, req.vm, req.checkpoint)
+    wanted = {d.id for d in m.disks if not req.disks or d.id in req.disks}
+    unknown = set(req.disks) - {d.id for d in m.disks}
+    if unknown:
+        raise UsageError(f"backup {m.checkpoint} has no disk {', '.join(sorted(unknown))}", hint=f"its disks: {', '.join(d.id for d in m.disks)}")
+    disks = [d for d in qcow2_disks(qemu) if d.id in wanted]
+    gone = wanted - {d.id for d in disks}
+    if gone:
+        raise UsageError(f"the VM has no qcow2 disk {', '.join(sorted(gone))} (it is in the backup at {m.checkpoint})",
+                         hint="choose disks with --disk")
+    paused_here = False
+    if status.get("running"):
+        qemu.execute("stop")
+        paused_here = True
+    target = None
+    done = False
+    try:
+        owner = foreign_owner(qemu.peer_user())
+        base = scratch_base(vmconf.scratch, lambda: repo.local_dir("tmp"), owner)
+        with private_dir(base, prefix=f"{req.vm}@", owner=owner) as scratch, private_dir(owner=owner) as sockets:
+            target = LiveTarget(qemu, disks, block_namespace(repo.id), scratch, sockets, owner)
+            with target:
+                result = roll_back(repo, req, m, target, tuning=tuning, cancel=cancel, progress=observer.progress, on_start=observer.on_start)
+        if not req.dry_run and reset:
+            qemu.execute("system_reset")
+        done = True
+        return result
+    finally:
+        if paused_here and not qemu.lost and (done or target is None or not target.touched):
+            qemu.execute("cont")  # a guest whose disks are partly rolled back stays paused
 
 
 @contextlib.contextmanager
@@ -426,14 +502,3 @@ def _running_qemu(vmconf) -> Iterator[QMPSession | None]:
         yield session
     finally:
         session.close()
-
-
-def refuse_running(qemu: QMPSession, vm: str, *, pause: bool) -> None:
-    """A running QEMU: refused (see docs/CHAIN.md, "Rolling back a running VM")."""
-    status = qemu.execute("query-status").get("status", "?")
-    if status == "running" and not pause:
-        raise ImageInUse(f"VM {vm} is running: its disks cannot be rolled back under a running guest",
-                         hint="shut the VM down first (--pause would pause it, but see the next error)")
-    raise ImageInUse(f"VM {vm}'s QEMU is {'running' if status == 'running' else status}: QEMU 7.2 gives no safe way to write into "
-                     "a disk its device has attached, paused or not (docs/CHAIN.md)",
-                     hint="shut the VM down (its QEMU must exit), then run the rollback again")

@@ -155,19 +155,42 @@ def test_broken_chain_is_refused_unless_full(vm_factory, repo):
     assert allocated <= 4 * MiB, info
 
 
-def test_running_vm_is_refused(vm_factory, repo):
+def test_running_vm_is_refused_and_locked_images_too(vm_factory, repo):
     vm = vm_factory(SIZES)
     make_chain(vm, repo)
-    # through its QMP socket: refused, paused or not
+    vm.qmp("cont")  # the guest runs (no OS: the firmware idles)
     proc = rollback(repo, vm, "C", "--qmp", str(vm.qmp_socket), expect=16)
-    assert "shut the VM down" in proc.stderr
-    proc = rollback(repo, vm, "C", "--qmp", str(vm.qmp_socket), "--pause", expect=16)
-    assert "QEMU 7.2" in proc.stderr
-    # without it: QEMU's image locks refuse the second opener
+    assert "is running" in proc.stderr and "--pause" in proc.stderr
+    assert vm.qmp("query-status")["running"]
+    # without its QMP socket: QEMU's image locks refuse the second opener, nothing is written
+    vm.qmp("stop")
     proc = rollback(repo, vm, "C", expect=16)
     assert "in use" in proc.stderr
     vm.verify("vda")
     vm.verify("vdb")
+
+
+@pytest.mark.parametrize("pause", [False, True])
+def test_paused_vm_is_rolled_back_through_an_overlay(vm_factory, repo, tmp_path, pause):
+    vm = vm_factory(SIZES)
+    expected = make_chain(vm, repo)
+    after_e = [("vda", "w", 2 * MiB, 128 * KiB, 0x17)]
+    if pause:
+        vm.qmp("cont")
+    out = json.loads(rollback(repo, vm, "C", "--qmp", str(vm.qmp_socket), *(["--pause"] if pause else []), "--json").stdout)
+    assert {d["disk"]: d["written"] + d["zeroed"] for d in out["disks"]} == {d: touched(STEPS[3:] + [after_e], d) for d in SIZES}
+    assert vm.qmp("query-status")["running"] == pause  # resumed only if rollback paused it
+    assert any(e["event"] == "RESET" for e in vm.events), vm.events
+    set_model(vm, expected["C"])
+    for d in vm.disks:
+        vm.verify(d)
+    state = vm.block_state()
+    assert state["exports"] == [] and state["jobs"] == [] and not [n for n in state["nodes"] if n.startswith("nbdbackup")], state
+    assert not [b for bs in state["bitmaps"].values() for b in bs if b.get("name") == "nbdbackup-rollback"]
+    # the chain stays true: an incremental backs the rollback up and restores C
+    cli.run(repo, "incremental", "vm1", "--qmp", vm.qmp_socket, "--checkpoint", "F")
+    for d, path in cli.restore(repo, vm, "F", tmp_path / "F").items():
+        assert_image_equals(path, expected["C"][d], "qcow2")
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGKILL])
