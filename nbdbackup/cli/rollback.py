@@ -15,17 +15,18 @@ from .common import Globals, human_size, interruptible, pass_globals, progress_b
 @click.option("--full", is_flag=True, help="Rewrite whole disks from the backup (when the checkpoint chain cannot tell what changed).")
 @click.option("--dry-run", is_flag=True, help="Only say what would be written.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
-@click.option("--pause", is_flag=True, help="Pause a running VM first (QEMU 7.2 still refuses; see the man page).")
-@click.option("--no-reset", is_flag=True, help="Do not reset the guest after rolling back a paused VM.")
+@click.option("--pause", is_flag=True, help="Pause a running guest first; it is reset and resumed afterwards.")
+@click.option("--no-reset", is_flag=True, help="Do not reset the guest after rolling back a paused VM (its cache keeps the old content).")
 @qmp_option
 @pass_globals
 def rollback(g: Globals, vm: str, checkpoint: str, disks: tuple[str, ...], images: tuple[str, ...], full: bool, dry_run: bool,
              as_json: bool, pause: bool, no_reset: bool, qmp: str | None) -> None:
-    """Put the disks of the shut-down VM back to their content at CHECKPOINT, in place.
+    """Put the VM's disks back to their content at CHECKPOINT, in place.
 
     Only the blocks changed since CHECKPOINT are written (the checkpoint chain
-    knows them), read from the backup at CHECKPOINT. The VM must be shut down;
-    its images come from [vm.NAME] images in the config file or --image.
+    knows them), read from the backup at CHECKPOINT. With the VM shut down, its
+    images come from [vm.NAME] images in the config file or --image; a VM whose
+    QEMU answers on its QMP socket must be paused (or --pause).
     """
     from pathlib import Path
 
