@@ -36,8 +36,7 @@ from pathlib import Path
 from . import chain
 from .capture import CancelToken, Tuning, pieces
 from .checkpoints import Checkpoints
-from .errors import (ChainBroken, ImageInUse, Interrupted, NbdBackupError, RestoreTargetError, RollbackIncomplete,
-                     UsageError, VMUnreachable)
+from .errors import ChainBroken, ImageInUse, Interrupted, NbdBackupError, RestoreTargetError, RollbackIncomplete, UsageError, VMUnreachable
 from .names import check_name, utc_now
 from .nbdio import MAX_REQUEST, NbdEndpoint, dirty_bitmap_context, dirty_extents
 from .pipeline import Pipeline
@@ -256,10 +255,10 @@ def make_plan(repo: Repository, target, req: RollbackRequest, m: Manifest) -> Ro
         return RollbackPlan(req.vm, m.checkpoint, tuple(
             DiskRollback(d.id, p, FULL, (Extent(0, at[d.id].size),) if at[d.id].size else (), d.size, at[d.id].size,
                          "--full: the whole disk" + (f"; resized from {d.size} back to {at[d.id].size} bytes" if d.size != at[d.id].size else ""))
-            for d, p in zip(disks, paths)))
+            for d, p in zip(disks, paths, strict=True)))
     merges = validate(repo, target.session, req.vm, m, disks)
     plans = []
-    for d, p in zip(disks, paths):
+    for d, p in zip(disks, paths, strict=True):
         name = target.export_changed(d, merges, writable=not req.dry_run)
         with NbdEndpoint(target.socket, name, contexts=(dirty_bitmap_context(TEMP_BITMAP),)) as ep:
             regions = tuple(dirty_extents(ep, TEMP_BITMAP, d.size))

@@ -100,13 +100,13 @@ class LiveTarget:
             self.touched = True
             self.session.execute("blockdev-snapshot", {"node": d.node, "overlay": node})
             self.session.execute("block-commit", {"job-id": job, "device": node})
-            event = self.session.wait_event(lambda e: e["event"] in ("BLOCK_JOB_READY", "BLOCK_JOB_COMPLETED", "BLOCK_JOB_ERROR")
+            event = self.session.wait_event(lambda e, job=job: e["event"] in ("BLOCK_JOB_READY", "BLOCK_JOB_COMPLETED", "BLOCK_JOB_ERROR")
                                             and e["data"].get("device") == job, timeout=COMMIT_TIMEOUT)
             if event["event"] != "BLOCK_JOB_READY":
                 raise NbdBackupError(f"committing the rollback of disk {d.id} failed: {event['data'].get('error', event['event'])}",
                                      hint=f"the VM's device may still use the overlay {path}; see docs/CHAIN.md")
             self.session.execute("block-job-complete", {"device": job})
-            event = self.session.wait_event(lambda e: e["event"] in ("BLOCK_JOB_COMPLETED", "BLOCK_JOB_ERROR")
+            event = self.session.wait_event(lambda e, job=job: e["event"] in ("BLOCK_JOB_COMPLETED", "BLOCK_JOB_ERROR")
                                             and e["data"].get("device") == job, timeout=COMMIT_TIMEOUT)
             if event["data"].get("error"):
                 raise NbdBackupError(f"committing the rollback of disk {d.id} failed: {event['data']['error']}")

@@ -12,6 +12,7 @@ import json
 import os
 import signal
 import time
+from pathlib import Path
 
 import cli
 import pytest
@@ -66,7 +67,7 @@ def make_chain(vm, repo):
     """A..E, one backup each; returns checkpoint -> {disk: content}."""
     vm.start()
     expected = {}
-    for i, (name, step) in enumerate(zip(NAMES, STEPS)):
+    for i, (name, step) in enumerate(zip(NAMES, STEPS, strict=True)):
         apply(vm, step)
         cli.run(repo, "full" if i == 0 else "incremental", "vm1", "--qmp", vm.qmp_socket, "--checkpoint", name)
         expected[name] = {d: vm.expected(d) for d in vm.disks}
@@ -235,3 +236,58 @@ def test_resized_disk_is_refused_unless_full(vm_factory, repo, new_size):
     assert [d["disk"] for d in plan["disks"] if "resized" in d["reason"]] == ["vdb"]
     rollback(repo, vm, "D", "--full")
     assert_images(vm, expected["D"])
+
+
+def test_storage_failure_midway_exits_17_and_a_rerun_completes(vm_factory, repo, tmp_path):
+    from nbdbackup.repository.index import decode
+
+    vm = vm_factory(SIZES)
+    expected = make_chain(vm, repo)
+    vm.stop()
+    # the backup storage loses a chunk that the rollback to A needs (vda's data at 1 MiB)
+    index = decode((repo / "vms" / "vm1" / "backups" / "A" / "vda.index").read_bytes(), "test")[1]
+    cid = next(e.chunk for e in index if e.offset <= 1 * MiB < e.end).hex()
+    chunk, aside = repo / "chunks" / cid[:2] / cid, tmp_path / "aside"
+    chunk.rename(aside)
+    proc = rollback(repo, vm, "A", expect=17)
+    assert "partly rolled back" in proc.stderr and "run the same command again" in proc.stderr
+    assert (repo / "rollbacks" / "vm1.json").exists()
+    aside.rename(chunk)
+    assert "completing an interrupted rollback (to A)" in rollback(repo, vm, "A").stdout
+    assert_images(vm, expected["A"])
+
+
+def test_images_from_the_config_file_and_the_vm_lock(vm_factory, repo, tmp_path):
+
+    vm = vm_factory(SIZES)
+    expected = make_chain(vm, repo)
+    config = tmp_path / "config.toml"
+    config.write_text("[vm.vm1]\nimages = { " + ", ".join(f'{d} = "{vm.disks[d].path}"' for d in vm.disks) + " }\n")
+    # a backup of the VM holds its lock: the rollback waits for nobody and says so
+    with Run(repo, "incremental", "vm1", "--qmp", vm.qmp_socket, pause="read") as backup:
+        backup.wait_paused()
+        proc = cli.run(repo, "--config", str(config), "rollback", "vm1", "--to", "C", expect=5)
+        assert "holds VM vm1" in proc.stderr
+        result = backup.finish()
+        assert result.returncode == 0, result.describe()
+    vm.stop()
+    cli.run(repo, "--config", str(config), "rollback", "vm1", "--to", "C", "--disk", "vdb")
+    assert_image_equals(vm.disks["vdb"].path, expected["C"]["vdb"], "qcow2")
+    assert image_bytes(vm.disks["vda"].path) != expected["C"]["vda"]  # not chosen, not touched
+    proc = cli.run(repo, "--config", str(config), "rollback", "vm1", "--to", "C", "--image", "vda", expect=2)
+    assert "is not ID=PATH" in proc.stderr
+    proc = cli.run(repo, "rollback", "vm1", "--to", "C", "--image", f"vda={vm.disks['vda'].path}", expect=2)
+    assert "no image known for disk vdb" in proc.stderr
+
+
+def test_config_images_are_checked(tmp_path, monkeypatch):
+    from nbdbackup import config
+    from nbdbackup.errors import UsageError
+
+    conf = tmp_path / "c.toml"
+    conf.write_text('[vm.vm1]\nimages = { vda = "/srv/vm1/vda.qcow2" }\n')
+    assert config.load(str(conf), None).vm("vm1", required=False).images == {"vda": Path("/srv/vm1/vda.qcow2")}
+    for bad in ('images = { vda = 3 }', 'images = { "a b" = "/x" }', 'images = "/x"'):
+        conf.write_text(f"[vm.vm1]\n{bad}\n")
+        with pytest.raises(UsageError):
+            config.load(str(conf), None)

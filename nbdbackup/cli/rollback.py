@@ -32,7 +32,8 @@ def rollback(g: Globals, vm: str, checkpoint: str, disks: tuple[str, ...], image
 
     from ..errors import UsageError
     from ..names import check_name
-    from ..rollback import RollbackRequest, rollback as run
+    from ..rollback import RollbackRequest
+    from ..rollback import rollback as run
 
     settings = g.settings()
     vmconf = settings.vm(vm, qmp, required=False)
