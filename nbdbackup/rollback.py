@@ -15,6 +15,10 @@
 
 Re-running is always safe: what a stopped run wrote is recorded by the active bitmap,
 so the next run's changed ranges include it and write CP's content there again.
+
+A paused VM whose QEMU runs is rolled back the same way on another target
+(rollback_live.LiveTarget): QEMU itself, with the writes going through an overlay
+that QEMU commits into each disk at the end.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 from . import chain
 from .capture import CancelToken, Tuning, pieces
@@ -141,6 +146,24 @@ class Marker:
 # -- orchestration -----------------------------------------------------------------------
 
 
+class RollbackTarget(Protocol):
+    """Where a rollback reads the bitmaps and writes: the disks opened by someone with QMP and NBD."""
+
+    session: QMPSession
+    socket: Path  # the NBD server's socket
+    disks: list[Disk]
+    writes_directly: bool  # False: nothing reaches the disks before finish()
+
+    def export_changed(self, disk: Disk, merges: Sequence[str], *, writable: bool) -> str:
+        """Export the disk with the temporary bitmap (the union of merges); the export's name."""
+
+    def writable_export(self, disk: Disk, p: DiskRollback) -> str:
+        """An export to write p's ranges into; its name."""
+
+    def finish(self, cancel: CancelToken) -> None:
+        """Make the writes reach the disks."""
+
+
 class ImageTarget:
     """The shut-down VM's images, opened by qemu-storage-daemon (which loads their bitmaps).
     Writes go straight into the images: every disk's export is writable from the start."""
@@ -190,7 +213,7 @@ def run_rollback(
     # the daemon quit cleanly: data flushed, bitmaps stored in the images
 
 
-def roll_back(repo: Repository, req: RollbackRequest, m: Manifest, target, *, tuning: Tuning, cancel: CancelToken,
+def roll_back(repo: Repository, req: RollbackRequest, m: Manifest, target: RollbackTarget, *, tuning: Tuning, cancel: CancelToken,
               progress: Callable[[int], None], on_start: Callable[[int], None]) -> RollbackResult:
     """Plan (validating every disk), then write: on a target that has the disks open (ImageTarget,
     or rollback_live.LiveTarget for a paused VM).  The caller closes the target afterwards."""
@@ -246,7 +269,7 @@ def choose_disks(m: Manifest, req: RollbackRequest) -> list[tuple[DiskBackup, Pa
     return [(d, req.images[d.id]) for d in wanted]
 
 
-def make_plan(repo: Repository, target, req: RollbackRequest, m: Manifest) -> RollbackPlan:
+def make_plan(repo: Repository, target: RollbackTarget, req: RollbackRequest, m: Manifest) -> RollbackPlan:
     """Validate every disk, then find what to write on each.  Changes nothing on the disks."""
     at = {d.id: d for d in m.disks}
     disks = target.disks
@@ -305,7 +328,7 @@ def _export(session: QMPSession, disk: Disk, name: str, merges: Sequence[str] = 
     session.execute("block-export-add", args)
 
 
-def _execute(repo: Repository, target, m: Manifest, plan: RollbackPlan, tuning: Tuning, cancel: CancelToken,
+def _execute(repo: Repository, target: RollbackTarget, m: Manifest, plan: RollbackPlan, tuning: Tuning, cancel: CancelToken,
              progress: Callable[[int], None], on_start: Callable[[int], None]) -> tuple[dict[str, int], dict[str, int]]:
     by_id = {d.id: d for d in target.disks}
     exports = {p.disk: target.writable_export(by_id[p.disk], p) for p in plan.disks}
