@@ -6,6 +6,7 @@ from __future__ import annotations
 import ctypes
 import logging
 import signal
+import socket
 import subprocess
 import time
 from collections.abc import Sequence
@@ -71,7 +72,9 @@ class StorageDaemon:
             self._proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=output, stderr=subprocess.STDOUT,
                                           start_new_session=True, preexec_fn=_die_with_parent)
         deadline = time.monotonic() + 30
-        while not (self.socket.exists() and self.monitor.exists()):
+        # Ready when both sockets exist and the NBD server accepts connections (a socket file
+        # exists from bind(), a moment before listen(); a daemon that died leaves it behind).
+        while not (self.socket.exists() and self.monitor.exists() and _accepts(self.socket)):
             if self._proc.poll() is not None:
                 out = self.log.read_text(errors="replace").strip()
                 if "Failed to get" in out and "lock" in out:  # another process (a running QEMU?) has an image open
@@ -112,6 +115,18 @@ class StorageDaemon:
         if self._proc and self._proc.poll() is None:
             self._proc.kill()
             self._proc.wait()
+
+
+def _accepts(path: Path) -> bool:
+    """Whether a unix socket accepts connections (the probe disconnects at once)."""
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.connect(str(path))
+        return True
+    except OSError:
+        return False
+    finally:
+        probe.close()
 
 
 def _die_with_parent() -> None:
