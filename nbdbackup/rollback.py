@@ -42,7 +42,7 @@ from . import chain
 from .capture import CancelToken, Tuning, pieces
 from .checkpoints import Checkpoints
 from .errors import ChainBroken, ImageInUse, Interrupted, NbdBackupError, RestoreTargetError, RollbackIncomplete, UsageError, VMUnreachable
-from .names import check_name, utc_now
+from .names import GRANULARITY, check_name, utc_now
 from .nbdio import MAX_REQUEST, NbdEndpoint, dirty_bitmap_context, dirty_extents
 from .pipeline import Pipeline
 from .qmp import QMPSession
@@ -321,7 +321,7 @@ def _export(session: QMPSession, disk: Disk, name: str, merges: Sequence[str] = 
     if merges:
         session.transaction([
             ("block-dirty-bitmap-add", {"node": disk.node, "name": TEMP_BITMAP, "persistent": False, "disabled": True,
-                                        "granularity": chain.GRANULARITY}),
+                                        "granularity": GRANULARITY}),
             ("block-dirty-bitmap-merge", {"node": disk.node, "target": TEMP_BITMAP, "bitmaps": list(merges)}),
         ])
         args["bitmaps"] = [TEMP_BITMAP]
