@@ -40,7 +40,7 @@ from typing import Protocol
 
 from . import chain
 from .capture import CancelToken, Tuning, pieces
-from .checkpoints import Checkpoints
+from .checkpoints import Checkpoints, disk_bitmaps
 from .errors import ChainBroken, ImageInUse, Interrupted, NbdBackupError, RestoreTargetError, RollbackIncomplete, UsageError, VMUnreachable
 from .names import GRANULARITY, check_name, utc_now
 from .nbdio import MAX_REQUEST, NbdEndpoint, dirty_bitmap_context, dirty_extents
@@ -274,6 +274,8 @@ def make_plan(repo: Repository, target: RollbackTarget, req: RollbackRequest, m:
     at = {d.id: d for d in m.disks}
     disks = target.disks
     paths = [Path(d.filename) for d in disks]
+    # disks holding another VM name's checkpoints are another VM's (wrong images?): refused, even with --full
+    Checkpoints(repo, target.session, req.vm, disks).check_owner(disk_bitmaps(target.session, disks))
     if req.full:
         return RollbackPlan(req.vm, m.checkpoint, tuple(
             DiskRollback(d.id, p, FULL, (Extent(0, at[d.id].size),) if at[d.id].size else (), d.size, at[d.id].size,

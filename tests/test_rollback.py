@@ -291,3 +291,19 @@ def test_config_images_are_checked(tmp_path, monkeypatch):
         conf.write_text(f"[vm.vm1]\n{bad}\n")
         with pytest.raises(UsageError):
             config.load(str(conf), None)
+
+
+def test_images_of_another_vm_name_are_refused_even_with_full(vm_factory, repo):
+    vm = vm_factory(SIZES)
+    make_chain(vm, repo)
+    other = vm_factory({"vda": 4 * MiB}, name="vm2")
+    other.start()
+    other.write("vda", 0, 1 * MiB, 0x55)
+    cli.run(repo, "full", "vm2", "--qmp", other.qmp_socket)
+    other.stop()
+    vm.stop()
+    before = image_bytes(other.disks["vda"].path)
+    # vm1's rollback pointed at vm2's image by mistake
+    proc = cli.run(repo, "rollback", "vm1", "--to", "C", "--full", "--disk", "vda", f"--image=vda={other.disks['vda'].path}", expect=4)
+    assert "'vm2'" in proc.stderr
+    assert image_bytes(other.disks["vda"].path) == before
