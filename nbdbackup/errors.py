@@ -20,6 +20,8 @@
      +-- RestoreTargetError        exit 8  restore target cannot be written
      +-- SomeRunsFailed            the worst exit code of the VMs of `auto --all`
      +-- Interrupted               exit 130 (SIGINT) / 143 (SIGTERM)
+ +-- ImageInUse                exit 16 rollback: the VM's images are in use (its QEMU runs)
+ +-- RollbackIncomplete        exit 17 rollback stopped after writing began: run it again
 
 EXIT_STATUS below is the one description of the exit codes: `--help` and the
 man page's EXIT STATUS section are generated from it (scripts/manpage).
@@ -142,6 +144,18 @@ class Interrupted(NbdBackupError):
         self.exit_code = 128 + signum
 
 
+class ImageInUse(NbdBackupError):
+    """The disks to roll back are open in a running QEMU (or another process)."""
+
+    exit_code = 16
+
+
+class RollbackIncomplete(NbdBackupError):
+    """A rollback failed after it began writing: the disks are partly rolled back."""
+
+    exit_code = 17
+
+
 EXIT_CODES: dict[str, int] = {
     "success": 0,
     "unexpected": NbdBackupError.exit_code,
@@ -156,6 +170,8 @@ EXIT_CODES: dict[str, int] = {
     "s3-bucket-missing": S3BucketMissing.exit_code,
     "s3-access-denied": S3AccessDenied.exit_code,
     "s3-unreachable": S3Unreachable.exit_code,
+    "image-in-use": ImageInUse.exit_code,
+    "rollback-incomplete": RollbackIncomplete.exit_code,
     "sigint": 128 + signal.SIGINT,
     "sigterm": 128 + signal.SIGTERM,
 }
@@ -213,6 +229,12 @@ EXIT_STATUS: tuple[ExitStatus, ...] = (
     ExitStatus((S3Unreachable.exit_code,), "S3 endpoint unreachable or not S3",
                "S3: the endpoint is unreachable or does not answer like S3, or it kept failing after the retries "
                "(for example, it died during a backup: nothing that looks like a backup is left)."),
+    ExitStatus((ImageInUse.exit_code,), "rollback: the VM's disks are in use",
+               "`rollback`: the VM's disks are in use and cannot be written: its guest runs (without `--pause`), "
+               "or a QEMU holds an image open while its QMP socket is not known; nothing was written."),
+    ExitStatus((RollbackIncomplete.exit_code,), "rollback stopped partway (run it again)",
+               "`rollback` stopped after it began writing (the backup storage or an image failed): the disks are "
+               "partly rolled back; running the same command again completes the rollback."),
     ExitStatus((128 + signal.SIGINT, 128 + signal.SIGTERM), "interrupted",
                "Interrupted by SIGINT or SIGTERM. The run cleaned up after itself in QEMU, and no backup was recorded."),
 )
