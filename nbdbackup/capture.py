@@ -23,7 +23,6 @@ from .nbdio import BASE_ALLOCATION, MAX_REQUEST, STATUS_STEP, NbdEndpoint, data_
 from .pipeline import Pipeline
 from .records import Extent, IndexEntry
 from .repository import Repository
-from .repository.chunks import chunk_id
 
 Progress = Callable[[int], None]
 
@@ -152,7 +151,7 @@ def capture(
         nread = sum(r.length for r in reads)
         if is_zero(buf):
             return None, nread, 0
-        cid = chunk_id(buf)
+        cid = repo.chunk_id(buf)
         stored = repo.put_chunk(cid, buf, tuning.level)
         return IndexEntry(span.offset, span.length, cid, 0), nread, stored
 

@@ -26,18 +26,26 @@ from ..names import check_name, utc_now
 from ..records import CheckpointRecord, IndexEntry, Manifest
 from . import chunks, index, manifest
 from .backend import DIR_MODE, Backend, LocalBackend
+from .chunkid import ChunkIds
 
 log = logging.getLogger(__name__)
 
 FORMAT_NAME = "nbdbackup repository"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # what new repositories get; every version from 1 up is read and written
+READABLE_VERSIONS = (1, 2)
 
 
 class Repository:
-    def __init__(self, backend: Backend, repo_id: str, root: Path | None = None) -> None:
+    """An open repository.  version is its format version (a repository keeps it for life);
+    chunk_id computes chunk ids the way its config.json says (chunkid.py)."""
+
+    def __init__(self, backend: Backend, repo_id: str, root: Path | None = None, *,
+                 version: int = FORMAT_VERSION, chunk_id: ChunkIds | None = None) -> None:
         self.backend = backend
         self.id = repo_id
         self.root = root
+        self.version = version
+        self.chunk_id = chunk_id or (ChunkIds.sha256() if version == 1 else ChunkIds.blake3())
 
     # -- opening ---------------------------------------------------------
 
@@ -64,12 +72,15 @@ class Repository:
             raise RepositoryDamaged(f"{path}/config.json is damaged") from None
         if name != FORMAT_NAME:
             raise RepositoryUnusable(f"{path} holds {name!r}, not an nbdbackup repository")
-        if not isinstance(version, int) or version > FORMAT_VERSION:
+        if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+            raise RepositoryDamaged(f"{path}/config.json is damaged (bad version {version!r})")
+        if version not in READABLE_VERSIONS:
             raise RepositoryUnusable(
-                f"repository {path} has format version {version}; this nbdbackup reads version {FORMAT_VERSION}",
+                f"repository {path} has format version {version}; this nbdbackup reads versions 1 to {FORMAT_VERSION}",
                 hint="upgrade nbdbackup",
             )
-        return cls(backend, repo_id, path)
+        ids = ChunkIds.for_config(version, config, f"{path}/config.json")
+        return cls(backend, repo_id, path, version=version, chunk_id=ids)
 
     @classmethod
     def _create(cls, path: Path, backend: LocalBackend) -> Repository:
@@ -79,12 +90,13 @@ class Repository:
         except OSError as exc:
             raise RepositoryUnusable(f"cannot create the repository at {path}: {exc.strerror}") from None
         repo_id = uuid.uuid4().hex
-        config = {"format": FORMAT_NAME, "version": FORMAT_VERSION, "id": repo_id, "created": utc_now()}
+        ids = ChunkIds.blake3()
+        config = {"format": FORMAT_NAME, "version": FORMAT_VERSION, "id": repo_id, "created": utc_now(), "chunk_id": ids.config()}
         try:
             backend.write("config.json", json.dumps(config, indent=1).encode() + b"\n", durable=True, exclusive=True)
         except FileExistsError:  # another run created it first: use theirs
             return cls.open(path, create=False)
-        return cls(backend, repo_id, path)
+        return cls(backend, repo_id, path, version=FORMAT_VERSION, chunk_id=ids)
 
     def lock_path(self, name: str) -> Path:
         """Where the lock file called name lives (locks are local files, whatever the backend)."""
@@ -112,8 +124,8 @@ class Repository:
         h = cid.hex()
         return f"chunks/{h[:2]}/{h}"
 
-    def put_chunk(self, cid: bytes, data: bytes | memoryview, level: int) -> int:
-        """Store data under cid unless it is there already; returns bytes written."""
+    def put_chunk(self, cid: bytes, data: bytes | bytearray | memoryview, level: int) -> int:
+        """Store data under cid (= self.chunk_id(data)) unless it is there already; returns bytes written."""
         key = self._chunk_key(cid)
         if self.backend.exists(key):
             return 0
@@ -126,7 +138,7 @@ class Repository:
             blob = self.backend.read(self._chunk_key(cid))
         except FileNotFoundError:
             raise RepositoryDamaged(f"chunk {cid.hex()} is missing ({where})") from None
-        return chunks.decode(blob, cid, where)
+        return chunks.decode(blob, cid, where, self.chunk_id)
 
     def chunk_ids(self) -> set[bytes]:
         return {bytes.fromhex(k.rsplit("/", 1)[1]) for k in self.backend.list("chunks")}
