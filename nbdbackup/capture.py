@@ -14,12 +14,11 @@ reads, never a whole-disk map first.
 from __future__ import annotations
 
 import bisect
-import functools
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 from .errors import Interrupted
-from .nbdio import BASE_ALLOCATION, MAX_REQUEST, STATUS_STEP, NbdEndpoint, data_extents
+from .nbdio import BASE_ALLOCATION, STATUS_STEP, NbdEndpoint, data_extents, is_zero
 from .pipeline import Pipeline
 from .records import Extent, IndexEntry
 from .repository import Repository
@@ -140,19 +139,21 @@ def capture(
             return None, 0, 0
         span = Extent(reads[0].offset, reads[-1].end - reads[0].offset)
         ep = pipe.endpoint()
-        buf: bytes | bytearray
-        if len(reads) == 1 and span.length <= MAX_REQUEST:
-            buf = ep.pread(span.length, span.offset)  # the common case: no copy
-        else:
-            buf = bytearray(span.length)  # holes between the reads stay zero
-            view = memoryview(buf)
-            for r in reads:
-                ep.pread_into(view[r.offset - span.offset:r.end - span.offset], r.offset)
+        local = pipe.local()
+        if getattr(local, "buffer", None) is None or len(local.buffer) < span.length:
+            local.buffer = memoryview(bytearray(max(span.length, tuning.chunk_size)))  # one per thread, reused
+        buf = local.buffer[:span.length]
+        ep.read_extents_into(buf, span.offset, reads)
+        pos = span.offset
+        for r in reads:  # the gaps between reads are holes: zero them in the reused buffer
+            if r.offset > pos:
+                buf[pos - span.offset:r.offset - span.offset] = _zeros(r.offset - pos)
+            pos = r.end
         nread = sum(r.length for r in reads)
         if is_zero(buf):
             return None, nread, 0
         cid = repo.chunk_id(buf)
-        stored = repo.put_chunk(cid, buf, tuning.level)
+        stored = repo.put_chunk(cid, buf, tuning.level)  # written before this thread reuses the buffer
         return IndexEntry(span.offset, span.length, cid, 0), nread, stored
 
     def collect(done: tuple[IndexEntry | None, int, int], advance: int) -> None:
@@ -176,11 +177,9 @@ def capture(
     return result
 
 
-@functools.lru_cache(maxsize=8)
-def _zeros(length: int) -> bytes:
-    return bytes(length)
+_ZEROS = memoryview(bytes(1024 * 1024))
 
 
-def is_zero(buf: bytes | bytearray) -> bool:
-    """True if buf holds only zero bytes (memcmp: stops at the first non-zero byte)."""
-    return buf == _zeros(len(buf))
+def _zeros(length: int) -> memoryview | bytes:
+    """length zero bytes, for the (rare) holes inside one chunk's span."""
+    return _ZEROS[:length] if length <= len(_ZEROS) else bytes(length)
