@@ -364,6 +364,10 @@ def main_case(args: argparse.Namespace, report: Report, rundir: Path, sockdir: P
                                cpu_seconds=full_cpu, cpu_ratio_text=f"{full_cpu / ref_cpu:.2f}x ref CPU"))
         report.targets.append({"target": f"full throughput >= {FULL_RATIO_TARGET} x reference", "value": round(ratio, 3),
                                "met": ratio >= FULL_RATIO_TARGET})
+        if args.full_only:
+            report.notes.append(f"--full-only: nbdbackup stored {human(info['stored_bytes'])}, zstd -{ZSTD_LEVEL} archive "
+                                f"{human(os.path.getsize(archive))}; restore and incremental not measured")
+            return
         report.notes.append(f"full backup of {human(virtual)}: nbdbackup stored {human(info['stored_bytes'])}, "
                             f"zstd -{ZSTD_LEVEL} archive {human(os.path.getsize(archive))}; "
                             f"repository on disk {human(dir_usage(nb.repo))}")
@@ -596,6 +600,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     ap.add_argument("--sparse-size", default="64G",
                     help="comma-separated virtual sizes of sparse-disk cases (default 64G; 'none' to skip), e.g. 64G,1T")
     ap.add_argument("--sparse-data", default="1G", help="data in each sparse disk (default 1G)")
+    ap.add_argument("--full-only", action="store_true", help="measure only the full backup and its reference (to weigh settings)")
     ap.add_argument("--compression", type=int, help="nbdbackup's zstd level (default: nbdbackup's default)")
     ap.add_argument("--workers", type=int, help="nbdbackup's workers setting (default: nbdbackup's default)")
     ap.add_argument("--seed", type=int, default=1, help="layout/content seed (default 1)")
