@@ -14,8 +14,9 @@ reads, never a whole-disk map first.
 from __future__ import annotations
 
 import bisect
+import os
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from .errors import Interrupted
 from .nbdio import BASE_ALLOCATION, STATUS_STEP, NbdEndpoint, data_extents, is_zero
@@ -26,17 +27,28 @@ from .repository import Repository
 Progress = Callable[[int], None]
 
 
+def default_workers() -> int:
+    """Two threads per CPU this process may run on (one waits on NBD while the other computes), 2..8."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cpus = os.cpu_count() or 2
+    return max(2, min(8, 2 * cpus))
+
+
 @dataclass(frozen=True)
 class Tuning:
     """Data-path settings.  Measured on 2 vCPUs (4 GiB disk, 1.8 GiB mixed data): chunk sizes
-    1-8 MiB, 2-4 workers and depths 4-16 all took 3.5-4.4 s, within the run-to-run noise;
-    zstd level 1 took about 25% less time for 3.7% more bytes stored, level 6 28% more
-    time for 1.3% fewer.  Level 3 is zstd's own default and the benchmark reference's."""
+    1-8 MiB, 2-4 workers and depths 4-16 all took 3.5-4.4 s, within the run-to-run noise.
+    zstd level (scripts/bench --full-only --repeat 3, CPU of nbdbackup + QEMU as a share of the
+    `nbdcopy | zstd -3 -T2` reference's in the same run; stored bytes): level 3 0.72 / 897.6 MiB,
+    level 2 0.57 / 925 MiB, level 1 0.51 / 955 MiB.  Level 2 is the default: a fifth less CPU
+    than level 3 for 3% more stored; level 1 saves another tenth of the CPU for 3% more again."""
 
     chunk_size: int = 4 * 1024 * 1024
-    workers: int = 4
+    workers: int = field(default_factory=default_workers)
     depth: int = 8  # pieces in flight (memory: depth x chunk_size)
-    level: int = 3  # zstd level
+    level: int = 2  # zstd level
 
 
 @dataclass
