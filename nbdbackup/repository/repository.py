@@ -125,7 +125,8 @@ class Repository:
         return f"chunks/{h[:2]}/{h}"
 
     def put_chunk(self, cid: bytes, data: bytes | bytearray | memoryview, level: int) -> int:
-        """Store data under cid (= self.chunk_id(data)) unless it is there already; returns bytes written."""
+        """Store data under cid (= self.chunk_id(data)) unless it is there already; returns bytes written.
+        data may be a view of a buffer the caller reuses as soon as this returns: nothing may keep it."""
         key = self._chunk_key(cid)
         if self.backend.exists(key):
             return 0
