@@ -80,10 +80,6 @@ class NbdEndpoint:
         """One read of at most MAX_REQUEST bytes."""
         return self._call("read", offset, self._h.pread, length, offset)
 
-    def pread_into(self, buf: memoryview, offset: int) -> None:
-        """Fill buf from the export at offset, in requests of at most 32 MiB."""
-        self.read_extents_into(buf, offset, [Extent(offset, len(buf))])
-
     def read_extents_into(self, buf: memoryview, base: int, extents: list[Extent]) -> None:
         """Read each extent into buf at (extent offset - base), all requests in flight at once.
 
