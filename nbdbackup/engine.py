@@ -16,7 +16,7 @@ from pathlib import Path
 
 from . import prune as pruning
 from .backup import BackupRequest, BackupResult, run_backup
-from .capture import CancelToken, Tuning
+from .capture import CancelToken, Tuning, default_workers
 from .chain import CheckpointStatus, assess, resolve
 from .checkpoints import Checkpoints, disk_bitmaps
 from .config import Settings, VMConfig
@@ -69,8 +69,7 @@ def tuning_for(vmconf: VMConfig, base: Tuning = Tuning()) -> Tuning:
     changes = {}
     if vmconf.compression is not None:
         changes["level"] = vmconf.compression
-    if vmconf.workers is not None:
-        changes["workers"] = vmconf.workers
+    changes["workers"] = vmconf.workers if vmconf.workers is not None else default_workers()
     if vmconf.chunk_mib is not None:
         changes["chunk_size"] = vmconf.chunk_mib * 1024 * 1024
     if vmconf.queue_depth is not None:
