@@ -9,12 +9,20 @@
      +-- ChainError                exit 4  checkpoint unknown or chain broken
      |    +-- CheckpointUnknown
      |    +-- ChainBroken
+     |    +-- ChainOfAnotherVM         QEMU holds another VM name's chain
      +-- LockHeld                  exit 5  another nbdbackup run holds the VM
      +-- RepositoryDamaged         exit 6  a chunk, index or manifest is bad
      +-- RepositoryUnusable        exit 7  newer format, read-only, full
+     |    +-- S3CredentialsRefused exit 9  the object store refused the credentials
+     |    +-- S3BucketMissing      exit 10 the bucket does not exist
+     |    +-- S3AccessDenied       exit 11 the bucket is not ours (access denied)
+     |    +-- S3Unreachable        exit 12 endpoint unreachable or not S3
      +-- RestoreTargetError        exit 8  restore target cannot be written
      +-- SomeRunsFailed            the worst exit code of the VMs of `auto --all`
      +-- Interrupted               exit 130 (SIGINT) / 143 (SIGTERM)
+
+EXIT_STATUS below is the one description of the exit codes: `--help` and the
+man page's EXIT STATUS section are generated from it (scripts/manpage).
 
 Every message is one line saying what is wrong and, where there is one,
 what to do about it.  Only the CLI turns these into exit codes.
@@ -23,6 +31,7 @@ what to do about it.  Only the CLI turns these into exit codes.
 from __future__ import annotations
 
 import signal
+from dataclasses import dataclass
 
 
 class NbdBackupError(Exception):
@@ -79,6 +88,10 @@ class ChainBroken(ChainError):
     pass
 
 
+class ChainOfAnotherVM(ChainError):
+    """The QEMU's checkpoints (of this repository) belong to another VM name: never touched."""
+
+
 class LockHeld(NbdBackupError):
     exit_code = 5
 
@@ -89,6 +102,22 @@ class RepositoryDamaged(NbdBackupError):
 
 class RepositoryUnusable(NbdBackupError):
     exit_code = 7
+
+
+class S3CredentialsRefused(RepositoryUnusable):
+    exit_code = 9
+
+
+class S3BucketMissing(RepositoryUnusable):
+    exit_code = 10
+
+
+class S3AccessDenied(RepositoryUnusable):
+    exit_code = 11
+
+
+class S3Unreachable(RepositoryUnusable):
+    exit_code = 12
 
 
 class RestoreTargetError(NbdBackupError):
@@ -123,6 +152,74 @@ EXIT_CODES: dict[str, int] = {
     "damaged": RepositoryDamaged.exit_code,
     "repository": RepositoryUnusable.exit_code,
     "restore-target": RestoreTargetError.exit_code,
+    "s3-credentials": S3CredentialsRefused.exit_code,
+    "s3-bucket-missing": S3BucketMissing.exit_code,
+    "s3-access-denied": S3AccessDenied.exit_code,
+    "s3-unreachable": S3Unreachable.exit_code,
     "sigint": 128 + signal.SIGINT,
     "sigterm": 128 + signal.SIGTERM,
 }
+
+
+@dataclass(frozen=True)
+class ExitStatus:
+    """One row of the exit-code table that `--help` and the man page show."""
+
+    codes: tuple[int, ...]
+    short: str  # for --help: a few words
+    detail: str  # for the man page and README: sentences; `code` in backquotes
+
+
+EXIT_STATUS: tuple[ExitStatus, ...] = (
+    ExitStatus((0,), "success", "Success."),
+    ExitStatus((NbdBackupError.exit_code,), "unexpected error",
+               "Unexpected error, including QEMU refusing a QMP command and NBD I/O errors."),
+    ExitStatus((UsageError.exit_code,), "usage error",
+               "Usage error: bad command line, name, configuration file or timeout in the environment; "
+               "a log file that cannot be opened; no retention policy for `prune`; a checkpoint name that already exists."),
+    ExitStatus((VMError.exit_code,), "VM unreachable or unsuitable",
+               "The VM is unreachable (no socket, nothing listening on it, not QMP (the human monitor, a guest agent "
+               "socket), monitor held by another client, no QMP socket configured, QMP connection lost, "
+               "QEMU exited during the backup), unsuitable (no qcow2 disk, unknown disk, a device id that cannot name "
+               "a disk in the repository, NBD server in use, for example by another repository's backup), or its guest "
+               "could not be frozen with `--require-fsfreeze`."),
+    ExitStatus((ChainError.exit_code,), "checkpoint unknown or chain broken",
+               "A checkpoint or backup is unknown, or the chain from the checkpoint to now cannot be trusted "
+               "(bitmaps missing, inconsistent, or changed by another tool); nothing was written. "
+               "`auto` makes a full backup instead of failing. "
+               "Also: the QEMU holds the checkpoint chain of another VM name of the repository; nothing was changed "
+               "(`full --force-new-chain` takes it over)."),
+    ExitStatus((LockHeld.exit_code,), "VM locked by another run",
+               "Another `nbdbackup` run holds the VM's lock; or garbage collection held the repository lock for "
+               "more than 10 minutes."),
+    ExitStatus((RepositoryDamaged.exit_code,), "repository damaged",
+               "The repository is damaged: a chunk, index, manifest, `checkpoints.json` or `config.json` is missing, "
+               "truncated or fails its checksum. Also from `verify` when it found damage, from `prune` when damage stops "
+               "garbage collection, and from `restore --to latest` while any manifest of the VM is damaged."),
+    ExitStatus((RepositoryUnusable.exit_code,), "repository unusable (newer format, read-only, full)",
+               "The repository is unusable: none at the path (for commands other than backups), not a repository, "
+               "a newer format version, full, or not writable (on a read-only repository, `list`, `restore` and `verify` "
+               "work; the commands that take the VM's lock exit with 7)."),
+    ExitStatus((RestoreTargetError.exit_code,), "restore target cannot be written",
+               "A restore target cannot be written (image exists without `--force`, directory cannot be created, "
+               "`qemu-img` or `qemu-storage-daemon` failed, write error)."),
+    ExitStatus((S3CredentialsRefused.exit_code,), "S3 credentials refused",
+               "S3: the object store refused the credentials, or none were found; nothing was created."),
+    ExitStatus((S3BucketMissing.exit_code,), "S3 bucket missing",
+               "S3: the bucket does not exist (nbdbackup never creates buckets); nothing was created."),
+    ExitStatus((S3AccessDenied.exit_code,), "S3 access denied",
+               "S3: access denied: the bucket belongs to another account, or these credentials may not use it; "
+               "nothing was created."),
+    ExitStatus((S3Unreachable.exit_code,), "S3 endpoint unreachable or not S3",
+               "S3: the endpoint is unreachable or does not answer like S3, or it kept failing after the retries "
+               "(for example, it died during a backup: nothing that looks like a backup is left)."),
+    ExitStatus((128 + signal.SIGINT, 128 + signal.SIGTERM), "interrupted",
+               "Interrupted by SIGINT or SIGTERM. The run cleaned up after itself in QEMU, and no backup was recorded."),
+)
+
+EXIT_STATUS_NOTE = "`auto --all` and `prune --all` exit with the highest status of their VMs."
+
+
+def exit_status_help() -> str:
+    """The exit-code sentence of `nbdbackup --help`."""
+    return "Exit codes: " + ", ".join(f"{'/'.join(map(str, s.codes))} {s.short}" for s in EXIT_STATUS) + ". " + EXIT_STATUS_NOTE.replace("`", "")
