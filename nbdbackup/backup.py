@@ -29,7 +29,7 @@ from .checkpoints import Checkpoints, create_actions
 from .errors import ChainBroken, ChainError, Interrupted, NbdBackupError, RepositoryDamaged, UsageError, VMUnreachable
 from .names import BlockNames, block_namespace, check_name, new_checkpoint_name, utc_now
 from .nbdio import BASE_ALLOCATION, NbdEndpoint, dirty_bitmap_context, dirty_extents
-from .pointintime import PointInTime, clear_leftovers
+from .pointintime import PointInTime, ScratchFiles, clear_leftovers
 from .qmp import QMPSession
 from .records import CheckpointRecord, Disk, DiskBackup, Extent, IndexEntry, Manifest
 from .repository import Repository
@@ -94,7 +94,28 @@ def run_backup(
     started = time.monotonic()
     vm = check_name("VM", req.vm)
     disks = qcow2_disks(session, req.disks, req.exclude)
+    with ScratchFiles(scratch_dir, disks, owner) as scratch_files:  # created while the next steps ask QEMU
+        return _run_backup(repo, session, req, vm, disks, started, scratch_files, scratch_dir=scratch_dir, socket_dir=socket_dir,
+                           cancel=cancel, progress=progress, on_start=on_start, quiesce=quiesce, owner=owner)
 
+
+def _run_backup(
+    repo: Repository,
+    session: QMPSession,
+    req: BackupRequest,
+    vm: str,
+    disks: list[Disk],
+    started: float,
+    scratch_files: ScratchFiles,
+    *,
+    scratch_dir: Path,
+    socket_dir: Path,
+    cancel: CancelToken,
+    progress: Callable[[int], None],
+    on_start: Callable[[int], None],
+    quiesce: Callable[[], AbstractContextManager],
+    owner: tuple[int, int] | None,
+) -> BackupResult:
     # 1. look
     clear_leftovers(session, BlockNames(block_namespace(repo.id)))
     for stale in repo.incomplete_backups(vm):
@@ -129,6 +150,7 @@ def run_backup(
         names=BlockNames(block_namespace(repo.id)),
         owner=owner,
         quiesce=quiesce,
+        scratch_files=scratch_files,
     )
     try:
         # 4. freeze and export

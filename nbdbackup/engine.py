@@ -13,6 +13,7 @@ import dataclasses
 import functools
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from . import prune as pruning
 from .backup import BackupRequest, BackupResult, run_backup
@@ -20,7 +21,6 @@ from .capture import CancelToken, Tuning, default_workers
 from .chain import CheckpointStatus, assess, resolve
 from .checkpoints import Checkpoints, disk_bitmaps
 from .config import Settings, VMConfig
-from .copy import CopyReport, CopyRequest, copy_backups
 from .errors import ChainBroken, LockHeld, VMUnreachable
 from .names import bitmap_namespace, check_name
 from .prune import GarbageReport, PruneReport, decide_for, remove_backups
@@ -28,10 +28,13 @@ from .qmp import QMPSession
 from .records import Manifest
 from .repository import Repository
 from .repository.location import Location
-from .restore import RestoreRequest, run_restore
 from .retention import Policy
 from .vm import qcow2_disks
 from .workdirs import foreign_owner, private_dir, remove_stale_dirs, scratch_base
+
+if TYPE_CHECKING:  # imported where used: a backup's start-up does without them (issue 11)
+    from .copy import CopyReport, CopyRequest
+    from .restore import RestoreRequest
 
 Progress = Callable[[int], None]
 Start = Callable[[int], None]
@@ -137,6 +140,7 @@ def delete_checkpoint(settings: Settings, vmconf: VMConfig, name: str, *, keep_b
 
 
 def restore(settings: Settings, req: RestoreRequest, *, tuning: Tuning, cancel: CancelToken, observer: Observer = Observer()) -> list[Path]:
+    from .restore import run_restore
     repo = open_repository(settings)
     with repository_lock(repo), private_dir() as sockets:
         return run_restore(repo, req, socket_dir=sockets, tuning=tuning, cancel=cancel,
@@ -146,6 +150,7 @@ def restore(settings: Settings, req: RestoreRequest, *, tuning: Tuning, cancel: 
 def copy(settings: Settings, req: CopyRequest, target: Location, *, cancel: CancelToken, observer: Observer = Observer()) -> CopyReport:
     """Copy backups of req.vm to the repository at target (created if new, like a backup creates one).
     Source: shared lock (no garbage collection meanwhile); target: the VM's lock and a shared lock."""
+    from .copy import copy_backups
     check_name("VM", req.vm)
     source = open_repository(settings)
     dest = Repository.open(target, create=True, s3=settings.s3, like=source)

@@ -47,9 +47,11 @@ class PointInTime:
         names: BlockNames,
         owner: tuple[int, int] | None = None,
         quiesce: Callable[[], AbstractContextManager] = contextlib.nullcontext,
+        scratch_files: ScratchFiles | None = None,
     ) -> None:
         """merges: disk id -> bitmap names (on that disk's node) to merge into its export bitmap;
-        disks absent from merges are exported without a bitmap (read in full)."""
+        disks absent from merges are exported without a bitmap (read in full).
+        scratch_files: the overlays' files already being created (else created here, one by one)."""
         self.session = session
         self.disks = list(disks)
         self.checkpoint_actions = checkpoint_actions
@@ -59,6 +61,7 @@ class PointInTime:
         self.names = names
         self.owner = owner  # (uid, gid) QEMU runs as, when it is not us: it must open the scratch files
         self.quiesce = quiesce  # e.g. a guest filesystem freeze around the transaction
+        self.scratch_files = scratch_files
         self.frozen = False  # True once the transaction (and so the checkpoint) took effect
         self._stack = contextlib.ExitStack()
 
@@ -82,8 +85,11 @@ class PointInTime:
     def _build(self) -> None:
         qmp = self.session
         for d in self.disks:
-            scratch = self.scratch_dir / f"{d.id}.fleece.qcow2"
-            _create_scratch(scratch, d.size, self.owner)
+            if self.scratch_files is not None:
+                scratch = self.scratch_files.path(d)
+            else:
+                scratch = scratch_path(self.scratch_dir, d)
+                _create_scratch(scratch, d.size, self.owner)
             self._stack.callback(_unlink, scratch)
             qmp.execute(
                 "blockdev-add",
@@ -205,17 +211,72 @@ def clear_leftovers(session: QMPSession, names: BlockNames) -> list[str]:
     return done
 
 
-def _create_scratch(path: Path, size: int, owner: tuple[int, int] | None) -> None:
-    _unlink(path)
-    proc = subprocess.run(
+def scratch_path(scratch_dir: Path, disk: Disk) -> Path:
+    return scratch_dir / f"{disk.id}.fleece.qcow2"
+
+
+class ScratchFiles:
+    """The overlays' scratch files, created by `qemu-img create` in the background from the
+    start of a run, so that its start-up overlaps the QMP queries before the point in time
+    (issue 11). `path(disk)` waits for one; leaving waits for (or stops) the rest. The files
+    themselves go with PointInTime (or with the run's private scratch directory)."""
+
+    def __init__(self, scratch_dir: Path, disks: Sequence[Disk], owner: tuple[int, int] | None = None) -> None:
+        self.owner = owner
+        self._procs: dict[str, tuple[Path, subprocess.Popen[str] | None]] = {}
+        try:
+            for d in disks:
+                path = scratch_path(scratch_dir, d)
+                _unlink(path)
+                self._procs[d.id] = (path, _start_create(path, d.size))
+        except BaseException:
+            self.close()
+            raise
+
+    def __enter__(self) -> ScratchFiles:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def path(self, disk: Disk) -> Path:
+        path, proc = self._procs[disk.id]
+        if proc is not None:
+            _, err = proc.communicate()
+            self._procs[disk.id] = (path, None)
+            _created(path, proc.returncode, err, self.owner)
+        return path
+
+    def close(self) -> None:
+        for path, proc in self._procs.values():
+            if proc is not None and proc.poll() is None:
+                proc.kill()
+            if proc is not None:
+                proc.communicate()
+        self._procs = {k: (p, None) for k, (p, _) in self._procs.items()}
+
+
+def _start_create(path: Path, size: int) -> subprocess.Popen[str]:
+    return subprocess.Popen(
         ["qemu-img", "create", "-q", "-f", "qcow2", "-o", f"cluster_size={GRANULARITY}", str(path), str(size)],
-        capture_output=True, text=True, start_new_session=True,  # a terminal's Ctrl-C is ours to handle
+        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        start_new_session=True,  # a terminal's Ctrl-C is ours to handle
     )
-    if proc.returncode != 0:
-        raise NbdBackupError(f"cannot create scratch file {path}: {proc.stderr.strip()}", hint="check the scratch directory")
+
+
+def _created(path: Path, returncode: int, stderr: str, owner: tuple[int, int] | None) -> None:
+    if returncode != 0:
+        raise NbdBackupError(f"cannot create scratch file {path}: {stderr.strip()}", hint="check the scratch directory")
     path.chmod(0o600)
     if owner:
         os.chown(path, *owner)
+
+
+def _create_scratch(path: Path, size: int, owner: tuple[int, int] | None) -> None:
+    _unlink(path)
+    proc = _start_create(path, size)
+    _, err = proc.communicate()
+    _created(path, proc.returncode, err, owner)
 
 
 def _unlink(path: Path) -> None:
