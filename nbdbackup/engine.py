@@ -182,3 +182,21 @@ def _try_session(stack: contextlib.ExitStack, vmconf: VMConfig, notes: list[str]
     except VMUnreachable as exc:
         notes.append(f"VM unreachable ({exc.message}): its checkpoints are merged away by the next prune")
         return None
+
+
+def serve(settings: Settings, req, *, cancel: CancelToken, on_ready: Callable) -> None:
+    """Serve a backup point over NBD until cancelled (a signal); on_ready(manifest, exports) once serving."""
+    import time
+
+    from .serving import serving
+
+    repo = open_repository(settings)
+    with repository_lock(repo), private_dir(prefix="nbdbackup-serve-") as work:
+        with serving(repo, str(settings.repo), settings.config_file, req, work) as (m, exports, servers):
+            cancel.check()
+            on_ready(m, exports)
+            while cancel.signum is None:
+                for server in servers:
+                    if not server.alive():
+                        server.failed()
+                time.sleep(0.2)

@@ -13,6 +13,9 @@
      +-- RepositoryDamaged         exit 6  a chunk, index or manifest is bad
      +-- RepositoryUnusable        exit 7  newer format, read-only, full
      +-- RestoreTargetError        exit 8  restore target cannot be written
+     +-- ServeAddressError         exit 13 serve: socket or TCP address in use or unusable
+     +-- MountPointError           exit 14 mount: DIR missing, not empty, not a mount of ours
+     +-- ToolUnavailable           exit 15 nbdkit, FUSE or loop devices unavailable
      +-- SomeRunsFailed            the worst exit code of the VMs of `auto --all`
      +-- Interrupted               exit 130 (SIGINT) / 143 (SIGTERM)
 
@@ -126,3 +129,25 @@ EXIT_CODES: dict[str, int] = {
     "sigint": 128 + signal.SIGINT,
     "sigterm": 128 + signal.SIGTERM,
 }
+
+
+class ServeAddressError(NbdBackupError):
+    """serve: the socket path or TCP address is in use or cannot be used."""
+
+    exit_code = 13
+
+
+class MountPointError(NbdBackupError):
+    """mount/umount: the directory is missing, not empty, or not an nbdbackup mount."""
+
+    exit_code = 14
+
+
+class ToolUnavailable(NbdBackupError):
+    """A program or kernel facility that serve/mount/recover need is missing (nbdkit, FUSE, loop devices)."""
+
+    exit_code = 15
+
+
+EXIT_CODES.update({"address": ServeAddressError.exit_code, "mount-point": MountPointError.exit_code,
+                   "tool": ToolUnavailable.exit_code})

@@ -14,7 +14,7 @@ import traceback
 import click
 
 from .. import __version__
-from . import backup, checkpoints, listing, logs, prune, restore, verify
+from . import backup, checkpoints, listing, logs, prune, restore, serve, verify
 from .common import Globals
 
 
@@ -48,6 +48,7 @@ for command in (
     checkpoints.delete,
     prune.prune,
     verify.verify,
+    serve.serve,
 ):
     cli.add_command(command)
 
