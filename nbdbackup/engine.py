@@ -200,3 +200,14 @@ def serve(settings: Settings, req, *, cancel: CancelToken, on_ready: Callable) -
                     if not server.alive():
                         server.failed()
                 time.sleep(0.2)
+
+
+def mount(settings: Settings, req, *, cancel: CancelToken):
+    """Mount the guest filesystems of a backup point read-only (see mounting.py)."""
+    from .mounting import run_mount
+    from .serving import Source
+
+    repo = open_repository(settings)
+    with repository_lock(repo):  # nbdkit takes its own shared lock for as long as the mount lives
+        return run_mount(repo, lambda checkpoint, disks: Source(str(settings.repo), settings.config_file, req.vm, checkpoint, disks),
+                         req, cancel)

@@ -14,7 +14,7 @@ import traceback
 import click
 
 from .. import __version__
-from . import backup, checkpoints, listing, logs, prune, restore, serve, verify
+from . import backup, checkpoints, listing, logs, mount, prune, restore, serve, verify
 from .common import Globals
 
 
@@ -49,6 +49,8 @@ for command in (
     prune.prune,
     verify.verify,
     serve.serve,
+    mount.mount,
+    mount.umount,
 ):
     cli.add_command(command)
 
