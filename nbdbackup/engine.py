@@ -211,3 +211,16 @@ def mount(settings: Settings, req, *, cancel: CancelToken):
     with repository_lock(repo):  # nbdkit takes its own shared lock for as long as the mount lives
         return run_mount(repo, lambda checkpoint, disks: Source(str(settings.repo), settings.config_file, req.vm, checkpoint, disks),
                          req, cancel)
+
+
+def recover(settings: Settings, req, *, cancel: CancelToken, observer: Observer = Observer(),
+            on_images: Callable = lambda result: None, on_wait: Callable = lambda: None):
+    """Instant recovery (see recovering.py): images backed by the served backup, streamed home."""
+    from .recovering import run_recover
+    from .serving import Source
+
+    repo = open_repository(settings)
+    with vm_lock(repo, req.vm), repository_lock(repo), private_dir(prefix="nbdbackup-recover-") as work:
+        return run_recover(repo, lambda checkpoint, disks: Source(str(settings.repo), settings.config_file, req.vm, checkpoint, disks),
+                           req, work, cancel, on_images=on_images, on_wait=on_wait,
+                           on_start=observer.on_start, progress=observer.progress)

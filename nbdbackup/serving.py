@@ -24,6 +24,7 @@ import shutil
 import signal
 import socket
 import stat
+import struct
 import subprocess
 import sys
 import time
@@ -39,7 +40,7 @@ log = logging.getLogger(__name__)
 
 PLUGIN = Path(__file__).with_name("nbdkit_plugin.py")
 START_TIMEOUT = 60.0
-STOP_TIMEOUT = 10.0
+STOP_TIMEOUT = 3.0  # nbdkit waits for its clients to disconnect; a read-only server can be killed
 THREADS = 16
 SOCKET_MAX = 107  # bytes in a unix socket path
 
@@ -136,7 +137,29 @@ def check_socket_path(path: Path) -> None:
         except OSError:
             path.unlink(missing_ok=True)  # a socket nobody listens on: left by a dead server
             return
+        pid = struct.unpack("3i", s.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i")))[0]
+    if _reap_orphan(pid):
+        path.unlink(missing_ok=True)
+        return
     raise ServeAddressError(f"socket {path} is in use by another server", hint="stop it or choose another --socket")
+
+
+def _reap_orphan(pid: int) -> bool:
+    """Stop an nbdkit of ours whose nbdbackup died (killed): nbdkit's --exit-with-parent
+    asks it to stop, but it keeps serving while clients (a VM) stay connected."""
+    try:
+        args = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        ppid = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+    except (OSError, ValueError, IndexError):
+        return False
+    if ppid != 1 or str(PLUGIN).encode() not in args or not args[0].endswith(b"nbdkit"):
+        return False
+    log.info("stopping the server left by a killed nbdbackup run (pid %d)", pid)
+    os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + STOP_TIMEOUT
+    while Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return True
 
 
 def check_tcp_free(listen: Listen) -> None:
@@ -169,9 +192,9 @@ def plugin_path_param() -> str:
 
 def nbdkit_command(source: Source, *, filters: Sequence[str] = (), readonly: bool = True, stdio: bool = False) -> list[str]:
     """The nbdkit command line serving source (listening options are added by the caller)."""
-    cmd = [need_program("nbdkit", "nbdkit"), "--exit-with-parent", "--threads", str(THREADS)]
+    cmd = [need_program("nbdkit", "nbdkit"), "--threads", str(THREADS)]
     if stdio:
-        cmd.append("--single")
+        cmd += ["--single", "--exit-with-parent"]  # under nbdfuse, which unmounts (disconnects) first
     else:
         cmd.append("--foreground")
     if readonly:
@@ -193,13 +216,20 @@ class Process:
     """A server process started in its own session, ready once its pidfile exists; stopped on exit."""
 
     def __init__(self, name: str, cmd: Sequence[str], workdir: Path, *, env: dict[str, str] | None = None,
-                 die_with_parent: bool = False) -> None:
+                 die_with_parent: bool = False, kill: bool = False) -> None:
+        """die_with_parent: SIGTERM (kill: SIGKILL) when nbdbackup dies, even by SIGKILL.
+        kill: stop with SIGKILL at once.  For nbdkit: on SIGTERM it keeps its connections open
+        and answers every request with ESHUTDOWN until the clients leave; QEMU 7.2's NBD client
+        was seen to complete such a read as if it had succeeded (observed: qemu-io read returned
+        a buffer that was never filled).  A killed server closes the connections, and QEMU's
+        client then retries (reconnect-delay) and fails the request (rerror=stop)."""
         self.name = name
         self.cmd = list(cmd)
         self.pidfile = workdir / f"{name}.pid"
         self.logfile = workdir / f"{name}.log"
         self.env = env
         self.die_with_parent = die_with_parent
+        self.kill = kill
         self.proc: subprocess.Popen | None = None
 
     def start(self, ready: Callable[[], bool] | None = None, timeout: float = START_TIMEOUT) -> Process:
@@ -207,7 +237,7 @@ class Process:
         with open(self.logfile, "wb") as out:
             self.proc = subprocess.Popen(self.cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
                                          start_new_session=True, env=self.env,
-                                         preexec_fn=_die_with_parent if self.die_with_parent else None)
+                                         preexec_fn=(_die_with_parent_kill if self.kill else _die_with_parent) if self.die_with_parent else None)
         ready = ready or self.pidfile.exists
         deadline = time.monotonic() + timeout
         try:
@@ -243,6 +273,10 @@ class Process:
         proc = self.proc
         if proc is None or proc.poll() is not None:
             return
+        if self.kill:
+            proc.kill()
+            proc.wait()
+            return
         proc.send_signal(signal.SIGTERM)
         try:
             proc.wait(timeout=STOP_TIMEOUT)
@@ -258,14 +292,18 @@ class Process:
         self.stop()
 
 
-def _die_with_parent() -> None:
+def _die_with_parent(sig: int = signal.SIGTERM) -> None:
     import ctypes
 
     PR_SET_PDEATHSIG = 1
     try:
-        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, sig)
     except (OSError, AttributeError):
         pass
+
+
+def _die_with_parent_kill() -> None:
+    _die_with_parent(signal.SIGKILL)
 
 
 def _escape(path: Path) -> str:
@@ -278,7 +316,7 @@ def backup_server(source: Source, listen: Listen, workdir: Path) -> Iterator[Pro
     _plugin_available()
     cmd = nbdkit_command(source)
     cmd[1:1] = [*listen.server_args(), "--pidfile", str(workdir / "nbdkit.pid")]
-    with Process("nbdkit", cmd, workdir) as server:
+    with Process("nbdkit", cmd, workdir, die_with_parent=True, kill=True) as server:
         server.start()
         yield server
 

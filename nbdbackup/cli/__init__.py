@@ -14,7 +14,7 @@ import traceback
 import click
 
 from .. import __version__
-from . import backup, checkpoints, listing, logs, mount, prune, restore, serve, verify
+from . import backup, checkpoints, listing, logs, mount, prune, recover, restore, serve, verify
 from .common import Globals
 
 
@@ -51,6 +51,7 @@ for command in (
     serve.serve,
     mount.mount,
     mount.umount,
+    recover.recover,
 ):
     cli.add_command(command)
 
