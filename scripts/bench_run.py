@@ -46,6 +46,7 @@ ZSTD_LEVEL = 3  # nbdbackup's default zstd level (Tuning.level)
 ZSTD_THREADS = 2
 FULL_RATIO_TARGET = 0.7
 RESTORE_RATIO_TARGET = 0.7
+SERVE_RATIO_TARGET = 1.5  # nbdcopy of a served disk, time, against restore of the same point
 INCR_TARGET_PCT = 5.0
 
 
@@ -438,10 +439,44 @@ def main_case(args: argparse.Namespace, report: Report, rundir: Path, sockdir: P
         report.rows.append(Row("restore: nbdbackup restore (incremental point)", rs.seconds, virtual, ratio,
                                f"{ratio:.2f}", rss(rs), None, disk_usage(out_inc / "vda.qcow2"),
                                [t.seconds for t in restores], {"ru_maxrss_kib_tree": rs.maxrss_kib[0]}))
+        serve_case(nb, report, virtual, rs, repeat)
     finally:
         vm.quit()
     compare(out_inc / "vda.qcow2", disk, "nbdbackup restore of the incremental point == disk after the writes", report)
     shutil.rmtree(out_inc)
+
+
+def serve_case(nb: Nbdbackup, report: Report, virtual: int, restore: Timed, repeat: int) -> None:
+    """`nbdbackup serve` of the incremental point: time to the first URI, and nbdcopy of the
+    whole served disk to null: (reads everything, writes nothing) against the restore just timed."""
+    starts, copies = [], []
+    for i in range(repeat):
+        sync()
+        t0 = time.monotonic()
+        proc = subprocess.Popen(nb.argv("serve", "vm1", "--to", "latest", "--disk", "vda"), stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True, env=NB_ENV, cwd=NB_CWD)
+        try:
+            uri = proc.stdout.readline().strip()
+            if not uri.startswith("nbd"):
+                raise BenchError(f"nbdbackup serve printed no URI: {proc.stderr.read()[-500:]}")
+            starts.append(time.monotonic() - t0)
+            log(f"nbdcopy {uri} null: ({i + 1}/{repeat})")
+            t = run_timed(["nbdcopy", uri, "null:"])
+            if not t.ok:
+                raise BenchError(f"nbdcopy of the served disk failed: {t.stderr.strip()[-500:]}")
+            copies.append(t)
+            log(f"  {t.seconds:.2f}s (serving after {starts[-1]:.2f}s)")
+        finally:
+            proc.send_signal(signal.SIGINT)
+            proc.communicate(timeout=60)
+    cp = best(copies)
+    ratio = cp.seconds / restore.seconds
+    report.rows.append(Row("serve: nbdcopy served disk -> null: (incremental point)", cp.seconds, virtual, ratio,
+                           f"{ratio:.2f}x restore time", None, None, None, [t.seconds for t in copies],
+                           {"serve_start_seconds": [round(x, 3) for x in starts]}))
+    report.targets.append({"target": f"nbdcopy of a served disk <= {SERVE_RATIO_TARGET} x restore time", "value": round(ratio, 3),
+                           "met": ratio <= SERVE_RATIO_TARGET})
+    report.notes.append(f"serve: first URI after {min(starts):.2f}s (best of {len(starts)})")
 
 
 def dir_usage(path: Path) -> int:
