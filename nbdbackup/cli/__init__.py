@@ -32,7 +32,9 @@ def cli(ctx: click.Context, repo: str | None, config: str | None, debug: bool, l
     Exit codes: 0 success, 1 unexpected error, 2 usage error, 3 VM unreachable
     or unsuitable, 4 checkpoint unknown or chain broken, 5 VM locked by another
     run, 6 repository damaged, 7 repository unusable (newer format, read-only,
-    full), 8 restore target cannot be written, 130/143 interrupted.
+    full), 8 restore target cannot be written, 13 socket or address in use,
+    14 mount directory unusable, 15 nbdkit/FUSE/loop devices missing,
+    130/143 interrupted.
     """
     logs.setup(debug=debug, log_file=log_file)
     ctx.obj = Globals(repo, config, debug, log_file, metrics_file)
