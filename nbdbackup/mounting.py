@@ -78,7 +78,8 @@ class MountResult:
 def state_dir(directory: Path) -> Path:
     """Where the state of the mount at directory lives (outside it: it must stay a clean view)."""
     key = hashlib.sha256(str(directory.resolve()).encode()).hexdigest()[:16]
-    return runtime_base() / "nbdbackup-mounts" / key
+    base = Path("/run") if os.geteuid() == 0 and os.path.isdir("/run") else runtime_base()  # the same for every root shell
+    return base / "nbdbackup-mounts" / key
 
 
 # -- checks -----------------------------------------------------------------

@@ -311,11 +311,13 @@ def _escape(path: Path) -> str:
 
 
 @contextlib.contextmanager
-def backup_server(source: Source, listen: Listen, workdir: Path) -> Iterator[Process]:
-    """nbdkit serving source read-only on listen, until the block ends."""
+def backup_server(source: Source, listen: Listen, workdir: Path, *, block_status: bool = True) -> Iterator[Process]:
+    """nbdkit serving source read-only on listen, until the block ends.
+    block_status=False: no structured replies, so clients cannot ask which ranges are holes
+    (QEMU then answers "data" itself, without asking the server; see recovering.py)."""
     _plugin_available()
     cmd = nbdkit_command(source)
-    cmd[1:1] = [*listen.server_args(), "--pidfile", str(workdir / "nbdkit.pid")]
+    cmd[1:1] = [*listen.server_args(), "--pidfile", str(workdir / "nbdkit.pid"), *([] if block_status else ["--no-sr"])]
     with Process("nbdkit", cmd, workdir, die_with_parent=True, kill=True) as server:
         server.start()
         yield server

@@ -9,7 +9,8 @@ import time
 from pathlib import Path
 
 import cli
-from harness import GuestDisk, assert_image_equals
+import pytest
+from harness import GuestDisk, HarnessError, assert_image_equals
 
 KiB, MiB = 1024, 1024 * 1024
 SIZES = {"vda": 16 * MiB, "vdb": 8 * MiB}
@@ -18,8 +19,9 @@ SIZES = {"vda": 16 * MiB, "vdb": 8 * MiB}
 def backed_up_vm(vm_factory, repo):
     vm = vm_factory(SIZES)
     vm.start()
-    for i in range(8):
+    for i in range(6):
         vm.write("vda", i * 2 * MiB, 512 * KiB, 0x20 + i)
+    vm.write("vda", 12 * MiB, 4 * MiB - 64 * KiB, 0x2F)  # the last 64 KiB stay a hole
     vm.write("vdb", 0, 1 * MiB, 0x41)
     vm.write("vdb", SIZES["vdb"] - 64 * KiB, 64 * KiB, 0x42)
     name = cli.run(repo, "full", "vm1", "--qmp", vm.qmp_socket).stdout.strip()
@@ -55,7 +57,7 @@ def test_recover_streams_while_the_guest_writes_and_resumes_after_a_kill(vm_fact
 
     # 1. Slow streaming, stopped half-way (SIGTERM, as systemd would): the VM and the copies
     #    are paused before the server goes, so no guest read can reach a vanished server.
-    proc = start_recover(repo, name, out, lost, "--speed", "2")
+    proc = start_recover(repo, name, out, lost, "--speed", "1")
     assert sorted(p.name for p in out.glob("*.qcow2")) == ["vda.qcow2", "vdb.qcow2"]
     assert "nbd" in backing(out / "vda.qcow2")
     lost.start()
@@ -68,12 +70,29 @@ def test_recover_streams_while_the_guest_writes_and_resumes_after_a_kill(vm_fact
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 143, err
     assert lost.qmp("query-status")["status"] == "paused"
-    assert {j["status"] for j in lost.qmp("query-jobs")} == {"paused"}
+    jobs = {j["id"]: j["status"] for j in lost.qmp("query-jobs")}
+    assert jobs["nbdbackup-recover-vda"] == "paused" and set(jobs.values()) == {"paused"}, jobs
     assert backing(out / "vda.qcow2") is not None  # not finished: still needs the backup
 
-    # 2. The same command resumes; the guest keeps writing while it streams.
-    proc = start_recover(repo, name, out, lost)
+    # 2. The same command resumes (and continues the VM it paused) ...
+    proc = start_recover(repo, name, out, lost, "--speed", "1")
     lost.write("vda", 15 * MiB, 4 * KiB, 0xA3)
+    deadline = time.monotonic() + 30
+    while lost.qmp("query-status")["status"] != "running":
+        assert time.monotonic() < deadline, "the resumed recover did not continue the VM"
+        time.sleep(0.2)
+    # ... and is killed without warning: its server dies with it. A guest read of data that
+    # is not local yet fails (the device's rerror=stop pauses a real VM); it never returns
+    # made-up data. Holes read as zeroes: they were made local zero clusters up front.
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    with pytest.raises(HarnessError):
+        lost.verify("vda", 14 * MiB, 64 * KiB)
+    lost.verify("vda", SIZES["vda"] - 64 * KiB, 64 * KiB)
+    lost.verify("vdb", 6 * MiB, 64 * KiB)
+
+    # 3. Once more: the copy completes; the guest keeps writing meanwhile.
+    proc = start_recover(repo, name, out, lost)
     lost.write("vdb", 7 * MiB, 64 * KiB, 0xA4)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 0, err
