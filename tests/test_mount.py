@@ -125,6 +125,12 @@ def test_mount_bad_input(vm_factory, repo, tmp_path):
     empty = tmp_path / "empty"
     empty.mkdir()
     cli.run(repo, "mount", "vm1", str(empty), "--to", "nosuch", expect=4)
+    # Tools missing (a PATH without nbdkit, nbdfuse, partx ...): one line, exit 15, nothing done.
+    env = {**cli.environment(), "PATH": "/nonexistent"}
+    proc = subprocess.run(cli.command(repo, "mount", "vm1", str(empty), "--to", name), capture_output=True, text=True, env=env)
+    assert proc.returncode == 15 and "is not installed" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+    proc = subprocess.run(cli.command(repo, "serve", "vm1", "--to", name), capture_output=True, text=True, env=env)
+    assert proc.returncode == 15 and "nbdkit is not installed" in proc.stderr, proc.stderr
     assert leftovers(empty) == [] and list(empty.iterdir()) == []
     # A disk with no filesystem: nothing to mount, said on stderr; umount still cleans up.
     proc = cli.run(repo, "mount", "vm1", str(empty), "--to", name)
