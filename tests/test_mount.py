@@ -9,9 +9,10 @@ from pathlib import Path
 import cli
 
 KiB, MiB = 1024, 1024 * 1024
-DISK = 64 * MiB
+DISK = 400 * MiB
 EXT_AT, EXT_SIZE = 1 * MiB, 32 * MiB
 FAT_AT, FAT_SIZE = 33 * MiB, 30 * MiB
+XFS_AT, XFS_SIZE = 64 * MiB, 320 * MiB  # mkfs.xfs wants 300 MiB at least
 PIECE = 4 * MiB
 
 
@@ -31,12 +32,13 @@ def known_files(root: Path, tag: str) -> dict[str, bytes]:
     return files
 
 
-def build_disk(tmp: Path) -> tuple[Path, dict[str, bytes], dict[str, bytes]]:
-    """A GPT disk image (parted) with an ext4 (mke2fs -d) and a vfat (mkfs.fat + mtools) partition."""
+def build_disk(tmp: Path) -> tuple[Path, dict[str, bytes], dict[str, bytes], dict[str, bytes]]:
+    """A GPT disk image (parted) with an ext4 (mke2fs -d), a vfat (mkfs.fat + mtools) and an xfs
+    (mkfs.xfs, files copied in through a loop mount) partition."""
     disk = tmp / "disk.img"
     sh("truncate", "-s", str(DISK), str(disk))
     sh("parted", "-s", str(disk), "mklabel", "gpt", "mkpart", "linux", "ext4", "1MiB", "33MiB",
-       "mkpart", "efi", "fat32", "33MiB", "63MiB")
+       "mkpart", "efi", "fat32", "33MiB", "63MiB", "mkpart", "data", "xfs", "64MiB", "384MiB")
     ext_src, fat_src = tmp / "ext-src", tmp / "fat-src"
     ext_files, fat_files = known_files(ext_src, "ext4"), known_files(fat_src, "vfat")
     ext, fat = tmp / "ext.img", tmp / "fat.img"
@@ -45,9 +47,19 @@ def build_disk(tmp: Path) -> tuple[Path, dict[str, bytes], dict[str, bytes]]:
     sh("mmd", "-i", str(fat), "::sub")
     for name in fat_files:
         sh("mcopy", "-i", str(fat), str(fat_src / name), f"::{name}")
-    for part, at in ((ext, EXT_AT), (fat, FAT_AT)):
+    xfs, xfs_src, xfs_mnt = tmp / "xfs.img", tmp / "xfs-src", tmp / "xfs-mnt"
+    xfs_files = known_files(xfs_src, "xfs")
+    sh("truncate", "-s", str(XFS_SIZE), str(xfs))
+    sh("mkfs.xfs", "-q", str(xfs))
+    xfs_mnt.mkdir()
+    sh("mount", "-o", "loop", str(xfs), str(xfs_mnt))
+    try:
+        sh("cp", "-a", f"{xfs_src}/.", str(xfs_mnt))
+    finally:
+        sh("umount", str(xfs_mnt))
+    for part, at in ((ext, EXT_AT), (fat, FAT_AT), (xfs, XFS_AT)):
         sh("dd", f"if={part}", f"of={disk}", "bs=1M", f"seek={at // MiB}", "conv=notrunc", "status=none")
-    return disk, ext_files, fat_files
+    return disk, ext_files, fat_files, xfs_files
 
 
 def write_into_vm(vm, disk: str, image: Path, tmp: Path) -> None:
@@ -78,10 +90,10 @@ def leftovers(directory: Path) -> list[str]:
     return found
 
 
-def test_mount_partitions_ext4_and_vfat_from_a_backup(vm_factory, repo, tmp_path):
+def test_mount_partitions_ext4_vfat_and_xfs_from_a_backup(vm_factory, repo, tmp_path):
     vm = vm_factory({"vda": DISK})
     vm.start()
-    image, ext_files, fat_files = build_disk(tmp_path)
+    image, ext_files, fat_files, xfs_files = build_disk(tmp_path)
     write_into_vm(vm, "vda", image, tmp_path)
     name = cli.run(repo, "full", "vm1", "--qmp", vm.qmp_socket).stdout.strip()
     vm.write("vda", EXT_AT, 1 * MiB, 0xEE)  # later guest writes do not reach the backup
@@ -90,12 +102,12 @@ def test_mount_partitions_ext4_and_vfat_from_a_backup(vm_factory, repo, tmp_path
     where.mkdir()
     out = cli.run(repo, "mount", "vm1", str(where), "--to", name).stdout
     try:
-        assert f"{where}/vda/p1\text4" in out and f"{where}/vda/p2\tvfat" in out, out
-        for files, part in ((ext_files, "p1"), (fat_files, "p2")):
+        assert f"{where}/vda/p1\text4" in out and f"{where}/vda/p2\tvfat" in out and f"{where}/vda/p3\txfs" in out, out
+        for files, part in ((ext_files, "p1"), (fat_files, "p2"), (xfs_files, "p3")):
             for rel, data in files.items():
                 assert (where / "vda" / part / rel).read_bytes() == data, f"{part}/{rel}"
         # Read-only: nothing can be written.
-        for part in ("p1", "p2"):
+        for part in ("p1", "p2", "p3"):
             try:
                 (where / "vda" / part / "new.txt").write_text("x")
                 raise AssertionError(f"{part} is writable")
