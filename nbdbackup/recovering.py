@@ -254,9 +254,9 @@ def _start_stream(session: QMPSession, job_id: str, node: str, speed: int) -> No
 
 
 def _pause(session: QMPSession, running: dict) -> bool:
-    """Stopping on request: pause the VM and the copies before the server goes, so that no guest
-    read reaches a vanishing server (QEMU 7.2's NBD client was seen to complete a read issued
-    just after its server died without data: see serving.Process)."""
+    """Stopping on request: pause the VM and the copies before the server goes, so that the
+    guest does not stall on (or, with rerror=stop, pause at) reads the server no longer answers.
+    Returns whether we stopped the VM (the next run then continues it)."""
     stopped = False
     try:
         if session.execute("query-status").get("running"):

@@ -219,10 +219,10 @@ class Process:
                  die_with_parent: bool = False, kill: bool = False) -> None:
         """die_with_parent: SIGTERM (kill: SIGKILL) when nbdbackup dies, even by SIGKILL.
         kill: stop with SIGKILL at once.  For nbdkit: on SIGTERM it keeps its connections open
-        and answers every request with ESHUTDOWN until the clients leave; QEMU 7.2's NBD client
-        was seen to complete such a read as if it had succeeded (observed: qemu-io read returned
-        a buffer that was never filled).  A killed server closes the connections, and QEMU's
-        client then retries (reconnect-delay) and fails the request (rerror=stop)."""
+        and answers every request with ESHUTDOWN until the clients leave, so a connected VM
+        would keep it alive (and get errors) for ever.  A killed read-only server loses nothing;
+        its clients see the connection close (QEMU's NBD client then reconnects, or fails the
+        request after its reconnect-delay, which rerror=stop turns into a paused VM)."""
         self.name = name
         self.cmd = list(cmd)
         self.pidfile = workdir / f"{name}.pid"
