@@ -13,7 +13,7 @@ import pytest
 from harness import GuestDisk, HarnessError, assert_image_equals
 
 KiB, MiB = 1024, 1024 * 1024
-SIZES = {"vda": 16 * MiB, "vdb": 8 * MiB}
+SIZES = {"vda": 64 * MiB, "vdb": 8 * MiB}
 
 
 def backed_up_vm(vm_factory, repo):
@@ -21,7 +21,7 @@ def backed_up_vm(vm_factory, repo):
     vm.start()
     for i in range(6):
         vm.write("vda", i * 2 * MiB, 512 * KiB, 0x20 + i)
-    vm.write("vda", 12 * MiB, 4 * MiB - 64 * KiB, 0x2F)  # the last 64 KiB stay a hole
+    vm.write("vda", 48 * MiB, 16 * MiB - 64 * KiB, 0x2F)  # copied last, at 1 MiB/s; the last 64 KiB stay a hole
     vm.write("vdb", 0, 1 * MiB, 0x41)
     vm.write("vdb", SIZES["vdb"] - 64 * KiB, 64 * KiB, 0x42)
     name = cli.run(repo, "full", "vm1", "--qmp", vm.qmp_socket).stdout.strip()
@@ -76,7 +76,7 @@ def test_recover_streams_while_the_guest_writes_and_resumes_after_a_kill(vm_fact
 
     # 2. The same command resumes (and continues the VM it paused) ...
     proc = start_recover(repo, name, out, lost, "--speed", "1")
-    lost.write("vda", 15 * MiB, 4 * KiB, 0xA3)
+    lost.write("vda", 40 * MiB, 4 * KiB, 0xA3)
     deadline = time.monotonic() + 30
     while lost.qmp("query-status")["status"] != "running":
         assert time.monotonic() < deadline, "the resumed recover did not continue the VM"
@@ -87,7 +87,7 @@ def test_recover_streams_while_the_guest_writes_and_resumes_after_a_kill(vm_fact
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     with pytest.raises(HarnessError):
-        lost.verify("vda", 14 * MiB, 64 * KiB)
+        lost.verify("vda", 62 * MiB, 64 * KiB)  # > 15 s of copying away at --speed 1
     lost.verify("vda", SIZES["vda"] - 64 * KiB, 64 * KiB)
     lost.verify("vdb", 6 * MiB, 64 * KiB)
 
