@@ -220,9 +220,13 @@ def recover(settings: Settings, req, *, cancel: CancelToken, observer: Observer 
     """Instant recovery (see recovering.py): images backed by the served backup, streamed home."""
     from .recovering import run_recover
     from .serving import Source
+    from .workdirs import runtime_base
 
     repo = open_repository(settings)
-    with vm_lock(repo, req.vm), repository_lock(repo), private_dir(prefix="nbdbackup-recover-") as work:
-        return run_recover(repo, lambda checkpoint, disks: Source(str(settings.repo), settings.config_file, req.vm, checkpoint, disks),
-                           req, work, cancel, on_images=on_images, on_wait=on_wait,
-                           on_start=observer.on_start, progress=observer.progress)
+    prefix = f"nbdbackup-recover-{repo.id[:8]}-{req.vm}@"
+    with vm_lock(repo, req.vm), repository_lock(repo):
+        remove_stale_dirs(runtime_base(), prefix=prefix)  # left by a killed run; we hold the VM's lock
+        with private_dir(prefix=prefix) as work:
+            return run_recover(repo, lambda checkpoint, disks: Source(str(settings.repo), settings.config_file, req.vm, checkpoint, disks),
+                               req, work, cancel, on_images=on_images, on_wait=on_wait,
+                               on_start=observer.on_start, progress=observer.progress)
