@@ -13,6 +13,10 @@
      +-- LockHeld                  exit 5  another nbdbackup run holds the VM
      +-- RepositoryDamaged         exit 6  a chunk, index or manifest is bad
      +-- RepositoryUnusable        exit 7  newer format, read-only, full
+     |    +-- S3CredentialsRefused exit 9  the object store refused the credentials
+     |    +-- S3BucketMissing      exit 10 the bucket does not exist
+     |    +-- S3AccessDenied       exit 11 the bucket is not ours (access denied)
+     |    +-- S3Unreachable        exit 12 endpoint unreachable or not S3
      +-- RestoreTargetError        exit 8  restore target cannot be written
      +-- ServeAddressError         exit 13 serve: socket or TCP address in use or unusable
      +-- MountPointError           exit 14 mount: DIR missing, not empty, not a mount of ours
@@ -103,6 +107,22 @@ class RepositoryUnusable(NbdBackupError):
     exit_code = 7
 
 
+class S3CredentialsRefused(RepositoryUnusable):
+    exit_code = 9
+
+
+class S3BucketMissing(RepositoryUnusable):
+    exit_code = 10
+
+
+class S3AccessDenied(RepositoryUnusable):
+    exit_code = 11
+
+
+class S3Unreachable(RepositoryUnusable):
+    exit_code = 12
+
+
 class RestoreTargetError(NbdBackupError):
     exit_code = 8
 
@@ -135,6 +155,10 @@ EXIT_CODES: dict[str, int] = {
     "damaged": RepositoryDamaged.exit_code,
     "repository": RepositoryUnusable.exit_code,
     "restore-target": RestoreTargetError.exit_code,
+    "s3-credentials": S3CredentialsRefused.exit_code,
+    "s3-bucket-missing": S3BucketMissing.exit_code,
+    "s3-access-denied": S3AccessDenied.exit_code,
+    "s3-unreachable": S3Unreachable.exit_code,
     "sigint": 128 + signal.SIGINT,
     "sigterm": 128 + signal.SIGTERM,
 }
@@ -204,6 +228,16 @@ EXIT_STATUS: tuple[ExitStatus, ...] = (
     ExitStatus((RestoreTargetError.exit_code,), "restore target cannot be written",
                "A restore target cannot be written (image exists without `--force`, directory cannot be created, "
                "`qemu-img` or `qemu-storage-daemon` failed, write error)."),
+    ExitStatus((S3CredentialsRefused.exit_code,), "S3 credentials refused",
+               "S3: the object store refused the credentials, or none were found; nothing was created."),
+    ExitStatus((S3BucketMissing.exit_code,), "S3 bucket missing",
+               "S3: the bucket does not exist (nbdbackup never creates buckets); nothing was created."),
+    ExitStatus((S3AccessDenied.exit_code,), "S3 access denied",
+               "S3: access denied: the bucket belongs to another account, or these credentials may not use it; "
+               "nothing was created."),
+    ExitStatus((S3Unreachable.exit_code,), "S3 endpoint unreachable or not S3",
+               "S3: the endpoint is unreachable or does not answer like S3, or it kept failing after the retries "
+               "(for example, it died during a backup: nothing that looks like a backup is left)."),
     ExitStatus((ServeAddressError.exit_code,), "socket or address in use",
                "`serve` or `recover`: the socket path or TCP address is in use or cannot be used."),
     ExitStatus((MountPointError.exit_code,), "mount directory unusable",

@@ -13,24 +13,28 @@ Write order (crash safety): chunks, indexes, sync, manifest (durable).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import os
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from ..errors import RepositoryDamaged, RepositoryUnusable
+from ..lock import file_lock, object_lock
 from ..names import check_name, utc_now
 from ..records import CheckpointRecord, IndexEntry, Manifest
 from . import chunks, index, manifest
 from .backend import DIR_MODE, Backend, LocalBackend
+from .location import Location, S3Location, S3Settings, backend_for
 
 log = logging.getLogger(__name__)
 
 FORMAT_NAME = "nbdbackup repository"
 FORMAT_VERSION = 1
+LOCAL_CACHE = Path("/var/tmp")  # scratch of repositories that are not local directories
 
 
 class Repository:
@@ -38,53 +42,82 @@ class Repository:
         self.backend = backend
         self.id = repo_id
         self.root = root
+        self._held: list = []  # lock objects held through lock()
 
     # -- opening ---------------------------------------------------------
 
     @classmethod
-    def open(cls, path: Path, *, create: bool = True) -> Repository:
-        path = Path(path)
-        backend = LocalBackend(path)
+    def open(cls, where: Location | Backend, *, create: bool = True, s3: S3Settings | None = None) -> Repository:
+        """The repository at a path, an s3:// location or on a ready Backend (tests: MemoryBackend)."""
+        backend = backend_for(where, s3) if isinstance(where, (str, Path, S3Location)) else where
+        local = backend.root if isinstance(backend, LocalBackend) else None
+        here = backend.location
         try:
             blob = backend.read("config.json")
         except FileNotFoundError:
-            if path.exists() and any(not p.name.startswith(".") for p in path.iterdir()):
-                raise RepositoryUnusable(f"{path} is not an nbdbackup repository (no config.json)", hint="give an empty or new directory with --repo") from None
+            occupied = (any(not p.name.startswith(".") for p in local.iterdir()) if local.exists() else False) if local \
+                else any(True for _ in backend.list(""))
+            if occupied and backend.exists("config.json"):  # another run created it just now
+                return cls.open(backend, create=False)
+            if occupied:
+                raise RepositoryUnusable(f"{here} is not an nbdbackup repository (no config.json)", hint="give an empty or new location with --repo") from None
             if not create:
-                raise RepositoryUnusable(f"there is no repository at {path}", hint="check --repo; the first backup creates it") from None
-            return cls._create(path, backend)
+                raise RepositoryUnusable(f"there is no repository at {here}", hint="check --repo; the first backup creates it") from None
+            return cls._create(backend)
         except NotADirectoryError:
-            raise RepositoryUnusable(f"repository path {path} is not a directory") from None
+            raise RepositoryUnusable(f"repository path {here} is not a directory") from None
         except PermissionError:
-            raise RepositoryUnusable(f"no permission to read the repository at {path}") from None
+            raise RepositoryUnusable(f"no permission to read the repository at {here}") from None
         try:
             config = json.loads(blob)
             name, version, repo_id = config["format"], config["version"], config["id"]
         except (ValueError, KeyError, TypeError):
-            raise RepositoryDamaged(f"{path}/config.json is damaged") from None
+            raise RepositoryDamaged(f"{here}/config.json is damaged") from None
         if name != FORMAT_NAME:
-            raise RepositoryUnusable(f"{path} holds {name!r}, not an nbdbackup repository")
+            raise RepositoryUnusable(f"{here} holds {name!r}, not an nbdbackup repository")
         if not isinstance(version, int) or version > FORMAT_VERSION:
             raise RepositoryUnusable(
-                f"repository {path} has format version {version}; this nbdbackup reads version {FORMAT_VERSION}",
+                f"repository {here} has format version {version}; this nbdbackup reads version {FORMAT_VERSION}",
                 hint="upgrade nbdbackup",
             )
-        return cls(backend, repo_id, path)
+        return cls(backend, repo_id, local)
 
     @classmethod
-    def _create(cls, path: Path, backend: LocalBackend) -> Repository:
-        try:
-            path.mkdir(mode=DIR_MODE, parents=True, exist_ok=True)
-            os.chmod(path, DIR_MODE)
-        except OSError as exc:
-            raise RepositoryUnusable(f"cannot create the repository at {path}: {exc.strerror}") from None
+    def _create(cls, backend: Backend) -> Repository:
+        local = backend.root if isinstance(backend, LocalBackend) else None
+        if local is not None:
+            try:
+                local.mkdir(mode=DIR_MODE, parents=True, exist_ok=True)
+                os.chmod(local, DIR_MODE)
+            except OSError as exc:
+                raise RepositoryUnusable(f"cannot create the repository at {local}: {exc.strerror}") from None
         repo_id = uuid.uuid4().hex
         config = {"format": FORMAT_NAME, "version": FORMAT_VERSION, "id": repo_id, "created": utc_now()}
         try:
             backend.write("config.json", json.dumps(config, indent=1).encode() + b"\n", durable=True, exclusive=True)
         except FileExistsError:  # another run created it first: use theirs
-            return cls.open(path, create=False)
-        return cls(backend, repo_id, path)
+            return cls.open(backend, create=False)
+        return cls(backend, repo_id, local)
+
+    @contextlib.contextmanager
+    def lock(self, name: str, *, what: str, shared: bool = False, wait: float = 0.0) -> Iterator[None]:
+        """Hold the lock called name: flock(2) on a local file for a directory repository,
+        lock objects (docs/FORMAT.md, "Locks") for every other backend."""
+        if self.root is not None:
+            with file_lock(self.lock_path(name), what=what, shared=shared, wait=wait):
+                yield
+            return
+        with object_lock(self.backend, name, what=what, shared=shared, wait=wait) as held:
+            self._held.append(held)
+            try:
+                yield
+            finally:
+                self._held.remove(held)
+
+    def check_locks(self) -> None:
+        """Raise LockHeld if a lock object this run holds may have gone stale (see lock.py)."""
+        for held in list(self._held):
+            held.check()
 
     def lock_path(self, name: str) -> Path:
         """Where the lock file called name lives (locks are local files, whatever the backend)."""
@@ -98,12 +131,16 @@ class Repository:
         return locks / f"{name}.lock"
 
     def local_dir(self, name: str) -> Path:
-        """A private directory inside a local repository (locks, scratch)."""
-        if self.root is None:
-            raise RepositoryUnusable("this repository has no local directory")
-        d = self.root / name
-        d.mkdir(mode=DIR_MODE, exist_ok=True)
-        return d
+        """A private local directory: inside a directory repository, else below the
+        local cache (/var/tmp/nbdbackup-<uid>/<repository id>/name)."""
+        if self.root is not None:
+            d = self.root / name
+            d.mkdir(mode=DIR_MODE, exist_ok=True)
+            return d
+        base = LOCAL_CACHE / f"nbdbackup-{os.geteuid()}"
+        for d in (base, base / self.id, base / self.id / name):
+            d.mkdir(mode=DIR_MODE, exist_ok=True)
+        return base / self.id / name
 
     # -- chunks ----------------------------------------------------------
 
@@ -147,6 +184,8 @@ class Repository:
         freed = size = 0
         for key in list(self.backend.list("chunks")):
             if bytes.fromhex(key.rsplit("/", 1)[1]) not in used:
+                if freed % 256 == 0:
+                    self.check_locks()
                 size += self.backend.size(key)
                 self.backend.delete(key)
                 freed += 1
@@ -186,6 +225,7 @@ class Repository:
     def commit(self, m: Manifest) -> None:
         """Make the backup exist: everything it references durable first, then its manifest."""
         self.backend.sync()
+        self.check_locks()  # a lock gone stale may no longer protect the chunks from garbage collection
         self.backend.write(f"{self._backup_key(m.vm, m.checkpoint)}/manifest.json", manifest.manifest_to_bytes(m), durable=True)
 
     def manifest(self, vm: str, checkpoint: str) -> Manifest | None:
