@@ -86,6 +86,10 @@ def test_recover_streams_while_the_guest_writes_and_resumes_after_a_kill(vm_fact
     # made-up data. Holes read as zeroes: they were made local zero clusters up front.
     proc.send_signal(signal.SIGKILL)
     proc.wait()
+    deadline = time.monotonic() + 10
+    while str(out / ".nbdbackup-recover.sock") in subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout:
+        assert time.monotonic() < deadline, "the server outlived its killed recover"
+        time.sleep(0.05)
     with pytest.raises(HarnessError):
         lost.verify("vda", 62 * MiB, 64 * KiB)  # > 15 s of copying away at --speed 1
     lost.verify("vda", SIZES["vda"] - 64 * KiB, 64 * KiB)
