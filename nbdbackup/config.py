@@ -11,6 +11,7 @@
     chunk_mib = 4                          # largest chunk, MiB (1..32)
     queue_depth = 8                        # chunks in flight (memory: queue_depth x chunk_mib)
     scratch = "/var/tmp/nbdbackup"         # where fleecing overlays grow
+    images = { vda = "/srv/NAME/vda.qcow2" }   # the disks' images, for `rollback` of the shut-down VM
     retention = { last = 3, daily = 7, weekly = 4, monthly = 12 }   # for `prune`
 
 A repository in S3 object storage (repository = "s3://BUCKET/PREFIX"):
@@ -41,7 +42,7 @@ from .repository.location import Location, S3Settings, parse_location
 
 SYSTEM_CONFIG = Path("/etc/nbdbackup/config.toml")
 VM_KEYS = {"qmp": str, "qga": str, "disks": list, "exclude": list, "compression": int, "scratch": str, "workers": int,
-           "chunk_mib": int, "queue_depth": int, "retention": dict}
+           "chunk_mib": int, "queue_depth": int, "retention": dict, "images": dict}
 TOP_KEYS = {"repository", "vm", "s3"}
 S3_KEYS = {"endpoint": str, "region": str, "addressing": str, "verify_tls": bool, "ca_bundle": str, "profile": str,
            "credentials_file": str, "retries": int, "connect_timeout": (int, float), "read_timeout": (int, float)}
@@ -61,6 +62,7 @@ class VMConfig:
     chunk_mib: int | None = None
     queue_depth: int | None = None
     retention: dict[str, int] = field(default_factory=dict)
+    images: dict[str, Path] = field(default_factory=dict)  # disk id -> image file (for rollback)
 
 
 @dataclass(frozen=True)
@@ -199,6 +201,10 @@ def _parse_vms(table: Any, path: Path | None) -> dict[str, VMConfig]:
         for key, value in retention.items():
             if key not in RETENTION_KEYS or not isinstance(value, int) or value < 0:
                 raise UsageError(f"{path}: [vm.{name}] retention.{key} is not one of {', '.join(RETENTION_KEYS)} with a count >= 0")
+        for disk, image in conf.get("images", {}).items():
+            check_name("disk", disk)
+            if not isinstance(image, str) or not image:
+                raise UsageError(f"{path}: [vm.{name}] images.{disk} must be the path of the disk's image")
         for key in ("disks", "exclude"):
             for disk in conf.get(key, ()):
                 if not isinstance(disk, str):
@@ -216,5 +222,6 @@ def _parse_vms(table: Any, path: Path | None) -> dict[str, VMConfig]:
             chunk_mib=conf.get("chunk_mib"),
             queue_depth=conf.get("queue_depth"),
             retention=dict(retention),
+            images={disk: Path(image) for disk, image in conf.get("images", {}).items()},
         )
     return vms

@@ -23,6 +23,8 @@
      +-- ToolUnavailable           exit 15 nbdkit, FUSE or loop devices unavailable
      +-- SomeRunsFailed            the worst exit code of the VMs of `auto --all`
      +-- Interrupted               exit 130 (SIGINT) / 143 (SIGTERM)
+ +-- ImageInUse                exit 16 rollback: the VM's images are in use (its QEMU runs)
+ +-- RollbackIncomplete        exit 17 rollback stopped after writing began: run it again
 
 EXIT_STATUS below is the one description of the exit codes: `--help` and the
 man page's EXIT STATUS section are generated from it (scripts/manpage).
@@ -145,6 +147,18 @@ class Interrupted(NbdBackupError):
         self.exit_code = 128 + signum
 
 
+class ImageInUse(NbdBackupError):
+    """The disks to roll back are open in a running QEMU (or another process)."""
+
+    exit_code = 16
+
+
+class RollbackIncomplete(NbdBackupError):
+    """A rollback failed after it began writing: the disks are partly rolled back."""
+
+    exit_code = 17
+
+
 EXIT_CODES: dict[str, int] = {
     "success": 0,
     "unexpected": NbdBackupError.exit_code,
@@ -159,6 +173,8 @@ EXIT_CODES: dict[str, int] = {
     "s3-bucket-missing": S3BucketMissing.exit_code,
     "s3-access-denied": S3AccessDenied.exit_code,
     "s3-unreachable": S3Unreachable.exit_code,
+    "image-in-use": ImageInUse.exit_code,
+    "rollback-incomplete": RollbackIncomplete.exit_code,
     "sigint": 128 + signal.SIGINT,
     "sigterm": 128 + signal.SIGTERM,
 }
@@ -246,6 +262,12 @@ EXIT_STATUS: tuple[ExitStatus, ...] = (
     ExitStatus((ToolUnavailable.exit_code,), "nbdkit, FUSE or loop devices missing",
                "A program or facility that `serve`, `mount` or `recover` needs is missing: nbdkit or its Python plugin, "
                "FUSE, loop devices, root, `fusefat`."),
+    ExitStatus((ImageInUse.exit_code,), "rollback: the VM's disks are in use",
+               "`rollback`: the VM's disks are in use and cannot be written: its guest runs (without `--pause`), "
+               "or a QEMU holds an image open while its QMP socket is not known; nothing was written."),
+    ExitStatus((RollbackIncomplete.exit_code,), "rollback stopped partway (run it again)",
+               "`rollback` stopped after it began writing (the backup storage or an image failed): the disks are "
+               "partly rolled back; running the same command again completes the rollback."),
     ExitStatus((128 + signal.SIGINT, 128 + signal.SIGTERM), "interrupted",
                "Interrupted by SIGINT or SIGTERM. The run cleaned up after itself in QEMU, and no backup was recorded."),
 )

@@ -7,7 +7,8 @@ paused QEMU with it; time a reference full copy (the disk exported read-only ove
 the VM, `nbdcopy | zstd -3 -T2`), then `nbdbackup full`; the reference restore
 (`zstd -d | nbdcopy` into a new qcow2 served by qemu-storage-daemon), then `nbdbackup
 restore`; write 1% of the disk through the guest's device and time `nbdbackup incremental`
-and the restore of that point; check every restore byte for byte; optionally the same on
+and the restore of that point; shut the VM down and time `nbdbackup rollback` to the full point
+against the restore of that point; check every restore byte for byte; optionally the same on
 large sparse disks. Prints a table (or JSON with --json) on stdout, progress on stderr.
 """
 
@@ -48,6 +49,8 @@ FULL_RATIO_TARGET = 0.7
 RESTORE_RATIO_TARGET = 0.7
 SERVE_RATIO_TARGET = 1.5  # nbdcopy of a served disk, time, against restore of the same point
 INCR_TARGET_PCT = 5.0
+ROLLBACK_TARGET_PCT = 10.0
+ROLLBACK_RSS_TARGET_KIB = 256 * 1024
 
 
 class BenchError(RuntimeError):
@@ -392,6 +395,7 @@ def main_case(args: argparse.Namespace, report: Report, rundir: Path, sockdir: P
             restores.append(nb.run("restore", "vm1", "--to", cp_full, "--output", str(out_full)))
             log(f"  {restores[-1].seconds:.2f}s")
         rs = best(restores)
+        restore_full = rs
         ratio = (virtual / rs.seconds) / (virtual / ref_r.seconds)
         report.rows.append(Row("restore: nbdbackup restore (full point)", rs.seconds, virtual, ratio, f"{ratio:.2f}", rss(rs),
                                None, disk_usage(out_full / "vda.qcow2"), [t.seconds for t in restores],
@@ -445,6 +449,24 @@ def main_case(args: argparse.Namespace, report: Report, rundir: Path, sockdir: P
     compare(out_inc / "vda.qcow2", disk, "nbdbackup restore of the incremental point == disk after the writes", report)
     recover_case(nb, report, virtual, rs, rundir, sockdir, out_inc / "vda.qcow2")
     shutil.rmtree(out_inc)
+
+    # e. the VM shut down: roll its own image back to the full point (what changed since: the 1% writes)
+    rollbacks = []
+    for i in range(repeat):
+        log(f"nbdbackup rollback --to {cp_full} (VM shut down) ({i + 1}/{repeat})")
+        t = nb.run("rollback", "vm1", "--to", cp_full, f"--image=vda={disk}", "--json")
+        t.extra = json.loads(t.stdout)
+        rollbacks.append(t)
+        log(f"  {t.seconds:.2f}s, {human(t.extra['bytes'])} written")
+    rb = best(rollbacks)
+    pct = 100 * rb.seconds / restore_full.seconds
+    report.rows.append(Row(f"rollback: nbdbackup rollback ({args.incr_percent:g}% changed)", rb.seconds, virtual, pct / 100,
+                           f"{pct:.1f}% of restore", rss(rb), None, None, [t.seconds for t in rollbacks],
+                           {"written_bytes": rb.extra["bytes"], "ru_maxrss_kib_tree": rb.maxrss_kib[0]}))
+    report.targets.append({"target": f"rollback time <= {ROLLBACK_TARGET_PCT}% of a full restore of the same point",
+                           "value": round(pct, 2), "met": pct <= ROLLBACK_TARGET_PCT})
+    report.targets.append({"target": "rollback peak RSS < 256 MiB", "value": rss(rb), "met": rss(rb) < ROLLBACK_RSS_TARGET_KIB})
+    compare(disk, image.path, "nbdbackup rollback to the full point == source image", report)
 
 
 def serve_case(nb: Nbdbackup, report: Report, virtual: int, restore: Timed, repeat: int) -> None:

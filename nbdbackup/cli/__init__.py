@@ -15,7 +15,7 @@ import click
 
 from .. import __version__
 from ..errors import exit_status_help
-from . import backup, checkpoints, copy, listing, logs, mount, prune, recover, restore, serve, verify
+from . import backup, checkpoints, copy, listing, logs, mount, prune, recover, restore, rollback, serve, verify
 from .common import Globals
 
 
@@ -96,6 +96,7 @@ for command in (
     backup.incremental,
     backup.auto,
     restore.restore,
+    rollback.rollback,
     listing.list_,
     checkpoints.checkpoints,
     checkpoints.delete,
