@@ -203,7 +203,11 @@ def serve(settings: Settings, req, *, cancel: CancelToken, on_ready: Callable) -
 
     from .serving import serving
 
+    from .serving import remove_dead_server_dirs
+    from .workdirs import runtime_base
+
     repo = open_repository(settings)
+    remove_dead_server_dirs(runtime_base(), "nbdbackup-serve-")  # left by killed runs
     with repository_lock(repo), private_dir(prefix="nbdbackup-serve-") as work:
         with serving(repo, str(settings.repo), settings.config_file, req, work) as (m, exports, servers):
             cancel.check()

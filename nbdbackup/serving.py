@@ -162,6 +162,23 @@ def _reap_orphan(pid: int) -> bool:
     return True
 
 
+def remove_dead_server_dirs(base: Path, prefix: str) -> None:
+    """Private directories of killed `serve` runs: ours, and their nbdkit (pidfile) is gone."""
+    for d in base.glob(f"{prefix}*"):
+        try:
+            if d.is_symlink() or not d.is_dir() or d.stat().st_uid != os.geteuid():
+                continue
+            pid = int((d / "nbdkit.pid").read_text().strip())
+        except (OSError, ValueError):
+            continue  # no pidfile yet: a run that is starting
+        try:
+            alive = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"  # a zombie is gone too
+        except (OSError, IndexError):
+            alive = False
+        if not alive:
+            shutil.rmtree(d, ignore_errors=True)
+
+
 def check_tcp_free(listen: Listen) -> None:
     try:
         family = socket.AF_INET6 if ipaddress.ip_address(listen.host).version == 6 else socket.AF_INET

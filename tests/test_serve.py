@@ -168,3 +168,8 @@ def test_serve_bad_input(vm_factory, repo, tmp_path):
     while f"repo={repo}" in subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout:
         assert time.monotonic() < deadline, "nbdkit outlived a killed serve"
         time.sleep(0.1)
+    # Its private directory stays (nothing could remove it) until the next serve.
+    left = Path(server.uris[0].split("socket=", 1)[1]).parent
+    assert left.is_dir()
+    Served(repo, "vm1", "--to", name).stop()
+    assert not left.exists()
