@@ -6,7 +6,7 @@
     qga = "/run/NAME-qga.sock"             # qemu-guest-agent socket, for --fsfreeze
     disks = ["vda", "vdb"]                 # only these disks (default: every qcow2 disk)
     exclude = ["vdc"]                      # never these disks
-    compression = 3                        # zstd level
+    compression = 2                        # zstd level
     workers = 4                            # compression and I/O threads, one NBD connection each
     chunk_mib = 4                          # largest chunk, MiB (1..32)
     queue_depth = 8                        # chunks in flight (memory: queue_depth x chunk_mib)

@@ -21,7 +21,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from .capture import CancelToken
-from .errors import RepositoryDamaged, UsageError
+from .errors import RepositoryDamaged, RepositoryUnusable, UsageError
 from .records import Manifest
 from .repository import Repository
 from .repository.chunks import decode
@@ -67,6 +67,11 @@ def copy_backups(source: Repository, target: Repository, req: CopyRequest, *, ca
     """Copy the chosen backups; the caller holds the locks (source shared, target shared + VM)."""
     if source.id == target.id and source.backend.location == target.backend.location:
         raise UsageError("the source and the target are the same repository")
+    if source.chunk_id.algorithm != target.chunk_id.algorithm:  # chunks are copied under their names
+        raise RepositoryUnusable(
+            f"{source.backend.location} names chunks by {source.chunk_id.algorithm} (format version {source.version}), "
+            f"{target.backend.location} by {target.chunk_id.algorithm} (format version {target.version}): backups cannot be copied between them",
+            hint="copy into a new, empty location: it is created with the source's format")
     done = []
     for m in choose(source, req):
         if target.manifest(m.vm, m.checkpoint) is not None:
@@ -93,7 +98,7 @@ def _copy_one(source: Repository, target: Repository, m: Manifest, workers: int,
         blob = source.backend.read(key) if source.backend.exists(key) else None
         if blob is None:
             raise RepositoryDamaged(f"chunk {cid.hex()} is missing (backup {m.checkpoint} of {m.vm})")
-        decode(blob, cid, f"backup {m.checkpoint} of {m.vm}")  # never send damage
+        decode(blob, cid, f"backup {m.checkpoint} of {m.vm}", source.chunk_id)  # never send damage
         target.backend.write(key, blob)
         if target.backend.size(key) != len(blob):
             raise RepositoryDamaged(f"chunk {cid.hex()} arrived truncated in {target.backend.location}")

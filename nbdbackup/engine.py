@@ -16,7 +16,7 @@ from pathlib import Path
 
 from . import prune as pruning
 from .backup import BackupRequest, BackupResult, run_backup
-from .capture import CancelToken, Tuning
+from .capture import CancelToken, Tuning, default_workers
 from .chain import CheckpointStatus, assess, resolve
 from .checkpoints import Checkpoints, disk_bitmaps
 from .config import Settings, VMConfig
@@ -70,8 +70,7 @@ def tuning_for(vmconf: VMConfig, base: Tuning = Tuning()) -> Tuning:
     changes = {}
     if vmconf.compression is not None:
         changes["level"] = vmconf.compression
-    if vmconf.workers is not None:
-        changes["workers"] = vmconf.workers
+    changes["workers"] = vmconf.workers if vmconf.workers is not None else default_workers()
     if vmconf.chunk_mib is not None:
         changes["chunk_size"] = vmconf.chunk_mib * 1024 * 1024
     if vmconf.queue_depth is not None:
@@ -149,7 +148,7 @@ def copy(settings: Settings, req: CopyRequest, target: Location, *, cancel: Canc
     Source: shared lock (no garbage collection meanwhile); target: the VM's lock and a shared lock."""
     check_name("VM", req.vm)
     source = open_repository(settings)
-    dest = Repository.open(target, create=True, s3=settings.s3)
+    dest = Repository.open(target, create=True, s3=settings.s3, like=source)
     with repository_lock(source), vm_lock(dest, req.vm), repository_lock(dest):
         return copy_backups(source, dest, req, cancel=cancel, progress=observer.progress)
 

@@ -43,7 +43,7 @@ NB_PREFIX: list[str] = [str(NBDBACKUP)]
 NB_ENV: dict[str, str] | None = None
 NB_CWD: Path | None = None  # `python -m` puts the current directory first on sys.path
 NB_SOURCE = "work tree"
-ZSTD_LEVEL = 3  # nbdbackup's default zstd level (Tuning.level)
+ZSTD_LEVEL = 3  # the reference's zstd level (zstd's own default)
 ZSTD_THREADS = 2
 FULL_RATIO_TARGET = 0.7
 RESTORE_RATIO_TARGET = 0.7
@@ -77,6 +77,8 @@ class Row:
     stored_bytes: int | None = None
     all_seconds: list[float] = field(default_factory=list)
     extra: dict[str, Any] = field(default_factory=dict)
+    cpu_seconds: float | None = None  # process tree + QEMU (best of the repetitions)
+    cpu_ratio_text: str = ""
 
     @property
     def mbps(self) -> float:
@@ -325,38 +327,51 @@ def main_case(args: argparse.Namespace, report: Report, rundir: Path, sockdir: P
     vm = VM(disk, rundir, sockdir)
     vm.start()
     try:
-        # a/b. full backup and its reference (reference first: QEMU allows one NBD server)
+        # a/b. full backup and its reference, interleaved (reference first: QEMU allows one NBD server).
+        # CPU = the command's process tree (wait4) + QEMU's own CPU during the step (/proc), so that
+        # the NBD server's work is charged to whoever makes QEMU do it.
         archive = rundir / "ref.zst"
-        refs = []
+        refs, fulls, cp_full, nb = [], [], "", Nbdbackup(rundir / "repo", config)
         for i in range(repeat):
             log(f"reference full: nbdcopy | zstd -{ZSTD_LEVEL} -T{ZSTD_THREADS} ({i + 1}/{repeat})")
+            q0 = vm.cpu_seconds()
             refs.append(reference_full(vm, sockdir, archive, args.request_size))
-            log(f"  {refs[-1].seconds:.2f}s")
-        ref = best(refs)
-        ref_full = Row("full: nbdcopy | zstd (reference)", ref.seconds, virtual, 1.0, "1.00 (ref)", rss_kib=sum(ref.hwm_kib),
-                       stored_bytes=os.path.getsize(archive), all_seconds=[r.seconds for r in refs],
-                       extra={"pipeline_seconds": ref.extra["pipeline_seconds"], "hwm_kib_nbdcopy_zstd": ref.hwm_kib, "ru_maxrss_kib_nbdcopy_zstd": ref.maxrss_kib})
-        report.rows.append(ref_full)
-
-        fulls, cp_full, nb = [], "", Nbdbackup(rundir / "repo", config)
-        for i in range(repeat):
+            refs[-1].extra["qemu_cpu"] = vm.cpu_seconds() - q0
+            log(f"  {refs[-1].seconds:.2f}s, CPU {sum(refs[-1].cpu):.2f}s + QEMU {refs[-1].extra['qemu_cpu']:.2f}s")
             if i:
                 shutil.rmtree(nb.repo)
                 remove_bitmaps(vm)
             log(f"nbdbackup full ({i + 1}/{repeat})")
+            q0 = vm.cpu_seconds()
             t = nb.run("full", "vm1", "--qmp", str(vm.tool_qmp))
+            qemu_cpu = vm.cpu_seconds() - q0
             cp_full = t.stdout.strip().splitlines()[-1]
-            t.extra = nb.backups("vm1")[cp_full]
+            t.extra = {**nb.backups("vm1")[cp_full], "qemu_cpu": qemu_cpu}
             fulls.append(t)
-            log(f"  {t.seconds:.2f}s, checkpoint {cp_full}")
+            log(f"  {t.seconds:.2f}s, CPU {sum(t.cpu):.2f}s + QEMU {qemu_cpu:.2f}s, checkpoint {cp_full}")
+        ref = best(refs)
+        ref_cpu = min(sum(r.cpu) + r.extra["qemu_cpu"] for r in refs)
+        ref_full = Row("full: nbdcopy | zstd (reference)", ref.seconds, virtual, 1.0, "1.00 (ref)", rss_kib=sum(ref.hwm_kib),
+                       stored_bytes=os.path.getsize(archive), all_seconds=[r.seconds for r in refs],
+                       extra={"pipeline_seconds": ref.extra["pipeline_seconds"], "hwm_kib_nbdcopy_zstd": ref.hwm_kib, "ru_maxrss_kib_nbdcopy_zstd": ref.maxrss_kib,
+                              "cpu_tree": [sum(r.cpu) for r in refs], "cpu_qemu": [r.extra["qemu_cpu"] for r in refs]},
+                       cpu_seconds=ref_cpu, cpu_ratio_text="1.00 (ref)")
+        report.rows.append(ref_full)
         full = best(fulls)
         info = full.extra
+        full_cpu = min(sum(t.cpu) + t.extra["qemu_cpu"] for t in fulls)
         ratio = (virtual / full.seconds) / (virtual / ref.seconds)
         report.rows.append(Row("full: nbdbackup full", full.seconds, virtual, ratio, f"{ratio:.2f}", rss(full),
                                info["read_bytes"], info["stored_bytes"], [t.seconds for t in fulls],
-                               {"ru_maxrss_kib_tree": full.maxrss_kib[0]}))
+                               {"ru_maxrss_kib_tree": full.maxrss_kib[0], "cpu_tree": [sum(t.cpu) for t in fulls],
+                                "cpu_qemu": [t.extra["qemu_cpu"] for t in fulls]},
+                               cpu_seconds=full_cpu, cpu_ratio_text=f"{full_cpu / ref_cpu:.2f}x ref CPU"))
         report.targets.append({"target": f"full throughput >= {FULL_RATIO_TARGET} x reference", "value": round(ratio, 3),
                                "met": ratio >= FULL_RATIO_TARGET})
+        if args.full_only:
+            report.notes.append(f"--full-only: nbdbackup stored {human(info['stored_bytes'])}, zstd -{ZSTD_LEVEL} archive "
+                                f"{human(os.path.getsize(archive))}; restore and incremental not measured")
+            return
         report.notes.append(f"full backup of {human(virtual)}: nbdbackup stored {human(info['stored_bytes'])}, "
                             f"zstd -{ZSTD_LEVEL} archive {human(os.path.getsize(archive))}; "
                             f"repository on disk {human(dir_usage(nb.repo))}")
@@ -372,7 +387,8 @@ def main_case(args: argparse.Namespace, report: Report, rundir: Path, sockdir: P
         ref_r = best(ref_rs)
         report.rows.append(Row("restore: zstd -d | nbdcopy (reference)", ref_r.seconds, virtual, 1.0, "1.00 (ref)",
                                sum(ref_r.hwm_kib), None, ref_r.extra["usage"], [r.seconds for r in ref_rs],
-                               {"pipeline_seconds": ref_r.extra["pipeline_seconds"], "hwm_kib_zstd_nbdcopy": ref_r.hwm_kib, "ru_maxrss_kib_zstd_nbdcopy": ref_r.maxrss_kib}))
+                               {"pipeline_seconds": ref_r.extra["pipeline_seconds"], "hwm_kib_zstd_nbdcopy": ref_r.hwm_kib, "ru_maxrss_kib_zstd_nbdcopy": ref_r.maxrss_kib},
+                               cpu_seconds=min(sum(r.cpu) for r in ref_rs), cpu_ratio_text="(zstd+nbdcopy only)"))
         compare(rundir / "ref-restore.qcow2", image.path, "reference restore == source image", report)
         (rundir / "ref-restore.qcow2").unlink()
         # context only: what decompressing the archive alone costs (no NBD, no image writes)
@@ -399,7 +415,8 @@ def main_case(args: argparse.Namespace, report: Report, rundir: Path, sockdir: P
         ratio = (virtual / rs.seconds) / (virtual / ref_r.seconds)
         report.rows.append(Row("restore: nbdbackup restore (full point)", rs.seconds, virtual, ratio, f"{ratio:.2f}", rss(rs),
                                None, disk_usage(out_full / "vda.qcow2"), [t.seconds for t in restores],
-                               {"ru_maxrss_kib_tree": rs.maxrss_kib[0]}))
+                               {"ru_maxrss_kib_tree": rs.maxrss_kib[0]}, cpu_seconds=min(sum(t.cpu) for t in restores),
+                               cpu_ratio_text="(with its qemu-storage-daemon)"))
         report.targets.append({"target": f"restore throughput >= {RESTORE_RATIO_TARGET} x reference", "value": round(ratio, 3),
                                "met": ratio >= RESTORE_RATIO_TARGET})
         compare(out_full / "vda.qcow2", image.path, "nbdbackup restore of the full point == source image", report)
@@ -414,9 +431,11 @@ def main_case(args: argparse.Namespace, report: Report, rundir: Path, sockdir: P
         for i in range(repeat):
             extra = ["--since", cp_full] if i else []
             log(f"nbdbackup incremental ({i + 1}/{repeat})")
+            q0 = vm.cpu_seconds()
             t = nb.run("incremental", "vm1", "--qmp", str(vm.tool_qmp), *extra)
+            qemu_cpu = vm.cpu_seconds() - q0
             cp = t.stdout.strip().splitlines()[-1]
-            t.extra = nb.backups("vm1")[cp]
+            t.extra = {**nb.backups("vm1")[cp], "qemu_cpu": qemu_cpu}
             incs.append(t)
             log(f"  {t.seconds:.2f}s, checkpoint {cp}")
         inc = best(incs)
@@ -425,7 +444,9 @@ def main_case(args: argparse.Namespace, report: Report, rundir: Path, sockdir: P
         report.rows.append(Row(f"incremental: nbdbackup ({args.incr_percent:g}% written)", inc.seconds, virtual, pct / 100,
                                f"{pct:.1f}% of full", rss(inc), info["read_bytes"], info["stored_bytes"],
                                [t.seconds for t in incs],
-                               {"writes": n, "written_bytes": written, "dirty_granule_bytes": dirty, "ru_maxrss_kib_tree": inc.maxrss_kib[0]}))
+                               {"writes": n, "written_bytes": written, "dirty_granule_bytes": dirty, "ru_maxrss_kib_tree": inc.maxrss_kib[0],
+                                "all_cpu": [sum(t.cpu) + t.extra["qemu_cpu"] for t in incs]},
+                               cpu_seconds=min(sum(t.cpu) + t.extra["qemu_cpu"] for t in incs)))
         report.targets.append({"target": f"incremental time <= {INCR_TARGET_PCT}% of full", "value": round(pct, 2),
                                "met": pct <= INCR_TARGET_PCT})
         report.notes.append(f"incremental: {n} guest writes of {human(written)} touch {human(dirty)} of 64 KiB bitmap "
@@ -442,7 +463,8 @@ def main_case(args: argparse.Namespace, report: Report, rundir: Path, sockdir: P
         ratio = (virtual / rs.seconds) / (virtual / ref_r.seconds)
         report.rows.append(Row("restore: nbdbackup restore (incremental point)", rs.seconds, virtual, ratio,
                                f"{ratio:.2f}", rss(rs), None, disk_usage(out_inc / "vda.qcow2"),
-                               [t.seconds for t in restores], {"ru_maxrss_kib_tree": rs.maxrss_kib[0]}))
+                               [t.seconds for t in restores], {"ru_maxrss_kib_tree": rs.maxrss_kib[0]},
+                               cpu_seconds=min(sum(t.cpu) for t in restores)))
         serve_case(nb, report, virtual, rs, repeat)
     finally:
         vm.quit()
@@ -671,11 +693,13 @@ def print_table(report: Report, file: Any = sys.stdout) -> None:
         kinds = ", ".join(f"{k} {human(v)}" for k, v in st["bytes_by_kind"].items())
         p(f"image {label}: {human(st['virtual_size'])} virtual, {st['extents']} extents ({kinds}), "
           f"{human(st['data_bytes'])} allocated data, rest holes/zero clusters")
-    p(f"config: repeat {report.config['repeat']} (best of), nbdcopy --request-size={report.config['request_size']}, "
+    p(f"config: repeat {report.config['repeat']} (best of; full and reference interleaved), nbdbackup compression "
+      f"{report.config.get('compression') or 'default'}, workers {report.config.get('workers') or 'default'}, nbdcopy --request-size={report.config['request_size']}, "
       f"zstd -{ZSTD_LEVEL} -T{ZSTD_THREADS}")
     p()
-    head = ["step", "seconds", "MB/s", "ratio to reference", "peak RSS MiB", "read over NBD", "stored"]
+    head = ["step", "seconds", "MB/s", "ratio to reference", "CPU s (tree+QEMU)", "CPU ratio", "peak RSS MiB", "read over NBD", "stored"]
     rows = [[r.step, f"{r.seconds:.2f}", f"{r.mbps:.0f}", r.ratio_text or "-",
+             "-" if r.cpu_seconds is None else f"{r.cpu_seconds:.2f}", r.cpu_ratio_text or "-",
              "-" if r.rss_kib is None else f"{r.rss_kib / 1024:.0f}", fmt_bytes(r.read_bytes), fmt_bytes(r.stored_bytes)]
             for r in report.rows]
     widths = [max(len(str(x)) for x in col) for col in zip(head, *rows, strict=True)]
@@ -728,6 +752,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     ap.add_argument("--sparse-size", default="64G",
                     help="comma-separated virtual sizes of sparse-disk cases (default 64G; 'none' to skip), e.g. 64G,1T")
     ap.add_argument("--sparse-data", default="1G", help="data in each sparse disk (default 1G)")
+    ap.add_argument("--full-only", action="store_true", help="measure only the full backup and its reference (to weigh settings)")
+    ap.add_argument("--compression", type=int, help="nbdbackup's zstd level (default: nbdbackup's default)")
+    ap.add_argument("--workers", type=int, help="nbdbackup's workers setting (default: nbdbackup's default)")
     ap.add_argument("--seed", type=int, default=1, help="layout/content seed (default 1)")
     ap.add_argument("--s3", action="store_true", help="also compare backups into S3 (a local SeaweedFS) with a directory")
     ap.add_argument("--s3-only", action="store_true", help="only the S3 comparison")
@@ -781,11 +808,12 @@ def main(argv: list[str]) -> int:
     report = Report(machine_info(), {"size": args.size, "data": args.data, "repeat": args.repeat,
                                       "request_size": args.request_size, "incr_percent": args.incr_percent,
                                       "sparse_sizes": args.sparse_sizes, "sparse_data": args.sparse_data, "seed": args.seed,
-                                      "rev": args.rev})
+                                      "rev": args.rev, "compression": args.compression, "workers": args.workers})
     report.notes.extend(STANDARD_NOTES)
     sockdir = Path(tempfile.mkdtemp(prefix="nbdbench-", dir="/tmp"))  # unix socket paths must stay short
-    config = rundir / "empty-config.toml"
-    config.write_text("")
+    config = rundir / "config.toml"
+    config.write_text("".join(f"[vm.{vm}]\n{key} = {value}\n" for vm in ("vm1", "vm2")
+                              for key, value in (("compression", args.compression), ("workers", args.workers)) if value is not None))
     status = 0
     try:
         if not args.s3_only:

@@ -157,12 +157,10 @@ def test_repository_logic_on_the_backend(backend):
     """The repository format on top of any backend: create, reopen, commit visibility, GC."""
     from test_repository import manifest
 
-    from nbdbackup.repository.chunks import chunk_id
-
     repo = Repository.open(backend)
     assert Repository.open(backend, create=False).id == repo.id
     data = os.urandom(1000)
-    cid = chunk_id(data)
+    cid = repo.chunk_id(data)
     assert repo.put_chunk(cid, data, 3) > 0 and repo.put_chunk(cid, data, 3) == 0
     m = manifest(repo)
     assert repo.manifests("vm1") == [] and repo.incomplete_backups("vm1") == ["cp1"]

@@ -28,27 +28,37 @@ from ..names import check_name, utc_now
 from ..records import CheckpointRecord, IndexEntry, Manifest
 from . import chunks, index, manifest
 from .backend import DIR_MODE, Backend, LocalBackend
+from .chunkid import ChunkIds
 from .location import Location, S3Location, S3Settings, backend_for
 
 log = logging.getLogger(__name__)
 
 FORMAT_NAME = "nbdbackup repository"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # what new repositories get; every version from 1 up is read and written
+READABLE_VERSIONS = (1, 2)
 LOCAL_CACHE = Path("/var/tmp")  # scratch of repositories that are not local directories
 
 
 class Repository:
-    def __init__(self, backend: Backend, repo_id: str, root: Path | None = None) -> None:
+    """An open repository.  version is its format version (a repository keeps it for life);
+    chunk_id computes chunk ids the way its config.json says (chunkid.py)."""
+
+    def __init__(self, backend: Backend, repo_id: str, root: Path | None = None, *,
+                 version: int = FORMAT_VERSION, chunk_id: ChunkIds | None = None) -> None:
         self.backend = backend
         self.id = repo_id
         self.root = root
+        self.version = version
+        self.chunk_id = chunk_id or (ChunkIds.sha256() if version == 1 else ChunkIds.blake3())
         self._held: list = []  # lock objects held through lock()
 
     # -- opening ---------------------------------------------------------
 
     @classmethod
-    def open(cls, where: Location | Backend, *, create: bool = True, s3: S3Settings | None = None) -> Repository:
-        """The repository at a path, an s3:// location or on a ready Backend (tests: MemoryBackend)."""
+    def open(cls, where: Location | Backend, *, create: bool = True, s3: S3Settings | None = None,
+             like: Repository | None = None) -> Repository:
+        """The repository at a path, an s3:// location or on a ready Backend (tests: MemoryBackend).
+        A repository created here gets like's format version and chunk ids (copy), else the newest."""
         backend = backend_for(where, s3) if isinstance(where, (str, Path, S3Location)) else where
         local = backend.root if isinstance(backend, LocalBackend) else None
         here = backend.location
@@ -63,7 +73,7 @@ class Repository:
                 raise RepositoryUnusable(f"{here} is not an nbdbackup repository (no config.json)", hint="give an empty or new location with --repo") from None
             if not create:
                 raise RepositoryUnusable(f"there is no repository at {here}", hint="check --repo; the first backup creates it") from None
-            return cls._create(backend)
+            return cls._create(backend, like)
         except NotADirectoryError:
             raise RepositoryUnusable(f"repository path {here} is not a directory") from None
         except PermissionError:
@@ -75,15 +85,18 @@ class Repository:
             raise RepositoryDamaged(f"{here}/config.json is damaged") from None
         if name != FORMAT_NAME:
             raise RepositoryUnusable(f"{here} holds {name!r}, not an nbdbackup repository")
-        if not isinstance(version, int) or version > FORMAT_VERSION:
+        if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+            raise RepositoryDamaged(f"{here}/config.json is damaged (bad version {version!r})")
+        if version not in READABLE_VERSIONS:
             raise RepositoryUnusable(
-                f"repository {here} has format version {version}; this nbdbackup reads version {FORMAT_VERSION}",
+                f"repository {here} has format version {version}; this nbdbackup reads versions 1 to {FORMAT_VERSION}",
                 hint="upgrade nbdbackup",
             )
-        return cls(backend, repo_id, local)
+        ids = ChunkIds.for_config(version, config, f"{here}/config.json")
+        return cls(backend, repo_id, local, version=version, chunk_id=ids)
 
     @classmethod
-    def _create(cls, backend: Backend) -> Repository:
+    def _create(cls, backend: Backend, like: Repository | None = None) -> Repository:
         local = backend.root if isinstance(backend, LocalBackend) else None
         if local is not None:
             try:
@@ -92,12 +105,15 @@ class Repository:
             except OSError as exc:
                 raise RepositoryUnusable(f"cannot create the repository at {local}: {exc.strerror}") from None
         repo_id = uuid.uuid4().hex
-        config = {"format": FORMAT_NAME, "version": FORMAT_VERSION, "id": repo_id, "created": utc_now()}
+        version, ids = (like.version, like.chunk_id) if like is not None else (FORMAT_VERSION, ChunkIds.blake3())
+        config = {"format": FORMAT_NAME, "version": version, "id": repo_id, "created": utc_now()}
+        if version >= 2:
+            config["chunk_id"] = ids.config()
         try:
             backend.write("config.json", json.dumps(config, indent=1).encode() + b"\n", durable=True, exclusive=True)
         except FileExistsError:  # another run created it first: use theirs
             return cls.open(backend, create=False)
-        return cls(backend, repo_id, local)
+        return cls(backend, repo_id, local, version=version, chunk_id=ids)
 
     @contextlib.contextmanager
     def lock(self, name: str, *, what: str, shared: bool = False, wait: float = 0.0) -> Iterator[None]:
@@ -149,8 +165,9 @@ class Repository:
         h = cid.hex()
         return f"chunks/{h[:2]}/{h}"
 
-    def put_chunk(self, cid: bytes, data: bytes | memoryview, level: int) -> int:
-        """Store data under cid unless it is there already; returns bytes written."""
+    def put_chunk(self, cid: bytes, data: bytes | bytearray | memoryview, level: int) -> int:
+        """Store data under cid (= self.chunk_id(data)) unless it is there already; returns bytes written.
+        data may be a view of a buffer the caller reuses as soon as this returns: nothing may keep it."""
         key = self._chunk_key(cid)
         if self.backend.exists(key):
             return 0
@@ -163,7 +180,7 @@ class Repository:
             blob = self.backend.read(self._chunk_key(cid))
         except FileNotFoundError:
             raise RepositoryDamaged(f"chunk {cid.hex()} is missing ({where})") from None
-        return chunks.decode(blob, cid, where)
+        return chunks.decode(blob, cid, where, self.chunk_id)
 
     def chunk_ids(self) -> set[bytes]:
         return {bytes.fromhex(k.rsplit("/", 1)[1]) for k in self.backend.list("chunks")}
