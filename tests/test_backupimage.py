@@ -12,7 +12,6 @@ from nbdbackup.backupimage import BackupImage
 from nbdbackup.errors import RepositoryDamaged
 from nbdbackup.records import DiskBackup, IndexEntry, Manifest
 from nbdbackup.repository import Repository
-from nbdbackup.repository.chunks import chunk_id
 
 KiB, MiB = 1024, 1024 * 1024
 DISK = 4 * MiB + 512
@@ -24,7 +23,7 @@ def make(tmp_path):
     b = bytes(range(256)) * 256  # 64 KiB
     ids = {}
     for data in (a, b):
-        ids[data] = chunk_id(data)
+        ids[data] = repo.chunk_id(data)
         repo.put_chunk(ids[data], data, 3)
     entries = [
         IndexEntry(64 * KiB, 256 * KiB, ids[a]),
