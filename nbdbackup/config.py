@@ -12,6 +12,8 @@
     queue_depth = 8                        # chunks in flight (memory: queue_depth x chunk_mib)
     scratch = "/var/tmp/nbdbackup"         # where fleecing overlays grow
     retention = { last = 3, daily = 7, weekly = 4, monthly = 12 }   # for `prune`
+    boot = ["-m", "2048"]                  # QEMU arguments for `verify --boot`
+    verify_boot = true                     # `auto` runs `verify --boot` after each backup
 """
 
 from __future__ import annotations
@@ -28,7 +30,8 @@ from .names import check_name
 
 SYSTEM_CONFIG = Path("/etc/nbdbackup/config.toml")
 VM_KEYS = {"qmp": str, "qga": str, "disks": list, "exclude": list, "compression": int, "scratch": str, "workers": int,
-           "chunk_mib": int, "queue_depth": int, "retention": dict}
+           "chunk_mib": int, "queue_depth": int, "retention": dict,
+           "boot": list, "verify_boot": bool}
 TOP_KEYS = {"repository", "vm"}
 RETENTION_KEYS = ("last", "hourly", "daily", "weekly", "monthly", "yearly")
 
@@ -46,6 +49,8 @@ class VMConfig:
     chunk_mib: int | None = None
     queue_depth: int | None = None
     retention: dict[str, int] = field(default_factory=dict)
+    boot: tuple[str, ...] = ()  # QEMU arguments for verify --boot
+    verify_boot: bool = False  # auto: verify --boot after each backup
 
 
 @dataclass(frozen=True)
@@ -145,6 +150,8 @@ def _parse_vms(table: Any, path: Path | None) -> dict[str, VMConfig]:
         for key, value in retention.items():
             if key not in RETENTION_KEYS or not isinstance(value, int) or value < 0:
                 raise UsageError(f"{path}: [vm.{name}] retention.{key} is not one of {', '.join(RETENTION_KEYS)} with a count >= 0")
+        if not all(isinstance(a, str) for a in conf.get("boot", ())):
+            raise UsageError(f"{path}: [vm.{name}] boot must be a list of QEMU arguments (strings)")
         for key in ("disks", "exclude"):
             for disk in conf.get(key, ()):
                 if not isinstance(disk, str):
@@ -162,5 +169,7 @@ def _parse_vms(table: Any, path: Path | None) -> dict[str, VMConfig]:
             chunk_mib=conf.get("chunk_mib"),
             queue_depth=conf.get("queue_depth"),
             retention=dict(retention),
+            boot=tuple(conf.get("boot", ())),
+            verify_boot=conf.get("verify_boot", False),
         )
     return vms

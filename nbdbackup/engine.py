@@ -16,6 +16,7 @@ from pathlib import Path
 
 from . import prune as pruning
 from .backup import BackupRequest, BackupResult, run_backup
+from .bootcheck import BootRequest, BootResult, run_boot_check
 from .capture import CancelToken, Tuning
 from .chain import CheckpointStatus, assess, resolve
 from .checkpoints import Checkpoints, disk_bitmaps
@@ -182,3 +183,17 @@ def _try_session(stack: contextlib.ExitStack, vmconf: VMConfig, notes: list[str]
     except VMUnreachable as exc:
         notes.append(f"VM unreachable ({exc.message}): its checkpoints are merged away by the next prune")
         return None
+
+
+# verify --boot restores here unless the VM's scratch directory is configured: large, not tmpfs.
+BOOT_SCRATCH = Path("/var/tmp")
+
+
+def verify_boot(settings: Settings, vmconf: VMConfig, req: BootRequest, *, cancel: CancelToken,
+                observer: Observer = Observer(), on_phase: Callable[[str], None] = lambda text: None) -> BootResult:
+    """Restore a backup point into a private temporary directory and boot it (the repository is only read)."""
+    repo = open_repository(settings)
+    base = vmconf.scratch or BOOT_SCRATCH
+    with repository_lock(repo), private_dir(base, prefix=f"{vmconf.name}-boot-") as workdir:
+        return run_boot_check(repo, req, workdir=workdir, tuning=tuning_for(vmconf), cancel=cancel,
+                              on_start=observer.on_start, progress=observer.progress, on_phase=on_phase)

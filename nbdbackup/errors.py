@@ -11,6 +11,7 @@
      |    +-- ChainBroken
      +-- LockHeld                  exit 5  another nbdbackup run holds the VM
      +-- RepositoryDamaged         exit 6  a chunk, index or manifest is bad
+     |    +-- BackupDoesNotBoot            verify --boot: the restored point did not boot
      +-- RepositoryUnusable        exit 7  newer format, read-only, full
      +-- RestoreTargetError        exit 8  restore target cannot be written
      +-- SomeRunsFailed            the worst exit code of the VMs of `auto --all`
@@ -85,6 +86,10 @@ class LockHeld(NbdBackupError):
 
 class RepositoryDamaged(NbdBackupError):
     exit_code = 6
+
+
+class BackupDoesNotBoot(RepositoryDamaged):
+    """verify --boot: the backup point, restored, shows no sign of life (or its check failed)."""
 
 
 class RepositoryUnusable(NbdBackupError):

@@ -117,6 +117,7 @@ def _single(g: Globals, vm: str, opts: BackupOptions, as_json: bool) -> None:
     if outcome.failure:
         raise outcome.failure
     click.echo(json.dumps(_as_dict(outcome), indent=2) if as_json else outcome.result.manifest.checkpoint)
+    return outcome
 
 
 @click.command()
@@ -148,9 +149,10 @@ def incremental(g: Globals, vm: str, as_json: bool, **opts) -> None:
 @click.command()
 @click.argument("vm", required=False)
 @click.option("--all", "all_vms", is_flag=True, help="Every VM of the config file in turn; the exit code is the worst one.")
+@click.option("--verify-boot", is_flag=True, help="Then boot the new backup in a throwaway VM, as `verify --boot` does (also: [vm.NAME] verify_boot = true).")
 @backup_options
 @pass_globals
-def auto(g: Globals, vm: str | None, all_vms: bool, as_json: bool, **opts) -> None:
+def auto(g: Globals, vm: str | None, all_vms: bool, as_json: bool, verify_boot: bool, **opts) -> None:
     """Incremental since the newest checkpoint if the chain is sound, else full (for cron).
 
     With --all, back up every VM of the config file in turn: one VM's failure
@@ -161,7 +163,10 @@ def auto(g: Globals, vm: str | None, all_vms: bool, as_json: bool, **opts) -> No
     if all_vms == (vm is not None):
         raise UsageError("give either a VM or --all")
     if not all_vms:
-        _single(g, vm, BackupOptions(mode="auto", **opts), as_json)
+        outcome = _single(g, vm, BackupOptions(mode="auto", **opts), as_json)
+        settings = g.settings()
+        if verify_boot or settings.vm(vm, required=False).verify_boot:
+            _boot_new_backup(g, settings, outcome, as_json)
         return
     if opts.get("qmp") or opts.get("qga") or opts.get("checkpoint"):
         raise UsageError("--qmp, --qga and --checkpoint name one VM; with --all they come from the config file")
@@ -169,6 +174,8 @@ def auto(g: Globals, vm: str | None, all_vms: bool, as_json: bool, **opts) -> No
     if not settings.vms:
         raise UsageError("--all: the config file names no VM", hint=f"add [vm.NAME] tables to {settings.config_file or 'the config file'}")
     outcomes = [run_one(g, settings, name, BackupOptions(mode="auto", **opts)) for name in sorted(settings.vms)]
+    outcomes = [_boot_new_backup(g, settings, o, as_json, keep_going=True) if not o.exit_code and (verify_boot or settings.vms[o.vm].verify_boot)
+                else o for o in outcomes]
     if as_json:
         click.echo(json.dumps([_as_dict(o) for o in outcomes], indent=2))
     else:
@@ -180,3 +187,18 @@ def auto(g: Globals, vm: str | None, all_vms: bool, as_json: bool, **opts) -> No
     logs.summary(f"auto --all: {len(outcomes) - len(failed)} of {len(outcomes)} VMs backed up" + (f"; failed: {', '.join(failed)}" if failed else ""))
     if worst:
         raise SomeRunsFailed(f"{len(failed)} of {len(outcomes)} VMs failed: {', '.join(failed)}", worst)
+
+
+def _boot_new_backup(g: Globals, settings, outcome: Outcome, as_json: bool, *, keep_going: bool = False) -> Outcome:
+    """auto --verify-boot: boot the backup just made; with keep_going a failure becomes the VM's outcome."""
+    from ..errors import NbdBackupError
+    from .bootcheck import boot
+
+    try:
+        boot(g, settings, outcome.vm, outcome.result.manifest.checkpoint, None, None, None, False, to_stderr=as_json or keep_going)
+    except NbdBackupError as exc:
+        if not keep_going:
+            raise
+        logs.summary(f"{outcome.vm} verify --boot FAILED (exit {exc.exit_code}): {exc}")
+        return Outcome(outcome.vm, failure=exc)
+    return outcome
