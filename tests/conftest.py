@@ -53,3 +53,14 @@ def repo(tmp_path: Path) -> Path:
     path = tmp_path / "repo"
     path.mkdir()
     return path
+
+
+@pytest.fixture(scope="session")
+def guest_image():
+    """The real-guest tier's Debian image (scripts/guest-image), built once and cached."""
+    from guest import guest_image as build
+
+    image = build()
+    if image.build_seconds:
+        print(f"\nguest image built in {image.build_seconds:.0f} s: {image.directory}")
+    return image
