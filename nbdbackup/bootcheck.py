@@ -89,7 +89,7 @@ def plan_boot(disks: Sequence[tuple[str, Path]], user_args: Sequence[str], rundi
     for i, (disk, path) in enumerate(disks):
         cmd += ["-blockdev", f"driver=file,filename={_escape(path)},node-name=boot-file{i}",
                 "-blockdev", f"driver=qcow2,file=boot-file{i},node-name=boot-disk{i}",
-                "-device", f"virtio-blk-pci,drive=boot-disk{i},id={disk}" + (",bootindex=0" if i == 0 else "")]
+                "-device", f"virtio-blk-pci,drive=boot-disk{i},id={disk}" + (",bootindex=1" if i == 0 else "")]  # -kernel takes 0
     cmd += list(user_args)
     return BootPlan(tuple(cmd), qmp, agent, console)
 
@@ -140,7 +140,15 @@ def _qemu(plan: BootPlan, logfile: Path) -> Iterator[tuple[subprocess.Popen, QMP
             if time.monotonic() > deadline:
                 raise NbdBackupError("QEMU did not start within 30 s for the boot test")
             time.sleep(0.05)
-        qmp.connect()
+        try:
+            qmp.connect()
+        except NbdBackupError:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(5)
+            if proc.poll() is not None:
+                raise UsageError(f"QEMU refused the boot test's command line: {_last_line(logfile)}",
+                                 hint="check [vm.NAME] boot in the config file") from None
+            raise
         yield proc, qmp
     finally:
         if proc.poll() is None:

@@ -40,13 +40,23 @@ def test_boot_options_are_checked(repo: Path) -> None:
     cli.run(repo, "verify", "vm1", "--boot", "--sample", "5", expect=2)
 
 
+def test_qemu_refusing_the_boot_arguments_is_a_usage_error(vm_factory, repo: Path, tmp_path: Path) -> None:
+    vm = vm_factory({"vda": 4 << 20})
+    vm.start()
+    name = cli.run(repo, "full", "vm1", "--qmp", vm.qmp_socket).stdout.strip()
+    config = tmp_path / "config.toml"
+    config.write_text('[vm.vm1]\nboot = ["-accel", "tcg", "-device", "no-such-device"]\n')
+    proc = cli.run(repo, "--config", config, "verify", "vm1", "--boot", "--checkpoint", name, "--timeout", "5", expect=2)
+    assert "QEMU refused the boot test's command line" in proc.stderr and "no-such-device" in proc.stderr, proc.stderr
+
+
 def test_boot_command_line_plan(tmp_path: Path) -> None:
     disks = [("vda", tmp_path / "a.qcow2"), ("data", tmp_path / "b,c.qcow2")]
     default = plan_boot(disks, (), tmp_path).command
     assert default[0] == "qemu-system-x86_64"
     assert ["-nic", "none"] == list(default[default.index("-nic"):default.index("-nic") + 2])
     assert "-m" in default and "1024" in default and ["-accel", "kvm", "-accel", "tcg"] == [a for a in default if a in ("-accel", "kvm", "tcg")]
-    assert "virtio-blk-pci,drive=boot-disk0,id=vda,bootindex=0" in default
+    assert "virtio-blk-pci,drive=boot-disk0,id=vda,bootindex=1" in default
     assert f"driver=file,filename={tmp_path}/b,,c.qcow2,node-name=boot-file1" in default
     assert "virtio-blk-pci,drive=boot-disk1,id=data" in default
     own = plan_boot(disks, ("-m", "4096", "-accel", "tcg", "-kernel", "k"), tmp_path).command
