@@ -14,6 +14,7 @@
     retention = { last = 3, daily = 7, weekly = 4, monthly = 12 }   # for `prune`
     boot = ["-m", "2048"]                  # QEMU arguments for `verify --boot`
     verify_boot = true                     # `auto` runs `verify --boot` after each backup
+    boot_timeout = 300                     # seconds `verify --boot` waits for a sign of life
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from .names import check_name
 SYSTEM_CONFIG = Path("/etc/nbdbackup/config.toml")
 VM_KEYS = {"qmp": str, "qga": str, "disks": list, "exclude": list, "compression": int, "scratch": str, "workers": int,
            "chunk_mib": int, "queue_depth": int, "retention": dict,
-           "boot": list, "verify_boot": bool}
+           "boot": list, "verify_boot": bool, "boot_timeout": int}
 TOP_KEYS = {"repository", "vm"}
 RETENTION_KEYS = ("last", "hourly", "daily", "weekly", "monthly", "yearly")
 
@@ -51,6 +52,7 @@ class VMConfig:
     retention: dict[str, int] = field(default_factory=dict)
     boot: tuple[str, ...] = ()  # QEMU arguments for verify --boot
     verify_boot: bool = False  # auto: verify --boot after each backup
+    boot_timeout: int | None = None  # seconds verify --boot waits for a sign of life
 
 
 @dataclass(frozen=True)
@@ -143,7 +145,7 @@ def _parse_vms(table: Any, path: Path | None) -> dict[str, VMConfig]:
                 raise UsageError(f"{path}: [vm.{name}] {key} must be a {VM_KEYS[key].__name__}")
         if not 1 <= conf.get("compression", 3) <= 22:
             raise UsageError(f"{path}: [vm.{name}] compression must be a zstd level from 1 to 22")
-        for key, low, high in (("workers", 1, 64), ("chunk_mib", 1, 32), ("queue_depth", 1, 64)):
+        for key, low, high in (("workers", 1, 64), ("chunk_mib", 1, 32), ("queue_depth", 1, 64), ("boot_timeout", 1, 86400)):
             if not low <= conf.get(key, low) <= high:
                 raise UsageError(f"{path}: [vm.{name}] {key} must be from {low} to {high}")
         retention = conf.get("retention", {})
@@ -171,5 +173,6 @@ def _parse_vms(table: Any, path: Path | None) -> dict[str, VMConfig]:
             retention=dict(retention),
             boot=tuple(conf.get("boot", ())),
             verify_boot=conf.get("verify_boot", False),
+            boot_timeout=conf.get("boot_timeout"),
         )
     return vms

@@ -62,3 +62,18 @@ def test_boot_command_line_plan(tmp_path: Path) -> None:
     own = plan_boot(disks, ("-m", "4096", "-accel", "tcg", "-kernel", "k"), tmp_path).command
     assert own.count("-m") == 1 and "4096" in own and "1024" not in own
     assert own.count("-accel") == 1 and own[-6:] == ("-m", "4096", "-accel", "tcg", "-kernel", "k")
+
+
+def test_auto_verify_boot_reports_a_backup_that_does_not_boot(vm_factory, repo: Path, tmp_path: Path) -> None:
+    vm = vm_factory({"vda": 4 << 20})
+    vm.start()
+    config = tmp_path / "config.toml"
+    config.write_text(f'[vm.vm1]\nqmp = "{vm.qmp_socket}"\nboot = ["-accel", "tcg", "-m", "256"]\nboot_timeout = 5\n')
+    proc = cli.run(repo, "--config", config, "auto", "vm1", "--verify-boot", expect=6)
+    assert "backup of vm1 did not boot: no sign of life (an answer from the guest agent) within 5 s" in proc.stderr
+    made = cli.backups(repo)
+    assert len(made) == 1 and proc.stdout.strip() == made[0]["checkpoint"]  # the backup stays
+    # verify_boot = true in the config does the same for every auto run (here: --all).
+    config.write_text(config.read_text() + "verify_boot = true\n")
+    proc = cli.run(repo, "--config", config, "auto", "--all", expect=6)
+    assert "vm1" in proc.stdout and "FAILED  exit 6" in proc.stdout, proc.stdout

@@ -17,7 +17,7 @@ def boot(g: Globals, settings, vm: str, checkpoint: str | None, check: str | Non
 
     vmconf = settings.vm(vm, required=False)
     req = BootRequest(vm=vm, checkpoint=checkpoint or "latest", check=check, console_line=console_line,
-                      timeout=timeout or DEFAULT_TIMEOUT, qemu_args=vmconf.boot)
+                      timeout=timeout or vmconf.boot_timeout or DEFAULT_TIMEOUT, qemu_args=vmconf.boot)
     with interruptible() as cancel, progress_bar("restore for boot") as observer:
         result = engine.verify_boot(settings, vmconf, req, cancel=cancel, observer=observer,
                                     on_phase=lambda text: click.echo(f"nbdbackup: {text}", err=True) if g.debug else None)

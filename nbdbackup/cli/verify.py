@@ -18,7 +18,7 @@ from .common import Globals, human_size, pass_globals, progress_bar
 @click.option("--boot", is_flag=True, help="Instead: restore the backup (default: latest) to a temporary place and boot it in a throwaway VM without network; exit 6 if it does not boot.")
 @click.option("--check", metavar="CMD", help="With --boot: run CMD (/bin/sh -c) in the booted guest through its agent; it must exit 0.")
 @click.option("--console-line", metavar="TEXT", help="With --boot: wait for TEXT on the serial console instead of the guest agent.")
-@click.option("--timeout", type=click.FloatRange(0, min_open=True), metavar="SECONDS", help="With --boot: how long the guest may take to show life (default 300).")
+@click.option("--timeout", type=click.FloatRange(0, min_open=True), metavar="SECONDS", help="With --boot: how long the guest may take to show life (default: [vm.NAME] boot_timeout, else 300).")
 @pass_globals
 def verify(g: Globals, vm: str, checkpoint: str | None, sample: float | None, as_json: bool,
            boot: bool, check: str | None, console_line: str | None, timeout: float | None) -> None:
