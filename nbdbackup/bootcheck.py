@@ -94,31 +94,36 @@ def plan_boot(disks: Sequence[tuple[str, Path]], user_args: Sequence[str], rundi
     return BootPlan(tuple(cmd), qmp, agent, console)
 
 
-def run_boot_check(repo: Repository, req: BootRequest, *, workdir: Path, tuning: Tuning = Tuning(),
-                   cancel: CancelToken = CancelToken(), on_start: Callable[[int], None] = lambda total: None,
-                   progress: Callable[[int], None] = lambda n: None,
-                   on_phase: Callable[[str], None] = lambda text: None) -> BootResult:
+def restore_point(repo: Repository, req: BootRequest, workdir: Path, *, tuning: Tuning = Tuning(),
+                  cancel: CancelToken = CancelToken(), on_start: Callable[[int], None] = lambda total: None,
+                  progress: Callable[[int], None] = lambda n: None) -> tuple[str, list[tuple[str, Path]]]:
+    """Restore the point into workdir (the only step that reads the repository): its checkpoint and (disk, image) pairs."""
     if not req.timeout > 0:
         raise UsageError(f"the boot timeout must be a positive number of seconds, not {req.timeout:g}")
     m = find_backup(repo, req.vm, req.checkpoint)
-    on_phase(f"restoring backup {m.checkpoint} of {req.vm} into a temporary directory")
     images = run_restore(repo, RestoreRequest(vm=req.vm, checkpoint=m.checkpoint, output=workdir / "restored"),
                          socket_dir=workdir, tuning=tuning, cancel=cancel, progress=progress, on_start=on_start)
+    return m.checkpoint, list(zip((d.id for d in m.disks), images, strict=True))
+
+
+def boot_point(req: BootRequest, checkpoint: str, images: list[tuple[str, Path]], workdir: Path, *,
+               cancel: CancelToken = CancelToken(), on_phase: Callable[[str], None] = lambda text: None) -> BootResult:
+    """Boot the restored images on overlays in a throwaway QEMU and wait for a sign of life."""
     overlays = []
-    for disk, image in zip((d.id for d in m.disks), images, strict=True):
+    for disk, image in images:
         overlay = workdir / f"{disk}.overlay.qcow2"
         _qemu_img("create", "-q", "-f", "qcow2", "-b", str(image), "-F", "qcow2", str(overlay))
         overlays.append((disk, overlay))
     plan = plan_boot(overlays, req.qemu_args, workdir)
-    on_phase(f"booting backup {m.checkpoint} of {req.vm} (timeout {req.timeout:g} s)")
+    on_phase(f"booting backup {checkpoint} of {req.vm} (timeout {req.timeout:g} s)")
     with _qemu(plan, workdir / "qemu.log") as (proc, qmp):
         started = time.monotonic()
         sign = _wait_alive(plan, proc, qmp, req, cancel, started)
         seconds = time.monotonic() - started
         output = ""
         if req.check is not None:
-            output = _run_check(plan.agent, req.check, max(started + req.timeout - time.monotonic(), 30.0), m.checkpoint)
-    return BootResult(req.vm, m.checkpoint, seconds, sign, req.check, output)
+            output = _run_check(plan.agent, req.check, max(started + req.timeout - time.monotonic(), 30.0), checkpoint)
+    return BootResult(req.vm, checkpoint, seconds, sign, req.check, output)
 
 
 @contextlib.contextmanager
@@ -170,7 +175,14 @@ def _wait_alive(plan: BootPlan, proc: subprocess.Popen, qmp: QMPSession, req: Bo
         if proc.poll() is not None:
             raise BackupDoesNotBoot(f"backup of {req.vm} did not boot: the VM stopped after {time.monotonic() - started:.0f} s "
                                     f"(crash or power-off); console: {_console_tail(plan.console)}")
-        status = qmp.execute("query-status", timeout=10)["status"]
+        try:
+            status = qmp.execute("query-status", timeout=10)["status"]
+        except NbdBackupError:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(10)
+            if proc.poll() is None:
+                raise
+            continue  # QEMU exited: reported at the top of the loop
         if status in ("internal-error", "guest-panicked", "shutdown"):
             hint = ' (a nested KVM that cannot run this guest? add "-accel", "tcg" to [vm.NAME] boot)' if status == "internal-error" else ""
             raise BackupDoesNotBoot(f"backup of {req.vm} did not boot: the VM is in state {status}{hint}; console: {_console_tail(plan.console)}")

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from . import prune as pruning
 from .backup import BackupRequest, BackupResult, run_backup
-from .bootcheck import BootRequest, BootResult, run_boot_check
+from .bootcheck import BootRequest, BootResult, boot_point, restore_point
 from .capture import CancelToken, Tuning
 from .chain import CheckpointStatus, assess, resolve
 from .checkpoints import Checkpoints, disk_bitmaps
@@ -191,9 +191,12 @@ BOOT_SCRATCH = Path("/var/tmp")
 
 def verify_boot(settings: Settings, vmconf: VMConfig, req: BootRequest, *, cancel: CancelToken,
                 observer: Observer = Observer(), on_phase: Callable[[str], None] = lambda text: None) -> BootResult:
-    """Restore a backup point into a private temporary directory and boot it (the repository is only read)."""
+    """Restore a backup point into a private temporary directory and boot it (the repository is only read,
+    and only locked while the point is restored: the boot may take minutes)."""
     repo = open_repository(settings)
     base = vmconf.scratch or BOOT_SCRATCH
-    with repository_lock(repo), private_dir(base, prefix=f"{vmconf.name}-boot-") as workdir:
-        return run_boot_check(repo, req, workdir=workdir, tuning=tuning_for(vmconf), cancel=cancel,
-                              on_start=observer.on_start, progress=observer.progress, on_phase=on_phase)
+    with private_dir(base, prefix=f"{vmconf.name}-boot-") as workdir:
+        with repository_lock(repo):
+            checkpoint, images = restore_point(repo, req, workdir, tuning=tuning_for(vmconf), cancel=cancel,
+                                               on_start=observer.on_start, progress=observer.progress)
+        return boot_point(req, checkpoint, images, workdir, cancel=cancel, on_phase=on_phase)

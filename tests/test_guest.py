@@ -202,6 +202,15 @@ def test_restored_guest_boots_and_its_database_is_sound(scenario: Scenario) -> N
     assert int(lines[3].strip()) >= point.rows_before - 1
 
 
+def test_a_guest_that_crashes_while_booting_is_reported(scenario: Scenario, guest_image: GuestImage, tmp_path: Path) -> None:
+    """verify --boot of a point whose kernel cannot find its root: the VM stops (panic, -no-reboot); exit 6 naming the console's last line."""
+    config = tmp_path / "config.toml"
+    boot = ["-kernel", str(guest_image.kernel), "-append", "console=ttyS0 panic=-1 root=/dev/nowhere", "-accel", scenario.guest.accel, "-m", "256"]
+    config.write_text(f"[vm.guest]\nboot = [{', '.join(_toml(a) for a in boot)}]\n")
+    proc = cli.run(scenario.repo, "--config", config, "verify", "guest", "--boot", "--timeout", "600", expect=6, timeout=900)
+    assert "did not boot: the VM stopped after" in proc.stderr and "Kernel panic" in proc.stderr, proc.stderr
+
+
 def test_agent_socket_held_by_another_client(scenario: Scenario, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """--fsfreeze while someone else holds the agent's socket: one warning, a crash-consistent backup, no thaw alarm."""
     monkeypatch.setenv("NBDBACKUP_AGENT_TIMEOUT", "3")
