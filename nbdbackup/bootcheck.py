@@ -252,8 +252,11 @@ def _read(path: Path) -> str:
 
 
 def _console_tail(path: Path) -> str:
+    """The console's telling line: a kernel panic's reason if there is one, else the last line."""
     lines = [line.strip() for line in _read(path).splitlines() if line.strip()]
-    return repr(lines[-1][:200]) if lines else "empty"
+    panics = [line for line in lines if "Kernel panic" in line]
+    line = panics[0] if panics else (lines[-1] if lines else "")
+    return repr(line[:200]) if line else "empty"
 
 
 def _last_line(path: Path) -> str:

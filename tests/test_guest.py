@@ -4,7 +4,9 @@ One guest boots per module (TCG boots are slow; see tests/guest.py) and runs a
 workload started through its agent: a loop that commits numbered sqlite rows
 (each with a checksum of its payload; one transaction, fsync'd, per row) on
 the root disk, then appends the same number to a log on a second disk with
-fsync. Counters in the guest's /run (tmpfs, never frozen) say how far it got.
+fsync. (synchronous=EXTRA: in sqlite's default journal mode, FULL leaves the
+commit, the journal's deletion, unsynced, and a crash-consistent copy may
+roll the row back after the log line for it was written.) Counters in the guest's /run (tmpfs, never frozen) say how far it got.
 
 Backups of it: full with --fsfreeze, incremental with --require-fsfreeze,
 incremental crash-consistent, then incrementals with the agent unable to
@@ -39,7 +41,7 @@ WORKLOAD = r"""
 i=0
 while :; do
     i=$((i+1))
-    sqlite3 /root/work.db "INSERT INTO t(id, payload, sum) SELECT $i, p, hex(sha3(p)) FROM (SELECT printf('row %d %s', $i, hex(randomblob(48))) AS p);" || exit 1
+    sqlite3 /root/work.db "PRAGMA synchronous=EXTRA; INSERT INTO t(id, payload, sum) SELECT $i, p, hex(sha3(p)) FROM (SELECT printf('row %d %s', $i, hex(randomblob(48))) AS p);" || exit 1
     echo $i > /run/rows
     echo $i | dd of=/data/log oflag=append conv=notrunc,fsync status=none || exit 1
     echo $i > /run/lines
