@@ -16,6 +16,7 @@ from pathlib import Path
 
 from . import prune as pruning
 from .backup import BackupRequest, BackupResult, run_backup
+from .bootcheck import BootRequest, BootResult, boot_point, restore_point
 from .capture import CancelToken, Tuning, default_workers
 from .chain import CheckpointStatus, assess, resolve
 from .checkpoints import Checkpoints, disk_bitmaps
@@ -200,9 +201,7 @@ def serve(settings: Settings, req, *, cancel: CancelToken, on_ready: Callable) -
     """Serve a backup point over NBD until cancelled (a signal); on_ready(manifest, exports) once serving."""
     import time
 
-    from .serving import serving
-
-    from .serving import remove_dead_server_dirs
+    from .serving import remove_dead_server_dirs, serving
     from .workdirs import runtime_base
 
     repo = open_repository(settings)
@@ -244,3 +243,20 @@ def recover(settings: Settings, req, *, cancel: CancelToken, observer: Observer 
             return run_recover(repo, lambda checkpoint, disks: Source(str(settings.repo), settings.config_file, req.vm, checkpoint, disks),
                                req, work, cancel, on_images=on_images, on_wait=on_wait,
                                on_start=observer.on_start, progress=observer.progress)
+
+
+# verify --boot restores here unless the VM's scratch directory is configured: large, not tmpfs.
+BOOT_SCRATCH = Path("/var/tmp")
+
+
+def verify_boot(settings: Settings, vmconf: VMConfig, req: BootRequest, *, cancel: CancelToken,
+                observer: Observer = Observer(), on_phase: Callable[[str], None] = lambda text: None) -> BootResult:
+    """Restore a backup point into a private temporary directory and boot it (the repository is only read,
+    and only locked while the point is restored: the boot may take minutes)."""
+    repo = open_repository(settings)
+    base = vmconf.scratch or BOOT_SCRATCH
+    with private_dir(base, prefix=f"{vmconf.name}-boot-") as workdir:
+        with repository_lock(repo):
+            checkpoint, images = restore_point(repo, req, workdir, tuning=tuning_for(vmconf), cancel=cancel,
+                                               on_start=observer.on_start, progress=observer.progress)
+        return boot_point(req, checkpoint, images, workdir, cancel=cancel, on_phase=on_phase)

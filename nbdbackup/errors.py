@@ -12,6 +12,7 @@
      |    +-- ChainOfAnotherVM         QEMU holds another VM name's chain
      +-- LockHeld                  exit 5  another nbdbackup run holds the VM
      +-- RepositoryDamaged         exit 6  a chunk, index or manifest is bad
+     |    +-- BackupDoesNotBoot            verify --boot: the restored point did not boot
      +-- RepositoryUnusable        exit 7  newer format, read-only, full
      |    +-- S3CredentialsRefused exit 9  the object store refused the credentials
      |    +-- S3BucketMissing      exit 10 the bucket does not exist
@@ -103,6 +104,10 @@ class LockHeld(NbdBackupError):
 
 class RepositoryDamaged(NbdBackupError):
     exit_code = 6
+
+
+class BackupDoesNotBoot(RepositoryDamaged):
+    """verify --boot: the backup point, restored, shows no sign of life (or its check failed)."""
 
 
 class RepositoryUnusable(NbdBackupError):
@@ -235,7 +240,8 @@ EXIT_STATUS: tuple[ExitStatus, ...] = (
                "more than 10 minutes."),
     ExitStatus((RepositoryDamaged.exit_code,), "repository damaged",
                "The repository is damaged: a chunk, index, manifest, `checkpoints.json` or `config.json` is missing, "
-               "truncated or fails its checksum. Also from `verify` when it found damage, from `prune` when damage stops "
+               "truncated or fails its checksum. Also from `verify` when it found damage, from `verify --boot` and "
+               "`auto --verify-boot` when the backup does not boot, from `prune` when damage stops "
                "garbage collection, and from `restore --to latest` while any manifest of the VM is damaged."),
     ExitStatus((RepositoryUnusable.exit_code,), "repository unusable (newer format, read-only, full)",
                "The repository is unusable: none at the path (for commands other than backups), not a repository, "
