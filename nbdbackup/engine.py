@@ -17,7 +17,6 @@ from typing import TYPE_CHECKING
 
 from . import prune as pruning
 from .backup import BackupRequest, BackupResult, run_backup
-from .bootcheck import BootRequest, BootResult, boot_point, restore_point
 from .capture import CancelToken, Tuning, default_workers
 from .chain import CheckpointStatus, assess, resolve
 from .checkpoints import Checkpoints, disk_bitmaps
@@ -34,6 +33,7 @@ from .vm import qcow2_disks
 from .workdirs import foreign_owner, private_dir, remove_stale_dirs, scratch_base
 
 if TYPE_CHECKING:  # imported where used: a backup's start-up does without them (issue 11)
+    from .bootcheck import BootRequest, BootResult
     from .copy import CopyReport, CopyRequest
     from .restore import RestoreRequest
 
@@ -258,6 +258,7 @@ def verify_boot(settings: Settings, vmconf: VMConfig, req: BootRequest, *, cance
                 observer: Observer = Observer(), on_phase: Callable[[str], None] = lambda text: None) -> BootResult:
     """Restore a backup point into a private temporary directory and boot it (the repository is only read,
     and only locked while the point is restored: the boot may take minutes)."""
+    from .bootcheck import boot_point, restore_point
     repo = open_repository(settings)
     base = vmconf.scratch or BOOT_SCRATCH
     with private_dir(base, prefix=f"{vmconf.name}-boot-") as workdir:
