@@ -19,6 +19,7 @@ from pathlib import Path
 
 from .capture import CancelToken, Tuning
 from .errors import CheckpointUnknown, RepositoryDamaged, RestoreTargetError, UsageError
+from .inuse import in_use
 from .nbdio import MAX_REQUEST, NbdEndpoint, NbdIOError
 from .pipeline import Pipeline
 from .records import IndexEntry, Manifest
@@ -86,6 +87,7 @@ def run_restore(
     for path in finals.values():
         if (path.exists() or path.is_symlink()) and not req.force:
             raise RestoreTargetError(f"{path} exists", hint="choose another --output or pass --force to overwrite")
+        refuse_if_in_use(path)
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -100,12 +102,23 @@ def run_restore(
         with StorageDaemon(images, socket_dir) as daemon:
             for img in images:
                 _write_disk(repo, m, img.export, indexes[img.export], daemon.socket, tuning, cancel, progress)
+        for img in images:  # again: a VM may have been started on a target meanwhile
+            refuse_if_in_use(finals[img.export])
         for img in images:
             os.replace(img.path, finals[img.export])
     finally:
         for img in images:
             img.path.unlink(missing_ok=True)
     return [finals[d.id] for d in chosen]
+
+
+def refuse_if_in_use(path: Path) -> None:
+    """--force replaces only files that no running process writes (a VM's image above all:
+    QEMU would go on writing the replaced file, and the restored image would silently diverge)."""
+    usage = in_use(path)
+    if usage is not None:
+        raise RestoreTargetError(f"will not replace {usage.describe()}",
+                                 hint="shut the VM (or the process) down first, or restore to another --output")
 
 
 def _batches(entries: Sequence[IndexEntry], limit: int) -> Iterator[list[IndexEntry]]:
