@@ -69,6 +69,8 @@ def delete_actions(plan: chain.DeletePlan, disks: Sequence[Disk], bitmaps: dict[
     actions: list[Action] = []
     for d in disks:
         have = bitmaps.get(d.id, {})
+        if plan.drop_twin and twin in have:
+            actions.append(("block-dirty-bitmap-remove", {"node": d.node, "name": twin}))
         victim = have.get(plan.remove)
         if victim is None:
             continue

@@ -38,6 +38,7 @@ class Repository:
         self.backend = backend
         self.id = repo_id
         self.root = root
+        self.new_chunks: set[bytes] = set()  # chunks this process created (a failed run removes them)
 
     # -- opening ---------------------------------------------------------
 
@@ -119,6 +120,7 @@ class Repository:
             return 0
         parts = chunks.encode(data, level)
         self.backend.write(key, parts)
+        self.new_chunks.add(cid)
         return sum(len(p) for p in parts)
 
     def get_chunk(self, cid: bytes, where: str) -> bytes:
@@ -150,6 +152,35 @@ class Repository:
                 size += self.backend.size(key)
                 self.backend.delete(key)
                 freed += 1
+        self.backend.delete_partial_writes()
+        return freed, size
+
+    def stored_size(self, cids: set[bytes]) -> int:
+        """Bytes the chunks cids take in the repository (those that exist)."""
+        total = 0
+        for cid in cids:
+            try:
+                total += self.backend.size(self._chunk_key(cid))
+            except OSError:
+                pass
+        return total
+
+    def remove_unreferenced(self, candidates: set[bytes]) -> tuple[int, int]:
+        """Delete those of candidates (the chunks a failed run created) that no backup references,
+        and leftovers of interrupted writes.  The same rule as collect_garbage (docs/FORMAT.md):
+        the caller MUST hold the repository lock exclusively.  Returns (chunks, bytes) freed."""
+        if not candidates:
+            return 0, 0
+        unused = candidates - self.referenced_chunks()
+        freed = size = 0
+        for cid in unused:
+            key = self._chunk_key(cid)
+            try:
+                size += self.backend.size(key)
+            except FileNotFoundError:
+                continue
+            self.backend.delete(key)
+            freed += 1
         self.backend.delete_partial_writes()
         return freed, size
 
