@@ -58,7 +58,7 @@ class LocalBackend:
 
     def __init__(self, root: Path) -> None:
         self.root = Path(root)
-        self._dirty_files: set[Path] = set()  # written without fsync since the last sync()
+        self._dirty_files: set[Path] = set()  # written without fsync (or found present) since the last sync()
         self._dirty_dirs: set[Path] = set()  # entries added or removed since the last sync()
         self._dirty_lock = threading.Lock()  # chunks are written by several threads
 
@@ -114,7 +114,16 @@ class LocalBackend:
                 self._dirty_dirs.add(target.parent)
 
     def exists(self, key: str) -> bool:
-        return self.path(key).exists()
+        """True if the object is there.  A caller relies on an object it finds (a chunk it then
+        does not write again), which may be another process's write not yet durable (syncfs()
+        used to cover it): the next sync() makes it durable too."""
+        path = self.path(key)
+        if not path.exists():
+            return False
+        with self._dirty_lock:
+            self._dirty_files.add(path)
+            self._dirty_dirs.add(path.parent)
+        return True
 
     def list(self, prefix: str) -> Iterator[str]:
         base = self.path(prefix)
