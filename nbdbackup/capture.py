@@ -14,31 +14,43 @@ reads, never a whole-disk map first.
 from __future__ import annotations
 
 import bisect
-import functools
+import os
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 from .errors import Interrupted
-from .nbdio import BASE_ALLOCATION, MAX_REQUEST, STATUS_STEP, NbdEndpoint, data_extents
+from .nbdio import BASE_ALLOCATION, STATUS_STEP, NbdEndpoint, data_extents, is_zero
 from .pipeline import Pipeline
 from .records import Extent, IndexEntry
 from .repository import Repository
-from .repository.chunks import chunk_id
 
 Progress = Callable[[int], None]
+
+
+def default_workers() -> int:
+    """One thread per CPU this process may run on, 2..8 (each keeps all reads of its chunk in flight)."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cpus = os.cpu_count() or 2
+    return max(2, min(8, cpus))
 
 
 @dataclass(frozen=True)
 class Tuning:
     """Data-path settings.  Measured on 2 vCPUs (4 GiB disk, 1.8 GiB mixed data): chunk sizes
-    1-8 MiB, 2-4 workers and depths 4-16 all took 3.5-4.4 s, within the run-to-run noise;
-    zstd level 1 took about 25% less time for 3.7% more bytes stored, level 6 28% more
-    time for 1.3% fewer.  Level 3 is zstd's own default and the benchmark reference's."""
+    1-8 MiB, 2-4 workers and depths 4-16 all took 3.5-4.4 s, within the run-to-run noise.
+    zstd level (scripts/bench --full-only --repeat 3, CPU of nbdbackup + QEMU as a share of the
+    `nbdcopy | zstd -3 -T2` reference's in the same run; stored bytes): level 3 0.72 / 897.6 MiB,
+    level 2 0.57 / 925 MiB, level 1 0.51 / 955 MiB.  Level 2 is the default: a fifth less CPU
+    than level 3 for 3% more stored; level 1 saves another tenth of the CPU for 3% more again.
+    Workers at level 2 on 2 CPUs: 4 threads 0.57 (peak RSS 67 MiB), 2 threads 0.47 (51 MiB) and
+    no slower: one per CPU."""
 
     chunk_size: int = 4 * 1024 * 1024
-    workers: int = 4
+    workers: int = 4  # restores; backups take default_workers() unless configured (engine.tuning_for)
     depth: int = 8  # pieces in flight (memory: depth x chunk_size)
-    level: int = 3  # zstd level
+    level: int = 2  # zstd level
 
 
 @dataclass
@@ -141,19 +153,21 @@ def capture(
             return None, 0, 0
         span = Extent(reads[0].offset, reads[-1].end - reads[0].offset)
         ep = pipe.endpoint()
-        buf: bytes | bytearray
-        if len(reads) == 1 and span.length <= MAX_REQUEST:
-            buf = ep.pread(span.length, span.offset)  # the common case: no copy
-        else:
-            buf = bytearray(span.length)  # holes between the reads stay zero
-            view = memoryview(buf)
-            for r in reads:
-                ep.pread_into(view[r.offset - span.offset:r.end - span.offset], r.offset)
+        local = pipe.local()
+        if getattr(local, "buffer", None) is None or len(local.buffer) < span.length:
+            local.buffer = memoryview(bytearray(max(span.length, tuning.chunk_size)))  # one per thread, reused
+        buf = local.buffer[:span.length]
+        ep.read_extents_into(buf, span.offset, reads)
+        pos = span.offset
+        for r in reads:  # the gaps between reads are holes: zero them in the reused buffer
+            if r.offset > pos:
+                buf[pos - span.offset:r.offset - span.offset] = _zeros(r.offset - pos)
+            pos = r.end
         nread = sum(r.length for r in reads)
         if is_zero(buf):
             return None, nread, 0
-        cid = chunk_id(buf)
-        stored = repo.put_chunk(cid, buf, tuning.level)
+        cid = repo.chunk_id(buf)
+        stored = repo.put_chunk(cid, buf, tuning.level)  # stored before this thread reuses buf
         return IndexEntry(span.offset, span.length, cid, 0), nread, stored
 
     def collect(done: tuple[IndexEntry | None, int, int], advance: int) -> None:
@@ -177,11 +191,9 @@ def capture(
     return result
 
 
-@functools.lru_cache(maxsize=8)
-def _zeros(length: int) -> bytes:
-    return bytes(length)
+_ZEROS = memoryview(bytes(1024 * 1024))
 
 
-def is_zero(buf: bytes | bytearray) -> bool:
-    """True if buf holds only zero bytes (memcmp: stops at the first non-zero byte)."""
-    return buf == _zeros(len(buf))
+def _zeros(length: int) -> memoryview | bytes:
+    """length zero bytes, for the (rare) holes inside one chunk's span."""
+    return _ZEROS[:length] if length <= len(_ZEROS) else bytes(length)

@@ -6,12 +6,31 @@
     qga = "/run/NAME-qga.sock"             # qemu-guest-agent socket, for --fsfreeze
     disks = ["vda", "vdb"]                 # only these disks (default: every qcow2 disk)
     exclude = ["vdc"]                      # never these disks
-    compression = 3                        # zstd level
+    compression = 2                        # zstd level
     workers = 4                            # compression and I/O threads, one NBD connection each
     chunk_mib = 4                          # largest chunk, MiB (1..32)
     queue_depth = 8                        # chunks in flight (memory: queue_depth x chunk_mib)
     scratch = "/var/tmp/nbdbackup"         # where fleecing overlays grow
+    images = { vda = "/srv/NAME/vda.qcow2" }   # the disks' images, for `rollback` of the shut-down VM
     retention = { last = 3, daily = 7, weekly = 4, monthly = 12 }   # for `prune`
+
+A repository in S3 object storage (repository = "s3://BUCKET/PREFIX"):
+
+    [s3]
+    endpoint = "https://s3.example.net"    # default: AWS
+    region = "eu-west-1"
+    addressing = "path"                    # "auto" (default), "path" or "virtual"
+    verify_tls = true                      # false only for test setups
+    ca_bundle = "/etc/ssl/private-ca.pem"
+    profile = "backup"                     # a profile of ~/.aws/credentials (else $AWS_PROFILE)
+    credentials_file = "/etc/nbdbackup/s3.credentials"   # AWS-style, mode 0600
+    retries = 5                            # attempts per request on transient errors
+
+For `verify --boot` (in a [vm.NAME] table):
+
+    boot = ["-m", "2048"]                  # QEMU arguments for `verify --boot`
+    verify_boot = true                     # `auto` runs `verify --boot` after each backup
+    boot_timeout = 300                     # seconds `verify --boot` waits for a sign of life
 """
 
 from __future__ import annotations
@@ -25,11 +44,15 @@ from typing import Any
 
 from .errors import UsageError, VMUnreachable
 from .names import check_name
+from .repository.location import Location, S3Settings, parse_location
 
 SYSTEM_CONFIG = Path("/etc/nbdbackup/config.toml")
 VM_KEYS = {"qmp": str, "qga": str, "disks": list, "exclude": list, "compression": int, "scratch": str, "workers": int,
-           "chunk_mib": int, "queue_depth": int, "retention": dict}
-TOP_KEYS = {"repository", "vm"}
+           "chunk_mib": int, "queue_depth": int, "retention": dict, "images": dict,
+           "boot": list, "verify_boot": bool, "boot_timeout": int}
+TOP_KEYS = {"repository", "vm", "s3"}
+S3_KEYS = {"endpoint": str, "region": str, "addressing": str, "verify_tls": bool, "ca_bundle": str, "profile": str,
+           "credentials_file": str, "retries": int, "connect_timeout": (int, float), "read_timeout": (int, float)}
 RETENTION_KEYS = ("last", "hourly", "daily", "weekly", "monthly", "yearly")
 
 
@@ -46,14 +69,19 @@ class VMConfig:
     chunk_mib: int | None = None
     queue_depth: int | None = None
     retention: dict[str, int] = field(default_factory=dict)
+    images: dict[str, Path] = field(default_factory=dict)  # disk id -> image file (for rollback)
+    boot: tuple[str, ...] = ()  # QEMU arguments for verify --boot
+    verify_boot: bool = False  # auto: verify --boot after each backup
+    boot_timeout: int | None = None  # seconds verify --boot waits for a sign of life
 
 
 @dataclass(frozen=True)
 class Settings:
-    repo: Path
+    repo: Location
     config_file: Path | None
     vms: dict[str, VMConfig] = field(default_factory=dict)
     config_searched: tuple[Path, ...] = ()  # where a config file was looked for, when none was given
+    s3: S3Settings = S3Settings()
 
     def vm(self, name: str, qmp: str | None = None, *, required: bool = True) -> VMConfig:
         """The VM's settings, with --qmp taking precedence over the config file.
@@ -127,7 +155,26 @@ def _load(config_opt: str | None, repo_opt: str | None) -> Settings:
     repo = repo_opt or os.environ.get("NBDBACKUP_REPO") or data.get("repository")
     if repo is not None and not isinstance(repo, str):
         raise UsageError(f"{path}: 'repository' must be a string")
-    return Settings(repo=Path(repo) if repo else default_repo(), config_file=path, vms=vms, config_searched=searched)
+    return Settings(repo=parse_location(repo) if repo else default_repo(), config_file=path, vms=vms, config_searched=searched,
+                    s3=_parse_s3(data.get("s3", {}), path))
+
+
+def _parse_s3(table: Any, path: Path | None) -> S3Settings:
+    if not isinstance(table, dict):
+        raise UsageError(f"{path}: [s3] must be a table")
+    for key, value in table.items():
+        if key not in S3_KEYS:
+            raise UsageError(f"{path}: [s3] has unknown setting {key!r}", hint=f"known: {', '.join(sorted(S3_KEYS))}")
+        if not isinstance(value, S3_KEYS[key]) or (isinstance(value, bool) and key != "verify_tls"):
+            raise UsageError(f"{path}: [s3] {key} has the wrong type")
+    if table.get("addressing", "auto") not in ("auto", "path", "virtual"):
+        raise UsageError(f"{path}: [s3] addressing must be \"auto\", \"path\" or \"virtual\"")
+    if not 1 <= table.get("retries", 5) <= 20:
+        raise UsageError(f"{path}: [s3] retries must be from 1 to 20")
+    changes = dict(table)
+    if "credentials_file" in changes:
+        changes["credentials_file"] = Path(changes["credentials_file"])
+    return S3Settings(**changes)
 
 
 def _read(path: Path) -> dict[str, Any]:
@@ -157,13 +204,19 @@ def _parse_vms(table: Any, path: Path | None) -> dict[str, VMConfig]:
                 raise UsageError(f"{path}: [vm.{name}] {key} must be a {VM_KEYS[key].__name__}")
         if not 1 <= conf.get("compression", 3) <= 22:
             raise UsageError(f"{path}: [vm.{name}] compression must be a zstd level from 1 to 22")
-        for key, low, high in (("workers", 1, 64), ("chunk_mib", 1, 32), ("queue_depth", 1, 64)):
+        for key, low, high in (("workers", 1, 64), ("chunk_mib", 1, 32), ("queue_depth", 1, 64), ("boot_timeout", 1, 86400)):
             if not low <= conf.get(key, low) <= high:
                 raise UsageError(f"{path}: [vm.{name}] {key} must be from {low} to {high}")
         retention = conf.get("retention", {})
         for key, value in retention.items():
             if key not in RETENTION_KEYS or not isinstance(value, int) or value < 0:
                 raise UsageError(f"{path}: [vm.{name}] retention.{key} is not one of {', '.join(RETENTION_KEYS)} with a count >= 0")
+        for disk, image in conf.get("images", {}).items():
+            check_name("disk", disk)
+            if not isinstance(image, str) or not image:
+                raise UsageError(f"{path}: [vm.{name}] images.{disk} must be the path of the disk's image")
+        if not all(isinstance(a, str) for a in conf.get("boot", ())):
+            raise UsageError(f"{path}: [vm.{name}] boot must be a list of QEMU arguments (strings)")
         for key in ("disks", "exclude"):
             for disk in conf.get(key, ()):
                 if not isinstance(disk, str):
@@ -181,5 +234,9 @@ def _parse_vms(table: Any, path: Path | None) -> dict[str, VMConfig]:
             chunk_mib=conf.get("chunk_mib"),
             queue_depth=conf.get("queue_depth"),
             retention=dict(retention),
+            images={disk: Path(image) for disk, image in conf.get("images", {}).items()},
+            boot=tuple(conf.get("boot", ())),
+            verify_boot=conf.get("verify_boot", False),
+            boot_timeout=conf.get("boot_timeout"),
         )
     return vms

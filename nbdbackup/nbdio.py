@@ -80,19 +80,39 @@ class NbdEndpoint:
         """One read of at most MAX_REQUEST bytes."""
         return self._call("read", offset, self._h.pread, length, offset)
 
-    def pread_into(self, buf: memoryview, offset: int) -> None:
-        """Fill buf from the export at offset, in requests of at most 32 MiB."""
-        done = 0
-        while done < len(buf):
-            n = min(MAX_REQUEST, len(buf) - done)
-            buf[done:done + n] = self._call("read", offset + done, self._h.pread, n, offset + done)
-            done += n
+    def read_extents_into(self, buf: memoryview, base: int, extents: list[Extent]) -> None:
+        """Read each extent into buf at (extent offset - base), all requests in flight at once.
+
+        libnbd reads straight into buf (no intermediate bytes object); the
+        caller keeps buf alive and does not touch it until this returns.
+        """
+        h = self._h
+        cookies = []
+        at = base
+        try:
+            for e in extents:
+                for at in range(e.offset, e.end, MAX_REQUEST):
+                    n = min(MAX_REQUEST, e.end - at)
+                    cookies.append((at, h.aio_pread(nbd.Buffer.from_buffer(buf[at - base:at - base + n]), at)))
+            for at, cookie in cookies:
+                while not h.aio_command_completed(cookie):
+                    h.poll(-1)
+        except nbd.Error as exc:
+            raise NbdIOError(f"NBD read at offset {at} on export {self.export!r} failed: {exc.string}") from None
 
     def pwrite(self, data: bytes | memoryview, offset: int) -> None:
         view = memoryview(data)
         for start in range(0, len(view), MAX_REQUEST):
             piece = view[start:start + MAX_REQUEST]
             self._call("write", offset + start, self._h.pwrite, piece, offset + start)
+
+    def zero(self, length: int, offset: int) -> None:
+        """Make the range read as zeroes; the server may punch holes (the image stays sparse)."""
+        end = offset + length
+        while offset < end:
+            n = min(STATUS_STEP, end - offset)
+            self._call("zero", offset, self._h.zero, n, offset)
+            offset += n
 
     def flush(self) -> None:
         self._call("flush", 0, self._h.flush)
@@ -134,6 +154,11 @@ class NbdEndpoint:
                     if start < stop:
                         yield context, start, stop - start, flags
             offset = covered
+
+
+def is_zero(buf: bytes | bytearray | memoryview) -> bool:
+    """True if buf holds only zero bytes (libnbd's check: no zero buffer to compare with)."""
+    return nbd.Buffer.from_buffer(buf).is_zero()
 
 
 def data_extents(endpoint: NbdEndpoint, region: Extent) -> list[Extent]:

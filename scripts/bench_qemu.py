@@ -133,6 +133,12 @@ class VM:
         proc = self.proc
         self.mon = Monitor(self.bench_qmp, lambda: proc.poll() is None)
 
+    def cpu_seconds(self) -> float:
+        """User+system CPU seconds QEMU has used so far (/proc/PID/stat), NBD server included."""
+        assert self.proc is not None
+        fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
     def write(self, offset: int, length: int, pattern: int) -> None:
         """A simulated guest write through the device, confirmed on QEMU's stdout."""
         assert self.mon is not None
@@ -269,6 +275,7 @@ class Timed:
     returncodes: list[int]
     maxrss_kib: list[int]  # per process: wait4's ru_maxrss (the process and its reaped descendants)
     hwm_kib: list[int] = field(default_factory=list)  # per process: polled VmHWM of the process itself
+    cpu: list[float] = field(default_factory=list)  # per process: wait4's user+system CPU seconds (with reaped descendants)
     stdout: str = ""
     stderr: str = ""
     extra: dict[str, Any] = field(default_factory=dict)  # filled in by the caller
@@ -289,7 +296,7 @@ def _hwm(pid: int) -> int:
     return 0
 
 
-def _wait_all(procs: Sequence[subprocess.Popen], t0: float) -> tuple[float, list[int], list[int], list[int]]:
+def _wait_all(procs: Sequence[subprocess.Popen], t0: float) -> tuple[float, list[int], list[int], list[int], list[float]]:
     """wait4 every process (for its rusage), polling VmHWM meanwhile; seconds until the last exits."""
     hwm = [0] * len(procs)
     stop = threading.Event()
@@ -303,7 +310,7 @@ def _wait_all(procs: Sequence[subprocess.Popen], t0: float) -> tuple[float, list
 
     poller = threading.Thread(target=poll, daemon=True)
     poller.start()
-    rcs, rss = [0] * len(procs), [0] * len(procs)
+    rcs, rss, cpu = [0] * len(procs), [0] * len(procs), [0.0] * len(procs)
     end = t0
     try:
         for i, p in enumerate(procs):  # the last return is (about) when the last process exited
@@ -311,10 +318,11 @@ def _wait_all(procs: Sequence[subprocess.Popen], t0: float) -> tuple[float, list
             end = time.monotonic()
             p.returncode = rcs[i] = os.waitstatus_to_exitcode(status)
             rss[i] = usage.ru_maxrss
+            cpu[i] = usage.ru_utime + usage.ru_stime
     finally:
         stop.set()
         poller.join()
-    return end - t0, rcs, rss, hwm
+    return end - t0, rcs, rss, hwm, cpu
 
 
 def run_timed(argv: Sequence[str], *, env: dict[str, str] | None = None, cwd: Path | None = None) -> Timed:
@@ -323,10 +331,10 @@ def run_timed(argv: Sequence[str], *, env: dict[str, str] | None = None, cwd: Pa
         t0 = time.monotonic()
         proc = _register(subprocess.Popen(list(argv), stdin=subprocess.DEVNULL, stdout=out, stderr=err,
                                           env=env, cwd=cwd))
-        seconds, rcs, rss, hwm = _wait_all([proc], t0)
+        seconds, rcs, rss, hwm, cpu = _wait_all([proc], t0)
         out.seek(0)
         err.seek(0)
-        return Timed(seconds, rcs, rss, hwm, out.read().decode(errors="replace"), err.read().decode(errors="replace"))
+        return Timed(seconds, rcs, rss, hwm, cpu, out.read().decode(errors="replace"), err.read().decode(errors="replace"))
 
 
 def run_pipeline(first: Sequence[str], second: Sequence[str]) -> Timed:
@@ -339,10 +347,10 @@ def run_pipeline(first: Sequence[str], second: Sequence[str]) -> Timed:
         finally:
             assert p1.stdout is not None
             p1.stdout.close()
-        seconds, rcs, rss, hwm = _wait_all([p1, p2], t0)
+        seconds, rcs, rss, hwm, cpu = _wait_all([p1, p2], t0)
         err1.seek(0)
         err2.seek(0)
-        return Timed(seconds, rcs, rss, hwm, "",
+        return Timed(seconds, rcs, rss, hwm, cpu, "",
                      err1.read().decode(errors="replace") + err2.read().decode(errors="replace"))
 
 

@@ -7,7 +7,8 @@ paused QEMU with it; time a reference full copy (the disk exported read-only ove
 the VM, `nbdcopy | zstd -3 -T2`), then `nbdbackup full`; the reference restore
 (`zstd -d | nbdcopy` into a new qcow2 served by qemu-storage-daemon), then `nbdbackup
 restore`; write 1% of the disk through the guest's device and time `nbdbackup incremental`
-and the restore of that point; check every restore byte for byte; optionally the same on
+and the restore of that point; shut the VM down and time `nbdbackup rollback` to the full point
+against the restore of that point; check every restore byte for byte; optionally the same on
 large sparse disks. Prints a table (or JSON with --json) on stdout, progress on stderr.
 `scripts/bench commit` instead measures the commit's sync with other dirty data pending
 (scripts/bench_commit.py).
@@ -44,11 +45,14 @@ NB_PREFIX: list[str] = [str(NBDBACKUP)]
 NB_ENV: dict[str, str] | None = None
 NB_CWD: Path | None = None  # `python -m` puts the current directory first on sys.path
 NB_SOURCE = "work tree"
-ZSTD_LEVEL = 3  # nbdbackup's default zstd level (Tuning.level)
+ZSTD_LEVEL = 3  # the reference's zstd level (zstd's own default)
 ZSTD_THREADS = 2
 FULL_RATIO_TARGET = 0.7
 RESTORE_RATIO_TARGET = 0.7
+SERVE_RATIO_TARGET = 1.5  # nbdcopy of a served disk, time, against restore of the same point
 INCR_TARGET_PCT = 5.0
+ROLLBACK_TARGET_PCT = 10.0
+ROLLBACK_RSS_TARGET_KIB = 256 * 1024
 
 
 class BenchError(RuntimeError):
@@ -75,6 +79,8 @@ class Row:
     stored_bytes: int | None = None
     all_seconds: list[float] = field(default_factory=list)
     extra: dict[str, Any] = field(default_factory=dict)
+    cpu_seconds: float | None = None  # process tree + QEMU (best of the repetitions)
+    cpu_ratio_text: str = ""
 
     @property
     def mbps(self) -> float:
@@ -323,38 +329,51 @@ def main_case(args: argparse.Namespace, report: Report, rundir: Path, sockdir: P
     vm = VM(disk, rundir, sockdir)
     vm.start()
     try:
-        # a/b. full backup and its reference (reference first: QEMU allows one NBD server)
+        # a/b. full backup and its reference, interleaved (reference first: QEMU allows one NBD server).
+        # CPU = the command's process tree (wait4) + QEMU's own CPU during the step (/proc), so that
+        # the NBD server's work is charged to whoever makes QEMU do it.
         archive = rundir / "ref.zst"
-        refs = []
+        refs, fulls, cp_full, nb = [], [], "", Nbdbackup(rundir / "repo", config)
         for i in range(repeat):
             log(f"reference full: nbdcopy | zstd -{ZSTD_LEVEL} -T{ZSTD_THREADS} ({i + 1}/{repeat})")
+            q0 = vm.cpu_seconds()
             refs.append(reference_full(vm, sockdir, archive, args.request_size))
-            log(f"  {refs[-1].seconds:.2f}s")
-        ref = best(refs)
-        ref_full = Row("full: nbdcopy | zstd (reference)", ref.seconds, virtual, 1.0, "1.00 (ref)", rss_kib=sum(ref.hwm_kib),
-                       stored_bytes=os.path.getsize(archive), all_seconds=[r.seconds for r in refs],
-                       extra={"pipeline_seconds": ref.extra["pipeline_seconds"], "hwm_kib_nbdcopy_zstd": ref.hwm_kib, "ru_maxrss_kib_nbdcopy_zstd": ref.maxrss_kib})
-        report.rows.append(ref_full)
-
-        fulls, cp_full, nb = [], "", Nbdbackup(rundir / "repo", config)
-        for i in range(repeat):
+            refs[-1].extra["qemu_cpu"] = vm.cpu_seconds() - q0
+            log(f"  {refs[-1].seconds:.2f}s, CPU {sum(refs[-1].cpu):.2f}s + QEMU {refs[-1].extra['qemu_cpu']:.2f}s")
             if i:
                 shutil.rmtree(nb.repo)
                 remove_bitmaps(vm)
             log(f"nbdbackup full ({i + 1}/{repeat})")
+            q0 = vm.cpu_seconds()
             t = nb.run("full", "vm1", "--qmp", str(vm.tool_qmp))
+            qemu_cpu = vm.cpu_seconds() - q0
             cp_full = t.stdout.strip().splitlines()[-1]
-            t.extra = nb.backups("vm1")[cp_full]
+            t.extra = {**nb.backups("vm1")[cp_full], "qemu_cpu": qemu_cpu}
             fulls.append(t)
-            log(f"  {t.seconds:.2f}s, checkpoint {cp_full}")
+            log(f"  {t.seconds:.2f}s, CPU {sum(t.cpu):.2f}s + QEMU {qemu_cpu:.2f}s, checkpoint {cp_full}")
+        ref = best(refs)
+        ref_cpu = min(sum(r.cpu) + r.extra["qemu_cpu"] for r in refs)
+        ref_full = Row("full: nbdcopy | zstd (reference)", ref.seconds, virtual, 1.0, "1.00 (ref)", rss_kib=sum(ref.hwm_kib),
+                       stored_bytes=os.path.getsize(archive), all_seconds=[r.seconds for r in refs],
+                       extra={"pipeline_seconds": ref.extra["pipeline_seconds"], "hwm_kib_nbdcopy_zstd": ref.hwm_kib, "ru_maxrss_kib_nbdcopy_zstd": ref.maxrss_kib,
+                              "cpu_tree": [sum(r.cpu) for r in refs], "cpu_qemu": [r.extra["qemu_cpu"] for r in refs]},
+                       cpu_seconds=ref_cpu, cpu_ratio_text="1.00 (ref)")
+        report.rows.append(ref_full)
         full = best(fulls)
         info = full.extra
+        full_cpu = min(sum(t.cpu) + t.extra["qemu_cpu"] for t in fulls)
         ratio = (virtual / full.seconds) / (virtual / ref.seconds)
         report.rows.append(Row("full: nbdbackup full", full.seconds, virtual, ratio, f"{ratio:.2f}", rss(full),
                                info["read_bytes"], info["stored_bytes"], [t.seconds for t in fulls],
-                               {"ru_maxrss_kib_tree": full.maxrss_kib[0]}))
+                               {"ru_maxrss_kib_tree": full.maxrss_kib[0], "cpu_tree": [sum(t.cpu) for t in fulls],
+                                "cpu_qemu": [t.extra["qemu_cpu"] for t in fulls]},
+                               cpu_seconds=full_cpu, cpu_ratio_text=f"{full_cpu / ref_cpu:.2f}x ref CPU"))
         report.targets.append({"target": f"full throughput >= {FULL_RATIO_TARGET} x reference", "value": round(ratio, 3),
                                "met": ratio >= FULL_RATIO_TARGET})
+        if args.full_only:
+            report.notes.append(f"--full-only: nbdbackup stored {human(info['stored_bytes'])}, zstd -{ZSTD_LEVEL} archive "
+                                f"{human(os.path.getsize(archive))}; restore and incremental not measured")
+            return
         report.notes.append(f"full backup of {human(virtual)}: nbdbackup stored {human(info['stored_bytes'])}, "
                             f"zstd -{ZSTD_LEVEL} archive {human(os.path.getsize(archive))}; "
                             f"repository on disk {human(dir_usage(nb.repo))}")
@@ -370,7 +389,8 @@ def main_case(args: argparse.Namespace, report: Report, rundir: Path, sockdir: P
         ref_r = best(ref_rs)
         report.rows.append(Row("restore: zstd -d | nbdcopy (reference)", ref_r.seconds, virtual, 1.0, "1.00 (ref)",
                                sum(ref_r.hwm_kib), None, ref_r.extra["usage"], [r.seconds for r in ref_rs],
-                               {"pipeline_seconds": ref_r.extra["pipeline_seconds"], "hwm_kib_zstd_nbdcopy": ref_r.hwm_kib, "ru_maxrss_kib_zstd_nbdcopy": ref_r.maxrss_kib}))
+                               {"pipeline_seconds": ref_r.extra["pipeline_seconds"], "hwm_kib_zstd_nbdcopy": ref_r.hwm_kib, "ru_maxrss_kib_zstd_nbdcopy": ref_r.maxrss_kib},
+                               cpu_seconds=min(sum(r.cpu) for r in ref_rs), cpu_ratio_text="(zstd+nbdcopy only)"))
         compare(rundir / "ref-restore.qcow2", image.path, "reference restore == source image", report)
         (rundir / "ref-restore.qcow2").unlink()
         # context only: what decompressing the archive alone costs (no NBD, no image writes)
@@ -393,10 +413,12 @@ def main_case(args: argparse.Namespace, report: Report, rundir: Path, sockdir: P
             restores.append(nb.run("restore", "vm1", "--to", cp_full, "--output", str(out_full)))
             log(f"  {restores[-1].seconds:.2f}s")
         rs = best(restores)
+        restore_full = rs
         ratio = (virtual / rs.seconds) / (virtual / ref_r.seconds)
         report.rows.append(Row("restore: nbdbackup restore (full point)", rs.seconds, virtual, ratio, f"{ratio:.2f}", rss(rs),
                                None, disk_usage(out_full / "vda.qcow2"), [t.seconds for t in restores],
-                               {"ru_maxrss_kib_tree": rs.maxrss_kib[0]}))
+                               {"ru_maxrss_kib_tree": rs.maxrss_kib[0]}, cpu_seconds=min(sum(t.cpu) for t in restores),
+                               cpu_ratio_text="(with its qemu-storage-daemon)"))
         report.targets.append({"target": f"restore throughput >= {RESTORE_RATIO_TARGET} x reference", "value": round(ratio, 3),
                                "met": ratio >= RESTORE_RATIO_TARGET})
         compare(out_full / "vda.qcow2", image.path, "nbdbackup restore of the full point == source image", report)
@@ -411,9 +433,11 @@ def main_case(args: argparse.Namespace, report: Report, rundir: Path, sockdir: P
         for i in range(repeat):
             extra = ["--since", cp_full] if i else []
             log(f"nbdbackup incremental ({i + 1}/{repeat})")
+            q0 = vm.cpu_seconds()
             t = nb.run("incremental", "vm1", "--qmp", str(vm.tool_qmp), *extra)
+            qemu_cpu = vm.cpu_seconds() - q0
             cp = t.stdout.strip().splitlines()[-1]
-            t.extra = nb.backups("vm1")[cp]
+            t.extra = {**nb.backups("vm1")[cp], "qemu_cpu": qemu_cpu}
             incs.append(t)
             log(f"  {t.seconds:.2f}s, checkpoint {cp}")
         inc = best(incs)
@@ -422,7 +446,9 @@ def main_case(args: argparse.Namespace, report: Report, rundir: Path, sockdir: P
         report.rows.append(Row(f"incremental: nbdbackup ({args.incr_percent:g}% written)", inc.seconds, virtual, pct / 100,
                                f"{pct:.1f}% of full", rss(inc), info["read_bytes"], info["stored_bytes"],
                                [t.seconds for t in incs],
-                               {"writes": n, "written_bytes": written, "dirty_granule_bytes": dirty, "ru_maxrss_kib_tree": inc.maxrss_kib[0]}))
+                               {"writes": n, "written_bytes": written, "dirty_granule_bytes": dirty, "ru_maxrss_kib_tree": inc.maxrss_kib[0],
+                                "all_cpu": [sum(t.cpu) + t.extra["qemu_cpu"] for t in incs]},
+                               cpu_seconds=min(sum(t.cpu) + t.extra["qemu_cpu"] for t in incs)))
         report.targets.append({"target": f"incremental time <= {INCR_TARGET_PCT}% of full", "value": round(pct, 2),
                                "met": pct <= INCR_TARGET_PCT})
         report.notes.append(f"incremental: {n} guest writes of {human(written)} touch {human(dirty)} of 64 KiB bitmap "
@@ -439,11 +465,109 @@ def main_case(args: argparse.Namespace, report: Report, rundir: Path, sockdir: P
         ratio = (virtual / rs.seconds) / (virtual / ref_r.seconds)
         report.rows.append(Row("restore: nbdbackup restore (incremental point)", rs.seconds, virtual, ratio,
                                f"{ratio:.2f}", rss(rs), None, disk_usage(out_inc / "vda.qcow2"),
-                               [t.seconds for t in restores], {"ru_maxrss_kib_tree": rs.maxrss_kib[0]}))
+                               [t.seconds for t in restores], {"ru_maxrss_kib_tree": rs.maxrss_kib[0]},
+                               cpu_seconds=min(sum(t.cpu) for t in restores)))
+        serve_case(nb, report, virtual, rs, repeat)
     finally:
         vm.quit()
     compare(out_inc / "vda.qcow2", disk, "nbdbackup restore of the incremental point == disk after the writes", report)
+    recover_case(nb, report, virtual, rs, rundir, sockdir, out_inc / "vda.qcow2")
     shutil.rmtree(out_inc)
+
+    # e. the VM shut down: roll its own image back to the full point (what changed since: the 1% writes)
+    rollbacks = []
+    for i in range(repeat):
+        log(f"nbdbackup rollback --to {cp_full} (VM shut down) ({i + 1}/{repeat})")
+        t = nb.run("rollback", "vm1", "--to", cp_full, f"--image=vda={disk}", "--json")
+        t.extra = json.loads(t.stdout)
+        rollbacks.append(t)
+        log(f"  {t.seconds:.2f}s, {human(t.extra['bytes'])} written")
+    rb = best(rollbacks)
+    pct = 100 * rb.seconds / restore_full.seconds
+    report.rows.append(Row(f"rollback: nbdbackup rollback ({args.incr_percent:g}% changed)", rb.seconds, virtual, pct / 100,
+                           f"{pct:.1f}% of restore", rss(rb), None, None, [t.seconds for t in rollbacks],
+                           {"written_bytes": rb.extra["bytes"], "ru_maxrss_kib_tree": rb.maxrss_kib[0]}))
+    report.targets.append({"target": f"rollback time <= {ROLLBACK_TARGET_PCT}% of a full restore of the same point",
+                           "value": round(pct, 2), "met": pct <= ROLLBACK_TARGET_PCT})
+    report.targets.append({"target": "rollback peak RSS < 256 MiB", "value": rss(rb), "met": rss(rb) < ROLLBACK_RSS_TARGET_KIB})
+    compare(disk, image.path, "nbdbackup rollback to the full point == source image", report)
+
+
+def serve_case(nb: Nbdbackup, report: Report, virtual: int, restore: Timed, repeat: int) -> None:
+    """`nbdbackup serve` of the incremental point: time to the first URI, and nbdcopy of the
+    whole served disk to null: (reads everything, writes nothing) against the restore just timed."""
+    starts, copies = [], []
+    for i in range(repeat):
+        sync()
+        t0 = time.monotonic()
+        proc = subprocess.Popen(nb.argv("serve", "vm1", "--to", "latest", "--disk", "vda"), stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True, env=NB_ENV, cwd=NB_CWD)
+        try:
+            uri = proc.stdout.readline().strip()
+            if not uri.startswith("nbd"):
+                raise BenchError(f"nbdbackup serve printed no URI: {proc.stderr.read()[-500:]}")
+            starts.append(time.monotonic() - t0)
+            log(f"nbdcopy {uri} null: ({i + 1}/{repeat})")
+            t = run_timed(["nbdcopy", uri, "null:"])
+            if not t.ok:
+                raise BenchError(f"nbdcopy of the served disk failed: {t.stderr.strip()[-500:]}")
+            copies.append(t)
+            log(f"  {t.seconds:.2f}s (serving after {starts[-1]:.2f}s)")
+        finally:
+            proc.send_signal(signal.SIGINT)
+            proc.communicate(timeout=60)
+    cp = best(copies)
+    ratio = cp.seconds / restore.seconds
+    report.rows.append(Row("serve: nbdcopy served disk -> null: (incremental point)", cp.seconds, virtual, ratio,
+                           f"{ratio:.2f}x restore time", None, None, None, [t.seconds for t in copies],
+                           {"serve_start_seconds": [round(x, 3) for x in starts]}))
+    report.targets.append({"target": f"nbdcopy of a served disk <= {SERVE_RATIO_TARGET} x restore time", "value": round(ratio, 3),
+                           "met": ratio <= SERVE_RATIO_TARGET})
+    report.notes.append(f"serve: first URI after {min(starts):.2f}s (best of {len(starts)})")
+
+
+def recover_case(nb: Nbdbackup, report: Report, virtual: int, restore: Timed, rundir: Path, sockdir: Path,
+                 restored: Path) -> None:
+    """`nbdbackup recover` of the incremental point into a paused VM: the first guest read (64 KiB at
+    offset 0 through the device, just after the VM started) and the time until every block is local,
+    against the restore of the same point; the result must equal that restore."""
+    out = rundir / "recover"
+    shutil.rmtree(out, ignore_errors=True)
+    rvm = VM(out / "vda.qcow2", rundir, sockdir, name="rec")
+    sync()
+    proc = subprocess.Popen(nb.argv("recover", "vm1", "--to", "latest", "--output", str(out), "--disk", "vda",
+                                    "--qmp", str(rvm.tool_qmp)),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=NB_ENV, cwd=NB_CWD)
+    try:
+        t0 = time.monotonic()
+        if not proc.stdout.readline().strip().endswith("vda.qcow2"):
+            raise BenchError(f"nbdbackup recover printed no image: {proc.stderr.read()[-500:]}")
+        ready = time.monotonic() - t0
+        log(f"nbdbackup recover: images ready after {ready:.2f}s; starting the VM on them")
+        rvm.start()
+        t1 = time.monotonic()
+        assert rvm.mon is not None
+        rvm.mon.cmd("human-monitor-command", command_line=f'qemu-io -d {VM.QDEV} "read 0 65536"')
+        first = time.monotonic() - t1
+        _, err = proc.communicate(timeout=3600)
+        streamed = time.monotonic() - t1
+        if proc.returncode != 0:
+            raise BenchError(f"nbdbackup recover failed (exit {proc.returncode}): {err.strip()[-800:]}")
+        log(f"  first guest read {first:.3f}s after the VM started; every block local after {streamed:.2f}s")
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            proc.communicate(timeout=60)
+        rvm.quit()
+    ratio = streamed / restore.seconds
+    report.rows.append(Row("recover: VM start -> every block local (incremental point)", streamed, virtual, ratio,
+                           f"{ratio:.2f}x restore time", None, None, disk_usage(out / "vda.qcow2"), [streamed],
+                           {"images_ready_seconds": round(ready, 3), "first_read_seconds": round(first, 3)}))
+    report.targets.append({"target": f"recover streaming <= {SERVE_RATIO_TARGET} x restore time", "value": round(ratio, 3),
+                           "met": ratio <= SERVE_RATIO_TARGET})
+    report.targets.append({"target": "first guest read after recover <= 2 s", "value": round(first, 3), "met": first <= 2.0})
+    compare(out / "vda.qcow2", restored, "recovered image == restore of the same point", report)
+    shutil.rmtree(out)
 
 
 def dir_usage(path: Path) -> int:
@@ -503,6 +627,56 @@ def sparse_case(args: argparse.Namespace, report: Report, rundir: Path, sockdir:
     disk.unlink()
 
 
+def s3_case(args: argparse.Namespace, report: Report, rundir: Path, sockdir: Path) -> None:
+    """The same VM backed up into a directory and into S3 (a local SeaweedFS) in turn: full,
+    incremental of --incr-percent, restore; prints S3/directory time ratios (issue 12's targets)."""
+    sys.path.insert(0, str(TOP / "tests"))
+    from s3server import SeaweedFS
+
+    image = build_in_subprocess(args.workdir, args.size, args.data, seed=args.seed)
+    disk = rundir / "vm3-vda.qcow2"
+    sh(["cp", "--sparse=never", str(image.path), str(disk)], "cp")
+    with SeaweedFS(rundir / "seaweedfs") as server:
+        server.client().create_bucket(Bucket="bench")
+        os.environ.update(server.env())  # inherited by the nbdbackup processes
+        s3conf = rundir / "s3-config.toml"
+        s3conf.write_text(server.config_text())
+        dirconf = rundir / "dir-config.toml"
+        dirconf.write_text("")
+        repos = {"directory": Nbdbackup(rundir / "repo-dir", dirconf), "S3": Nbdbackup("s3://bench/repo", s3conf)}  # type: ignore[arg-type]
+        vm = VM(disk, rundir, sockdir, name="vm3")
+        vm.start()
+        times: dict[tuple[str, str], Timed] = {}
+        try:
+            for kind, nb in repos.items():
+                log(f"S3 comparison: nbdbackup full into {kind}")
+                times[("full", kind)] = nb.run("full", "vm3", "--qmp", str(vm.tool_qmp))
+                log(f"  {times[('full', kind)].seconds:.2f}s")
+            n, written, _dirty, _secs = guest_writes(vm, args.size, args.incr_percent, args.seed + 2)
+            for kind, nb in repos.items():
+                log(f"S3 comparison: nbdbackup incremental into {kind} ({human(written)} written)")
+                times[("incremental", kind)] = nb.run("incremental", "vm3", "--qmp", str(vm.tool_qmp))
+                log(f"  {times[('incremental', kind)].seconds:.2f}s")
+        finally:
+            vm.quit()
+        for kind, nb in repos.items():
+            out = rundir / f"restore-{kind}"
+            log(f"S3 comparison: nbdbackup restore from {kind}")
+            times[("restore", kind)] = nb.run("restore", "vm3", "--to", "latest", "--output", str(out))
+            log(f"  {times[('restore', kind)].seconds:.2f}s")
+            compare(out / "vda.qcow2", disk, f"restore from {kind} == disk after the writes", report)
+            shutil.rmtree(out)
+    targets = {"full": 1.25, "incremental": 1.5, "restore": 1.25}
+    for step, limit in targets.items():
+        d, s3 = times[(step, "directory")], times[(step, "S3")]
+        ratio = s3.seconds / d.seconds
+        report.rows.append(Row(f"{step}: into directory (S3 reference)", d.seconds, args.size, 1.0, "1.00 (ref)", rss(d)))
+        report.rows.append(Row(f"{step}: into S3 (SeaweedFS, same run)", s3.seconds, args.size, ratio, f"{ratio:.2f}x time", rss(s3)))
+        report.targets.append({"target": f"S3 {step} time <= {limit} x directory", "value": round(ratio, 3), "met": ratio <= limit})
+        report.targets.append({"target": f"S3 {step} peak RSS < 256 MiB", "value": rss(s3), "met": (rss(s3) or 0) < 256 * 1024})
+    disk.unlink()
+
+
 # -- output ---------------------------------------------------------------------------
 
 
@@ -521,11 +695,13 @@ def print_table(report: Report, file: Any = sys.stdout) -> None:
         kinds = ", ".join(f"{k} {human(v)}" for k, v in st["bytes_by_kind"].items())
         p(f"image {label}: {human(st['virtual_size'])} virtual, {st['extents']} extents ({kinds}), "
           f"{human(st['data_bytes'])} allocated data, rest holes/zero clusters")
-    p(f"config: repeat {report.config['repeat']} (best of), nbdcopy --request-size={report.config['request_size']}, "
+    p(f"config: repeat {report.config['repeat']} (best of; full and reference interleaved), nbdbackup compression "
+      f"{report.config.get('compression') or 'default'}, workers {report.config.get('workers') or 'default'}, nbdcopy --request-size={report.config['request_size']}, "
       f"zstd -{ZSTD_LEVEL} -T{ZSTD_THREADS}")
     p()
-    head = ["step", "seconds", "MB/s", "ratio to reference", "peak RSS MiB", "read over NBD", "stored"]
+    head = ["step", "seconds", "MB/s", "ratio to reference", "CPU s (tree+QEMU)", "CPU ratio", "peak RSS MiB", "read over NBD", "stored"]
     rows = [[r.step, f"{r.seconds:.2f}", f"{r.mbps:.0f}", r.ratio_text or "-",
+             "-" if r.cpu_seconds is None else f"{r.cpu_seconds:.2f}", r.cpu_ratio_text or "-",
              "-" if r.rss_kib is None else f"{r.rss_kib / 1024:.0f}", fmt_bytes(r.read_bytes), fmt_bytes(r.stored_bytes)]
             for r in report.rows]
     widths = [max(len(str(x)) for x in col) for col in zip(head, *rows, strict=True)]
@@ -578,7 +754,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     ap.add_argument("--sparse-size", default="64G",
                     help="comma-separated virtual sizes of sparse-disk cases (default 64G; 'none' to skip), e.g. 64G,1T")
     ap.add_argument("--sparse-data", default="1G", help="data in each sparse disk (default 1G)")
+    ap.add_argument("--full-only", action="store_true", help="measure only the full backup and its reference (to weigh settings)")
+    ap.add_argument("--compression", type=int, help="nbdbackup's zstd level (default: nbdbackup's default)")
+    ap.add_argument("--workers", type=int, help="nbdbackup's workers setting (default: nbdbackup's default)")
     ap.add_argument("--seed", type=int, default=1, help="layout/content seed (default 1)")
+    ap.add_argument("--s3", action="store_true", help="also compare backups into S3 (a local SeaweedFS) with a directory")
+    ap.add_argument("--s3-only", action="store_true", help="only the S3 comparison")
     ap.add_argument("--keep", action="store_true", help="keep the run directory (images, logs) for inspection")
     ap.add_argument("--rev", metavar="GIT-REV",
                     help="benchmark nbdbackup as committed at this revision (git archive into the run directory, "
@@ -629,16 +810,20 @@ def main(argv: list[str]) -> int:
     report = Report(machine_info(), {"size": args.size, "data": args.data, "repeat": args.repeat,
                                       "request_size": args.request_size, "incr_percent": args.incr_percent,
                                       "sparse_sizes": args.sparse_sizes, "sparse_data": args.sparse_data, "seed": args.seed,
-                                      "rev": args.rev})
+                                      "rev": args.rev, "compression": args.compression, "workers": args.workers})
     report.notes.extend(STANDARD_NOTES)
     sockdir = Path(tempfile.mkdtemp(prefix="nbdbench-", dir="/tmp"))  # unix socket paths must stay short
-    config = rundir / "empty-config.toml"
-    config.write_text("")
+    config = rundir / "config.toml"
+    config.write_text("".join(f"[vm.{vm}]\n{key} = {value}\n" for vm in ("vm1", "vm2")
+                              for key, value in (("compression", args.compression), ("workers", args.workers)) if value is not None))
     status = 0
     try:
-        main_case(args, report, rundir, sockdir, config)
-        for size in args.sparse_sizes:
-            sparse_case(args, report, rundir, sockdir, config, size)
+        if not args.s3_only:
+            main_case(args, report, rundir, sockdir, config)
+            for size in args.sparse_sizes:
+                sparse_case(args, report, rundir, sockdir, config, size)
+        if args.s3 or args.s3_only:
+            s3_case(args, report, rundir, sockdir)
     except BenchError as exc:
         report.errors.append(str(exc))
         status = 1

@@ -126,7 +126,7 @@ def _install(point: str, after: int, where: Path) -> None:
         wrap(QMPSession, "execute", lambda command, *a, **k: command == "nbd-server-start")
     elif point == "read":
         wrap(NbdEndpoint, "pread", lambda *a, **k: True)
-        wrap(NbdEndpoint, "pread_into", lambda *a, **k: True)
+        wrap(NbdEndpoint, "read_extents_into", lambda *a, **k: True)
     elif point == "index":
         wrap(LocalBackend, "write", lambda key, *a, **k: key.endswith(".index"))
     elif point == "manifest":

@@ -9,8 +9,6 @@ import pytest
 from nbdbackup.errors import RepositoryDamaged, RepositoryUnusable
 from nbdbackup.records import CheckpointRecord, DiskBackup, IndexEntry, Manifest
 from nbdbackup.repository import Repository
-from nbdbackup.repository.chunks import chunk_id
-
 
 def manifest(repo, vm="vm1", cp="cp1", entries=()):
     digest = repo.write_index(vm, cp, "vda", 1 << 20, list(entries))
@@ -21,7 +19,7 @@ def manifest(repo, vm="vm1", cp="cp1", entries=()):
 def test_chunks_round_trip_dedup_and_checksum(tmp_path):
     repo = Repository.open(tmp_path / "r")
     data = os.urandom(5000) + bytes(100000)
-    cid = chunk_id(data)
+    cid = repo.chunk_id(data)
     assert repo.put_chunk(cid, data, 3) > 0
     assert repo.put_chunk(cid, data, 3) == 0  # stored once
     assert repo.get_chunk(cid, "t") == data
@@ -39,7 +37,7 @@ def test_chunks_round_trip_dedup_and_checksum(tmp_path):
 def test_incompressible_chunk_is_stored_plain(tmp_path):
     repo = Repository.open(tmp_path / "r")
     data = os.urandom(65536)
-    cid = chunk_id(data)
+    cid = repo.chunk_id(data)
     repo.put_chunk(cid, data, 3)
     assert repo.get_chunk(cid, "t") == data
 

@@ -20,7 +20,7 @@ from nbdbackup.errors import CheckpointUnknown, RepositoryDamaged
 from nbdbackup.records import DiskBackup, IndexEntry, Manifest
 from nbdbackup.repository import Repository
 from nbdbackup.repository import index as index_codec
-from nbdbackup.repository.chunks import HEADER_SIZE, chunk_id
+from nbdbackup.repository.chunks import HEADER_SIZE
 from nbdbackup.verify import FIRST_OFFSETS, VerifyRequest, run_verify
 
 KiB, MiB = 1024, 1024 * 1024
@@ -31,7 +31,7 @@ DISK = 64 * MiB
 
 
 def put(repo: Repository, data: bytes) -> bytes:
-    cid = chunk_id(data)
+    cid = repo.chunk_id(data)
     repo.put_chunk(cid, data, 3)
     return cid
 

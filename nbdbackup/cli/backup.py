@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -51,11 +52,13 @@ def backup_options(f):
     return f
 
 
-def run_one(g: Globals, settings, vm: str, opts: BackupOptions, *, one_of_many: bool = False) -> Outcome:
+def run_one(g: Globals, settings, vm: str, opts: BackupOptions, *, one_of_many: bool = False, cancel=None) -> Outcome:
     """One VM's backup, its summary line and metrics; errors become an Outcome (and are logged).
 
     A failure's one-line reason goes to the log file and syslog (priority err); with
     one_of_many (auto --all) to stderr as well, since the final error line only names the VMs.
+    cancel: the token of `auto --all --jobs N`, whose signal handlers the main thread holds
+    (no progress bar then: several would interleave).
     """
 
     from pathlib import Path
@@ -75,7 +78,8 @@ def run_one(g: Globals, settings, vm: str, opts: BackupOptions, *, one_of_many: 
                 check_name("checkpoint", value)  # before touching the VM
         req = BackupRequest(vm=vm, mode=opts.mode, checkpoint=opts.checkpoint, since=opts.since, disks=vmconf.disks,
                             exclude=vmconf.exclude, tuning=engine.tuning_for(vmconf), force_new_chain=opts.force_new_chain)
-        with interruptible() as cancel, progress_bar(f"{vm}") as observer:
+        with contextlib.nullcontext(cancel) if cancel else interruptible() as cancel, \
+                contextlib.nullcontext(engine.Observer()) if cancel else progress_bar(f"{vm}") as observer:
             result = engine.backup(settings, vmconf, req, cancel=cancel, observer=observer,
                                    fsfreeze=opts.fsfreeze or opts.require_fsfreeze, require_fsfreeze=opts.require_fsfreeze)
     except Interrupted as exc:
@@ -119,11 +123,12 @@ def _as_dict(outcome: Outcome) -> dict:
             "read_bytes": m.read_bytes, "stored_bytes": m.stored_bytes, "duration": round(m.duration, 3), "notes": list(outcome.result.notes)}
 
 
-def _single(g: Globals, vm: str, opts: BackupOptions, as_json: bool) -> None:
+def _single(g: Globals, vm: str, opts: BackupOptions, as_json: bool) -> Outcome:
     outcome = run_one(g, g.settings(), vm, opts)
     if outcome.failure:
         raise outcome.failure
     click.echo(json.dumps(_as_dict(outcome), indent=2) if as_json else outcome.result.manifest.checkpoint)
+    return outcome
 
 
 @click.command()
@@ -158,20 +163,26 @@ def incremental(g: Globals, vm: str, as_json: bool, **opts) -> None:
 @click.command()
 @click.argument("vm", required=False)
 @click.option("--all", "all_vms", is_flag=True, help="Every VM of the config file in turn; the exit code is the worst one.")
+@click.option("--jobs", type=click.IntRange(1, 64), default=1, show_default=True, help="With --all: back up this many VMs at once.")
+@click.option("--verify-boot", is_flag=True, help="Then boot the new backup in a throwaway VM, as `verify --boot` does (also: [vm.NAME] verify_boot = true).")
 @backup_options
 @pass_globals
-def auto(g: Globals, vm: str | None, all_vms: bool, as_json: bool, **opts) -> None:
+def auto(g: Globals, vm: str | None, all_vms: bool, jobs: int, as_json: bool, verify_boot: bool, **opts) -> None:
     """Incremental since the newest checkpoint if the chain is sound, else full (for cron).
 
-    With --all, back up every VM of the config file in turn: one VM's failure
-    does not stop the others; a summary follows; the exit code is the worst one.
+    With --all, back up every VM of the config file in turn (--jobs N: N at
+    once): one VM's failure does not stop the others; a summary follows; the
+    exit code is the worst one.
     """
     from ..errors import SomeRunsFailed, UsageError
 
     if all_vms == (vm is not None):
         raise UsageError("give either a VM or --all")
     if not all_vms:
-        _single(g, vm, BackupOptions(mode="auto", **opts), as_json)
+        outcome = _single(g, vm, BackupOptions(mode="auto", **opts), as_json)
+        settings = g.settings()
+        if verify_boot or settings.vm(vm, required=False).verify_boot:
+            _boot_new_backup(g, settings, outcome, as_json)
         return
     if opts.get("qmp") or opts.get("qga") or opts.get("checkpoint"):
         raise UsageError("--qmp, --qga and --checkpoint name one VM; with --all they come from the config file")
@@ -181,7 +192,16 @@ def auto(g: Globals, vm: str | None, all_vms: bool, as_json: bool, **opts) -> No
                          hint="create one with a [vm.NAME] table per VM, or pass --config FILE")
     if not settings.vms:
         raise UsageError(f"--all: the config file {settings.config_file} names no VM", hint="add a [vm.NAME] table per VM")
-    outcomes = [run_one(g, settings, name, BackupOptions(mode="auto", **opts), one_of_many=True) for name in sorted(settings.vms)]
+    if jobs == 1:
+        outcomes = [run_one(g, settings, name, BackupOptions(mode="auto", **opts), one_of_many=True) for name in sorted(settings.vms)]
+    else:
+        import concurrent.futures as cf
+
+        with interruptible() as cancel, cf.ThreadPoolExecutor(jobs, "auto") as pool:
+            outcomes = list(pool.map(lambda name: run_one(g, settings, name, BackupOptions(mode="auto", **opts), one_of_many=True,
+                                                          cancel=cancel), sorted(settings.vms)))
+    outcomes = [_boot_new_backup(g, settings, o, as_json, keep_going=True) if not o.exit_code and (verify_boot or settings.vms[o.vm].verify_boot)
+                else o for o in outcomes]
     if as_json:
         click.echo(json.dumps([_as_dict(o) for o in outcomes], indent=2))
     else:
@@ -198,3 +218,18 @@ def auto(g: Globals, vm: str | None, all_vms: bool, as_json: bool, **opts) -> No
         logs.mark_logged(error)
         raise error
     logs.summary(f"auto --all: {len(outcomes)} of {plural(len(outcomes), 'VM')} backed up")
+
+
+def _boot_new_backup(g: Globals, settings, outcome: Outcome, as_json: bool, *, keep_going: bool = False) -> Outcome:
+    """auto --verify-boot: boot the backup just made; with keep_going a failure becomes the VM's outcome."""
+    from ..errors import NbdBackupError
+    from .bootcheck import boot
+
+    try:
+        boot(g, settings, outcome.vm, outcome.result.manifest.checkpoint, None, None, None, False, to_stderr=as_json or keep_going)
+    except NbdBackupError as exc:
+        if not keep_going:
+            raise
+        logs.summary(f"{outcome.vm} verify --boot FAILED (exit {exc.exit_code}): {exc}", level=logging.ERROR, stderr=False)
+        return Outcome(outcome.vm, failure=exc)
+    return outcome

@@ -1,4 +1,4 @@
-"""Chunk files: the content of a disk range, named by the SHA-256 of that content.
+"""Chunk files: the content of a disk range, named by its chunk id (chunkid.py).
 
     offset  size  field
     0       4     magic b"NBDC"
@@ -11,13 +11,13 @@
 
 from __future__ import annotations
 
-import hashlib
 import struct
 import threading
 
 import zstandard
 
 from ..errors import RepositoryDamaged
+from .chunkid import ChunkIds
 
 MAGIC = b"NBDC"
 VERSION = 1
@@ -39,10 +39,6 @@ def _decompressor() -> zstandard.ZstdDecompressor:
     if not hasattr(_local, "decompressor"):
         _local.decompressor = zstandard.ZstdDecompressor()
     return _local.decompressor
-
-
-def chunk_id(data: bytes | memoryview) -> bytes:
-    return hashlib.sha256(data).digest()
 
 
 SAMPLE = 64 * 1024
@@ -67,7 +63,7 @@ def encode(data: bytes | bytearray | memoryview, level: int) -> list[bytes | byt
     return [_HEADER.pack(MAGIC, VERSION, STORED, 0, len(data)), data]
 
 
-def decode(blob: bytes, expected_id: bytes, where: str) -> bytes:
+def decode(blob: bytes, expected_id: bytes, where: str, chunk_id: ChunkIds) -> bytes:
     """The chunk's content, checked against its name; RepositoryDamaged otherwise."""
     if len(blob) < HEADER_SIZE:
         raise RepositoryDamaged(f"chunk {expected_id.hex()} is truncated ({where})")

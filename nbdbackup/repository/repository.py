@@ -13,79 +13,128 @@ Write order (crash safety): chunks, indexes, sync, manifest (durable).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import os
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from ..errors import RepositoryDamaged, RepositoryUnusable
+from ..lock import file_lock, object_lock
 from ..names import check_name, utc_now
 from ..records import CheckpointRecord, IndexEntry, Manifest
 from . import chunks, index, manifest
 from .backend import DIR_MODE, Backend, LocalBackend
+from .chunkid import ChunkIds
+from .location import Location, S3Location, S3Settings, backend_for
 
 log = logging.getLogger(__name__)
 
 FORMAT_NAME = "nbdbackup repository"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # what new repositories get; every version from 1 up is read and written
+READABLE_VERSIONS = (1, 2)
+LOCAL_CACHE = Path("/var/tmp")  # scratch of repositories that are not local directories
 
 
 class Repository:
-    def __init__(self, backend: Backend, repo_id: str, root: Path | None = None) -> None:
+    """An open repository.  version is its format version (a repository keeps it for life);
+    chunk_id computes chunk ids the way its config.json says (chunkid.py)."""
+
+    def __init__(self, backend: Backend, repo_id: str, root: Path | None = None, *,
+                 version: int = FORMAT_VERSION, chunk_id: ChunkIds | None = None) -> None:
         self.backend = backend
         self.id = repo_id
         self.root = root
+        self.version = version
+        self.chunk_id = chunk_id or (ChunkIds.sha256() if version == 1 else ChunkIds.blake3())
+        self._held: list = []  # lock objects held through lock()
         self.new_chunks: set[bytes] = set()  # chunks this process created (a failed run removes them)
 
     # -- opening ---------------------------------------------------------
 
     @classmethod
-    def open(cls, path: Path, *, create: bool = True) -> Repository:
-        path = Path(path)
-        backend = LocalBackend(path)
+    def open(cls, where: Location | Backend, *, create: bool = True, s3: S3Settings | None = None,
+             like: Repository | None = None) -> Repository:
+        """The repository at a path, an s3:// location or on a ready Backend (tests: MemoryBackend).
+        A repository created here gets like's format version and chunk ids (copy), else the newest."""
+        backend = backend_for(where, s3) if isinstance(where, (str, Path, S3Location)) else where
+        local = backend.root if isinstance(backend, LocalBackend) else None
+        here = backend.location
         try:
             blob = backend.read("config.json")
         except FileNotFoundError:
-            if path.exists() and any(not p.name.startswith(".") for p in path.iterdir()):
-                raise RepositoryUnusable(f"{path} is not an nbdbackup repository (no config.json)", hint="give an empty or new directory with --repo") from None
+            occupied = (any(not p.name.startswith(".") for p in local.iterdir()) if local.exists() else False) if local \
+                else any(True for _ in backend.list(""))
+            if occupied and backend.exists("config.json"):  # another run created it just now
+                return cls.open(backend, create=False)
+            if occupied:
+                raise RepositoryUnusable(f"{here} is not an nbdbackup repository (no config.json)", hint="give an empty or new location with --repo") from None
             if not create:
-                raise RepositoryUnusable(f"there is no repository at {path}", hint="check --repo; the first backup creates it") from None
-            return cls._create(path, backend)
+                raise RepositoryUnusable(f"there is no repository at {here}", hint="check --repo; the first backup creates it") from None
+            return cls._create(backend, like)
         except NotADirectoryError:
-            raise RepositoryUnusable(f"repository path {path} is not a directory") from None
+            raise RepositoryUnusable(f"repository path {here} is not a directory") from None
         except PermissionError:
-            raise RepositoryUnusable(f"no permission to read the repository at {path}") from None
+            raise RepositoryUnusable(f"no permission to read the repository at {here}") from None
         try:
             config = json.loads(blob)
             name, version, repo_id = config["format"], config["version"], config["id"]
         except (ValueError, KeyError, TypeError):
-            raise RepositoryDamaged(f"{path}/config.json is damaged") from None
+            raise RepositoryDamaged(f"{here}/config.json is damaged") from None
         if name != FORMAT_NAME:
-            raise RepositoryUnusable(f"{path} holds {name!r}, not an nbdbackup repository")
-        if not isinstance(version, int) or version > FORMAT_VERSION:
+            raise RepositoryUnusable(f"{here} holds {name!r}, not an nbdbackup repository")
+        if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+            raise RepositoryDamaged(f"{here}/config.json is damaged (bad version {version!r})")
+        if version not in READABLE_VERSIONS:
             raise RepositoryUnusable(
-                f"repository {path} has format version {version}; this nbdbackup reads version {FORMAT_VERSION}",
+                f"repository {here} has format version {version}; this nbdbackup reads versions 1 to {FORMAT_VERSION}",
                 hint="upgrade nbdbackup",
             )
-        return cls(backend, repo_id, path)
+        ids = ChunkIds.for_config(version, config, f"{here}/config.json")
+        return cls(backend, repo_id, local, version=version, chunk_id=ids)
 
     @classmethod
-    def _create(cls, path: Path, backend: LocalBackend) -> Repository:
-        try:
-            path.mkdir(mode=DIR_MODE, parents=True, exist_ok=True)
-            os.chmod(path, DIR_MODE)
-        except OSError as exc:
-            raise RepositoryUnusable(f"cannot create the repository at {path}: {exc.strerror}") from None
+    def _create(cls, backend: Backend, like: Repository | None = None) -> Repository:
+        local = backend.root if isinstance(backend, LocalBackend) else None
+        if local is not None:
+            try:
+                local.mkdir(mode=DIR_MODE, parents=True, exist_ok=True)
+                os.chmod(local, DIR_MODE)
+            except OSError as exc:
+                raise RepositoryUnusable(f"cannot create the repository at {local}: {exc.strerror}") from None
         repo_id = uuid.uuid4().hex
-        config = {"format": FORMAT_NAME, "version": FORMAT_VERSION, "id": repo_id, "created": utc_now()}
+        version, ids = (like.version, like.chunk_id) if like is not None else (FORMAT_VERSION, ChunkIds.blake3())
+        config = {"format": FORMAT_NAME, "version": version, "id": repo_id, "created": utc_now()}
+        if version >= 2:
+            config["chunk_id"] = ids.config()
         try:
             backend.write("config.json", json.dumps(config, indent=1).encode() + b"\n", durable=True, exclusive=True)
         except FileExistsError:  # another run created it first: use theirs
-            return cls.open(path, create=False)
-        return cls(backend, repo_id, path)
+            return cls.open(backend, create=False)
+        return cls(backend, repo_id, local, version=version, chunk_id=ids)
+
+    @contextlib.contextmanager
+    def lock(self, name: str, *, what: str, shared: bool = False, wait: float = 0.0) -> Iterator[None]:
+        """Hold the lock called name: flock(2) on a local file for a directory repository,
+        lock objects (docs/FORMAT.md, "Locks") for every other backend."""
+        if self.root is not None:
+            with file_lock(self.lock_path(name), what=what, shared=shared, wait=wait):
+                yield
+            return
+        with object_lock(self.backend, name, what=what, shared=shared, wait=wait) as held:
+            self._held.append(held)
+            try:
+                yield
+            finally:
+                self._held.remove(held)
+
+    def check_locks(self) -> None:
+        """Raise LockHeld if a lock object this run holds may have gone stale (see lock.py)."""
+        for held in list(self._held):
+            held.check()
 
     def lock_path(self, name: str) -> Path:
         """Where the lock file called name lives (locks are local files, whatever the backend)."""
@@ -99,12 +148,16 @@ class Repository:
         return locks / f"{name}.lock"
 
     def local_dir(self, name: str) -> Path:
-        """A private directory inside a local repository (locks, scratch)."""
-        if self.root is None:
-            raise RepositoryUnusable("this repository has no local directory")
-        d = self.root / name
-        d.mkdir(mode=DIR_MODE, exist_ok=True)
-        return d
+        """A private local directory: inside a directory repository, else below the
+        local cache (/var/tmp/nbdbackup-<uid>/<repository id>/name)."""
+        if self.root is not None:
+            d = self.root / name
+            d.mkdir(mode=DIR_MODE, exist_ok=True)
+            return d
+        base = LOCAL_CACHE / f"nbdbackup-{os.geteuid()}"
+        for d in (base, base / self.id, base / self.id / name):
+            d.mkdir(mode=DIR_MODE, exist_ok=True)
+        return base / self.id / name
 
     # -- chunks ----------------------------------------------------------
 
@@ -113,8 +166,9 @@ class Repository:
         h = cid.hex()
         return f"chunks/{h[:2]}/{h}"
 
-    def put_chunk(self, cid: bytes, data: bytes | memoryview, level: int) -> int:
-        """Store data under cid unless it is there already; returns bytes written."""
+    def put_chunk(self, cid: bytes, data: bytes | bytearray | memoryview, level: int) -> int:
+        """Store data under cid (= self.chunk_id(data)) unless it is there already; returns bytes written.
+        data may be a view of a buffer the caller reuses as soon as this returns: nothing may keep it."""
         key = self._chunk_key(cid)
         if self.backend.exists(key):
             return 0
@@ -128,7 +182,7 @@ class Repository:
             blob = self.backend.read(self._chunk_key(cid))
         except FileNotFoundError:
             raise RepositoryDamaged(f"chunk {cid.hex()} is missing ({where})") from None
-        return chunks.decode(blob, cid, where)
+        return chunks.decode(blob, cid, where, self.chunk_id)
 
     def chunk_ids(self) -> set[bytes]:
         return {bytes.fromhex(k.rsplit("/", 1)[1]) for k in self.backend.list("chunks")}
@@ -149,6 +203,8 @@ class Repository:
         freed = size = 0
         for key in list(self.backend.list("chunks")):
             if bytes.fromhex(key.rsplit("/", 1)[1]) not in used:
+                if freed % 256 == 0:
+                    self.check_locks()
                 size += self.backend.size(key)
                 self.backend.delete(key)
                 freed += 1
@@ -217,6 +273,7 @@ class Repository:
     def commit(self, m: Manifest) -> None:
         """Make the backup exist: everything it references durable first, then its manifest."""
         self.backend.sync()
+        self.check_locks()  # a lock gone stale may no longer protect the chunks from garbage collection
         self.backend.write(f"{self._backup_key(m.vm, m.checkpoint)}/manifest.json", manifest.manifest_to_bytes(m), durable=True)
 
     def manifest(self, vm: str, checkpoint: str) -> Manifest | None:
