@@ -206,7 +206,7 @@ def make_plan(repo: Repository, checkpoints: Checkpoints, req: BackupRequest, di
     except (ChainError, RepositoryDamaged) as exc:
         if req.mode != "auto":
             raise
-        note = f"running a full backup: {exc}"
+        note = f"full backup instead of an incremental one: {exc.message}"  # not exc: its hint says to run a full
         return _full_plan(disks, notes=(note,))
 
 

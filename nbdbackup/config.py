@@ -53,6 +53,7 @@ class Settings:
     repo: Path
     config_file: Path | None
     vms: dict[str, VMConfig] = field(default_factory=dict)
+    config_searched: tuple[Path, ...] = ()  # where a config file was looked for, when none was given
 
     def vm(self, name: str, qmp: str | None = None, *, required: bool = True) -> VMConfig:
         """The VM's settings, with --qmp taking precedence over the config file.
@@ -93,13 +94,31 @@ def config_candidates() -> list[Path]:
     return [SYSTEM_CONFIG, Path(xdg) / "nbdbackup/config.toml"]
 
 
-def load(config_opt: str | None, repo_opt: str | None) -> Settings:
+def load(config_opt: str | None, repo_opt: str | None, *, needs_config: bool = True) -> Settings:
+    """needs_config=False: the command needs only the repository; when the repository is
+    given (--repo or NBDBACKUP_REPO), a config file that cannot be used is ignored with a
+    warning instead of stopping the command."""
+    repo_given = repo_opt or os.environ.get("NBDBACKUP_REPO")
+    if needs_config or not repo_given:
+        return _load(config_opt, repo_opt)
+    try:
+        return _load(config_opt, repo_opt)
+    except UsageError as exc:
+        import logging
+
+        logging.getLogger("nbdbackup").warning("ignoring the config file: %s", exc)
+        return Settings(repo=Path(repo_given), config_file=None)
+
+
+def _load(config_opt: str | None, repo_opt: str | None) -> Settings:
     explicit = config_opt or os.environ.get("NBDBACKUP_CONFIG")
     if explicit:
         path: Path | None = Path(explicit)
         data = _read(path)
+        searched: tuple[Path, ...] = ()
     else:
-        path = next((p for p in config_candidates() if p.exists()), None)
+        searched = tuple(config_candidates())
+        path = next((p for p in searched if p.exists()), None)
         data = _read(path) if path else {}
     unknown = set(data) - TOP_KEYS
     if unknown:
@@ -108,7 +127,7 @@ def load(config_opt: str | None, repo_opt: str | None) -> Settings:
     repo = repo_opt or os.environ.get("NBDBACKUP_REPO") or data.get("repository")
     if repo is not None and not isinstance(repo, str):
         raise UsageError(f"{path}: 'repository' must be a string")
-    return Settings(repo=Path(repo) if repo else default_repo(), config_file=path, vms=vms)
+    return Settings(repo=Path(repo) if repo else default_repo(), config_file=path, vms=vms, config_searched=searched)
 
 
 def _read(path: Path) -> dict[str, Any]:

@@ -16,6 +16,9 @@
      +-- SomeRunsFailed            the worst exit code of the VMs of `auto --all`
      +-- Interrupted               exit 130 (SIGINT) / 143 (SIGTERM)
 
+EXIT_STATUS below is the one description of the exit codes: `--help` and the
+man page's EXIT STATUS section are generated from it (scripts/manpage).
+
 Every message is one line saying what is wrong and, where there is one,
 what to do about it.  Only the CLI turns these into exit codes.
 """
@@ -23,6 +26,7 @@ what to do about it.  Only the CLI turns these into exit codes.
 from __future__ import annotations
 
 import signal
+from dataclasses import dataclass
 
 
 class NbdBackupError(Exception):
@@ -126,3 +130,53 @@ EXIT_CODES: dict[str, int] = {
     "sigint": 128 + signal.SIGINT,
     "sigterm": 128 + signal.SIGTERM,
 }
+
+
+@dataclass(frozen=True)
+class ExitStatus:
+    """One row of the exit-code table that `--help` and the man page show."""
+
+    codes: tuple[int, ...]
+    short: str  # for --help: a few words
+    detail: str  # for the man page and README: sentences; `code` in backquotes
+
+
+EXIT_STATUS: tuple[ExitStatus, ...] = (
+    ExitStatus((0,), "success", "Success."),
+    ExitStatus((NbdBackupError.exit_code,), "unexpected error",
+               "Unexpected error, including QEMU refusing a QMP command and NBD I/O errors."),
+    ExitStatus((UsageError.exit_code,), "usage error",
+               "Usage error: bad command line, name, configuration file or timeout in the environment; "
+               "a log file that cannot be opened; no retention policy for `prune`; a checkpoint name that already exists."),
+    ExitStatus((VMError.exit_code,), "VM unreachable or unsuitable",
+               "The VM is unreachable (no socket, not QMP, monitor busy, no QMP socket configured, QMP connection lost, "
+               "QEMU exited during the backup), unsuitable (no qcow2 disk, unknown disk, NBD server in use, for example "
+               "by another repository's backup), or its guest could not be frozen with `--require-fsfreeze`."),
+    ExitStatus((ChainError.exit_code,), "checkpoint unknown or chain broken",
+               "A checkpoint or backup is unknown, or the chain from the checkpoint to now cannot be trusted "
+               "(bitmaps missing, inconsistent, or changed by another tool); nothing was written. "
+               "`auto` makes a full backup instead of failing."),
+    ExitStatus((LockHeld.exit_code,), "VM locked by another run",
+               "Another `nbdbackup` run holds the VM's lock; or garbage collection held the repository lock for "
+               "more than 10 minutes."),
+    ExitStatus((RepositoryDamaged.exit_code,), "repository damaged",
+               "The repository is damaged: a chunk, index, manifest, `checkpoints.json` or `config.json` is missing, "
+               "truncated or fails its checksum. Also from `verify` when it found damage, from `prune` when damage stops "
+               "garbage collection, and from `restore --to latest` while any manifest of the VM is damaged."),
+    ExitStatus((RepositoryUnusable.exit_code,), "repository unusable (newer format, read-only, full)",
+               "The repository is unusable: none at the path (for commands other than backups), not a repository, "
+               "a newer format version, full, or not writable (on a read-only repository, `list`, `restore` and `verify` "
+               "work; the commands that take the VM's lock exit with 7)."),
+    ExitStatus((RestoreTargetError.exit_code,), "restore target cannot be written",
+               "A restore target cannot be written (image exists without `--force`, directory cannot be created, "
+               "`qemu-img` or `qemu-storage-daemon` failed, write error)."),
+    ExitStatus((128 + signal.SIGINT, 128 + signal.SIGTERM), "interrupted",
+               "Interrupted by SIGINT or SIGTERM. The run cleaned up after itself in QEMU, and no backup was recorded."),
+)
+
+EXIT_STATUS_NOTE = "`auto --all` and `prune --all` exit with the highest status of their VMs."
+
+
+def exit_status_help() -> str:
+    """The exit-code sentence of `nbdbackup --help`."""
+    return "Exit codes: " + ", ".join(f"{'/'.join(map(str, s.codes))} {s.short}" for s in EXIT_STATUS) + ". " + EXIT_STATUS_NOTE.replace("`", "")

@@ -52,7 +52,13 @@ class QMPSession:
     # -- lifecycle -------------------------------------------------------
 
     def __enter__(self) -> QMPSession:
-        self.connect()
+        try:
+            self.connect()
+        except BaseException:
+            # No __exit__ follows: close the loop now, or it is collected at exit
+            # and prints "Exception ignored ... Invalid file descriptor" on stderr.
+            self._loop.close()
+            raise
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -13,6 +13,7 @@ import pytest
 from harness import assert_image_equals
 
 from nbdbackup.qmp import QMPSession
+from nbdbackup.repository import Repository
 
 KiB, MiB = 1024, 1024 * 1024
 
@@ -100,10 +101,31 @@ def test_malformed_or_unreadable_config(repo, tmp_path, monkeypatch):
     conf = tmp_path / "c.toml"
     conf.write_text("[vm.vm1\nqmp=")
     monkeypatch.setenv("NBDBACKUP_TEST_CONFIG", str(conf))
-    proc = cli.run(repo, "list", "vm1", expect=2)
+    proc = cli.run(repo, "full", "vm1", "--qmp", tmp_path / "none.sock", expect=2)
     assert "not valid TOML" in proc.stderr
     monkeypatch.setenv("NBDBACKUP_TEST_CONFIG", str(tmp_path / "absent.toml"))
-    cli.run(repo, "list", "vm1", expect=2)
+    proc = cli.run(repo, "checkpoints", "vm1", "--qmp", tmp_path / "none.sock", expect=2)
+    assert "does not exist" in proc.stderr
+
+
+def test_a_broken_config_does_not_block_commands_that_need_only_the_repository(repo, tmp_path, monkeypatch):
+    """With --repo given, list, restore and verify go on (with a warning) when the config file is broken."""
+    conf = tmp_path / "c.toml"
+    conf.write_text("[vm.vm1\nqmp=")
+    monkeypatch.setenv("NBDBACKUP_TEST_CONFIG", str(conf))
+    Repository.open(repo, create=True)
+    proc = cli.run(repo, "list", "vm1")
+    assert "ignoring the config file" in proc.stderr and "not valid TOML" in proc.stderr
+    assert "no backups of vm1" in proc.stderr
+    proc = cli.run(repo, "list", "--json")
+    assert json.loads(proc.stdout) == []
+    proc = cli.run(repo, "verify", "vm1", expect=4)
+    assert "ignoring the config file" in proc.stderr and "vm1 has no backups" in proc.stderr
+    proc = cli.run(repo, "restore", "vm1", "--to", "latest", "--output", tmp_path / "out", expect=4)
+    assert "ignoring the config file" in proc.stderr
+    # Commands that need the VM's settings still stop at the broken file.
+    proc = cli.run(repo, "full", "vm1", "--qmp", tmp_path / "none.sock", expect=2)
+    assert "ignoring" not in proc.stderr
 
 
 def test_second_run_on_the_same_vm_is_refused_with_the_holders_pid(vm_factory, repo):

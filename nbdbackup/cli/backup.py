@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import time
 from dataclasses import dataclass
 
 import click
 
 from . import logs
-from .common import Globals, human_size, interruptible, pass_globals, progress_bar, qmp_option
+from .common import Globals, human_size, interruptible, pass_globals, plural, progress_bar, qmp_option
 
 
 @dataclass(frozen=True)
@@ -49,8 +50,13 @@ def backup_options(f):
     return f
 
 
-def run_one(g: Globals, settings, vm: str, opts: BackupOptions) -> Outcome:
-    """One VM's backup, its summary line and metrics; errors become an Outcome (and are logged)."""
+def run_one(g: Globals, settings, vm: str, opts: BackupOptions, *, one_of_many: bool = False) -> Outcome:
+    """One VM's backup, its summary line and metrics; errors become an Outcome (and are logged).
+
+    A failure's one-line reason goes to the log file and syslog (priority err); with
+    one_of_many (auto --all) to stderr as well, since the final error line only names the VMs.
+    """
+
     from pathlib import Path
 
     from .. import engine
@@ -76,11 +82,12 @@ def run_one(g: Globals, settings, vm: str, opts: BackupOptions) -> Outcome:
         raise
     except NbdBackupError as exc:
         _record(g, vm, exc.exit_code, time.monotonic() - started)
-        logs.summary(f"{vm} {opts.mode} FAILED (exit {exc.exit_code}): {exc}")
+        logs.summary(f"{vm} {opts.mode} FAILED (exit {exc.exit_code}): {exc}", level=logging.ERROR, stderr=one_of_many)
+        logs.mark_logged(exc)
         return Outcome(vm, failure=exc)
     m = result.manifest
     for note in result.notes:
-        click.echo(f"nbdbackup: {vm}: {note}", err=True)
+        logs.warning(f"{vm}: {note}")
     ratio = f"{m.read_bytes / m.stored_bytes:.1f}x" if m.stored_bytes else ("all deduplicated" if m.read_bytes else "nothing changed")
     logs.summary(f"{vm} {m.kind} {m.checkpoint}: read {human_size(m.read_bytes)}, stored {human_size(m.stored_bytes)} "
                  f"(reduction {ratio}) in {m.duration:.1f}s")
@@ -91,7 +98,6 @@ def run_one(g: Globals, settings, vm: str, opts: BackupOptions) -> Outcome:
 def _record(g: Globals, vm: str, code: int, duration: float, read: int = 0, stored: int = 0) -> None:
     """Update the metrics file; a metrics problem is a warning, never a failed backup."""
     if g.metrics_file:
-        import logging
         from pathlib import Path
 
         from ..errors import NbdBackupError
@@ -166,9 +172,12 @@ def auto(g: Globals, vm: str | None, all_vms: bool, as_json: bool, **opts) -> No
     if opts.get("qmp") or opts.get("qga") or opts.get("checkpoint"):
         raise UsageError("--qmp, --qga and --checkpoint name one VM; with --all they come from the config file")
     settings = g.settings()
+    if settings.config_file is None:
+        raise UsageError(f"--all: there is no config file (looked for {' and '.join(map(str, settings.config_searched))})",
+                         hint="create one with a [vm.NAME] table per VM, or pass --config FILE")
     if not settings.vms:
-        raise UsageError("--all: the config file names no VM", hint=f"add [vm.NAME] tables to {settings.config_file or 'the config file'}")
-    outcomes = [run_one(g, settings, name, BackupOptions(mode="auto", **opts)) for name in sorted(settings.vms)]
+        raise UsageError(f"--all: the config file {settings.config_file} names no VM", hint="add a [vm.NAME] table per VM")
+    outcomes = [run_one(g, settings, name, BackupOptions(mode="auto", **opts), one_of_many=True) for name in sorted(settings.vms)]
     if as_json:
         click.echo(json.dumps([_as_dict(o) for o in outcomes], indent=2))
     else:
@@ -177,6 +186,11 @@ def auto(g: Globals, vm: str | None, all_vms: bool, as_json: bool, **opts) -> No
                        else f"{o.vm:<20} FAILED  exit {o.exit_code}: {o.failure}")
     worst = max(o.exit_code for o in outcomes)
     failed = [o.vm for o in outcomes if o.exit_code]
-    logs.summary(f"auto --all: {len(outcomes) - len(failed)} of {len(outcomes)} VMs backed up" + (f"; failed: {', '.join(failed)}" if failed else ""))
     if worst:
-        raise SomeRunsFailed(f"{len(failed)} of {len(outcomes)} VMs failed: {', '.join(failed)}", worst)
+        # The final error line (stderr) says the same as the summary: log it once.
+        error = SomeRunsFailed(f"{len(failed)} of {plural(len(outcomes), 'VM')} failed: {', '.join(failed)}", worst)
+        logs.summary(f"auto --all: {len(outcomes) - len(failed)} of {plural(len(outcomes), 'VM')} backed up; failed: {', '.join(failed)}",
+                     level=logging.ERROR, stderr=False)
+        logs.mark_logged(error)
+        raise error
+    logs.summary(f"auto --all: {len(outcomes)} of {plural(len(outcomes), 'VM')} backed up")

@@ -18,7 +18,7 @@ def checkpoints(g: Globals, vm: str, qmp: str | None, as_json: bool) -> None:
     """Show the checkpoint chain as QEMU and the repository see it (changes nothing).
 
     STATE is ok, missing, inconsistent, altered, busy, pending, orphan (a bitmap of
-    this repository without a record) or foreign (another repository's); USABLE
+    this repository that none of its checkpoints accounts for) or foreign (another repository's); USABLE
     says whether `incremental --since` that checkpoint would be accepted; DIRTY
     is what its bitmaps hold (changes until the next checkpoint, per disk).
     """

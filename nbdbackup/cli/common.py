@@ -20,10 +20,12 @@ class Globals:
     log_file: str | None = None
     metrics_file: str | None = None
 
-    def settings(self):
+    def settings(self, *, needs_config: bool = True):
+        """needs_config=False for commands that need only the repository (list, restore,
+        verify): with --repo given, a broken config file does not stop them."""
         from ..config import load
 
-        return load(self.config, self.repo)
+        return load(self.config, self.repo, needs_config=needs_config)
 
 
 pass_globals = click.make_pass_decorator(Globals)
@@ -31,6 +33,11 @@ pass_globals = click.make_pass_decorator(Globals)
 
 qmp_option = click.option("--qmp", metavar="SOCKET", help="The VM's QMP socket (default: [vm.NAME] qmp in the config file).")
 
+
+
+def plural(n: int, word: str, words: str | None = None) -> str:
+    """'1 backup', '2 backups', '0 backups' (words: an irregular plural)."""
+    return f"{n} {word if n == 1 else (words or word + 's')}"
 
 
 def human_size(n: int) -> str:

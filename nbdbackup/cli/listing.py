@@ -1,4 +1,4 @@
-"""list: the backups of a VM."""
+"""list: the backups of a VM, or (without a VM) the VMs in the repository."""
 
 from __future__ import annotations
 
@@ -6,18 +6,22 @@ import json
 
 import click
 
-from .common import Globals, human_size, pass_globals
+from .common import Globals, human_size, pass_globals, plural
 
 
 @click.command("list")
-@click.argument("vm")
+@click.argument("vm", required=False)
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON array.")
 @pass_globals
-def list_(g: Globals, vm: str, as_json: bool) -> None:
-    """List the backups of VM, oldest first."""
+def list_(g: Globals, vm: str | None, as_json: bool) -> None:
+    """List the backups of VM, oldest first; without VM, the VMs in the repository."""
     from .. import engine
 
-    manifests = engine.list_backups(g.settings(), vm)
+    settings = g.settings(needs_config=False)
+    if vm is None:
+        _list_vms(settings, as_json)
+        return
+    manifests = engine.list_backups(settings, vm)
     rows = [
         {
             "checkpoint": m.checkpoint,
@@ -42,3 +46,23 @@ def list_(g: Globals, vm: str, as_json: bool) -> None:
         click.echo(f"{r['checkpoint']:<28} {r['kind']:<12} {r['created']:<24} {disks:<24} {human_size(r['stored_bytes']):>10}")
 
 
+def _list_vms(settings, as_json: bool) -> None:
+    from .. import engine
+
+    rows = []
+    for name in engine.open_repository(settings).vms():
+        manifests = engine.list_backups(settings, name)
+        newest = manifests[-1] if manifests else None
+        rows.append({"vm": name, "backups": len(manifests), "newest": newest.checkpoint if newest else None,
+                     "newest_created": newest.created if newest else None, "stored_bytes": sum(m.stored_bytes for m in manifests)})
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    if not rows:
+        click.echo(f"no backups in {settings.repo}", err=True)
+        return
+    click.echo(f"{'VM':<20} {'BACKUPS':>7}  {'NEWEST':<28} {'CREATED':<24} {'STORED':>10}")
+    for r in rows:
+        click.echo(f"{r['vm']:<20} {r['backups']:>7}  {r['newest'] or '-':<28} {r['newest_created'] or '-':<24} {human_size(r['stored_bytes']):>10}")
+    total = sum(r["backups"] for r in rows)
+    click.echo(f"{plural(len(rows), 'VM')}, {plural(total, 'backup')}", err=True)

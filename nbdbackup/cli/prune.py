@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+import logging
 
 import click
 
-from .common import Globals, human_size, pass_globals, qmp_option
+from . import logs
+from .common import Globals, human_size, pass_globals, plural, qmp_option
 
 KEEP = ("last", "hourly", "daily", "weekly", "monthly", "yearly")
 
@@ -14,7 +16,7 @@ KEEP = ("last", "hourly", "daily", "weekly", "monthly", "yearly")
 def keep_options(f):
     for kind in reversed(KEEP):
         what = "newest backups" if kind == "last" else f"{kind} backups (the newest of each of the N most recent {kind[:-2] if kind != 'daily' else 'day'}s)"
-        f = click.option(f"--keep-{kind}", kind, type=int, metavar="N", help=f"Keep N {what}.")(f)
+        f = click.option(f"--keep-{kind}", kind, type=int, metavar="N", help=f"Keep the N {what}." if kind == "last" else f"Keep N {what}.")(f)
     return f
 
 
@@ -29,9 +31,9 @@ def keep_options(f):
 def prune(g: Globals, vm: str | None, all_vms: bool, qmp: str | None, dry_run: bool, as_json: bool, **keep: int | None) -> None:
     """Remove backups outside a retention policy (restic semantics, UTC).
 
-    Their checkpoints are deleted in QEMU the seed's way (merged into the
-    previous one) when the VM is reachable; then chunks that no backup of any
-    VM references are freed.  The newest backup and the backup at the newest
+    When the VM is reachable, their checkpoints are deleted in QEMU too, each
+    merged into the previous one so that the others stay usable; then chunks
+    that no backup of any VM references are freed.  The newest backup and the backup at the newest
     checkpoint are always kept.  Without --keep-* options, the VM's
     `retention` setting in the config file applies.
     """
@@ -59,16 +61,20 @@ def prune(g: Globals, vm: str | None, all_vms: bool, qmp: str | None, dry_run: b
             reports[name] = _prune_one(settings, settings.vm(name, required=False), given, dry_run, collect=False)
         except NbdBackupError as exc:
             failures[name] = exc
-            click.echo(f"nbdbackup: {name}: error: {exc}", err=True)
+            logs.summary(f"prune {name} FAILED (exit {exc.exit_code}): {exc}", level=logging.ERROR, stderr=True)
     garbage = None if dry_run else engine.collect_garbage(settings)  # once, after every VM
     if as_json:
         click.echo(json.dumps({"vms": [{"vm": n, **_as_dict(r, dry_run)} for n, r in reports.items()],
                                "garbage": _garbage_dict(garbage)}, indent=2))
+        for name, report in reports.items():
+            _log(name, report, dry_run)
     else:
         for name, report in reports.items():
             _print(name, report, dry_run, False)
         if garbage and garbage.done:
-            click.echo(f"freed {garbage.freed_chunks} chunks ({human_size(garbage.freed_bytes)})")
+            click.echo(f"freed {plural(garbage.freed_chunks, 'chunk')} ({human_size(garbage.freed_bytes)})")
+    if garbage and garbage.done:
+        logs.summary(f"prune --all: freed {plural(garbage.freed_chunks, 'chunk')} ({human_size(garbage.freed_bytes)})", stderr=False)
     _finish(garbage)
     if failures:
         raise SomeRunsFailed(f"prune failed for {', '.join(failures)}", max(e.exit_code for e in failures.values()))
@@ -93,7 +99,7 @@ def _finish(garbage) -> None:
 
     if garbage is None or garbage.done:
         return
-    click.echo(f"nbdbackup: {garbage.note}", err=True)
+    logs.warning(garbage.note)
     if garbage.damaged:
         raise RepositoryDamaged("the repository has damage: backups were pruned but no chunk was freed",
                                 hint="run `nbdbackup verify VM` for each VM")
@@ -121,8 +127,21 @@ def _print(vm: str, report, dry_run: bool, as_json: bool) -> None:
             verdict = "keep" if r["keep"] else ("would remove" if dry_run else "remove")
             click.echo(f"{vm:<16} {verdict:<12} {r['checkpoint']:<28} {r['created']:<24} {', '.join(r['reasons'])}")
         if not dry_run:
-            removed = sum(not r["keep"] for r in doc["backups"])
-            freed = f"; freed {doc['freed_chunks']} chunks ({human_size(doc['freed_bytes'])})" if report.garbage and report.garbage.done else ""
-            click.echo(f"{vm:<16} removed {removed} backups{freed}")
+            click.echo(f"{vm:<16} {_removed(report)}")
+    _log(vm, report, dry_run)
+
+
+def _log(vm: str, report, dry_run: bool) -> None:
+    """The VM's warnings (stderr, log file, syslog) and summary line (log file, syslog)."""
     for note in report.notes:
-        click.echo(f"nbdbackup: {vm}: {note}", err=True)
+        logs.warning(f"{vm}: {note}")
+    if not dry_run:
+        logs.summary(f"prune {vm}: {_removed(report)}", stderr=False)  # the same line is on stdout
+
+
+def _removed(report) -> str:
+    removed = sum(not d.keep for d in report.decisions)
+    kept = len(report.decisions) - removed
+    freed = (f"; freed {plural(report.garbage.freed_chunks, 'chunk')} ({human_size(report.garbage.freed_bytes)})"
+             if report.garbage and report.garbage.done else "")
+    return f"removed {plural(removed, 'backup')}, kept {kept}{freed}"

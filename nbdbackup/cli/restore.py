@@ -28,7 +28,7 @@ def restore(g: Globals, vm: str, checkpoint: str, output: str, fmt: str, disks: 
     from ..names import check_name
     from ..restore import RestoreRequest
 
-    settings = g.settings()
+    settings = g.settings(needs_config=False)
     check_name("VM", vm)
     for d in disks:
         check_name("disk", d)

@@ -6,7 +6,10 @@ import json
 
 import click
 
-from .common import Globals, human_size, pass_globals, progress_bar
+import logging
+
+from . import logs
+from .common import Globals, human_size, pass_globals, plural, progress_bar
 
 
 @click.command()
@@ -27,7 +30,7 @@ def verify(g: Globals, vm: str, checkpoint: str | None, sample: float | None, as
     from ..errors import RepositoryDamaged
     from ..verify import VerifyRequest, run_verify
 
-    settings = g.settings()
+    settings = g.settings(needs_config=False)
     req = VerifyRequest(vm=vm, checkpoint=checkpoint, sample_percent=sample)
     repo = engine.open_repository(settings)
     # Shared, as backups and restores hold it: garbage collection must not delete chunks under us.
@@ -44,6 +47,7 @@ def verify(g: Globals, vm: str, checkpoint: str | None, sample: float | None, as
             for p in b.problems:
                 click.echo(f"{b.checkpoint:<{width}}  DAMAGED  {_describe(p)}")
         click.echo(_summary(report))
+    logs.summary(f"verify {vm}: {_summary(report)}", level=logging.ERROR if report.damaged else logging.INFO, stderr=False)
 
     damaged = report.damaged
     if damaged:
@@ -65,12 +69,11 @@ def _describe(p) -> str:
 
 
 def _summary(report) -> str:
-    checked = f"{report.chunks_checked} chunks checked"
+    checked = f"{plural(report.chunks_checked, 'chunk')} checked"
     if report.sample_percent is not None:
         checked += f" (a random {report.sample_percent:g}% sample of {report.chunks_referenced})"
-    n = len(report.backups)
-    return (f"{n} backup{'s' if n != 1 else ''} of {report.vm} checked, {len(report.damaged)} damaged; "
-            f"{checked}, {human_size(report.bytes_read)} of chunk content read, {report.damaged_chunks} damaged chunk{'s' if report.damaged_chunks != 1 else ''}")
+    return (f"{plural(len(report.backups), 'backup')} of {report.vm} checked, {len(report.damaged)} damaged; "
+            f"{checked}, {human_size(report.bytes_read)} of chunk content read, {plural(report.damaged_chunks, 'damaged chunk')}")
 
 
 def _as_json(report) -> dict:
