@@ -1,6 +1,7 @@
 """Settings: command line, then environment, then the TOML config file, then defaults.
 
     repository = "/var/lib/nbdbackup"      # optional
+    encryption = "repokey"                 # optional: a new repository is encrypted (repokey, keyfile, none)
     [vm.NAME]
     qmp = "/run/NAME-backup.qmp"           # the VM's QMP socket reserved for backups
     qga = "/run/NAME-qga.sock"             # qemu-guest-agent socket, for --fsfreeze
@@ -29,7 +30,8 @@ from .names import check_name
 SYSTEM_CONFIG = Path("/etc/nbdbackup/config.toml")
 VM_KEYS = {"qmp": str, "qga": str, "disks": list, "exclude": list, "compression": int, "scratch": str, "workers": int,
            "chunk_mib": int, "queue_depth": int, "retention": dict}
-TOP_KEYS = {"repository", "vm"}
+TOP_KEYS = {"repository", "encryption", "vm"}
+ENCRYPTION_MODES = ("repokey", "keyfile", "none")
 RETENTION_KEYS = ("last", "hourly", "daily", "weekly", "monthly", "yearly")
 
 
@@ -54,6 +56,7 @@ class Settings:
     config_file: Path | None
     vms: dict[str, VMConfig] = field(default_factory=dict)
     config_searched: tuple[Path, ...] = ()  # where a config file was looked for, when none was given
+    encryption: str | None = None  # what a new repository gets; an encrypted choice refuses an unencrypted repository
 
     def vm(self, name: str, qmp: str | None = None, *, required: bool = True) -> VMConfig:
         """The VM's settings, with --qmp taking precedence over the config file.
@@ -127,7 +130,11 @@ def _load(config_opt: str | None, repo_opt: str | None) -> Settings:
     repo = repo_opt or os.environ.get("NBDBACKUP_REPO") or data.get("repository")
     if repo is not None and not isinstance(repo, str):
         raise UsageError(f"{path}: 'repository' must be a string")
-    return Settings(repo=Path(repo) if repo else default_repo(), config_file=path, vms=vms, config_searched=searched)
+    encryption = data.get("encryption")
+    if encryption is not None and encryption not in ENCRYPTION_MODES:
+        raise UsageError(f"{path}: 'encryption' must be one of {', '.join(ENCRYPTION_MODES)}")
+    return Settings(repo=Path(repo) if repo else default_repo(), config_file=path, vms=vms, config_searched=searched,
+                    encryption=encryption)
 
 
 def _read(path: Path) -> dict[str, Any]:

@@ -46,12 +46,12 @@ class Observer:
 
 def open_repository(settings: Settings, *, create: bool = False) -> Repository:
     """The repository; only backups create it (a typo in --repo must not make a new one)."""
-    return Repository.open(settings.repo, create=create)
+    return Repository.open(settings.repo, create=create, encryption=settings.encryption)
 
 
 @contextlib.contextmanager
 def vm_lock(repo: Repository, vm: str) -> Iterator[None]:
-    with file_lock(repo.lock_path(f"vm-{vm}"), what=f"VM {vm}"):
+    with file_lock(repo.lock_path(f"vm-{repo.local_name(vm)}"), what=f"VM {vm}"):
         yield
 
 
@@ -98,8 +98,9 @@ def backup(settings: Settings, vmconf: VMConfig, req: BackupRequest, *, cancel: 
         repo, session = stack.enter_context(vm_session(settings, vmconf, create=True))
         owner = foreign_owner(session.peer_user())  # QEMU must reach the scratch files and create the NBD socket
         base = scratch_base(vmconf.scratch, lambda: repo.local_dir("tmp"), owner)
-        remove_stale_dirs(base, prefix=f"{vmconf.name}@")  # left by a killed run; we hold the VM's lock
-        scratch = stack.enter_context(private_dir(base, prefix=f"{vmconf.name}@", owner=owner))
+        prefix = f"{repo.local_name(vmconf.name)}@"  # keyed in an encrypted repository: no VM name in file names
+        remove_stale_dirs(base, prefix=prefix)  # left by a killed run; we hold the VM's lock
+        scratch = stack.enter_context(private_dir(base, prefix=prefix, owner=owner))
         sockets = stack.enter_context(private_dir(owner=owner))
         return run_backup(repo, session, req, scratch_dir=scratch, socket_dir=sockets, cancel=cancel,
                           progress=observer.progress, on_start=observer.on_start, quiesce=quiesce, owner=owner)

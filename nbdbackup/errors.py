@@ -13,6 +13,11 @@
      +-- RepositoryDamaged         exit 6  a chunk, index or manifest is bad
      +-- RepositoryUnusable        exit 7  newer format, read-only, full
      +-- RestoreTargetError        exit 8  restore target cannot be written
+     +-- KeyUnavailable            exit 18 encrypted repository: no key file, no passphrase
+     +-- WrongPassphrase           exit 19 the passphrase opens none of the repository's keys
+     +-- ForeignKey                exit 20 the key file belongs to another repository
+     +-- KeyFileDamaged            exit 21 the key file or a stored key is unreadable
+     +-- EncryptionMismatch        exit 22 encryption asked for, repository disagrees; key refused
      +-- SomeRunsFailed            the worst exit code of the VMs of `auto --all`
      +-- Interrupted               exit 130 (SIGINT) / 143 (SIGTERM)
 
@@ -99,6 +104,26 @@ class RestoreTargetError(NbdBackupError):
     exit_code = 8
 
 
+class KeyUnavailable(NbdBackupError):
+    exit_code = 18
+
+
+class WrongPassphrase(NbdBackupError):
+    exit_code = 19
+
+
+class ForeignKey(NbdBackupError):
+    exit_code = 20
+
+
+class KeyFileDamaged(NbdBackupError):
+    exit_code = 21
+
+
+class EncryptionMismatch(NbdBackupError):
+    exit_code = 22
+
+
 class SomeRunsFailed(NbdBackupError):
     """auto --all: at least one VM failed; the exit code is the worst of theirs."""
 
@@ -127,6 +152,11 @@ EXIT_CODES: dict[str, int] = {
     "damaged": RepositoryDamaged.exit_code,
     "repository": RepositoryUnusable.exit_code,
     "restore-target": RestoreTargetError.exit_code,
+    "no-key": KeyUnavailable.exit_code,
+    "wrong-passphrase": WrongPassphrase.exit_code,
+    "foreign-key": ForeignKey.exit_code,
+    "key-damaged": KeyFileDamaged.exit_code,
+    "encryption-mismatch": EncryptionMismatch.exit_code,
     "sigint": 128 + signal.SIGINT,
     "sigterm": 128 + signal.SIGTERM,
 }
@@ -170,6 +200,19 @@ EXIT_STATUS: tuple[ExitStatus, ...] = (
     ExitStatus((RestoreTargetError.exit_code,), "restore target cannot be written",
                "A restore target cannot be written (image exists without `--force`, directory cannot be created, "
                "`qemu-img` or `qemu-storage-daemon` failed, write error)."),
+    ExitStatus((KeyUnavailable.exit_code,), "no key for an encrypted repository",
+               "The repository is encrypted and its key is not available: the key file is missing, or no passphrase "
+               "was given (`NBDBACKUP_PASSWORD_FILE`, `NBDBACKUP_PASSWORD_COMMAND` or a terminal) or it could not be read. "
+               "Nothing was changed."),
+    ExitStatus((WrongPassphrase.exit_code,), "wrong passphrase",
+               "The passphrase opens none of the repository's keys. Nothing was changed."),
+    ExitStatus((ForeignKey.exit_code,), "key of another repository",
+               "The key file belongs to another repository. Nothing was changed."),
+    ExitStatus((KeyFileDamaged.exit_code,), "key file damaged",
+               "The key file, or a key stored in the repository, is damaged or not a key. Nothing was changed."),
+    ExitStatus((EncryptionMismatch.exit_code,), "encryption setting refused",
+               "Encryption was asked for (configuration `encryption`, `init --encryption`) but the repository is not "
+               "encrypted, or exists already; or a key change was refused (removing the last key). Nothing was changed."),
     ExitStatus((128 + signal.SIGINT, 128 + signal.SIGTERM), "interrupted",
                "Interrupted by SIGINT or SIGTERM. The run cleaned up after itself in QEMU, and no backup was recorded."),
 )

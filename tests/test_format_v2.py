@@ -62,7 +62,7 @@ def test_chunk_named_by_the_other_algorithm_fails_its_checksum(tmp_path):
 
 @pytest.mark.parametrize("chunk_id, error, message", [
     ({"algorithm": "sha3"}, RepositoryUnusable, "does not know"),
-    ({"algorithm": "blake3-keyed"}, RepositoryUnusable, "encrypted"),
+    ({"algorithm": "blake3-keyed"}, RepositoryDamaged, "without an .encryption. member"),
     (None, RepositoryDamaged, "how chunks are named"),
     ("blake3", RepositoryDamaged, "how chunks are named"),
 ])

@@ -15,7 +15,7 @@ import click
 
 from .. import __version__
 from ..errors import exit_status_help
-from . import backup, checkpoints, listing, logs, prune, restore, verify
+from . import backup, checkpoints, keys, listing, logs, prune, restore, verify
 from .common import Globals
 
 
@@ -101,6 +101,8 @@ for command in (
     checkpoints.delete,
     prune.prune,
     verify.verify,
+    keys.init,
+    keys.key,
 ):
     cli.add_command(command)
 

@@ -14,6 +14,7 @@ Write order (crash safety): chunks, indexes, sync, manifest (durable).
 from __future__ import annotations
 
 import hashlib
+import hmac
 import json
 import logging
 import os
@@ -21,10 +22,10 @@ import uuid
 from collections.abc import Sequence
 from pathlib import Path
 
-from ..errors import RepositoryDamaged, RepositoryUnusable
+from ..errors import EncryptionMismatch, RepositoryDamaged, RepositoryUnusable, UsageError
 from ..names import check_name, utc_now
 from ..records import CheckpointRecord, IndexEntry, Manifest
-from . import chunks, index, manifest
+from . import chunks, crypto, index, keys, manifest
 from .backend import DIR_MODE, Backend, LocalBackend
 from .chunkid import ChunkIds
 
@@ -33,6 +34,19 @@ log = logging.getLogger(__name__)
 FORMAT_NAME = "nbdbackup repository"
 FORMAT_VERSION = 2  # what new repositories get; every version from 1 up is read and written
 READABLE_VERSIONS = (1, 2)
+
+
+CONFIG_MAC_CONTEXT = "nbdbackup 2026-11 config mac v2"
+
+
+def _config_mac(config: dict, master_key: bytes) -> str:
+    """Keyed BLAKE3 of config.json's canonical form without encryption.config_mac (encrypted repositories)."""
+    from blake3 import blake3
+
+    doc = json.loads(json.dumps(config))
+    doc["encryption"].pop("config_mac", None)
+    canonical = json.dumps(doc, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+    return blake3(canonical, key=crypto.derive(master_key, CONFIG_MAC_CONTEXT)).hexdigest()
 
 
 class Repository:
@@ -46,11 +60,21 @@ class Repository:
         self.root = root
         self.version = version
         self.chunk_id = chunk_id or (ChunkIds.sha256() if version == 1 else ChunkIds.blake3())
+        self.cipher: crypto.Cipher | None = None  # set when the repository is encrypted and unlocked
+        self.key_store: keys.KeyStore | None = None
+        self.key_id: str | None = None
 
     # -- opening ---------------------------------------------------------
 
     @classmethod
-    def open(cls, path: Path, *, create: bool = True) -> Repository:
+    def open(cls, path: Path, *, create: bool = True, encryption: str | None = None,
+             passphrase: bytes | None = None) -> Repository:
+        """Open (or, with create, make) the repository at path.
+
+        encryption: what the configuration asks for ("repokey", "keyfile", "none" or None = no
+        opinion).  A new repository gets it; an existing unencrypted one is refused when
+        encryption is asked for (a store that dropped the encryption must not get plaintext).
+        An encrypted repository is unlocked here: every command needs its key."""
         path = Path(path)
         backend = LocalBackend(path)
         try:
@@ -60,11 +84,15 @@ class Repository:
                 raise RepositoryUnusable(f"{path} is not an nbdbackup repository (no config.json)", hint="give an empty or new directory with --repo") from None
             if not create:
                 raise RepositoryUnusable(f"there is no repository at {path}", hint="check --repo; the first backup creates it") from None
-            return cls._create(path, backend)
+            return cls._create(path, backend, encryption or keys.NONE, passphrase)
         except NotADirectoryError:
             raise RepositoryUnusable(f"repository path {path} is not a directory") from None
         except PermissionError:
             raise RepositoryUnusable(f"no permission to read the repository at {path}") from None
+        return cls._from_config(path, backend, blob, encryption, passphrase)
+
+    @classmethod
+    def _from_config(cls, path: Path, backend: Backend, blob: bytes, encryption: str | None, passphrase: bytes | None) -> Repository:
         try:
             config = json.loads(blob)
             name, version, repo_id = config["format"], config["version"], config["id"]
@@ -79,24 +107,74 @@ class Repository:
                 f"repository {path} has format version {version}; this nbdbackup reads versions 1 to {FORMAT_VERSION}",
                 hint="upgrade nbdbackup",
             )
-        ids = ChunkIds.for_config(version, config, f"{path}/config.json")
-        return cls(backend, repo_id, path, version=version, chunk_id=ids)
+        enc = config.get("encryption")
+        if enc is None:
+            if encryption not in (None, keys.NONE):
+                raise EncryptionMismatch(f"repository {path} is not encrypted, but the configuration asks for encryption ({encryption})",
+                                         hint="back up into a new repository, or remove the 'encryption' setting")
+            ids = ChunkIds.for_config(version, config, f"{path}/config.json")
+            return cls(backend, repo_id, path, version=version, chunk_id=ids)
+        if not isinstance(enc, dict) or enc.get("mode") not in (keys.REPOKEY, keys.KEYFILE) or version < 2:
+            raise RepositoryDamaged(f"{path}/config.json is damaged (bad 'encryption')")
+        if enc.get("cipher") != crypto.CIPHER_NAME:
+            raise RepositoryUnusable(f"{path}: encrypted with {enc.get('cipher')!r}, which this nbdbackup does not know", hint="upgrade nbdbackup")
+        store = keys.KeyStore(enc["mode"], repo_id, backend)
+        unlocked = keys.unlock(store, passphrase=passphrase)
+        if not hmac.compare_digest(str(enc.get("config_mac", "")), _config_mac(config, unlocked.master_key)):
+            raise RepositoryDamaged(f"{path}/config.json fails authentication (changed since the repository was created)")
+        ids = ChunkIds.for_config(version, config, f"{path}/config.json", master_key=unlocked.master_key)
+        return cls._encrypted(path, backend, repo_id, version, ids, store, unlocked)
 
     @classmethod
-    def _create(cls, path: Path, backend: LocalBackend) -> Repository:
+    def _encrypted(cls, path: Path, backend: Backend, repo_id: str, version: int, ids: ChunkIds,
+                   store: keys.KeyStore, unlocked: keys.Unlocked) -> Repository:
+        cipher = crypto.Cipher(unlocked.master_key)
+        repo = cls(crypto.EncryptedBackend(backend, cipher), repo_id, path, version=version, chunk_id=ids)
+        repo.cipher, repo.key_store, repo.key_id = cipher, store, unlocked.key_id
+        return repo
+
+    @classmethod
+    def _create(cls, path: Path, backend: LocalBackend, encryption: str, passphrase: bytes | None) -> Repository:
+        if encryption not in keys.MODES:
+            raise UsageError(f"unknown encryption {encryption!r}; choose one of {', '.join(keys.MODES)}")
         try:
             path.mkdir(mode=DIR_MODE, parents=True, exist_ok=True)
             os.chmod(path, DIR_MODE)
         except OSError as exc:
             raise RepositoryUnusable(f"cannot create the repository at {path}: {exc.strerror}") from None
         repo_id = uuid.uuid4().hex
-        ids = ChunkIds.blake3()
-        config = {"format": FORMAT_NAME, "version": FORMAT_VERSION, "id": repo_id, "created": utc_now(), "chunk_id": ids.config()}
+        config = {"format": FORMAT_NAME, "version": FORMAT_VERSION, "id": repo_id, "created": utc_now()}
+        store = None
+        if encryption == keys.NONE:
+            config["chunk_id"] = ChunkIds.blake3().config()
+        else:
+            secret = passphrase if passphrase is not None else keys.CURRENT.get(confirm=True)
+            master = keys.new_master_key()
+            config["chunk_id"] = ChunkIds.keyed(master).config()
+            config["encryption"] = {"mode": encryption, "cipher": crypto.CIPHER_NAME}
+            config["encryption"]["config_mac"] = _config_mac(config, master)
+            store = keys.KeyStore(encryption, repo_id, backend)
+            ours = keys.wrap(master, secret, repo_id)
+            store.add(ours, create=True)  # the key first: config.json makes the repository exist
         try:
             backend.write("config.json", json.dumps(config, indent=1).encode() + b"\n", durable=True, exclusive=True)
         except FileExistsError:  # another run created it first: use theirs
-            return cls.open(path, create=False)
-        return cls(backend, repo_id, path, version=FORMAT_VERSION, chunk_id=ids)
+            if store is not None and store.mode == keys.KEYFILE:
+                store.file.unlink(missing_ok=True)
+            elif store is not None:
+                backend.delete(f"keys/{ours['id']}.json")
+            return cls.open(path, create=False, encryption=encryption, passphrase=passphrase)
+        if store is None:
+            return cls(backend, repo_id, path, version=FORMAT_VERSION, chunk_id=ChunkIds.blake3())
+        return cls._encrypted(path, backend, repo_id, FORMAT_VERSION, ChunkIds.keyed(master), store, keys.Unlocked(master, ours["id"]))
+
+    @property
+    def encrypted(self) -> bool:
+        return self.cipher is not None
+
+    def local_name(self, name: str) -> str:
+        """name as it may appear in local file names (locks, scratch): keyed when encrypted."""
+        return self.cipher.local_name(name) if self.cipher is not None else name
 
     def lock_path(self, name: str) -> Path:
         """Where the lock file called name lives (locks are local files, whatever the backend)."""
@@ -139,6 +217,8 @@ class Repository:
             blob = self.backend.read(self._chunk_key(cid))
         except FileNotFoundError:
             raise RepositoryDamaged(f"chunk {cid.hex()} is missing ({where})") from None
+        except crypto.ObjectDamaged as exc:
+            raise RepositoryDamaged(f"chunk {cid.hex()} {exc.reason} ({where})") from None
         return chunks.decode(blob, cid, where, self.chunk_id)
 
     def chunk_ids(self) -> set[bytes]:
@@ -189,6 +269,8 @@ class Repository:
             blob = self.backend.read(f"{self._backup_key(m.vm, m.checkpoint)}/{disk_id}.index")
         except FileNotFoundError:
             raise RepositoryDamaged(f"index of {where} is missing") from None
+        except crypto.ObjectDamaged as exc:
+            raise RepositoryDamaged(f"index of {where} {exc.reason}") from None
         if hashlib.sha256(blob).hexdigest() != d.index_sha256:
             raise RepositoryDamaged(f"index of {where} does not match its manifest (truncated or modified)")
         size, entries = index.decode(blob, where)
@@ -207,6 +289,8 @@ class Repository:
             blob = self.backend.read(key)
         except FileNotFoundError:
             return None
+        except crypto.ObjectDamaged as exc:
+            raise RepositoryDamaged(f"manifest of backup {checkpoint} {exc.reason}") from None
         return manifest.manifest_from_bytes(blob, f"manifest of backup {checkpoint}")
 
     def manifests(self, vm: str, *, strict: bool = False) -> list[Manifest]:
@@ -272,6 +356,8 @@ class Repository:
             blob = self.backend.read(f"vms/{vm}/checkpoints.json")
         except FileNotFoundError:
             return []
+        except crypto.ObjectDamaged as exc:
+            raise RepositoryDamaged(f"checkpoint records of {vm} {exc.reason}") from None
         return manifest.checkpoints_from_bytes(blob, f"checkpoint records of {vm}")
 
     def save_checkpoints(self, vm: str, records: Sequence[CheckpointRecord]) -> None:
