@@ -97,11 +97,12 @@ class Cipher:
 
     # -- objects -----------------------------------------------------------
 
-    def seal(self, key: str, data: Buffers) -> bytes:
+    def seal(self, key: str, data: Buffers, *, nonce: bytes | None = None) -> bytes:
+        """The encrypted object for key.  nonce: only for test vectors; never reuse one."""
         if not isinstance(data, (bytes, bytearray, memoryview)):
             data = b"".join(data)
         header = HEADER.pack(MAGIC, VERSION, AES_256_GCM, 0)
-        nonce = os.urandom(NONCE_SIZE)
+        nonce = os.urandom(NONCE_SIZE) if nonce is None else nonce
         return header + nonce + self._aead.encrypt(nonce, data, header + key.encode())
 
     def open(self, key: str, blob: bytes) -> bytes:
