@@ -27,9 +27,9 @@ from . import chain
 from .capture import CancelToken, Tuning, capture
 from .checkpoints import Checkpoints, create_actions
 from .errors import ChainBroken, ChainError, Interrupted, NbdBackupError, RepositoryDamaged, UsageError, VMUnreachable
-from .names import block_namespace, check_name, new_checkpoint_name, utc_now
+from .names import BlockNames, block_namespace, check_name, new_checkpoint_name, utc_now
 from .nbdio import BASE_ALLOCATION, NbdEndpoint, dirty_bitmap_context, dirty_extents
-from .pointintime import BlockNames, PointInTime, clear_leftovers
+from .pointintime import PointInTime, clear_leftovers
 from .qmp import QMPSession
 from .records import CheckpointRecord, Disk, DiskBackup, Extent, IndexEntry, Manifest
 from .repository import Repository
@@ -50,6 +50,7 @@ class BackupRequest:
     disks: tuple[str, ...] = ()  # only these disks (default: every qcow2 disk)
     exclude: tuple[str, ...] = ()  # never these disks
     tuning: Tuning = Tuning()
+    force_new_chain: bool = False  # full: take over a QEMU whose checkpoints belong to another VM name
 
 
 @dataclass(frozen=True)
@@ -95,11 +96,13 @@ def run_backup(
     disks = qcow2_disks(session, req.disks, req.exclude)
 
     # 1. look
-    clear_leftovers(session, block_namespace(repo.id))
+    clear_leftovers(session, BlockNames(block_namespace(repo.id)))
     for stale in repo.incomplete_backups(vm):
         log.warning("removing backup %s of %s: it never completed", stale, vm)
         repo.delete_backup(vm, stale)
-    checkpoints = Checkpoints(repo, session, vm, disks)
+    if req.force_new_chain and req.mode != "full":
+        raise UsageError("--force-new-chain starts a new chain: it goes with a full backup only")
+    checkpoints = Checkpoints(repo, session, vm, disks, force_new_chain=req.force_new_chain)
     checkpoints.reconcile()
     records = checkpoints.records()
 

@@ -19,8 +19,6 @@ from .errors import ChainBroken, CheckpointUnknown
 from .names import twin_bitmap
 from .records import Bitmap, CheckpointRecord
 
-GRANULARITY = 65536
-
 # Checkpoint states, as `nbdbackup checkpoints` shows them.
 OK, MISSING, INCONSISTENT, PENDING, ORPHAN, FOREIGN = "ok", "missing", "inconsistent", "pending", "orphan", "foreign"
 
@@ -141,10 +139,12 @@ class CheckpointStatus:
     problems: tuple[str, ...] = ()
 
 
-def assess(records: Sequence[CheckpointRecord], disk_bitmaps: dict[str, dict[str, Bitmap]], namespace: str) -> list[CheckpointStatus]:
+def assess(records: Sequence[CheckpointRecord], disk_bitmaps: dict[str, dict[str, Bitmap]], namespace: str,
+           others: dict[str, str] | None = None) -> list[CheckpointStatus]:
     """The chain as QEMU and the repository see it, oldest first; then bitmaps of
-    this repository's namespace without a record (orphan) and those of another
-    repository (foreign)."""
+    this repository's namespace without a record (orphan), those another VM name's
+    records own (others: bitmap -> VM; foreign) and those of another repository (foreign)."""
+    others = others or {}
     rows: list[CheckpointStatus] = []
     for i, r in enumerate(records):
         newest = i == len(records) - 1
@@ -179,7 +179,10 @@ def assess(records: Sequence[CheckpointRecord], disk_bitmaps: dict[str, dict[str
             if name not in known:
                 unknown.setdefault(name, {})[disk_id] = b.count
     for name, dirty in sorted(unknown.items()):
-        if name.startswith(namespace):
+        if name in others:
+            rows.append(CheckpointStatus(name, "", FOREIGN, False, False, dirty,
+                                         (f"bitmap {name} belongs to VM {others[name]} of this repository; left alone",)))
+        elif name.startswith(namespace):
             rows.append(CheckpointStatus(name[len(namespace):], "", ORPHAN, False, False, dirty,
                                          (f"bitmap {name} has no checkpoint record; the next backup removes it",)))
         else:

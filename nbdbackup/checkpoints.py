@@ -20,26 +20,21 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
 
 from . import chain
-from .errors import ChainBroken, NbdBackupError
-from .names import bitmap_namespace, is_nbdbackup_bitmap, twin_bitmap
+from .errors import ChainBroken, ChainOfAnotherVM, NbdBackupError
+from .names import bitmap_namespace, check_bitmaps, checkpoint_bitmap, is_nbdbackup_bitmap, twin_bitmap
 from .qmp import QMPSession
 from .records import Bitmap, CheckpointRecord, Disk
 from .repository import Repository
-from .vm import node_bitmaps
+from .vm import (Action, bitmap_add, bitmap_clear, bitmap_disable, bitmap_enable, bitmap_merge, bitmap_remove,
+                 node_bitmaps, qemu_identity)
 
 log = logging.getLogger(__name__)
-
-Action = tuple[str, dict]
 
 
 def disk_bitmaps(session: QMPSession, disks: Sequence[Disk]) -> dict[str, dict[str, Bitmap]]:
     """disk id -> bitmap name -> Bitmap, for nbdbackup's bitmaps only (any repository's)."""
     per_node = node_bitmaps(session)
     return {d.id: {b.name: b for b in per_node.get(d.node, []) if is_nbdbackup_bitmap(b.name)} for d in disks}
-
-
-def _add(node: str, name: str) -> Action:
-    return ("block-dirty-bitmap-add", {"node": node, "name": name, "persistent": True, "granularity": chain.GRANULARITY})
 
 
 def create_actions(disks: Sequence[Disk], new: CheckpointRecord, previous: CheckpointRecord | None,
@@ -51,15 +46,15 @@ def create_actions(disks: Sequence[Disk], new: CheckpointRecord, previous: Check
         if previous is not None:
             old = bitmaps[d.id].get(previous.bitmap)
             if old is not None and old.recording and not old.inconsistent:
-                actions.append(("block-dirty-bitmap-disable", {"node": d.node, "name": old.name}))
-        actions.append(_add(d.node, new.bitmap))
+                actions.append(bitmap_disable(d.node, old.name))
+        actions.append(bitmap_add(d.node, new.bitmap))
         current = bitmaps[d.id].get(twin)
         if current is None:
-            actions.append(_add(d.node, twin))
+            actions.append(bitmap_add(d.node, twin))
         else:
-            actions.append(("block-dirty-bitmap-clear", {"node": d.node, "name": twin}))
+            actions.append(bitmap_clear(d.node, twin))
             if not current.recording:
-                actions.append(("block-dirty-bitmap-enable", {"node": d.node, "name": twin}))
+                actions.append(bitmap_enable(d.node, twin))
     return actions
 
 
@@ -75,12 +70,12 @@ def delete_actions(plan: chain.DeletePlan, disks: Sequence[Disk], bitmaps: dict[
         target = have.get(plan.merge_into) if plan.merge_into else None
         usable = not victim.inconsistent
         if target is not None and not target.inconsistent and usable:
-            actions.append(("block-dirty-bitmap-merge", {"node": d.node, "target": target.name, "bitmaps": [victim.name]}))
+            actions.append(bitmap_merge(d.node, target.name, [victim.name]))
             if plan.enable:
-                actions.append(("block-dirty-bitmap-enable", {"node": d.node, "name": target.name}))
+                actions.append(bitmap_enable(d.node, target.name))
                 if twin in have and not have[twin].inconsistent:
-                    actions.append(("block-dirty-bitmap-merge", {"node": d.node, "target": twin, "bitmaps": [target.name]}))
-        actions.append(("block-dirty-bitmap-remove", {"node": d.node, "name": victim.name}))
+                    actions.append(bitmap_merge(d.node, twin, [target.name]))
+        actions.append(bitmap_remove(d.node, victim.name))
     return actions
 
 
@@ -88,7 +83,7 @@ def remove_actions(disks: Sequence[Disk], names: Iterable[str], bitmaps: dict[st
     """Remove the named bitmaps wherever they are."""
     names = set(names)
     return [
-        ("block-dirty-bitmap-remove", {"node": d.node, "name": b})
+        bitmap_remove(d.node, b)
         for d in disks
         for b in bitmaps.get(d.id, {})
         if b in names
@@ -103,6 +98,7 @@ class Checkpoints:
     session: QMPSession
     vm: str
     disks: Sequence[Disk]
+    force_new_chain: bool = False  # take over a QEMU whose checkpoints belong to another VM name
 
     @property
     def namespace(self) -> str:
@@ -114,7 +110,7 @@ class Checkpoints:
 
     def new_record(self, name: str, created: str, chain_id: str) -> CheckpointRecord:
         return CheckpointRecord(name=name, created=created, chain=chain_id, disks=tuple(d.id for d in self.disks),
-                                bitmap=self.namespace + name)
+                                bitmap=checkpoint_bitmap(self.namespace, name))
 
     def records(self) -> list[CheckpointRecord]:
         return self.repo.checkpoints(self.vm)
@@ -122,11 +118,53 @@ class Checkpoints:
     def bitmaps(self) -> dict[str, dict[str, Bitmap]]:
         return disk_bitmaps(self.session, self.disks)
 
+    def other_owners(self, bitmaps: dict[str, dict[str, Bitmap]] | None = None) -> dict[str, str]:
+        """Bitmaps of this repository on the VM's disks that another VM name's checkpoint
+        records own (bitmap name -> VM name): the QEMU holds that VM's chain."""
+        bitmaps = self.bitmaps() if bitmaps is None else bitmaps
+        present = {n for b in bitmaps.values() for n in b if n.startswith(self.namespace)}
+        owners: dict[str, str] = {}
+        if not present:
+            return owners
+        for vm in self.repo.vms():
+            if vm == self.vm:
+                continue
+            try:
+                theirs = {r.bitmap for r in self.repo.checkpoints(vm)}
+            except NbdBackupError as exc:  # cannot tell: assume nothing, say so
+                log.warning("cannot read the checkpoints of VM %s: %s", vm, exc)
+                continue
+            owners.update({name: vm for name in present & theirs})
+        return owners
+
+    def check_owner(self, bitmaps: dict[str, dict[str, Bitmap]]) -> dict[str, str]:
+        """ChainOfAnotherVM if the QEMU holds another VM name's chain, unless force_new_chain:
+        then returns that chain's bitmaps (name -> VM), to be removed (its records stay; its
+        next backup here is refused in turn)."""
+        owners = self.other_owners(bitmaps)
+        if not owners or self.force_new_chain:
+            return owners
+        others = sorted(set(owners.values()))
+        who = " and ".join(repr(v) for v in others)
+        raise ChainOfAnotherVM(
+            f"this {qemu_identity(self.session)} holds the checkpoints of VM {who}, not of {self.vm!r}: "
+            f"nothing was changed",
+            hint=f"if it is {others[0]!r}, back it up under that name; if {self.vm!r} is right (renamed VM, copied disks), "
+                 f"start a new chain with `nbdbackup full --force-new-chain {self.vm}`",
+        )
+
     def reconcile(self) -> list[str]:
-        """Bring records and bitmaps back in step after a crash; returns what was done."""
+        """Bring records and bitmaps back in step after a crash; returns what was done.
+        First of all ChainOfAnotherVM if the QEMU holds another VM name's chain."""
         done: list[str] = []
         records = self.records()
         bitmaps = self.bitmaps()
+        taken = self.check_owner(bitmaps)
+        if taken:
+            self._apply(remove_actions(self.disks, taken, bitmaps))
+            bitmaps = self.bitmaps()
+            done.append(f"started a new chain for VM {self.vm!r}: removed the checkpoints of VM "
+                        f"{' and '.join(repr(v) for v in sorted(set(taken.values())))} from this QEMU")
         for r in [r for r in records if r.state == "pending"]:
             present = any(r.bitmap in b for b in bitmaps.values())
             if present and self.repo.manifest(self.vm, r.name) is not None:
@@ -144,7 +182,7 @@ class Checkpoints:
         broken_twins = [(d, b[self.twin]) for d, b in bitmaps.items()
                         if self.twin in b and (b[self.twin].inconsistent or not b[self.twin].persistent)]
         if broken_twins:  # cannot be cleared: removed, and the next full backup starts a new one
-            self._apply([("block-dirty-bitmap-remove", {"node": t.node, "name": t.name}) for _, t in broken_twins])
+            self._apply([bitmap_remove(t.node, t.name) for _, t in broken_twins])
             bitmaps = self.bitmaps()
             done.append(f"removed the unusable twin bitmap on disk {', '.join(d for d, _ in broken_twins)}")
         known = {r.bitmap for r in records} | {self.twin}
@@ -209,21 +247,20 @@ class Checkpoints:
     def _snapshot_counts(self, disks: Sequence[Disk], active: str, left: dict[str, dict[str, Bitmap]]) -> dict[str, tuple[int, int]]:
         """(active, twin) dirty bytes per disk, copied at one instant into temporary bitmaps.
         left: the bitmaps now, to remove check bitmaps a run killed during a check left behind."""
-        a, t = f"{self.namespace}@check-active", f"{self.namespace}@check-twin"
-        self._apply([("block-dirty-bitmap-remove", {"node": d.node, "name": n}) for d in disks for n in (a, t) if n in left[d.id]])
+        a, t = check_bitmaps(self.namespace)
+        self._apply([bitmap_remove(d.node, n) for d in disks for n in (a, t) if n in left[d.id]])
         actions: list[Action] = []
         for d in disks:
             for temp, source in ((a, active), (t, self.twin)):
-                actions.append(("block-dirty-bitmap-add", {"node": d.node, "name": temp, "persistent": False, "disabled": True,
-                                                           "granularity": chain.GRANULARITY}))
-                actions.append(("block-dirty-bitmap-merge", {"node": d.node, "target": temp, "bitmaps": [source]}))
+                actions.append(bitmap_add(d.node, temp, persistent=False, disabled=True))
+                actions.append(bitmap_merge(d.node, temp, [source]))
         self._apply(actions)
         try:
             snapshot = self.bitmaps()
             return {d.id: (snapshot[d.id][a].count, snapshot[d.id][t].count) for d in disks}
         finally:
             try:
-                self._apply([("block-dirty-bitmap-remove", {"node": d.node, "name": n}) for d in disks for n in (a, t)])
+                self._apply([bitmap_remove(d.node, n) for d in disks for n in (a, t)])
             except NbdBackupError as exc:  # non-persistent: they go with QEMU anyway
                 log.warning("could not remove temporary bitmaps: %s", exc)
 

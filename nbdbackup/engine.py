@@ -111,7 +111,9 @@ def checkpoint_status(settings: Settings, vmconf: VMConfig) -> list[CheckpointSt
     with vm_session(settings, vmconf) as (repo, session):
         disks = qcow2_disks(session, vmconf.disks, vmconf.exclude)
         records = repo.checkpoints(vmconf.name)
-        rows = assess(records, disk_bitmaps(session, disks), bitmap_namespace(repo.id))
+        bitmaps = disk_bitmaps(session, disks)
+        others = Checkpoints(repo, session, vmconf.name, disks).other_owners(bitmaps)
+        rows = assess(records, bitmaps, bitmap_namespace(repo.id), others)
         active = next((r for r in rows if r.active), None)
         if active is not None:
             try:  # the active bitmap against its twin: a snapshot in QEMU, removed at once

@@ -9,6 +9,7 @@
      +-- ChainError                exit 4  checkpoint unknown or chain broken
      |    +-- CheckpointUnknown
      |    +-- ChainBroken
+     |    +-- ChainOfAnotherVM         QEMU holds another VM name's chain
      +-- LockHeld                  exit 5  another nbdbackup run holds the VM
      +-- RepositoryDamaged         exit 6  a chunk, index or manifest is bad
      +-- RepositoryUnusable        exit 7  newer format, read-only, full
@@ -86,6 +87,10 @@ class CheckpointUnknown(ChainError):
 
 class ChainBroken(ChainError):
     pass
+
+
+class ChainOfAnotherVM(ChainError):
+    """The QEMU's checkpoints (of this repository) belong to another VM name: never touched."""
 
 
 class LockHeld(NbdBackupError):
@@ -179,13 +184,17 @@ EXIT_STATUS: tuple[ExitStatus, ...] = (
                "Usage error: bad command line, name, configuration file or timeout in the environment; "
                "a log file that cannot be opened; no retention policy for `prune`; a checkpoint name that already exists."),
     ExitStatus((VMError.exit_code,), "VM unreachable or unsuitable",
-               "The VM is unreachable (no socket, not QMP, monitor busy, no QMP socket configured, QMP connection lost, "
-               "QEMU exited during the backup), unsuitable (no qcow2 disk, unknown disk, NBD server in use, for example "
-               "by another repository's backup), or its guest could not be frozen with `--require-fsfreeze`."),
+               "The VM is unreachable (no socket, nothing listening on it, not QMP (the human monitor, a guest agent "
+               "socket), monitor held by another client, no QMP socket configured, QMP connection lost, "
+               "QEMU exited during the backup), unsuitable (no qcow2 disk, unknown disk, a device id that cannot name "
+               "a disk in the repository, NBD server in use, for example by another repository's backup), or its guest "
+               "could not be frozen with `--require-fsfreeze`."),
     ExitStatus((ChainError.exit_code,), "checkpoint unknown or chain broken",
                "A checkpoint or backup is unknown, or the chain from the checkpoint to now cannot be trusted "
                "(bitmaps missing, inconsistent, or changed by another tool); nothing was written. "
-               "`auto` makes a full backup instead of failing."),
+               "`auto` makes a full backup instead of failing. "
+               "Also: the QEMU holds the checkpoint chain of another VM name of the repository; nothing was changed "
+               "(`full --force-new-chain` takes it over)."),
     ExitStatus((LockHeld.exit_code,), "VM locked by another run",
                "Another `nbdbackup` run holds the VM's lock; or garbage collection held the repository lock for "
                "more than 10 minutes."),

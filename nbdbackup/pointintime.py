@@ -1,6 +1,7 @@
 """A point-in-time view of every disk, exported over NBD (fleecing).
 
-    with PointInTime(session, disks, checkpoint_actions, merges, workdir) as pit:
+    with PointInTime(session, disks, checkpoint_actions=..., merges=..., scratch_dir=...,
+                     socket_dir=..., names=BlockNames(...)) as pit:
         pit.socket, pit.export_name(disk), pit.export_bitmap(disk)
 
 Entering: one scratch qcow2 overlay per disk (backing: the live disk), then ONE
@@ -22,32 +23,15 @@ import os
 import subprocess
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
-from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import NbdBackupError, QEMUCommandFailed, VMUnsuitable
+from .names import EXPORT_BITMAP, GRANULARITY, BlockNames, nbd_export_name
 from .qmp import QMPSession
 from .records import Disk
+from .vm import bitmap_add, bitmap_merge
 
 log = logging.getLogger(__name__)
-
-EXPORT_BITMAP = "nbdbackup-export"  # lives on our fleece node only
-
-
-@dataclass(frozen=True)
-class BlockNames:
-    """Names of what a backup adds to QEMU's block layer, in its repository's namespace."""
-
-    namespace: str  # names.block_namespace(repository id)
-
-    def fleece(self, disk: Disk) -> str:
-        return f"{self.namespace}fleece-{disk.id}"
-
-    def job(self, disk: Disk) -> str:
-        return f"{self.namespace}job-{disk.id}"
-
-    def export(self, disk: Disk) -> str:
-        return f"{self.namespace}export-{disk.id}"
 
 
 class PointInTime:
@@ -79,7 +63,7 @@ class PointInTime:
         self._stack = contextlib.ExitStack()
 
     def export_name(self, disk: Disk) -> str:
-        return disk.id
+        return nbd_export_name(disk.id)
 
     def export_bitmap(self, disk: Disk) -> str | None:
         return EXPORT_BITMAP if disk.id in self.merges else None
@@ -103,32 +87,31 @@ class PointInTime:
             self._stack.callback(_unlink, scratch)
             qmp.execute(
                 "blockdev-add",
-                {"driver": "qcow2", "node-name": self.names.fleece(d), "backing": d.node, "discard": "unmap",
+                {"driver": "qcow2", "node-name": self.names.fleece(d.id), "backing": d.node, "discard": "unmap",
                  "file": {"driver": "file", "filename": str(scratch)}},
             )
-            self._stack.callback(self._quietly, "blockdev-del", {"node-name": self.names.fleece(d)})
+            self._stack.callback(self._quietly, "blockdev-del", {"node-name": self.names.fleece(d.id)})
 
         actions = list(self.checkpoint_actions)
         for d in self.disks:
             if d.id in self.merges:
-                actions.append(("block-dirty-bitmap-add", {"node": self.names.fleece(d), "name": EXPORT_BITMAP, "persistent": False, "disabled": True, "granularity": 65536}))
-                actions.append(("block-dirty-bitmap-merge", {"node": self.names.fleece(d), "target": EXPORT_BITMAP,
-                                                              "bitmaps": [{"node": d.node, "name": b} for b in self.merges[d.id]]}))
-            actions.append(("blockdev-backup", {"job-id": self.names.job(d), "device": d.node, "target": self.names.fleece(d), "sync": "none"}))
+                actions.append(bitmap_add(self.names.fleece(d.id), EXPORT_BITMAP, persistent=False, disabled=True))
+                actions.append(bitmap_merge(self.names.fleece(d.id), EXPORT_BITMAP, [(d.node, b) for b in self.merges[d.id]]))
+            actions.append(("blockdev-backup", {"job-id": self.names.job(d.id), "device": d.node, "target": self.names.fleece(d.id), "sync": "none"}))
         with self.quiesce():
             qmp.transaction(actions)
             self.frozen = True
         for d in self.disks:
-            self._stack.callback(self._cancel_job, self.names.job(d))
+            self._stack.callback(self._cancel_job, self.names.job(d.id))
 
         start_nbd_server(qmp, self.socket)
         self._stack.callback(self._quietly, "nbd-server-stop", {})
         for d in self.disks:
-            args = {"type": "nbd", "id": self.names.export(d), "node-name": self.names.fleece(d), "name": self.export_name(d), "writable": False}
+            args = {"type": "nbd", "id": self.names.export(d.id), "node-name": self.names.fleece(d.id), "name": self.export_name(d), "writable": False}
             if d.id in self.merges:
                 args["bitmaps"] = [EXPORT_BITMAP]
             qmp.execute("block-export-add", args)
-            self._stack.callback(self._delete_export, self.names.export(d))
+            self._stack.callback(self._delete_export, self.names.export(d.id))
 
     # -- cleanup steps: each one must run even if an earlier one failed ---------
 
@@ -192,11 +175,11 @@ def start_nbd_server(session: QMPSession, socket: Path) -> None:
         session.execute("nbd-server-start", args)
 
 
-def clear_leftovers(session: QMPSession, namespace: str) -> list[str]:
+def clear_leftovers(session: QMPSession, names: BlockNames) -> list[str]:
     """Remove exports, jobs and nodes that an interrupted run (SIGKILL) of this repository left in QEMU."""
     done = []
     exports = session.execute("query-block-exports")
-    ours = [e["id"] for e in exports if e["id"].startswith(namespace)]
+    ours = [e["id"] for e in exports if names.owns(e["id"])]
     for export in ours:
         delete_export(session, export)
         done.append(f"export {export}")
@@ -207,11 +190,11 @@ def clear_leftovers(session: QMPSession, namespace: str) -> list[str]:
         except NbdBackupError:
             pass
     for job in session.execute("query-block-jobs"):
-        if job["device"].startswith(namespace):
+        if names.owns(job["device"]):
             delete_job(session, job["device"])
             done.append(f"job {job['device']}")
     for node in session.execute("query-named-block-nodes", {"flat": True}):
-        if node["node-name"].startswith(namespace + "fleece-"):
+        if names.is_fleece(node["node-name"]):
             try:
                 session.execute("blockdev-del", {"node-name": node["node-name"]})
                 done.append(f"node {node['node-name']}")
@@ -225,7 +208,7 @@ def clear_leftovers(session: QMPSession, namespace: str) -> list[str]:
 def _create_scratch(path: Path, size: int, owner: tuple[int, int] | None) -> None:
     _unlink(path)
     proc = subprocess.run(
-        ["qemu-img", "create", "-q", "-f", "qcow2", "-o", "cluster_size=65536", str(path), str(size)],
+        ["qemu-img", "create", "-q", "-f", "qcow2", "-o", f"cluster_size={GRANULARITY}", str(path), str(size)],
         capture_output=True, text=True, start_new_session=True,  # a terminal's Ctrl-C is ours to handle
     )
     if proc.returncode != 0:

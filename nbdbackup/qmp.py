@@ -8,11 +8,14 @@ stay inside the adapter modules (qmp, vm, pointintime) that speak QMP.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
+import select
 import socket
 import stat
 import struct
+import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
@@ -27,6 +30,9 @@ log = logging.getLogger(__name__)
 # A held monitor accepts the connection but never greets: wait this long.
 CONNECT_TIMEOUT = 10.0
 COMMAND_TIMEOUT = 60.0
+# A free QMP monitor greets within milliseconds of accepting a connection: after this
+# long without a greeting, find out why (held by another client, or not a monitor).
+PROBE_SECONDS = 1.0
 
 
 class QMPSession:
@@ -74,8 +80,15 @@ class QMPSession:
             raise VMUnreachable(f"QMP socket {path} is not accessible", hint="run as the user that owns the VM") from None
         if not stat.S_ISSOCK(mode):
             raise VMUnreachable(f"{path} is not a socket", hint="give the path of the VM's QMP monitor socket")
+        target: str | socket.socket = str(path)
+        if not self._client.await_greeting:  # the guest agent says nothing until asked
+            timeout = self.connect_timeout
+        else:
+            started = time.monotonic()
+            target = open_monitor(path, self.connect_timeout)  # greeted: the monitor is ours
+            timeout = max(1.0, self.connect_timeout - (time.monotonic() - started))
         try:
-            self._run(self._client.connect(str(path)), self.connect_timeout)
+            self._run(self._client.connect(target), timeout)
         except TimeoutError:
             self._abandon()
             raise VMUnreachable(
@@ -176,3 +189,118 @@ class QMPSession:
 def _describe(exc: BaseException) -> str:
     text = str(exc) or type(exc).__name__
     return text.splitlines()[0]
+
+
+# -- Opening a monitor socket: say what it is when it is not a free QMP monitor ----------
+
+HELD_HINT = "wait until it is done, or give nbdbackup a QMP monitor of its own (QEMU accepts several -qmp options)"
+
+
+def open_monitor(path: Path, timeout: float) -> socket.socket:
+    """A connected socket on which QEMU's QMP greeting is waiting to be read (not consumed).
+
+    VMUnreachable, saying which, when the socket is held by another client (QEMU
+    serves one client per monitor; others wait in the listen queue), is the human
+    monitor (HMP), is a guest agent's socket, or does not speak QMP at all."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        _connect(sock, path)
+        deadline = time.monotonic() + timeout
+        if not _readable(sock, min(PROBE_SECONDS, timeout)):
+            queue = _listen_queue(path, sock)
+            if queue == "accepted" and not _readable(sock, 0.2):
+                raise _silent_peer(sock, path)
+            if not _readable(sock, deadline - time.monotonic()):
+                if queue == "queued":
+                    raise VMUnreachable(f"QMP socket {path} is in use by another client (QEMU serves one client per monitor)",
+                                        hint=HELD_HINT)
+                raise VMUnreachable(f"QMP socket {path} did not answer within {timeout:g}s",
+                                    hint="another client probably holds this monitor; give nbdbackup a -qmp socket of its own")
+        _check_greeting(sock, path)
+        sock.setblocking(False)
+        return sock
+    except BaseException:
+        sock.close()
+        raise
+
+
+def _connect(sock: socket.socket, path: Path) -> None:
+    sock.setblocking(False)  # a full listen queue fails at once (EAGAIN) instead of blocking
+    try:
+        sock.connect(str(path))
+    except BlockingIOError:
+        raise VMUnreachable(f"QMP socket {path} is in use by another client, and more connections are queued behind it",
+                            hint=HELD_HINT) from None
+    except ConnectionRefusedError:
+        raise VMUnreachable(f"nothing listens on QMP socket {path}", hint="is the VM running? (the socket file stays when QEMU exits)") from None
+    except OSError as exc:
+        raise VMUnreachable(f"cannot connect to QMP socket {path}: {exc.strerror or exc}") from None
+
+
+def _readable(sock: socket.socket, timeout: float) -> bool:
+    return bool(select.select([sock], [], [], max(0.0, timeout))[0])
+
+
+def _check_greeting(sock: socket.socket, path: Path) -> None:
+    first = sock.recv(256, socket.MSG_PEEK)
+    if first.startswith(b'{"QMP"'):
+        return
+    if not first:
+        raise VMUnreachable(f"{path} closed the connection at once: it is not a QMP monitor",
+                            hint="give the socket of the VM's -qmp unix:PATH,server=on,wait=off option")
+    if first.startswith(b"QEMU ") and b"monitor" in first:
+        raise VMUnreachable(f"{path} is QEMU's human monitor (HMP), not QMP",
+                            hint="give the socket of a -qmp unix:PATH,server=on,wait=off option (or -mon mode=control), not -monitor")
+    shown = first.split(b"\n", 1)[0].strip()[:40].decode(errors="replace")
+    raise VMUnreachable(f"{path} does not speak QMP (it said {shown!r})", hint="give the path of the VM's QMP monitor socket")
+
+
+def _silent_peer(sock: socket.socket, path: Path) -> VMUnreachable:
+    """QEMU accepted the connection but sent no greeting: no monitor. A guest agent answers guest-sync."""
+    token = int.from_bytes(os.urandom(3), "big")
+    try:
+        sock.sendall(json.dumps({"execute": "guest-sync", "arguments": {"id": token}}).encode() + b"\n")
+        reply = sock.recv(4096) if _readable(sock, 1.0) else b""
+    except OSError:
+        reply = b""
+    if str(token).encode() in reply:
+        return VMUnreachable(f"{path} is the socket of the VM's guest agent, not of its QMP monitor",
+                             hint="give it as --qga (or qga = in the config file), and the -qmp socket as --qmp")
+    return VMUnreachable(f"{path} accepted the connection but sent no QMP greeting: it is not a QMP monitor "
+                         "(a guest agent or serial port socket?)",
+                         hint="give the socket of the VM's -qmp unix:PATH,server=on,wait=off option")
+
+
+def _listen_queue(path: Path, sock: socket.socket) -> str | None:
+    """Where our connection stands, from /proc/net/unix: "queued" (a connection waits in the
+    socket's listen queue: another client holds it), "accepted" (the server took it), or None
+    (cannot tell).  QEMU's side of a connection shows the socket's path: state 02 while it
+    waits to be accepted, 03 once accepted."""
+    wanted = {str(path), os.path.realpath(path)}
+    cwd = _peer_cwd(sock)
+    states = []
+    try:
+        lines = Path("/proc/net/unix").read_text().splitlines()[1:]
+    except OSError:
+        return None
+    for line in lines:
+        fields = line.split()
+        if len(fields) < 8:
+            continue
+        name = fields[7]
+        if name not in wanted and not (cwd and not name.startswith("/") and os.path.normpath(os.path.join(cwd, name)) in wanted):
+            continue
+        if fields[3] != "00010000":  # not the listening socket itself
+            states.append(fields[5])
+    if "02" in states:
+        return "queued"
+    return "accepted" if "03" in states else None
+
+
+def _peer_cwd(sock: socket.socket) -> str | None:
+    """The working directory of the process listening on sock (to resolve a relative socket path)."""
+    try:
+        pid, _, _ = struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i")))
+        return os.readlink(f"/proc/{pid}/cwd")
+    except OSError:
+        return None

@@ -1,11 +1,12 @@
-"""What a running VM has: its disks and their dirty bitmaps, read over QMP."""
+"""What a running VM has: its disks and their dirty bitmaps, read over QMP;
+and the QMP vocabulary that changes those bitmaps (transaction actions)."""
 
 from __future__ import annotations
 
 import logging
 
-from .errors import VMUnsuitable
-from .names import check_name
+from .errors import NbdBackupError, UsageError, VMUnsuitable
+from .names import GRANULARITY, check_name
 from .qmp import QMPSession
 from .records import Bitmap, Disk
 
@@ -28,7 +29,6 @@ def disk_id_of(qdev: str, device: str) -> str | None:
 def list_disks(session: QMPSession) -> list[Disk]:
     """Every block device with a medium, keyed by its guest device id."""
     nodes = {n["node-name"]: n for n in session.execute("query-named-block-nodes", {"flat": True})}
-    children = _file_children(session) if any(n.get("drv") in FILTER_DRIVERS for n in nodes.values()) else {}
     disks = []
     for blk in session.execute("query-block"):
         inserted = blk.get("inserted")
@@ -38,10 +38,7 @@ def list_disks(session: QMPSession) -> list[Disk]:
         if disk_id is None:
             log.warning("skipping a disk without a device id (%s)", inserted.get("node-name"))
             continue
-        check_name("disk", disk_id)
-        node = inserted["node-name"]
-        while nodes.get(node, {}).get("drv") in FILTER_DRIVERS and node in children:
-            node = children[node]
+        node = _below_filters(inserted, nodes)
         info = nodes.get(node, inserted)
         image = info.get("image", {})
         disks.append(
@@ -64,6 +61,13 @@ def qcow2_disks(session: QMPSession, only: tuple[str, ...] = (), exclude: tuple[
         if wanted not in by_id:
             raise VMUnsuitable(f"the VM has no disk {wanted!r}", hint=f"its disks are: {', '.join(sorted(by_id)) or 'none'}")
     chosen = [d for d in disks if (not only or d.id in only) and d.id not in exclude]
+    for d in chosen:
+        try:
+            check_name("disk", d.id)
+        except UsageError as exc:  # possible with JSON -device or device_add, which take any id
+            raise VMUnsuitable(f"the VM's disk id {d.id!r} cannot name a disk in the repository ({exc.message})",
+                               hint="give the device an id of letters, digits, '.', '_' and '-' (at most 64 characters), "
+                                    "or leave the disk out with exclude = [...] in the config file") from None
     usable = [d for d in chosen if d.format == "qcow2"]
     for d in chosen:
         if d.format != "qcow2":
@@ -71,6 +75,17 @@ def qcow2_disks(session: QMPSession, only: tuple[str, ...] = (), exclude: tuple[
     if not usable:
         raise VMUnsuitable("the VM has no qcow2 disk to back up", hint="nbdbackup needs qcow2 images, which can hold persistent dirty bitmaps")
     return usable
+
+
+def qemu_identity(session: QMPSession) -> str:
+    """How the VM calls itself (-name, -uuid), for messages: "QEMU (-name vm3)", or "QEMU"."""
+    try:
+        name = session.execute("query-name").get("name")
+        uuid = session.execute("query-uuid").get("UUID", "")
+    except NbdBackupError:
+        return "QEMU"
+    parts = ([f"-name {name}"] if name else []) + ([f"-uuid {uuid}"] if uuid.strip("0-") else [])
+    return f"QEMU ({', '.join(parts)})" if parts else "QEMU"
 
 
 def node_bitmaps(session: QMPSession) -> dict[str, list[Bitmap]]:
@@ -98,8 +113,52 @@ def node_bitmaps(session: QMPSession) -> dict[str, list[Bitmap]]:
 
 
 
-def _file_children(session: QMPSession) -> dict[str, str]:
-    """node name -> node name of its 'file' child, from the block graph."""
-    graph = session.execute("x-debug-query-block-graph")
-    names = {n["id"]: n["name"] for n in graph["nodes"]}
-    return {names[e["parent"]]: names[e["child"]] for e in graph["edges"] if e["name"] == "file" and e["parent"] in names}
+def _below_filters(inserted: dict, nodes: dict[str, dict]) -> str:
+    """The node under any filters on top of a disk: where its bitmaps live.
+
+    Stable QMP only (no x-debug-query-block-graph): query-block shows the
+    filtered child's image as the filter's backing-image; the named node with
+    that image's format and file name is the one below."""
+    top = inserted["node-name"]
+    if nodes.get(top, {}).get("drv") not in FILTER_DRIVERS:
+        return top
+    image = inserted.get("image", {})
+    while image.get("format") in FILTER_DRIVERS and "backing-image" in image:
+        image = image["backing-image"]
+    below = [n["node-name"] for n in nodes.values()
+             if n.get("drv") == image.get("format") and n.get("file") == image.get("filename") and n.get("drv") not in FILTER_DRIVERS]
+    return below[0] if len(below) == 1 else top  # ambiguous: left as is (skipped later as not qcow2)
+
+
+# -- Transaction actions on dirty bitmaps (QMP's block-dirty-bitmap-*) ----------
+
+Action = tuple[str, dict]
+
+
+def bitmap_add(node: str, name: str, *, persistent: bool = True, disabled: bool = False) -> Action:
+    args = {"node": node, "name": name, "persistent": persistent, "granularity": GRANULARITY}
+    if disabled:
+        args["disabled"] = True
+    return ("block-dirty-bitmap-add", args)
+
+
+def bitmap_remove(node: str, name: str) -> Action:
+    return ("block-dirty-bitmap-remove", {"node": node, "name": name})
+
+
+def bitmap_clear(node: str, name: str) -> Action:
+    return ("block-dirty-bitmap-clear", {"node": node, "name": name})
+
+
+def bitmap_enable(node: str, name: str) -> Action:
+    return ("block-dirty-bitmap-enable", {"node": node, "name": name})
+
+
+def bitmap_disable(node: str, name: str) -> Action:
+    return ("block-dirty-bitmap-disable", {"node": node, "name": name})
+
+
+def bitmap_merge(node: str, target: str, sources: list[str] | list[tuple[str, str]]) -> Action:
+    """Merge sources (names on node, or (node, name) pairs elsewhere) into target on node."""
+    bitmaps = [s if isinstance(s, str) else {"node": s[0], "name": s[1]} for s in sources]
+    return ("block-dirty-bitmap-merge", {"node": node, "target": target, "bitmaps": bitmaps})

@@ -55,6 +55,9 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from nbdbackup import names
+from nbdbackup.names import BlockNames
+
 THIS = Path(__file__).resolve()
 PAUSE_LIMIT = 120.0  # seconds a paused run waits for "go" before it goes on by itself
 
@@ -474,9 +477,9 @@ if __name__ == "__main__":
     main(sys.argv[1:])
 
 
-def block_namespace(repo: Path) -> str:
-    """The prefix of the nodes, jobs and exports the repository's backups create."""
-    return "nbdbackup-" + json.loads((repo / "config.json").read_text())["id"][:8] + "-"
+def block_names(repo: Path) -> BlockNames:
+    """The names of the nodes, jobs and exports the repository's backups create."""
+    return BlockNames(names.block_namespace(json.loads((repo / "config.json").read_text())["id"]))
 
 
 SIZES = {"vda": 8 * MiB, "vdb": 4 * MiB + 512}  # vdb ends inside a bitmap granule

@@ -1,7 +1,9 @@
 """A real-QEMU test harness for nbdbackup's integration tests.
 
 A :class:`TestVM` is a ``qemu-system-x86_64`` started with ``-S`` (no guest
-runs, no guest OS needed) and one virtio-blk disk per entry of ``disks``.
+runs, no guest OS needed) and one disk per entry of ``disks``: virtio-blk by
+default, or attached as users start QEMU by hand (``attach``: -drive
+if=virtio, -drive if=ide, scsi-hd, a throttle filter; see ATTACH_STYLES).
 "Guest writes" are made with HMP ``qemu-io`` through each disk's device, so
 they pass through the same block layer as a guest's writes and dirty the
 disk's bitmaps. The harness keeps a model of every disk's content, so tests
@@ -39,6 +41,7 @@ import subprocess
 import tempfile
 import threading
 import time
+import zlib
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -96,29 +99,52 @@ def _kill_leftovers() -> None:
     _LIVE.clear()
 
 
+# How a disk is attached (TestVM's ``attach``): the ways users start QEMU by hand.
+#   virtio-blk     -blockdev ... -device virtio-blk-pci,id=<id>      (the default)
+#   scsi-hd        -blockdev ... -device scsi-hd,id=<id> on a virtio-scsi-pci controller
+#   drive-virtio   -drive file=...,if=virtio,index=N: QEMU names it virtio<N>; the id must be that
+#   drive-ide      -drive file=...,if=ide,bus=N,unit=0: QEMU names it ide<N>-hd0; the id must be that
+#   throttled      virtio-blk-pci,id=<id> on a throttle filter node above the format node
+ATTACH_STYLES = ("virtio-blk", "scsi-hd", "drive-virtio", "drive-ide", "throttled")
+_DRIVE_ID = {"drive-virtio": re.compile(r"^virtio(\d+)$"), "drive-ide": re.compile(r"^ide(\d+)-hd0$")}
+
+
 @dataclass(frozen=True)
 class GuestDisk:
-    """One virtio-blk disk of a :class:`TestVM`."""
+    """One disk of a :class:`TestVM`."""
 
-    id: str      # qdev id of the virtio-blk-pci device, e.g. "vda"
+    id: str      # the guest device id as QEMU reports it, e.g. "vda", "virtio0"
     path: Path   # image file
     size: int    # virtual size in bytes
     fmt: str     # image format: "qcow2" or "raw"
+    attach: str = "virtio-blk"  # one of ATTACH_STYLES
+
+    @property
+    def _short(self) -> str:
+        """The id, or a short stand-in where a node name built from it would pass QEMU's 31 characters."""
+        return self.id if len(self.id) <= 26 else "d" + format(zlib.crc32(self.id.encode()), "08x")
 
     @property
     def file_node(self) -> str:
         """Node name of the protocol (file) node."""
-        return f"{self.id}-file"
+        return f"{self._short}-file"
 
     @property
     def node(self) -> str:
-        """Node name of the format node the device is attached to."""
-        return f"{self.id}-fmt"
+        """Node name of the format node the device is attached to (not for -drive disks: TestVM.node)."""
+        return f"{self._short}-fmt"
 
     @property
     def qdev(self) -> str:
         """QOM path of the device's block backend, as qemu-io -d wants it."""
+        if self.attach == "scsi-hd":
+            return f"/machine/peripheral/{self.id}"
         return f"/machine/peripheral/{self.id}/virtio-backend"
+
+    @property
+    def qemu_io_target(self) -> str:
+        """What HMP qemu-io takes to write through the device: -d <QOM path>, or a -drive's name."""
+        return self.id if self.attach.startswith("drive-") else f"-d {self.qdev}"
 
 
 class Write(NamedTuple):
@@ -226,12 +252,17 @@ class TestVM:
         cluster_size: int = 65536,
         write_cache: bool = False,
         runas: str | None = None,
+        attach: Mapping[str, str] | None = None,
     ) -> None:
         if fmt not in ("qcow2", "raw"):
             raise ValueError(f"unsupported image format {fmt!r}")
+        attach = dict(attach or {})
         for disk_id, size in disks.items():
-            if not _DEVICE_ID.match(disk_id):
-                raise ValueError(f"bad device id {disk_id!r}")
+            style = attach.setdefault(disk_id, "virtio-blk")
+            if style not in ATTACH_STYLES:
+                raise ValueError(f"disk {disk_id}: unknown attach style {style!r}")
+            if not (_DRIVE_ID[style].match(disk_id) if style in _DRIVE_ID else _DEVICE_ID.match(disk_id)):
+                raise ValueError(f"bad device id {disk_id!r} for {style}")
             if size <= 0 or size % SECTOR:
                 raise ValueError(f"disk {disk_id}: size {size} is not a positive multiple of 512")
         self.workdir = Path(workdir)
@@ -241,7 +272,7 @@ class TestVM:
         self.write_cache = write_cache
         self.runas = runas  # QEMU drops to this user after opening its sockets (-runas)
         self.disks: dict[str, GuestDisk] = {
-            disk_id: GuestDisk(disk_id, self.workdir / f"{name}-{disk_id}.{fmt}", size, fmt)
+            disk_id: GuestDisk(disk_id, self.workdir / f"{name}-{disk_id}.{fmt}", size, fmt, attach[disk_id])
             for disk_id, size in disks.items()
         }
         self.model: dict[str, bytearray] = {d: bytearray(s) for d, s in disks.items()}
@@ -401,8 +432,19 @@ class TestVM:
 
     def bitmaps(self, disk: str) -> list[dict[str, Any]]:
         """The dirty bitmaps of a disk's format node."""
-        bitmaps: list[dict[str, Any]] = self.block_state()["bitmaps"][self.disks[disk].node]
+        bitmaps: list[dict[str, Any]] = self.block_state()["bitmaps"][self.node(disk)]
         return bitmaps
+
+    def node(self, disk: str) -> str:
+        """The node name of a disk's format node; QEMU picks it (#block123) for a -drive disk."""
+        d = self.disks[disk]
+        if not d.attach.startswith("drive-"):
+            return d.node
+        for blk in self.qmp("query-block"):
+            if blk["device"] == d.id:
+                node: str = blk["inserted"]["node-name"]
+                return node
+        raise HarnessError(f"QEMU shows no drive {d.id}")
 
     # -- guest I/O ---------------------------------------------------------
 
@@ -497,13 +539,29 @@ class TestVM:
         if self.runas:
             cmd += ["-runas", self.runas]
         write_cache = "on" if self.write_cache else "off"
+        if any(d.attach == "scsi-hd" for d in self.disks.values()):
+            cmd += ["-device", "virtio-scsi-pci,id=scsi0"]
+        if any(d.attach == "throttled" for d in self.disks.values()):
+            cmd += ["-object", "throttle-group,id=tg0,x-iops-total=100000"]
         for disk in self.disks.values():
+            drive = _DRIVE_ID.get(disk.attach)
+            if drive:  # a -drive as users write it: QEMU picks the device and its id
+                interface, number = disk.attach.removeprefix("drive-"), drive.match(disk.id).group(1)  # type: ignore[union-attr]
+                where = f"index={number}" if interface == "virtio" else f"bus={number},unit=0"
+                cache = "writeback" if self.write_cache else "writethrough"
+                cmd += ["-drive", f"file={disk.path},format={disk.fmt},if={interface},{where},discard=unmap,cache={cache}"]
+                continue
             file_node = {"driver": "file", "filename": str(disk.path),
                          "node-name": disk.file_node, "discard": "unmap"}
             fmt_node = {"driver": disk.fmt, "file": disk.file_node,
                         "node-name": disk.node, "discard": "unmap"}
-            cmd += ["-blockdev", json.dumps(file_node), "-blockdev", json.dumps(fmt_node),
-                    "-device", f"virtio-blk-pci,drive={disk.node},id={disk.id},write-cache={write_cache}"]
+            cmd += ["-blockdev", json.dumps(file_node), "-blockdev", json.dumps(fmt_node)]
+            top = disk.node
+            if disk.attach == "throttled":  # the bitmaps stay on the format node below the filter
+                top = f"{disk._short}-thr"
+                cmd += ["-blockdev", json.dumps({"driver": "throttle", "throttle-group": "tg0", "file": disk.node, "node-name": top})]
+            cmd += ["-device", f"{'scsi-hd' if disk.attach == 'scsi-hd' else 'virtio-blk-pci'},drive={top},"
+                               f"id={disk.id},write-cache={write_cache}"]
         return cmd
 
     def _create_image(self, disk: GuestDisk) -> None:
@@ -569,9 +627,9 @@ class TestVM:
         Returns the stdout lines printed between the command and its
         confirmation (e.g. "Pattern verification failed ...").
         """
-        qdev = self.disks[disk].qdev
+        target = self.disks[disk].qemu_io_target
         with self._lock:
-            reply = self.hmp(f'qemu-io -d {qdev} "{command}"')
+            reply = self.hmp(f'qemu-io {target} "{command}"')
             if reply.strip():
                 raise HarnessError(f"qemu-io {disk} {command!r}: {reply.strip()}")
             return self._await_line(confirmation, f"qemu-io {disk} {command!r}")

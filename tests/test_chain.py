@@ -103,3 +103,13 @@ def test_a_disabled_bitmap_must_keep_its_recorded_count():
 def test_the_active_bitmap_must_equal_its_twin(twin, counts, words):
     assert chain.twin_problem(RECORDS[-1], "vda", bm("T", recording=True), (4096, 4096)) is None
     assert words in chain.twin_problem(RECORDS[-1], "vda", twin, counts)
+
+
+def test_assess_shows_another_vm_names_bitmaps_as_foreign():
+    records = [rec("A", disks=("vda",))]
+    bitmaps = {"vda": {bitmap_name("A"): bm("A", recording=True), bitmap_name("Y1"): bm("Y1", recording=True),
+                       bitmap_name("orphan"): bm("orphan")}}
+    rows = {r.name: r for r in chain.assess(records, bitmaps, "nbdbackup.12345678.", {bitmap_name("Y1"): "vm3"})}
+    assert rows["A"].state == "ok"
+    assert rows[bitmap_name("Y1")].state == "foreign" and "VM vm3 of this repository" in rows[bitmap_name("Y1")].problems[0]
+    assert rows["orphan"].state == "orphan"

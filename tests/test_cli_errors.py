@@ -40,12 +40,15 @@ def test_socket_that_does_not_speak_qmp(repo, tmp_path):
     def babble():
         conn, _ = server.accept()
         conn.sendall(b"220 hello, I am not QEMU\r\n")
-        conn.recv(100)
+        try:
+            conn.recv(100)
+        except ConnectionResetError:
+            pass  # nbdbackup hangs up at once: it saw this is not QMP
         conn.close()
 
     threading.Thread(target=babble, daemon=True).start()
     proc = cli.run(repo, "full", "vm1", "--qmp", path, expect=3)
-    assert "QMP" in proc.stderr
+    assert "does not speak QMP (it said '220 hello, I am not QEMU')" in proc.stderr
     server.close()
 
 

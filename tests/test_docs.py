@@ -119,7 +119,7 @@ def test_commands_section_describes_every_command_and_option():
         if "backup-options" in section("SYNOPSIS").split(f".B {name}\n", 1)[1].split(".br", 1)[0]:
             expected -= backup
         assert described[name] == expected, name
-    assert backup == long_options(cli.commands["full"])
+    assert backup == long_options(cli.commands["full"]) & long_options(cli.commands["incremental"]) & long_options(cli.commands["auto"])
 
 
 def test_global_options_section_is_the_command_lines():

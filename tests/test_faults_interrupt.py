@@ -30,7 +30,7 @@ from faults import (
     assert_restores,
     backups,
     bitmap_state,
-    block_namespace,
+    block_names,
     manifest,
     prepare,
     qemu_leftovers,
@@ -55,16 +55,16 @@ def check_stage(vm, repo, stage: str, before) -> None:
     folder = repo / "vms" / "vm1" / "backups" / "hung"
     files = sorted(p.name for p in folder.iterdir() if not p.name.startswith(".")) if folder.is_dir() else []
     new_bitmap = pending[0]["bitmap"]
-    ns = block_namespace(repo)
+    bn = block_names(repo)
     if stage == "freeze":  # fleece nodes added, the transaction not yet sent
-        assert left["nodes"] == [f"{ns}fleece-vda", f"{ns}fleece-vdb"] and left["jobs"] == [], left
+        assert left["nodes"] == sorted([bn.fleece("vda"), bn.fleece("vdb")]) and left["jobs"] == [], left
         assert bitmap_state(vm) == before
         return
     assert new_bitmap in [name for name, _, _ in bitmap_state(vm)["vda"]]
     if stage == "export":  # the transaction ran: jobs and the new bitmap, no export yet
-        assert left["jobs"] == [f"{ns}job-vda", f"{ns}job-vdb"] and left["exports"] == [], left
+        assert left["jobs"] == sorted([bn.job("vda"), bn.job("vdb")]) and left["exports"] == [], left
     elif stage == "read":  # exported, being read, nothing written but chunks
-        assert sorted(left["exports"]) == [f"{ns}export-vda", f"{ns}export-vdb"], left
+        assert sorted(left["exports"]) == sorted([bn.export("vda"), bn.export("vdb")]), left
         assert files == []
     elif stage == "index":  # vda's index written, vdb read, no manifest
         assert files == ["vda.index"], files

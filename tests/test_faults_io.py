@@ -25,7 +25,7 @@ from faults import (
     backup,
     backups,
     bitmap_state,
-    block_namespace,
+    block_names,
     child_pids,
     command_name,
     grow_filesystem,
@@ -115,7 +115,7 @@ def test_export_deleted_under_the_reader(vm_factory, repo, tmp_path):
     before = bitmap_state(vm)
     with Run(repo, "incremental", "vm1", "--qmp", vm.qmp_socket, "--checkpoint", "hung", pause="read") as run:
         run.wait_paused()
-        vm.qmp("block-export-del", id=f"{block_namespace(repo)}export-vda", mode="hard")
+        vm.qmp("block-export-del", id=block_names(repo).export("vda"), mode="hard")
         result = run.finish()
     line = assert_one_line_error(result)
     assert "vda" in line, line

@@ -23,6 +23,7 @@ class BackupOptions:
     qga: str | None = None
     fsfreeze: bool = False
     require_fsfreeze: bool = False
+    force_new_chain: bool = False
 
 
 @dataclass(frozen=True)
@@ -73,7 +74,7 @@ def run_one(g: Globals, settings, vm: str, opts: BackupOptions, *, one_of_many: 
             if value is not None and value != "latest":
                 check_name("checkpoint", value)  # before touching the VM
         req = BackupRequest(vm=vm, mode=opts.mode, checkpoint=opts.checkpoint, since=opts.since, disks=vmconf.disks,
-                            exclude=vmconf.exclude, tuning=engine.tuning_for(vmconf))
+                            exclude=vmconf.exclude, tuning=engine.tuning_for(vmconf), force_new_chain=opts.force_new_chain)
         with interruptible() as cancel, progress_bar(f"{vm}") as observer:
             result = engine.backup(settings, vmconf, req, cancel=cancel, observer=observer,
                                    fsfreeze=opts.fsfreeze or opts.require_fsfreeze, require_fsfreeze=opts.require_fsfreeze)
@@ -127,6 +128,9 @@ def _single(g: Globals, vm: str, opts: BackupOptions, as_json: bool) -> None:
 
 @click.command()
 @click.argument("vm")
+@click.option("--force-new-chain", is_flag=True,
+              help="Start the chain here even if this QEMU holds the checkpoints of another VM name of the repository "
+                   "(a renamed VM, copied disks); that VM's next backup of this QEMU is then refused.")
 @backup_options
 @pass_globals
 def full(g: Globals, vm: str, as_json: bool, **opts) -> None:
