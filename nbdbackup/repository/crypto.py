@@ -99,11 +99,15 @@ class Cipher:
 
     def seal(self, key: str, data: Buffers, *, nonce: bytes | None = None) -> bytes:
         """The encrypted object for key.  nonce: only for test vectors; never reuse one."""
+        return b"".join(self.seal_parts(key, data, nonce=nonce))
+
+    def seal_parts(self, key: str, data: Buffers, *, nonce: bytes | None = None) -> list[bytes]:
+        """The encrypted object as parts to write in order (no copy of the ciphertext to join them)."""
         if not isinstance(data, (bytes, bytearray, memoryview)):
-            data = b"".join(data)
+            data = data[0] if len(data) == 1 else b"".join(data)
         header = HEADER.pack(MAGIC, VERSION, AES_256_GCM, 0)
         nonce = os.urandom(NONCE_SIZE) if nonce is None else nonce
-        return header + nonce + self._aead.encrypt(nonce, data, header + key.encode())
+        return [header + nonce, self._aead.encrypt(nonce, data, header + key.encode())]
 
     def open(self, key: str, blob: bytes) -> bytes:
         if len(blob) < OVERHEAD:
@@ -212,7 +216,7 @@ class EncryptedBackend:
         return self.cipher.open(key, self.inner.read(self.physical(key)))
 
     def write(self, key: str, data: Buffers, *, durable: bool = False, exclusive: bool = False) -> None:
-        self.inner.write(self.physical(key), self.cipher.seal(key, data), durable=durable, exclusive=exclusive)
+        self.inner.write(self.physical(key), self.cipher.seal_parts(key, data), durable=durable, exclusive=exclusive)
 
     def exists(self, key: str) -> bool:
         return self.inner.exists(self.physical(key))
