@@ -143,6 +143,8 @@ def test_round_trip_dedup_and_no_names(env):
     assert not any("secretvm" in p for p in tree(env / "r"))
     again = Repository.open(env / "r", create=False)
     assert again.get_chunk(cid, "t") == data and again.vms() == ["secretvm"]
+    other = Repository.open(env / "r2", encryption="repokey")
+    assert other.chunk_id(data) != cid  # another repository, another key: chunks cannot be linked across them
 
 
 def test_config_tampering_is_detected(env):

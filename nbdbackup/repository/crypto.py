@@ -32,10 +32,13 @@ import base64
 import logging
 import os
 import struct
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers import Cipher as _Cipher
+from cryptography.hazmat.primitives.ciphers import algorithms, modes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM, AESSIV
 
 from ..errors import RepositoryDamaged
@@ -73,6 +76,17 @@ class ObjectDamaged(RepositoryDamaged):
         self.reason = reason
 
 
+_local = threading.local()
+
+
+def _buffer(size: int) -> memoryview:
+    """This thread's output buffer, at least size bytes (grown, never shrunk)."""
+    buf = getattr(_local, "buf", None)
+    if buf is None or len(buf) < size:
+        buf = _local.buf = bytearray(size)
+    return memoryview(buf)
+
+
 def _b32(data: bytes) -> str:
     return base64.b32encode(data).decode().rstrip("=").lower()
 
@@ -86,12 +100,14 @@ class Cipher:
     """The keys of one unlocked repository."""
 
     master_key: bytes
+    _object_key: bytes = field(init=False, repr=False)
     _aead: AESGCM = field(init=False, repr=False)
     _siv: AESSIV = field(init=False, repr=False)
     _local: bytes = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "_aead", AESGCM(derive(self.master_key, OBJECT_CONTEXT)))
+        object.__setattr__(self, "_object_key", derive(self.master_key, OBJECT_CONTEXT))
+        object.__setattr__(self, "_aead", AESGCM(self._object_key))
         object.__setattr__(self, "_siv", AESSIV(derive(self.master_key, NAME_CONTEXT, 64)))
         object.__setattr__(self, "_local", derive(self.master_key, LOCAL_CONTEXT))
 
@@ -101,13 +117,26 @@ class Cipher:
         """The encrypted object for key.  nonce: only for test vectors; never reuse one."""
         return b"".join(self.seal_parts(key, data, nonce=nonce))
 
-    def seal_parts(self, key: str, data: Buffers, *, nonce: bytes | None = None) -> list[bytes]:
-        """The encrypted object as parts to write in order (no copy of the ciphertext to join them)."""
-        if not isinstance(data, (bytes, bytearray, memoryview)):
-            data = data[0] if len(data) == 1 else b"".join(data)
+    def seal_parts(self, key: str, data: Buffers, *, nonce: bytes | None = None) -> list[bytes | memoryview]:
+        """The encrypted object as parts to write in order: header and nonce, ciphertext, tag.
+
+        The same AES-256-GCM as AESGCM.encrypt, through the streaming interface, so that the
+        parts of data are encrypted straight into a per-thread buffer (no copies: a backup's
+        memory stays as without encryption).  The ciphertext part is valid until this thread's
+        next call: the caller writes it at once (Backend.write returns only when done)."""
+        parts = [data] if isinstance(data, (bytes, bytearray, memoryview)) else list(data)
+        views = [memoryview(p).cast("B") for p in parts]
+        total = sum(len(v) for v in views)
         header = HEADER.pack(MAGIC, VERSION, AES_256_GCM, 0)
         nonce = os.urandom(NONCE_SIZE) if nonce is None else nonce
-        return [header + nonce, self._aead.encrypt(nonce, data, header + key.encode())]
+        encryptor = _Cipher(algorithms.AES(self._object_key), modes.GCM(nonce)).encryptor()
+        encryptor.authenticate_additional_data(header + key.encode())
+        buf = _buffer(total + 32)
+        done = 0
+        for v in views:
+            done += encryptor.update_into(v, buf[done:])
+        done += len(encryptor.finalize())
+        return [header + nonce, buf[:done], encryptor.tag]
 
     def open(self, key: str, blob: bytes) -> bytes:
         if len(blob) < OVERHEAD:

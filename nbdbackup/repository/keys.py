@@ -21,7 +21,7 @@ import os
 import secrets
 import subprocess
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -285,4 +285,3 @@ def unlock(store: KeyStore, source: PassphraseSource = CURRENT, *, passphrase: b
     raise WrongPassphrase(f"wrong passphrase: it opens none of {where}")
 
 
-Prompt = Callable[[], bytes]
