@@ -13,6 +13,18 @@
     queue_depth = 8                        # chunks in flight (memory: queue_depth x chunk_mib)
     scratch = "/var/tmp/nbdbackup"         # where fleecing overlays grow
     retention = { last = 3, daily = 7, weekly = 4, monthly = 12 }   # for `prune`
+
+A repository in S3 object storage (repository = "s3://BUCKET/PREFIX"):
+
+    [s3]
+    endpoint = "https://s3.example.net"    # default: AWS
+    region = "eu-west-1"
+    addressing = "path"                    # "auto" (default), "path" or "virtual"
+    verify_tls = true                      # false only for test setups
+    ca_bundle = "/etc/ssl/private-ca.pem"
+    profile = "backup"                     # a profile of ~/.aws/credentials (else $AWS_PROFILE)
+    credentials_file = "/etc/nbdbackup/s3.credentials"   # AWS-style, mode 0600
+    retries = 5                            # attempts per request on transient errors
 """
 
 from __future__ import annotations
@@ -26,12 +38,15 @@ from typing import Any
 
 from .errors import UsageError, VMUnreachable
 from .names import check_name
+from .repository.location import Location, S3Settings, parse_location
 
 SYSTEM_CONFIG = Path("/etc/nbdbackup/config.toml")
 VM_KEYS = {"qmp": str, "qga": str, "disks": list, "exclude": list, "compression": int, "scratch": str, "workers": int,
            "chunk_mib": int, "queue_depth": int, "retention": dict}
-TOP_KEYS = {"repository", "encryption", "vm"}
+TOP_KEYS = {"repository", "encryption", "vm", "s3"}
 ENCRYPTION_MODES = ("repokey", "keyfile", "none")
+S3_KEYS = {"endpoint": str, "region": str, "addressing": str, "verify_tls": bool, "ca_bundle": str, "profile": str,
+           "credentials_file": str, "retries": int, "connect_timeout": (int, float), "read_timeout": (int, float)}
 RETENTION_KEYS = ("last", "hourly", "daily", "weekly", "monthly", "yearly")
 
 
@@ -52,10 +67,11 @@ class VMConfig:
 
 @dataclass(frozen=True)
 class Settings:
-    repo: Path
+    repo: Location
     config_file: Path | None
     vms: dict[str, VMConfig] = field(default_factory=dict)
     config_searched: tuple[Path, ...] = ()  # where a config file was looked for, when none was given
+    s3: S3Settings = S3Settings()
     encryption: str | None = None  # what a new repository gets; an encrypted choice refuses an unencrypted repository
 
     def vm(self, name: str, qmp: str | None = None, *, required: bool = True) -> VMConfig:
@@ -133,8 +149,26 @@ def _load(config_opt: str | None, repo_opt: str | None) -> Settings:
     encryption = data.get("encryption")
     if encryption is not None and encryption not in ENCRYPTION_MODES:
         raise UsageError(f"{path}: 'encryption' must be one of {', '.join(ENCRYPTION_MODES)}")
-    return Settings(repo=Path(repo) if repo else default_repo(), config_file=path, vms=vms, config_searched=searched,
-                    encryption=encryption)
+    return Settings(repo=parse_location(repo) if repo else default_repo(), config_file=path, vms=vms, config_searched=searched,
+                    s3=_parse_s3(data.get("s3", {}), path), encryption=encryption)
+
+
+def _parse_s3(table: Any, path: Path | None) -> S3Settings:
+    if not isinstance(table, dict):
+        raise UsageError(f"{path}: [s3] must be a table")
+    for key, value in table.items():
+        if key not in S3_KEYS:
+            raise UsageError(f"{path}: [s3] has unknown setting {key!r}", hint=f"known: {', '.join(sorted(S3_KEYS))}")
+        if not isinstance(value, S3_KEYS[key]) or (isinstance(value, bool) and key != "verify_tls"):
+            raise UsageError(f"{path}: [s3] {key} has the wrong type")
+    if table.get("addressing", "auto") not in ("auto", "path", "virtual"):
+        raise UsageError(f"{path}: [s3] addressing must be \"auto\", \"path\" or \"virtual\"")
+    if not 1 <= table.get("retries", 5) <= 20:
+        raise UsageError(f"{path}: [s3] retries must be from 1 to 20")
+    changes = dict(table)
+    if "credentials_file" in changes:
+        changes["credentials_file"] = Path(changes["credentials_file"])
+    return S3Settings(**changes)
 
 
 def _read(path: Path) -> dict[str, Any]:

@@ -20,13 +20,14 @@ from .capture import CancelToken, Tuning
 from .chain import CheckpointStatus, assess, resolve
 from .checkpoints import Checkpoints, disk_bitmaps
 from .config import Settings, VMConfig
+from .copy import CopyReport, CopyRequest, copy_backups
 from .errors import ChainBroken, LockHeld, VMUnreachable
-from .lock import file_lock
 from .names import bitmap_namespace, check_name
 from .prune import GarbageReport, PruneReport, decide_for, remove_backups
 from .qmp import QMPSession
 from .records import Manifest
 from .repository import Repository
+from .repository.location import Location
 from .restore import RestoreRequest, run_restore
 from .retention import Policy
 from .vm import qcow2_disks
@@ -46,12 +47,12 @@ class Observer:
 
 def open_repository(settings: Settings, *, create: bool = False) -> Repository:
     """The repository; only backups create it (a typo in --repo must not make a new one)."""
-    return Repository.open(settings.repo, create=create, encryption=settings.encryption)
+    return Repository.open(settings.repo, create=create, s3=settings.s3, encryption=settings.encryption)
 
 
 @contextlib.contextmanager
 def vm_lock(repo: Repository, vm: str) -> Iterator[None]:
-    with file_lock(repo.lock_path(f"vm-{repo.local_name(vm)}"), what=f"VM {vm}"):
+    with repo.lock(f"vm-{repo.local_name(vm)}", what=f"VM {vm}"):  # keyed name in an encrypted repository
         yield
 
 
@@ -62,7 +63,7 @@ GC_WAIT = 600.0
 def repository_lock(repo: Repository, *, exclusive: bool = False, wait: float = GC_WAIT) -> contextlib.AbstractContextManager[None]:
     """Shared by every run that reads or writes chunks; exclusive while chunks are deleted."""
     what = "the repository for garbage collection" if not exclusive else "the repository (a backup or restore is running)"
-    return file_lock(repo.lock_path("repository"), what=what, shared=not exclusive, wait=wait)
+    return repo.lock("repository", what=what, shared=not exclusive, wait=wait)
 
 
 def tuning_for(vmconf: VMConfig, base: Tuning = Tuning()) -> Tuning:
@@ -142,6 +143,16 @@ def restore(settings: Settings, req: RestoreRequest, *, tuning: Tuning, cancel: 
     with repository_lock(repo), private_dir() as sockets:
         return run_restore(repo, req, socket_dir=sockets, tuning=tuning, cancel=cancel,
                            progress=observer.progress, on_start=observer.on_start)
+
+
+def copy(settings: Settings, req: CopyRequest, target: Location, *, cancel: CancelToken, observer: Observer = Observer()) -> CopyReport:
+    """Copy backups of req.vm to the repository at target (created if new, like a backup creates one).
+    Source: shared lock (no garbage collection meanwhile); target: the VM's lock and a shared lock."""
+    check_name("VM", req.vm)
+    source = open_repository(settings)
+    dest = Repository.open(target, create=True, s3=settings.s3, encryption=settings.encryption)
+    with repository_lock(source), vm_lock(dest, req.vm), repository_lock(dest):
+        return copy_backups(source, dest, req, cancel=cancel, progress=observer.progress)
 
 
 def list_backups(settings: Settings, vm: str) -> list[Manifest]:

@@ -13,6 +13,10 @@
      +-- LockHeld                  exit 5  another nbdbackup run holds the VM
      +-- RepositoryDamaged         exit 6  a chunk, index or manifest is bad
      +-- RepositoryUnusable        exit 7  newer format, read-only, full
+     |    +-- S3CredentialsRefused exit 9  the object store refused the credentials
+     |    +-- S3BucketMissing      exit 10 the bucket does not exist
+     |    +-- S3AccessDenied       exit 11 the bucket is not ours (access denied)
+     |    +-- S3Unreachable        exit 12 endpoint unreachable or not S3
      +-- RestoreTargetError        exit 8  restore target cannot be written
      +-- KeyUnavailable            exit 18 encrypted repository: no key file, no passphrase
      +-- WrongPassphrase           exit 19 the passphrase opens none of the repository's keys
@@ -105,6 +109,22 @@ class RepositoryUnusable(NbdBackupError):
     exit_code = 7
 
 
+class S3CredentialsRefused(RepositoryUnusable):
+    exit_code = 9
+
+
+class S3BucketMissing(RepositoryUnusable):
+    exit_code = 10
+
+
+class S3AccessDenied(RepositoryUnusable):
+    exit_code = 11
+
+
+class S3Unreachable(RepositoryUnusable):
+    exit_code = 12
+
+
 class RestoreTargetError(NbdBackupError):
     exit_code = 8
 
@@ -157,6 +177,10 @@ EXIT_CODES: dict[str, int] = {
     "damaged": RepositoryDamaged.exit_code,
     "repository": RepositoryUnusable.exit_code,
     "restore-target": RestoreTargetError.exit_code,
+    "s3-credentials": S3CredentialsRefused.exit_code,
+    "s3-bucket-missing": S3BucketMissing.exit_code,
+    "s3-access-denied": S3AccessDenied.exit_code,
+    "s3-unreachable": S3Unreachable.exit_code,
     "no-key": KeyUnavailable.exit_code,
     "wrong-passphrase": WrongPassphrase.exit_code,
     "foreign-key": ForeignKey.exit_code,
@@ -209,6 +233,16 @@ EXIT_STATUS: tuple[ExitStatus, ...] = (
     ExitStatus((RestoreTargetError.exit_code,), "restore target cannot be written",
                "A restore target cannot be written (image exists without `--force`, directory cannot be created, "
                "`qemu-img` or `qemu-storage-daemon` failed, write error)."),
+    ExitStatus((S3CredentialsRefused.exit_code,), "S3 credentials refused",
+               "S3: the object store refused the credentials, or none were found; nothing was created."),
+    ExitStatus((S3BucketMissing.exit_code,), "S3 bucket missing",
+               "S3: the bucket does not exist (nbdbackup never creates buckets); nothing was created."),
+    ExitStatus((S3AccessDenied.exit_code,), "S3 access denied",
+               "S3: access denied: the bucket belongs to another account, or these credentials may not use it; "
+               "nothing was created."),
+    ExitStatus((S3Unreachable.exit_code,), "S3 endpoint unreachable or not S3",
+               "S3: the endpoint is unreachable or does not answer like S3, or it kept failing after the retries "
+               "(for example, it died during a backup: nothing that looks like a backup is left)."),
     ExitStatus((KeyUnavailable.exit_code,), "no key for an encrypted repository",
                "The repository is encrypted and its key is not available: the key file is missing, or no passphrase "
                "was given (`NBDBACKUP_PASSWORD_FILE`, `NBDBACKUP_PASSWORD_COMMAND` or a terminal) or it could not be read. "

@@ -584,6 +584,56 @@ def encryption_case(args: argparse.Namespace, report: Report, rundir: Path, sock
     disk.unlink()
 
 
+def s3_case(args: argparse.Namespace, report: Report, rundir: Path, sockdir: Path) -> None:
+    """The same VM backed up into a directory and into S3 (a local SeaweedFS) in turn: full,
+    incremental of --incr-percent, restore; prints S3/directory time ratios (issue 12's targets)."""
+    sys.path.insert(0, str(TOP / "tests"))
+    from s3server import SeaweedFS
+
+    image = build_in_subprocess(args.workdir, args.size, args.data, seed=args.seed)
+    disk = rundir / "vm3-vda.qcow2"
+    sh(["cp", "--sparse=never", str(image.path), str(disk)], "cp")
+    with SeaweedFS(rundir / "seaweedfs") as server:
+        server.client().create_bucket(Bucket="bench")
+        os.environ.update(server.env())  # inherited by the nbdbackup processes
+        s3conf = rundir / "s3-config.toml"
+        s3conf.write_text(server.config_text())
+        dirconf = rundir / "dir-config.toml"
+        dirconf.write_text("")
+        repos = {"directory": Nbdbackup(rundir / "repo-dir", dirconf), "S3": Nbdbackup("s3://bench/repo", s3conf)}  # type: ignore[arg-type]
+        vm = VM(disk, rundir, sockdir, name="vm3")
+        vm.start()
+        times: dict[tuple[str, str], Timed] = {}
+        try:
+            for kind, nb in repos.items():
+                log(f"S3 comparison: nbdbackup full into {kind}")
+                times[("full", kind)] = nb.run("full", "vm3", "--qmp", str(vm.tool_qmp))
+                log(f"  {times[('full', kind)].seconds:.2f}s")
+            n, written, _dirty, _secs = guest_writes(vm, args.size, args.incr_percent, args.seed + 2)
+            for kind, nb in repos.items():
+                log(f"S3 comparison: nbdbackup incremental into {kind} ({human(written)} written)")
+                times[("incremental", kind)] = nb.run("incremental", "vm3", "--qmp", str(vm.tool_qmp))
+                log(f"  {times[('incremental', kind)].seconds:.2f}s")
+        finally:
+            vm.quit()
+        for kind, nb in repos.items():
+            out = rundir / f"restore-{kind}"
+            log(f"S3 comparison: nbdbackup restore from {kind}")
+            times[("restore", kind)] = nb.run("restore", "vm3", "--to", "latest", "--output", str(out))
+            log(f"  {times[('restore', kind)].seconds:.2f}s")
+            compare(out / "vda.qcow2", disk, f"restore from {kind} == disk after the writes", report)
+            shutil.rmtree(out)
+    targets = {"full": 1.25, "incremental": 1.5, "restore": 1.25}
+    for step, limit in targets.items():
+        d, s3 = times[(step, "directory")], times[(step, "S3")]
+        ratio = s3.seconds / d.seconds
+        report.rows.append(Row(f"{step}: into directory (S3 reference)", d.seconds, args.size, 1.0, "1.00 (ref)", rss(d)))
+        report.rows.append(Row(f"{step}: into S3 (SeaweedFS, same run)", s3.seconds, args.size, ratio, f"{ratio:.2f}x time", rss(s3)))
+        report.targets.append({"target": f"S3 {step} time <= {limit} x directory", "value": round(ratio, 3), "met": ratio <= limit})
+        report.targets.append({"target": f"S3 {step} peak RSS < 256 MiB", "value": rss(s3), "met": (rss(s3) or 0) < 256 * 1024})
+    disk.unlink()
+
+
 # -- output ---------------------------------------------------------------------------
 
 
@@ -668,6 +718,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     ap.add_argument("--compression", type=int, help="nbdbackup's zstd level (default: nbdbackup's default)")
     ap.add_argument("--workers", type=int, help="nbdbackup's workers setting (default: nbdbackup's default)")
     ap.add_argument("--seed", type=int, default=1, help="layout/content seed (default 1)")
+    ap.add_argument("--s3", action="store_true", help="also compare backups into S3 (a local SeaweedFS) with a directory")
+    ap.add_argument("--s3-only", action="store_true", help="only the S3 comparison")
     ap.add_argument("--keep", action="store_true", help="keep the run directory (images, logs) for inspection")
     ap.add_argument("--rev", metavar="GIT-REV",
                     help="benchmark nbdbackup as committed at this revision (git archive into the run directory, "
@@ -726,11 +778,13 @@ def main(argv: list[str]) -> int:
                               for key, value in (("compression", args.compression), ("workers", args.workers)) if value is not None))
     status = 0
     try:
-        if not args.encryption_only:
+        if not (args.s3_only or args.encryption_only):
             main_case(args, report, rundir, sockdir, config)
             for size in args.sparse_sizes:
                 sparse_case(args, report, rundir, sockdir, config, size)
-        if not args.no_encryption:
+        if args.s3 or args.s3_only:
+            s3_case(args, report, rundir, sockdir)
+        if not (args.no_encryption or args.s3_only):
             encryption_case(args, report, rundir, sockdir, config)
     except BenchError as exc:
         report.errors.append(str(exc))

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -12,15 +14,18 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from harness import TestVM, missing_programs  # noqa: E402
+from s3server import SeaweedFS  # noqa: E402
 
 VMFactory = Callable[..., TestVM]
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Mark every test that starts a VM with the "qemu" marker."""
+    """Mark every test that starts a VM with the "qemu" marker, every test of the S3 server "s3"."""
     for item in items:
         if "vm_factory" in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.qemu)
+        if "s3_server" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.s3)
 
 
 @pytest.fixture
@@ -53,3 +58,55 @@ def repo(tmp_path: Path) -> Path:
     path = tmp_path / "repo"
     path.mkdir()
     return path
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SeaweedFS]:
+    """One real S3 server (SeaweedFS on 127.0.0.1, authentication checked) for the session.
+    A missing `weed` binary fails the tests that need it."""
+    server = SeaweedFS(tmp_path_factory.mktemp("seaweedfs"))
+    try:
+        server.start()
+    except RuntimeError as exc:
+        pytest.fail(str(exc), pytrace=False)
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+_buckets = iter(range(1, 1 << 30))
+
+
+@dataclass
+class S3Repo:
+    """A fresh bucket on the session's server, and the settings nbdbackup needs to use it."""
+
+    server: SeaweedFS
+    bucket: str
+    url: str
+    config: Path
+
+    def client(self):
+        return self.server.client()
+
+    def keys(self, prefix: str = "") -> list[str]:
+        pages = self.client().get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=prefix)
+        return sorted(o["Key"] for p in pages for o in p.get("Contents", ()))
+
+
+@pytest.fixture
+def s3_repo(s3_server: SeaweedFS, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> S3Repo:
+    """An S3 repository location s3://<new bucket>/repo; the environment (credentials,
+    NBDBACKUP_TEST_CONFIG for tests/cli.py, NBDBACKUP_CONFIG) points nbdbackup at it."""
+    bucket = f"nbd-{os.getpid()}-{next(_buckets)}"
+    s3_server.client().create_bucket(Bucket=bucket)
+    config = tmp_path / "s3-config.toml"
+    config.write_text(s3_server.config_text())
+    for k, v in s3_server.env().items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.setenv("NBDBACKUP_TEST_CONFIG", str(config))
+    monkeypatch.setenv("NBDBACKUP_CONFIG", str(config))
+    monkeypatch.setenv("AWS_CONFIG_FILE", "/dev/null")
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", "/dev/null")
+    return S3Repo(s3_server, bucket, f"s3://{bucket}/repo", config)

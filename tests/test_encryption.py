@@ -265,3 +265,36 @@ def test_keyfile_mode_keeps_the_key_out_of_the_repository(env, monkeypatch):
     cli.run(repo, "list", expect=18)
     monkeypatch.setenv("NBDBACKUP_KEY_FILE", str(env / "elsewhere.json"))
     cli.run(repo, "list")
+
+
+# -- copy between repositories with different keys: re-encrypted for the target -------
+
+@pytest.mark.parametrize("kinds", [("none", "repokey"), ("repokey", "repokey"), ("repokey", "none")])
+def test_copy_reencrypts_for_the_target(kinds, env):
+    from test_repository import manifest
+
+    from nbdbackup.capture import CancelToken
+    from nbdbackup.copy import CopyRequest, copy_backups
+    from nbdbackup.records import IndexEntry
+    from nbdbackup.repository.memory import MemoryBackend
+
+    source = Repository.open(MemoryBackend("s"), encryption=kinds[0], passphrase=b"source passphrase")
+    target = Repository.open(MemoryBackend("t"), encryption=kinds[1], passphrase=b"target passphrase")
+    data = [bytes([i + 1]) * 4096 for i in range(3)]
+    for d in data:
+        source.put_chunk(source.chunk_id(d), d, 3)
+    m = manifest(source, cp="cp1", entries=[IndexEntry(i * 4096, 4096, source.chunk_id(d)) for i, d in enumerate(data)])
+    source.commit(m)
+    report = copy_backups(source, target, CopyRequest("vm1", every=True), cancel=CancelToken())
+    assert [(b.copied, b.chunks_sent) for b in report.backups] == [(True, 3)]
+    [copied] = target.manifests("vm1")
+    size, entries = target.read_index(copied, "vda")
+    assert [target.get_chunk(e.chunk, "t") for e in entries] == data
+    assert {e.chunk for e in entries} == {target.chunk_id(d) for d in data} != {source.chunk_id(d) for d in data}
+    if target.encrypted:  # nothing in the target's store is readable with the source's keys, nor in plain
+        raw = target.backend.inner
+        for key in raw.list("chunks"):
+            with pytest.raises(RepositoryDamaged):
+                (source.cipher or crypto.Cipher(bytes(32))).open(key, raw.read(key))
+    again = copy_backups(source, target, CopyRequest("vm1", every=True), cancel=CancelToken())
+    assert [b.copied for b in again.backups] == [False]

@@ -28,6 +28,8 @@ def test_exit_codes_are_pinned():
     assert errors.EXIT_CODES == {
         "success": 0, "unexpected": 1, "usage": 2, "vm": 3, "chain": 4, "locked": 5,
         "damaged": 6, "repository": 7, "restore-target": 8, "sigint": 130, "sigterm": 143,
+        "s3-credentials": 9, "s3-bucket-missing": 10, "s3-access-denied": 11, "s3-unreachable": 12,
+        "no-key": 18, "wrong-passphrase": 19, "foreign-key": 20, "key-damaged": 21, "encryption-mismatch": 22,
     }
     assert errors.Interrupted(signal.SIGTERM).exit_code == 143
     assert errors.VMUnsuitable("x").exit_code == 3

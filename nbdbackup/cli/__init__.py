@@ -15,7 +15,7 @@ import click
 
 from .. import __version__
 from ..errors import exit_status_help
-from . import backup, checkpoints, keys, listing, logs, prune, restore, verify
+from . import backup, checkpoints, copy, keys, listing, logs, prune, restore, verify
 from .common import Globals
 
 
@@ -79,7 +79,7 @@ Global options may come before or after the command.
 
 @click.group(cls=Group, help=GLOBAL_HELP + exit_status_help(),
              context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
-@click.option("--repo", "-r", metavar="PATH", help="Repository [env NBDBACKUP_REPO; config 'repository'; default /var/lib/nbdbackup, or $XDG_DATA_HOME/nbdbackup for non-root].")
+@click.option("--repo", "-r", metavar="PATH|s3://BUCKET/PREFIX", help="Repository: a directory or S3 object storage (settings in [s3]) [env NBDBACKUP_REPO; config 'repository'; default /var/lib/nbdbackup, or $XDG_DATA_HOME/nbdbackup for non-root].")
 @click.option("--config", metavar="FILE", help="TOML config file [env NBDBACKUP_CONFIG; default /etc/nbdbackup/config.toml, then $XDG_CONFIG_HOME/nbdbackup/config.toml].")
 @click.option("--debug", is_flag=True, help="Log every QMP exchange; show tracebacks.")
 @click.option("--log-file", metavar="FILE", help="Also log to FILE (appended). Syslog gets the log too when stderr is not a terminal.")
@@ -101,6 +101,7 @@ for command in (
     checkpoints.delete,
     prune.prune,
     verify.verify,
+    copy.copy,
     keys.init,
     keys.key,
 ):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -51,11 +52,13 @@ def backup_options(f):
     return f
 
 
-def run_one(g: Globals, settings, vm: str, opts: BackupOptions, *, one_of_many: bool = False) -> Outcome:
+def run_one(g: Globals, settings, vm: str, opts: BackupOptions, *, one_of_many: bool = False, cancel=None) -> Outcome:
     """One VM's backup, its summary line and metrics; errors become an Outcome (and are logged).
 
     A failure's one-line reason goes to the log file and syslog (priority err); with
     one_of_many (auto --all) to stderr as well, since the final error line only names the VMs.
+    cancel: the token of `auto --all --jobs N`, whose signal handlers the main thread holds
+    (no progress bar then: several would interleave).
     """
 
     from pathlib import Path
@@ -75,7 +78,8 @@ def run_one(g: Globals, settings, vm: str, opts: BackupOptions, *, one_of_many: 
                 check_name("checkpoint", value)  # before touching the VM
         req = BackupRequest(vm=vm, mode=opts.mode, checkpoint=opts.checkpoint, since=opts.since, disks=vmconf.disks,
                             exclude=vmconf.exclude, tuning=engine.tuning_for(vmconf), force_new_chain=opts.force_new_chain)
-        with interruptible() as cancel, progress_bar(f"{vm}") as observer:
+        with contextlib.nullcontext(cancel) if cancel else interruptible() as cancel, \
+                contextlib.nullcontext(engine.Observer()) if cancel else progress_bar(f"{vm}") as observer:
             result = engine.backup(settings, vmconf, req, cancel=cancel, observer=observer,
                                    fsfreeze=opts.fsfreeze or opts.require_fsfreeze, require_fsfreeze=opts.require_fsfreeze)
     except Interrupted as exc:
@@ -158,13 +162,15 @@ def incremental(g: Globals, vm: str, as_json: bool, **opts) -> None:
 @click.command()
 @click.argument("vm", required=False)
 @click.option("--all", "all_vms", is_flag=True, help="Every VM of the config file in turn; the exit code is the worst one.")
+@click.option("--jobs", type=click.IntRange(1, 64), default=1, show_default=True, help="With --all: back up this many VMs at once.")
 @backup_options
 @pass_globals
-def auto(g: Globals, vm: str | None, all_vms: bool, as_json: bool, **opts) -> None:
+def auto(g: Globals, vm: str | None, all_vms: bool, jobs: int, as_json: bool, **opts) -> None:
     """Incremental since the newest checkpoint if the chain is sound, else full (for cron).
 
-    With --all, back up every VM of the config file in turn: one VM's failure
-    does not stop the others; a summary follows; the exit code is the worst one.
+    With --all, back up every VM of the config file in turn (--jobs N: N at
+    once): one VM's failure does not stop the others; a summary follows; the
+    exit code is the worst one.
     """
     from ..errors import SomeRunsFailed, UsageError
 
@@ -181,7 +187,14 @@ def auto(g: Globals, vm: str | None, all_vms: bool, as_json: bool, **opts) -> No
                          hint="create one with a [vm.NAME] table per VM, or pass --config FILE")
     if not settings.vms:
         raise UsageError(f"--all: the config file {settings.config_file} names no VM", hint="add a [vm.NAME] table per VM")
-    outcomes = [run_one(g, settings, name, BackupOptions(mode="auto", **opts), one_of_many=True) for name in sorted(settings.vms)]
+    if jobs == 1:
+        outcomes = [run_one(g, settings, name, BackupOptions(mode="auto", **opts), one_of_many=True) for name in sorted(settings.vms)]
+    else:
+        import concurrent.futures as cf
+
+        with interruptible() as cancel, cf.ThreadPoolExecutor(jobs, "auto") as pool:
+            outcomes = list(pool.map(lambda name: run_one(g, settings, name, BackupOptions(mode="auto", **opts), one_of_many=True,
+                                                          cancel=cancel), sorted(settings.vms)))
     if as_json:
         click.echo(json.dumps([_as_dict(o) for o in outcomes], indent=2))
     else:

@@ -7,6 +7,7 @@ import errno
 import itertools
 import os
 import threading
+import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Protocol
@@ -15,7 +16,20 @@ from ..errors import RepositoryUnusable
 
 
 class Backend(Protocol):
-    """What the repository needs from storage.  An S3 backend implements the same calls."""
+    """What the repository needs from storage: LocalBackend (a directory), MemoryBackend
+    (memory.py, for tests), S3Backend (s3.py).  tests/test_backends.py runs one suite
+    against every implementation: a backend is correct when it passes that suite.
+
+    Keys are '/'-separated relative paths without '..'.  Errors other than the
+    ones named here are NbdBackupError subclasses (RepositoryUnusable and its
+    S3 subclasses), never a client library's own exception.
+    """
+
+    location: str  # for messages: a path or s3://bucket/prefix, never a credential
+
+    # True when write(exclusive=True) is decided atomically by the store (O_EXCL/link,
+    # If-None-Match: *); False when it is a check followed by a write (a race window).
+    atomic_exclusive: bool
 
     def read(self, key: str) -> bytes:
         """The object's content; FileNotFoundError when there is none."""
@@ -35,7 +49,11 @@ class Backend(Protocol):
         """Remove the object; no error if it is already gone."""
 
     def size(self, key: str) -> int:
-        """Stored size of the object in bytes."""
+        """Stored size of the object in bytes; FileNotFoundError when there is none."""
+
+    def age(self, key: str) -> float:
+        """Seconds since the object was last written, by the store's clock where it has one
+        (so that hosts with skewed clocks agree); FileNotFoundError when there is none."""
 
     def remove_folder(self, prefix: str) -> None:
         """Forget the folder prefix once no object is below it (object stores need nothing)."""
@@ -55,8 +73,11 @@ FILE_MODE = 0o600
 class LocalBackend:
     """A directory tree on a local filesystem.  Directories 0700, files 0600."""
 
+    atomic_exclusive = True
+
     def __init__(self, root: Path) -> None:
         self.root = Path(root)
+        self.location = str(root)
         self._dirty_dirs: set[Path] = set()
 
     def path(self, key: str) -> Path:
@@ -114,7 +135,7 @@ class LocalBackend:
             rel = Path(dirpath).relative_to(self.root).as_posix()
             for name in files:
                 if not name.startswith("."):
-                    yield f"{rel}/{name}"
+                    yield name if rel == "." else f"{rel}/{name}"
 
     def delete(self, key: str) -> None:
         _unlink_quietly(self.path(key))
@@ -122,9 +143,13 @@ class LocalBackend:
     def size(self, key: str) -> int:
         return self.path(key).stat().st_size
 
+    def age(self, key: str) -> float:
+        return max(0.0, time.time() - self.path(key).stat().st_mtime)
+
     def remove_folder(self, prefix: str) -> None:
         try:
             self.path(prefix).rmdir()
+            self._dirty_dirs.discard(self.path(prefix))  # gone: nothing to fsync there
         except OSError:
             pass  # not empty or already gone
 

@@ -9,31 +9,37 @@ Layout (keys of the backend):
     vms/<vm>/backups/<checkpoint>/manifest.json the backup exists iff this does
 
 Write order (crash safety): chunks, indexes, sync, manifest (durable).
+An encrypted repository wraps its backend in crypto.EncryptedBackend: the
+keys above are then logical, the backend below sees encrypted names and objects.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import hmac
 import json
 import logging
 import os
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from ..errors import EncryptionMismatch, RepositoryDamaged, RepositoryUnusable, UsageError
+from ..lock import file_lock, object_lock
 from ..names import check_name, utc_now
 from ..records import CheckpointRecord, IndexEntry, Manifest
 from . import chunks, crypto, index, keys, manifest
 from .backend import DIR_MODE, Backend, LocalBackend
 from .chunkid import ChunkIds
+from .location import Location, S3Location, S3Settings, backend_for
 
 log = logging.getLogger(__name__)
 
 FORMAT_NAME = "nbdbackup repository"
 FORMAT_VERSION = 2  # what new repositories get; every version from 1 up is read and written
 READABLE_VERSIONS = (1, 2)
+LOCAL_CACHE = Path("/var/tmp")  # scratch of repositories that are not local directories
 
 
 CONFIG_MAC_CONTEXT = "nbdbackup 2026-11 config mac v2"
@@ -63,85 +69,97 @@ class Repository:
         self.cipher: crypto.Cipher | None = None  # set when the repository is encrypted and unlocked
         self.key_store: keys.KeyStore | None = None
         self.key_id: str | None = None
+        self._held: list = []  # lock objects held through lock()
 
     # -- opening ---------------------------------------------------------
 
     @classmethod
-    def open(cls, path: Path, *, create: bool = True, encryption: str | None = None,
-             passphrase: bytes | None = None) -> Repository:
-        """Open (or, with create, make) the repository at path.
+    def open(cls, where: Location | Backend, *, create: bool = True, s3: S3Settings | None = None,
+             encryption: str | None = None, passphrase: bytes | None = None) -> Repository:
+        """The repository at a path, an s3:// location or on a ready Backend (tests: MemoryBackend);
+        with create, made if there is none.
 
         encryption: what the configuration asks for ("repokey", "keyfile", "none" or None = no
         opinion).  A new repository gets it; an existing unencrypted one is refused when
         encryption is asked for (a store that dropped the encryption must not get plaintext).
         An encrypted repository is unlocked here: every command needs its key."""
-        path = Path(path)
-        backend = LocalBackend(path)
+        backend = backend_for(where, s3) if isinstance(where, (str, Path, S3Location)) else where
+        local = backend.root if isinstance(backend, LocalBackend) else None
+        here = backend.location
         try:
             blob = backend.read("config.json")
         except FileNotFoundError:
-            if path.exists() and any(not p.name.startswith(".") for p in path.iterdir()):
-                raise RepositoryUnusable(f"{path} is not an nbdbackup repository (no config.json)", hint="give an empty or new directory with --repo") from None
+            occupied = (any(not p.name.startswith(".") for p in local.iterdir()) if local.exists() else False) if local \
+                else any(True for _ in backend.list(""))
+            if occupied and backend.exists("config.json"):  # another run created it just now
+                return cls.open(backend, create=False, encryption=encryption, passphrase=passphrase)
+            if occupied:
+                raise RepositoryUnusable(f"{here} is not an nbdbackup repository (no config.json)", hint="give an empty or new location with --repo") from None
             if not create:
-                raise RepositoryUnusable(f"there is no repository at {path}", hint="check --repo; the first backup creates it") from None
-            return cls._create(path, backend, encryption or keys.NONE, passphrase)
+                raise RepositoryUnusable(f"there is no repository at {here}", hint="check --repo; the first backup creates it") from None
+            return cls._create(backend, encryption or keys.NONE, passphrase)
         except NotADirectoryError:
-            raise RepositoryUnusable(f"repository path {path} is not a directory") from None
+            raise RepositoryUnusable(f"repository path {here} is not a directory") from None
         except PermissionError:
-            raise RepositoryUnusable(f"no permission to read the repository at {path}") from None
-        return cls._from_config(path, backend, blob, encryption, passphrase)
+            raise RepositoryUnusable(f"no permission to read the repository at {here}") from None
+        return cls._from_config(backend, blob, encryption, passphrase)
 
     @classmethod
-    def _from_config(cls, path: Path, backend: Backend, blob: bytes, encryption: str | None, passphrase: bytes | None) -> Repository:
+    def _from_config(cls, backend: Backend, blob: bytes, encryption: str | None, passphrase: bytes | None) -> Repository:
+        here = backend.location
+        local = backend.root if isinstance(backend, LocalBackend) else None
         try:
             config = json.loads(blob)
             name, version, repo_id = config["format"], config["version"], config["id"]
         except (ValueError, KeyError, TypeError):
-            raise RepositoryDamaged(f"{path}/config.json is damaged") from None
+            raise RepositoryDamaged(f"{here}/config.json is damaged") from None
         if name != FORMAT_NAME:
-            raise RepositoryUnusable(f"{path} holds {name!r}, not an nbdbackup repository")
+            raise RepositoryUnusable(f"{here} holds {name!r}, not an nbdbackup repository")
         if isinstance(version, bool) or not isinstance(version, int) or version < 1:
-            raise RepositoryDamaged(f"{path}/config.json is damaged (bad version {version!r})")
+            raise RepositoryDamaged(f"{here}/config.json is damaged (bad version {version!r})")
         if version not in READABLE_VERSIONS:
             raise RepositoryUnusable(
-                f"repository {path} has format version {version}; this nbdbackup reads versions 1 to {FORMAT_VERSION}",
+                f"repository {here} has format version {version}; this nbdbackup reads versions 1 to {FORMAT_VERSION}",
                 hint="upgrade nbdbackup",
             )
         enc = config.get("encryption")
         if enc is None:
             if encryption not in (None, keys.NONE):
-                raise EncryptionMismatch(f"repository {path} is not encrypted, but the configuration asks for encryption ({encryption})",
+                raise EncryptionMismatch(f"repository {here} is not encrypted, but the configuration asks for encryption ({encryption})",
                                          hint="back up into a new repository, or remove the 'encryption' setting")
-            ids = ChunkIds.for_config(version, config, f"{path}/config.json")
-            return cls(backend, repo_id, path, version=version, chunk_id=ids)
+            ids = ChunkIds.for_config(version, config, f"{here}/config.json")
+            return cls(backend, repo_id, local, version=version, chunk_id=ids)
         if not isinstance(enc, dict) or enc.get("mode") not in (keys.REPOKEY, keys.KEYFILE) or version < 2:
-            raise RepositoryDamaged(f"{path}/config.json is damaged (bad 'encryption')")
+            raise RepositoryDamaged(f"{here}/config.json is damaged (bad 'encryption')")
         if enc.get("cipher") != crypto.CIPHER_NAME:
-            raise RepositoryUnusable(f"{path}: encrypted with {enc.get('cipher')!r}, which this nbdbackup does not know", hint="upgrade nbdbackup")
+            raise RepositoryUnusable(f"{here}: encrypted with {enc.get('cipher')!r}, which this nbdbackup does not know", hint="upgrade nbdbackup")
         store = keys.KeyStore(enc["mode"], repo_id, backend)
         unlocked = keys.unlock(store, passphrase=passphrase)
         if not hmac.compare_digest(str(enc.get("config_mac", "")), _config_mac(config, unlocked.master_key)):
-            raise RepositoryDamaged(f"{path}/config.json fails authentication (changed since the repository was created)")
-        ids = ChunkIds.for_config(version, config, f"{path}/config.json", master_key=unlocked.master_key)
-        return cls._encrypted(path, backend, repo_id, version, ids, store, unlocked)
+            raise RepositoryDamaged(f"{here}/config.json fails authentication (changed since the repository was created)")
+        ids = ChunkIds.for_config(version, config, f"{here}/config.json", master_key=unlocked.master_key)
+        return cls._encrypted(backend, repo_id, version, ids, store, unlocked)
 
     @classmethod
-    def _encrypted(cls, path: Path, backend: Backend, repo_id: str, version: int, ids: ChunkIds,
+    def _encrypted(cls, backend: Backend, repo_id: str, version: int, ids: ChunkIds,
                    store: keys.KeyStore, unlocked: keys.Unlocked) -> Repository:
+        local = backend.root if isinstance(backend, LocalBackend) else None
         cipher = crypto.Cipher(unlocked.master_key)
-        repo = cls(crypto.EncryptedBackend(backend, cipher), repo_id, path, version=version, chunk_id=ids)
+        repo = cls(crypto.EncryptedBackend(backend, cipher), repo_id, local, version=version, chunk_id=ids)
         repo.cipher, repo.key_store, repo.key_id = cipher, store, unlocked.key_id
         return repo
 
     @classmethod
-    def _create(cls, path: Path, backend: LocalBackend, encryption: str, passphrase: bytes | None) -> Repository:
+    def _create(cls, backend: Backend, encryption: str, passphrase: bytes | None) -> Repository:
         if encryption not in keys.MODES:
             raise UsageError(f"unknown encryption {encryption!r}; choose one of {', '.join(keys.MODES)}")
-        try:
-            path.mkdir(mode=DIR_MODE, parents=True, exist_ok=True)
-            os.chmod(path, DIR_MODE)
-        except OSError as exc:
-            raise RepositoryUnusable(f"cannot create the repository at {path}: {exc.strerror}") from None
+        local = backend.root if isinstance(backend, LocalBackend) else None
+        if local is not None:
+            try:
+                local.mkdir(mode=DIR_MODE, parents=True, exist_ok=True)
+                os.chmod(local, DIR_MODE)
+            except OSError as exc:
+                raise RepositoryUnusable(f"cannot create the repository at {local}: {exc.strerror}") from None
         repo_id = uuid.uuid4().hex
         config = {"format": FORMAT_NAME, "version": FORMAT_VERSION, "id": repo_id, "created": utc_now()}
         store = None
@@ -163,18 +181,38 @@ class Repository:
                 store.file.unlink(missing_ok=True)
             elif store is not None:
                 backend.delete(f"keys/{ours['id']}.json")
-            return cls.open(path, create=False, encryption=encryption, passphrase=passphrase)
+            return cls.open(backend, create=False, encryption=encryption, passphrase=passphrase)
         if store is None:
-            return cls(backend, repo_id, path, version=FORMAT_VERSION, chunk_id=ChunkIds.blake3())
-        return cls._encrypted(path, backend, repo_id, FORMAT_VERSION, ChunkIds.keyed(master), store, keys.Unlocked(master, ours["id"]))
+            return cls(backend, repo_id, local, version=FORMAT_VERSION, chunk_id=ChunkIds.blake3())
+        return cls._encrypted(backend, repo_id, FORMAT_VERSION, ChunkIds.keyed(master), store, keys.Unlocked(master, ours["id"]))
 
     @property
     def encrypted(self) -> bool:
         return self.cipher is not None
 
     def local_name(self, name: str) -> str:
-        """name as it may appear in local file names (locks, scratch): keyed when encrypted."""
+        """name as it may appear in lock and scratch names: keyed when encrypted."""
         return self.cipher.local_name(name) if self.cipher is not None else name
+
+    @contextlib.contextmanager
+    def lock(self, name: str, *, what: str, shared: bool = False, wait: float = 0.0) -> Iterator[None]:
+        """Hold the lock called name: flock(2) on a local file for a directory repository,
+        lock objects (docs/FORMAT.md, "Locks") for every other backend (encrypted like every object)."""
+        if self.root is not None:
+            with file_lock(self.lock_path(name), what=what, shared=shared, wait=wait):
+                yield
+            return
+        with object_lock(self.backend, name, what=what, shared=shared, wait=wait) as held:
+            self._held.append(held)
+            try:
+                yield
+            finally:
+                self._held.remove(held)
+
+    def check_locks(self) -> None:
+        """Raise LockHeld if a lock object this run holds may have gone stale (see lock.py)."""
+        for held in list(self._held):
+            held.check()
 
     def lock_path(self, name: str) -> Path:
         """Where the lock file called name lives (locks are local files, whatever the backend)."""
@@ -188,12 +226,16 @@ class Repository:
         return locks / f"{name}.lock"
 
     def local_dir(self, name: str) -> Path:
-        """A private directory inside a local repository (locks, scratch)."""
-        if self.root is None:
-            raise RepositoryUnusable("this repository has no local directory")
-        d = self.root / name
-        d.mkdir(mode=DIR_MODE, exist_ok=True)
-        return d
+        """A private local directory: inside a directory repository, else below the
+        local cache (/var/tmp/nbdbackup-<uid>/<repository id>/name)."""
+        if self.root is not None:
+            d = self.root / name
+            d.mkdir(mode=DIR_MODE, exist_ok=True)
+            return d
+        base = LOCAL_CACHE / f"nbdbackup-{os.geteuid()}"
+        for d in (base, base / self.id, base / self.id / name):
+            d.mkdir(mode=DIR_MODE, exist_ok=True)
+        return base / self.id / name
 
     # -- chunks ----------------------------------------------------------
 
@@ -240,6 +282,8 @@ class Repository:
         freed = size = 0
         for key in list(self.backend.list("chunks")):
             if bytes.fromhex(key.rsplit("/", 1)[1]) not in used:
+                if freed % 256 == 0:
+                    self.check_locks()
                 size += self.backend.size(key)
                 self.backend.delete(key)
                 freed += 1
@@ -281,6 +325,7 @@ class Repository:
     def commit(self, m: Manifest) -> None:
         """Make the backup exist: everything it references durable first, then its manifest."""
         self.backend.sync()
+        self.check_locks()  # a lock gone stale may no longer protect the chunks from garbage collection
         self.backend.write(f"{self._backup_key(m.vm, m.checkpoint)}/manifest.json", manifest.manifest_to_bytes(m), durable=True)
 
     def manifest(self, vm: str, checkpoint: str) -> Manifest | None:

@@ -1,0 +1,279 @@
+"""S3 object storage as a Backend: the only importer of boto3/botocore.
+
+Keys of the repository are object keys below the prefix (s3://BUCKET/PREFIX/<key>).
+
+- PUT is atomic (readers see the old or the new object, never a part); replace
+  needs nothing more.  exclusive=True sends `If-None-Match: *` (HTTP 412: the
+  object exists -> FileExistsError).  A store that answers 501 to it gets a
+  HEAD-then-PUT instead (atomic_exclusive turns False); a store that silently
+  ignores the header cannot be detected: docs/FORMAT.md says what that risks.
+- An acknowledged PUT is durable: sync() has nothing to do.
+- Transient failures (connection errors, HTTP 500/502/503/504, SlowDown,
+  RequestTimeout) are retried by botocore's "standard" retry mode: exponential
+  backoff with full jitter, at most [s3] retries attempts, then reported.
+- Credentials come from a 0600 credentials file named in the config, else from
+  botocore's chain (AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, AWS_PROFILE and the
+  shared files, ...).  They never reach a message: errors are rebuilt here from
+  the S3 error code, and botocore's own (debug) logging is kept off.
+"""
+
+from __future__ import annotations
+
+import configparser
+import email.utils
+import logging
+import os
+import stat
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import boto3
+import botocore.config
+import botocore.exceptions as bex
+
+from ..errors import (
+    NbdBackupError,
+    RepositoryUnusable,
+    S3AccessDenied,
+    S3BucketMissing,
+    S3CredentialsRefused,
+    S3Unreachable,
+    UsageError,
+)
+from .backend import Buffers
+from .location import S3Location, S3Settings
+
+# botocore logs request headers (the access key id among them) at DEBUG: keep it quiet even with --debug.
+for _name in ("boto3", "botocore", "urllib3", "s3transfer"):
+    logging.getLogger(_name).setLevel(logging.WARNING)
+
+CREDENTIAL_CODES = {"InvalidAccessKeyId", "SignatureDoesNotMatch", "InvalidToken", "ExpiredToken", "TokenRefreshRequired",
+                    "AuthorizationHeaderMalformed", "InvalidSecurity", "InvalidClientTokenId", "MissingSecurityHeader"}
+DENIED_CODES = {"AccessDenied", "AllAccessDisabled", "AccountProblem"}
+TRANSIENT_CODES = {"SlowDown", "InternalError", "ServiceUnavailable", "RequestTimeout", "Throttling", "ThrottlingException"}
+POOL = 32  # HTTP connections; the pipelines bound how many requests are in flight (workers)
+
+
+class S3Backend:
+    atomic_exclusive = True
+
+    def __init__(self, where: S3Location, settings: S3Settings) -> None:
+        self.where = where
+        self.settings = settings
+        self.location = str(where)
+        self.bucket = where.bucket
+        self.root = f"{where.prefix}/" if where.prefix else ""
+        self.client = _client(settings, self.location)
+
+    # -- the Backend calls --------------------------------------------------
+
+    def read(self, key: str) -> bytes:
+        try:
+            resp = self.client.get_object(Bucket=self.bucket, Key=self._key(key))
+            return resp["Body"].read()
+        except bex.ClientError as exc:
+            if _code(exc) in ("NoSuchKey", "404"):
+                raise FileNotFoundError(key) from None
+            raise self._error(exc, f"read {key}") from None
+        except Exception as exc:  # noqa: BLE001 - mapped, or re-raised when not a client error
+            raise self._error(exc, f"read {key}") from None
+
+    def write(self, key: str, data: Buffers, *, durable: bool = False, exclusive: bool = False) -> None:
+        blob = data if isinstance(data, bytes) else bytes(data) if isinstance(data, (bytearray, memoryview)) else b"".join(data)
+        args: dict[str, Any] = {"Bucket": self.bucket, "Key": self._key(key), "Body": blob}
+        if exclusive and not self.atomic_exclusive:
+            if self.exists(key):
+                raise FileExistsError(key)
+        elif exclusive:
+            args["IfNoneMatch"] = "*"
+        try:
+            self.client.put_object(**args)
+        except bex.ClientError as exc:
+            code = _code(exc)
+            if exclusive and (code in ("PreconditionFailed", "412") or _status(exc) == 412):
+                raise FileExistsError(key) from None
+            if exclusive and code == "NotImplemented" and self.atomic_exclusive:
+                self.atomic_exclusive = False  # the store does not do conditional writes
+                return self.write(key, data, durable=durable, exclusive=True)
+            raise self._error(exc, f"write {key}") from None
+        except Exception as exc:  # noqa: BLE001
+            raise self._error(exc, f"write {key}") from None
+
+    def exists(self, key: str) -> bool:
+        try:
+            self._head(key)
+            return True
+        except FileNotFoundError:
+            return False
+
+    def list(self, prefix: str) -> Iterator[str]:
+        folder = self.root + (prefix.rstrip("/") + "/" if prefix else "")
+        try:
+            pages = self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=folder)
+            keys = [obj["Key"][len(self.root):] for page in pages for obj in page.get("Contents", ())]
+        except Exception as exc:  # noqa: BLE001
+            raise self._error(exc, f"list {prefix or 'the repository'}") from None
+        yield from keys
+
+    def delete(self, key: str) -> None:
+        try:
+            self.client.delete_object(Bucket=self.bucket, Key=self._key(key))
+        except bex.ClientError as exc:
+            if _code(exc) in ("NoSuchKey", "404"):
+                return
+            raise self._error(exc, f"delete {key}") from None
+        except Exception as exc:  # noqa: BLE001
+            raise self._error(exc, f"delete {key}") from None
+
+    def size(self, key: str) -> int:
+        return int(self._head(key)["ContentLength"])
+
+    def age(self, key: str) -> float:
+        """LastModified against the server's own Date header: both by the store's clock."""
+        head = self._head(key)
+        date = head.get("ResponseMetadata", {}).get("HTTPHeaders", {}).get("date")
+        now = email.utils.parsedate_to_datetime(date) if date else None
+        if now is None:
+            import datetime
+
+            now = datetime.datetime.now(datetime.UTC)
+        return max(0.0, (now - head["LastModified"]).total_seconds())
+
+    def remove_folder(self, prefix: str) -> None:
+        pass  # an object store has no folders
+
+    def delete_partial_writes(self) -> None:
+        pass  # a PUT is all or nothing; nbdbackup does not use multipart uploads
+
+    def sync(self) -> None:
+        pass  # an acknowledged PUT is durable
+
+    # -- opening ---------------------------------------------------------------
+
+    def check(self) -> None:
+        """One request that tells the credentials, the bucket and the endpoint apart."""
+        try:
+            resp = self.client.list_objects_v2(Bucket=self.bucket, Prefix=self.root, MaxKeys=1)
+        except Exception as exc:  # noqa: BLE001
+            raise self._error(exc, "list the bucket") from None
+        if resp.get("Name") != self.bucket:
+            raise S3Unreachable(f"{self._endpoint()} does not answer like an S3 server", hint="check [s3] endpoint in the config file")
+
+    # -- helpers ---------------------------------------------------------------
+
+    def _key(self, key: str) -> str:
+        if not key or key.startswith("/") or ".." in key.split("/"):
+            raise ValueError(f"bad repository key {key!r}")
+        return self.root + key
+
+    def _head(self, key: str) -> dict[str, Any]:
+        try:
+            return self.client.head_object(Bucket=self.bucket, Key=self._key(key))
+        except bex.ClientError as exc:
+            if _status(exc) == 404 and _code(exc) in ("404", "NoSuchKey", "NotFound"):
+                raise FileNotFoundError(key) from None
+            raise self._error(exc, f"read {key}") from None
+        except Exception as exc:  # noqa: BLE001
+            raise self._error(exc, f"read {key}") from None
+
+    def _endpoint(self) -> str:
+        return self.settings.endpoint or "the AWS S3 endpoint"
+
+    def _error(self, exc: BaseException, what: str) -> NbdBackupError:
+        """A one-line NbdBackupError for exc; built from codes only, so no credential leaks into it."""
+        if isinstance(exc, NbdBackupError):
+            return exc
+        where = self.location
+        if isinstance(exc, (bex.NoCredentialsError, bex.PartialCredentialsError)):
+            return S3CredentialsRefused(f"no S3 credentials found for {where}",
+                                        hint="set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, AWS_PROFILE, or [s3] credentials_file")
+        if isinstance(exc, bex.ClientError):
+            code, status = _code(exc), _status(exc)
+            if code in CREDENTIAL_CODES:
+                return S3CredentialsRefused(f"{self._endpoint()} refused the S3 credentials ({code}) for {where}",
+                                            hint="check the access key and secret")
+            if code == "NoSuchBucket":
+                return S3BucketMissing(f"bucket {self.bucket!r} does not exist at {self._endpoint()}",
+                                       hint="create it first; nbdbackup never creates buckets")
+            if code in DENIED_CODES or status == 403:
+                return S3AccessDenied(f"access denied to {where} ({code or status}): the bucket belongs to another account "
+                                      "or these credentials may not use it", hint="check the bucket name and its policy")
+            if code in TRANSIENT_CODES or (status or 0) >= 500:
+                return S3Unreachable(f"the S3 server failed to {what} in {where} ({code or status}) after {self.settings.retries} attempts",
+                                     hint="try again later; older backups are untouched")
+            if code in ("PermanentRedirect", "301", "AuthorizationHeaderMalformed"):
+                return RepositoryUnusable(f"bucket {self.bucket!r} is in another region", hint="set [s3] region")
+            return RepositoryUnusable(f"S3 refused to {what} in {where} ({code or status})")
+        if isinstance(exc, bex.SSLError):
+            return S3Unreachable(f"TLS with {self._endpoint()} failed", hint="check [s3] endpoint, ca_bundle or verify_tls")
+        if isinstance(exc, (bex.EndpointConnectionError, bex.ConnectionClosedError, bex.ConnectTimeoutError,
+                            bex.ReadTimeoutError, bex.HTTPClientError)):
+            return S3Unreachable(f"cannot reach the S3 endpoint {self._endpoint()} to {what} in {where} "
+                                 f"(after {self.settings.retries} attempts)", hint="check [s3] endpoint and the network; older backups are untouched")
+        if isinstance(exc, bex.ResponseParserError):
+            return S3Unreachable(f"{self._endpoint()} does not answer like an S3 server", hint="check [s3] endpoint in the config file")
+        if isinstance(exc, bex.BotoCoreError):
+            return RepositoryUnusable(f"cannot {what} in {where}: {type(exc).__name__}")
+        raise exc
+
+
+def _code(exc: bex.ClientError) -> str:
+    return str(exc.response.get("Error", {}).get("Code", ""))
+
+
+def _status(exc: bex.ClientError) -> int | None:
+    return exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+
+
+def _credentials(settings: S3Settings) -> dict[str, str]:
+    """Keys from [s3] credentials_file (AWS shared-credentials format, mode 0600 or stricter)."""
+    path = settings.credentials_file
+    if path is None:
+        return {}
+    try:
+        st = os.stat(path)
+        text = Path(path).read_text()
+    except OSError as exc:
+        raise UsageError(f"cannot read the S3 credentials file {path}: {exc.strerror}") from None
+    if st.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
+        raise UsageError(f"the S3 credentials file {path} is readable by others (mode {stat.S_IMODE(st.st_mode):04o})", hint=f"chmod 600 {path}")
+    parser = configparser.ConfigParser(interpolation=None)
+    try:
+        parser.read_string(text)
+    except configparser.Error:
+        raise UsageError(f"the S3 credentials file {path} is not in the AWS credentials format") from None
+    section = settings.profile or "default"
+    if not parser.has_section(section):
+        raise UsageError(f"the S3 credentials file {path} has no [{section}] section")
+    sec = parser[section]
+    if "aws_access_key_id" not in sec or "aws_secret_access_key" not in sec:
+        raise UsageError(f"[{section}] of {path} needs aws_access_key_id and aws_secret_access_key")
+    keys = {"aws_access_key_id": sec["aws_access_key_id"], "aws_secret_access_key": sec["aws_secret_access_key"]}
+    if "aws_session_token" in sec:
+        keys["aws_session_token"] = sec["aws_session_token"]
+    return keys
+
+
+def _client(settings: S3Settings, where: str) -> Any:
+    keys = _credentials(settings)
+    try:
+        session = boto3.session.Session(profile_name=None if keys else settings.profile, region_name=settings.region, **keys)
+    except bex.ProfileNotFound:
+        raise UsageError(f"S3 profile {settings.profile!r} is not in the AWS config or credentials files") from None
+    config = botocore.config.Config(
+        retries={"mode": "standard", "max_attempts": settings.retries},
+        connect_timeout=settings.connect_timeout,
+        read_timeout=settings.read_timeout,
+        max_pool_connections=POOL,
+        s3={"addressing_style": settings.addressing},
+        # Servers other than AWS do not all know the newer default checksums.
+        request_checksum_calculation="when_required",
+        response_checksum_validation="when_required",
+    )
+    verify: bool | str = settings.ca_bundle or settings.verify_tls
+    try:
+        return session.client("s3", endpoint_url=settings.endpoint, config=config, verify=verify,
+                              region_name=settings.region or "us-east-1")
+    except ValueError as exc:  # a malformed endpoint URL
+        raise UsageError(f"[s3] endpoint {settings.endpoint!r} is not a URL ({exc})") from None

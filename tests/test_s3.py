@@ -1,0 +1,369 @@
+"""S3 repositories against a real SeaweedFS: every command, bad input, the server dying
+mid-backup, and several hosts sharing one bucket while another prunes."""
+
+from __future__ import annotations
+
+import http.server
+import json
+import os
+import subprocess
+import threading
+import time
+
+import cli
+import pytest
+from faults import NOTHING_LEFT, Run, assert_one_line_error, qemu_leftovers
+from harness import assert_image_equals
+from s3server import OTHER_KEY, OTHER_SECRET, SECRET, SeaweedFS
+
+from nbdbackup import config
+from nbdbackup.errors import UsageError
+from nbdbackup.repository.location import S3Location
+
+KiB, MiB = 1024, 1024 * 1024
+
+
+def restore_equal(url, vm, checkpoint, out, expected):
+    images = cli.restore(url, vm, checkpoint, out)
+    for disk, path in images.items():
+        assert_image_equals(path, expected[disk], "qcow2")
+
+
+def verified(url, vm):
+    """verify reads every chunk of every backup of vm and finds nothing wrong (exit 0)."""
+    report = json.loads(cli.run(url, "verify", vm, "--json").stdout)
+    assert report["backups"] and all(b["ok"] for b in report["backups"]) and report["damaged"] == 0
+    assert report["chunks_checked"] == report["chunks_referenced"] > 0
+
+
+def test_every_command_on_an_s3_repository(vm_factory, s3_repo, tmp_path):
+    url = s3_repo.url
+    vm = vm_factory({"vda": 4 * MiB, "vdb": 2 * MiB + 512})
+    vm.start()
+    expected = {}
+    for i, command in enumerate(("full", "incremental", "auto", "incremental")):
+        vm.write("vda", i * 512 * KiB, 256 * KiB, 0x10 + i)
+        vm.write("vdb", (i % 2) * MiB, 64 * KiB, 0x20 + i)
+        cli.run(url, command, "vm1", "--qmp", vm.qmp_socket, "--checkpoint", f"cp{i}")
+        expected[f"cp{i}"] = {d: vm.expected(d) for d in vm.disks}
+    keys = s3_repo.keys()
+    assert "repo/config.json" in keys and "repo/vms/vm1/backups/cp3/manifest.json" in keys
+    assert any(k.startswith("repo/chunks/") for k in keys)
+    assert not any(k.startswith("repo/locks/") for k in keys)  # every lock released
+    assert [b["checkpoint"] for b in cli.backups(url)] == ["cp0", "cp1", "cp2", "cp3"]
+    assert [b["kind"] for b in cli.backups(url)] == ["full", "incremental", "incremental", "incremental"]
+    for name in expected:
+        restore_equal(url, vm, name, tmp_path / name, expected[name])
+    rows = json.loads(cli.run(url, "checkpoints", "vm1", "--qmp", vm.qmp_socket, "--json").stdout)
+    assert [(r["name"], r["active"]) for r in rows] == [("cp0", False), ("cp1", False), ("cp2", False), ("cp3", True)]
+    verified(url, "vm1")
+
+    cli.run(url, "delete", "vm1", "cp1", "--qmp", vm.qmp_socket)
+    assert [b["checkpoint"] for b in cli.backups(url)] == ["cp0", "cp2", "cp3"]
+    chunks_before = len([k for k in s3_repo.keys("repo/chunks/")])
+    report = json.loads(cli.run(url, "prune", "vm1", "--qmp", vm.qmp_socket, "--json", "--keep-last", "1").stdout)
+    assert [b["checkpoint"] for b in cli.backups(url)] == ["cp3"]
+    assert report["garbage"]["done"] and report["freed_chunks"] > 0
+    assert len(s3_repo.keys("repo/chunks/")) == chunks_before - report["freed_chunks"]
+    restore_equal(url, vm, "cp3", tmp_path / "after-prune", expected["cp3"])
+    vm.write("vda", 0, 64 * KiB, 0x77)
+    cli.run(url, "incremental", "vm1", "--qmp", vm.qmp_socket, "--checkpoint", "cp4")
+    restore_equal(url, vm, "cp4", tmp_path / "cp4", {d: vm.expected(d) for d in vm.disks})
+    verified(url, "vm1")
+    assert qemu_leftovers(vm) == NOTHING_LEFT
+
+
+class NotS3(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):  # noqa: N802
+        body = b"<html><body>hello, I am a web server</body></html>"
+        self.send_response(200)
+        self.send_header("Content-Type", "text/html")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args):
+        pass
+
+
+def test_bad_s3_input_one_line_each_distinct_codes_nothing_created(s3_repo, tmp_path, monkeypatch):
+    url = s3_repo.url
+    qmp = tmp_path / "no-vm.sock"
+
+    def run(repo, expect, debug=False, **env):
+        for k, v in env.items():
+            monkeypatch.setenv(k, v)
+        proc = cli.run(repo, "full", "vm1", "--qmp", qmp, expect=expect)
+        out = proc.stderr + proc.stdout
+        if debug:
+            more = subprocess.run(cli.command(repo, "--debug", "full", "vm1", "--qmp", qmp), capture_output=True, text=True,
+                                  env=cli.environment(), timeout=120)
+            assert more.returncode == expect
+            out += more.stderr + more.stdout
+        for secret in (SECRET, OTHER_SECRET, "wrong-secret"):  # not even in --debug output and tracebacks
+            assert secret not in out
+        return proc.stderr
+
+    assert "refused the S3 credentials" in run(url, 9, debug=True, AWS_SECRET_ACCESS_KEY="wrong-secret")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", SECRET)
+    assert "does not exist" in run("s3://nbd-no-such-bucket/repo", 10)
+    with pytest.raises(Exception, match="404|NoSuchBucket|Not Found"):
+        s3_repo.client().head_bucket(Bucket="nbd-no-such-bucket")  # not created
+    assert "access denied" in run(url, 11, debug=True, AWS_ACCESS_KEY_ID=OTHER_KEY, AWS_SECRET_ACCESS_KEY=OTHER_SECRET)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", s3_repo.server.env()["AWS_ACCESS_KEY_ID"])
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", SECRET)
+    assert s3_repo.keys() == []  # nothing was created by the refused runs
+
+    web = http.server.ThreadingHTTPServer(("127.0.0.1", 0), NotS3)
+    threading.Thread(target=web.serve_forever, daemon=True).start()
+    try:
+        conf = tmp_path / "web.toml"
+        conf.write_text(f'[s3]\nendpoint = "http://127.0.0.1:{web.server_address[1]}"\naddressing = "path"\nretries = 1\n')
+        monkeypatch.setenv("NBDBACKUP_TEST_CONFIG", str(conf))
+        assert "does not answer like an S3 server" in run(url, 12)
+    finally:
+        web.shutdown()
+        web.server_close()
+    conf.write_text(f'[s3]\nendpoint = "http://127.0.0.1:{web.server_address[1]}"\naddressing = "path"\nretries = 1\n')
+    assert "cannot reach the S3 endpoint" in run(url, 12)  # nothing listens there any more
+
+    monkeypatch.setenv("NBDBACKUP_TEST_CONFIG", str(s3_repo.config))
+    assert "names no bucket" in run("s3://", 2)
+    assert "names no bucket" in run("s3:///prefix", 2)
+    assert "not a valid bucket name" in run("s3://Bad_Bucket/x", 2)
+    assert s3_repo.keys() == []
+
+
+def test_credentials_file_and_config_repository(s3_repo, tmp_path, monkeypatch):
+    """repository = "s3://..." and [s3] credentials_file (0600; refused when others may read it)."""
+    monkeypatch.delenv("AWS_ACCESS_KEY_ID")
+    monkeypatch.delenv("AWS_SECRET_ACCESS_KEY")
+    creds = tmp_path / "s3.credentials"
+    creds.write_text(f"[default]\naws_access_key_id = {s3_repo.server.env()['AWS_ACCESS_KEY_ID']}\naws_secret_access_key = {SECRET}\n")
+    creds.chmod(0o644)
+    conf = tmp_path / "c.toml"
+    conf.write_text(f'repository = "{s3_repo.url}"\n' + s3_repo.server.config_text() + f'credentials_file = "{creds}"\n')
+    env = {**cli.environment(), "NBDBACKUP_CONFIG": str(conf)}
+    import sys
+
+    def nbdbackup(*args):
+        return subprocess.run([sys.executable, "-m", "nbdbackup", *args], capture_output=True, text=True, env=env, timeout=60)
+
+    proc = nbdbackup("list", "vm1")
+    assert proc.returncode == 2 and "readable by others" in proc.stderr and SECRET not in proc.stderr
+    creds.chmod(0o600)
+    proc = nbdbackup("list", "vm1")
+    assert proc.returncode == 7 and f"there is no repository at {s3_repo.url}" in proc.stderr, proc.stderr  # authenticated
+    env["NBDBACKUP_REPO"] = f"s3://{s3_repo.bucket}/elsewhere"
+    proc = nbdbackup("list", "vm1")
+    assert f"there is no repository at s3://{s3_repo.bucket}/elsewhere" in proc.stderr, proc.stderr
+
+
+def test_s3_settings_are_parsed_and_checked(tmp_path, monkeypatch):
+    conf = tmp_path / "c.toml"
+    conf.write_text('repository = "s3://my-bucket/a/b"\n[s3]\nendpoint = "http://127.0.0.1:1"\naddressing = "path"\nverify_tls = false\n')
+    monkeypatch.delenv("NBDBACKUP_REPO", raising=False)
+    s = config.load(str(conf), None)
+    assert s.repo == S3Location("my-bucket", "a/b") and str(s.repo) == "s3://my-bucket/a/b"
+    assert s.s3.endpoint == "http://127.0.0.1:1" and s.s3.addressing == "path" and s.s3.verify_tls is False
+    monkeypatch.setenv("NBDBACKUP_REPO", "s3://env-bucket")
+    assert config.load(str(conf), None).repo == S3Location("env-bucket", "")
+    for text, words in (("[s3]\naddressing = 'sideways'\n", "addressing"), ("[s3]\nendpont = 'x'\n", "unknown setting"),
+                        ("[s3]\nretries = 0\n", "retries"), ("[s3]\nverify_tls = 'no'\n", "wrong type")):
+        conf.write_text(text)
+        with pytest.raises(UsageError, match=words):
+            config.load(str(conf), None)
+
+
+def test_s3_server_killed_mid_backup(vm_factory, tmp_path, monkeypatch):
+    """One clear line, exit 12, QEMU clean, nothing that looks like a backup; after the
+    server is back, auto works and the older backup restores identical."""
+    with SeaweedFS(tmp_path / "own-server") as server:
+        server.client().create_bucket(Bucket="crash")
+        conf = tmp_path / "c.toml"
+        conf.write_text(server.config_text())
+        monkeypatch.setenv("NBDBACKUP_TEST_CONFIG", str(conf))
+        for k, v in server.env().items():
+            monkeypatch.setenv(k, v)
+        url = "s3://crash/repo"
+        vm = vm_factory({"vda": 32 * MiB})
+        vm.start()
+        vm.write("vda", 0, 1 * MiB, 0x31)
+        cli.run(url, "full", "vm1", "--qmp", vm.qmp_socket, "--checkpoint", "first")
+        first = vm.expected("vda")
+        vm.write("vda", 1 * MiB, 28 * MiB, 0x32)
+        with Run(url, "full", "vm1", "--qmp", vm.qmp_socket, "--checkpoint", "doomed", pause="read", after=3) as run:
+            run.wait_paused()
+            server.kill()
+            started = time.monotonic()
+            result = run.finish(timeout=180)
+        line = assert_one_line_error(result, expect=12)
+        assert "S3" in line and SECRET not in result.stderr
+        assert time.monotonic() - started < 120  # retries are bounded
+        assert qemu_leftovers(vm) == NOTHING_LEFT
+        server.restart()
+        assert [b["checkpoint"] for b in cli.backups(url)] == ["first"]  # nothing that looks like a backup
+        cli.run(url, "auto", "vm1", "--qmp", vm.qmp_socket, "--checkpoint", "after")
+        assert [b["checkpoint"] for b in cli.backups(url)] == ["first", "after"]
+        restore_equal(url, vm, "first", tmp_path / "first", {"vda": first})
+        restore_equal(url, vm, "after", tmp_path / "after", {"vda": vm.expected("vda")})
+        verified(url, "vm1")
+
+
+def test_two_hosts_back_up_into_one_bucket_while_a_third_prunes(vm_factory, s3_repo, tmp_path, monkeypatch):
+    url = s3_repo.url
+    vm1 = vm_factory({"vda": 2 * MiB}, name="vm1")
+    vm2 = vm_factory({"vda": 48 * MiB}, name="vm2")
+    vm3 = vm_factory({"vda": 24 * MiB}, name="vm3")
+    for vm in (vm1, vm2, vm3):
+        vm.start()
+    vm1.write("vda", 0, 1 * MiB, 0x51)
+    cli.run(url, "full", "vm1", "--qmp", vm1.qmp_socket, "--checkpoint", "a")
+    vm1.write("vda", 0, 1 * MiB, 0x53)
+    cli.run(url, "incremental", "vm1", "--qmp", vm1.qmp_socket, "--checkpoint", "b")
+    vm2.write("vda", 0, 1 * MiB, 0x51)  # the chunk of vm1's backup "a", which prune drops
+    vm2.write("vda", 4 * MiB, 40 * MiB, 0x52)
+    vm3.write("vda", 0, 1 * MiB, 0x51)
+    vm3.write("vda", 2 * MiB, 20 * MiB, 0x54)
+
+    runs = []  # two hosts: the runs inherit NBDBACKUP_HOST_ID from the environment
+    for host, vm in (("host-a", vm2), ("host-b", vm3)):
+        monkeypatch.setenv("NBDBACKUP_HOST_ID", host)
+        runs.append(Run(url, "full", vm.name, "--qmp", vm.qmp_socket, pause="read", after=2))
+    try:
+        for run in runs:
+            run.wait_paused()  # both backups hold the shared repository lock and have stored chunks
+        monkeypatch.setenv("NBDBACKUP_HOST_ID", "host-c")
+        pruner = cli.start(url, "prune", "vm1", "--qmp", vm1.qmp_socket, "--json", "--keep-last", "1")
+        time.sleep(3)
+        assert pruner.poll() is None  # garbage collection waits for the backups of the other hosts
+        assert [b["checkpoint"] for b in cli.backups(url, "vm1")] == ["b"]  # but "a" is already gone
+        results = [run.finish(timeout=240) for run in runs]
+        out, err = pruner.communicate(timeout=240)
+        assert pruner.returncode == 0, err
+        report = json.loads(out)
+    finally:
+        for run in runs:
+            run.__exit__(None, None, None)
+    for vm, result in zip((vm2, vm3), results, strict=True):
+        assert result.returncode == 0, result.describe()
+        restore_equal(url, vm, result.stdout.strip(), tmp_path / vm.name, {"vda": vm.expected("vda")})
+    assert report["garbage"]["done"]  # GC waited for both backups' shared locks
+    assert [b["checkpoint"] for b in cli.backups(url, "vm1")] == ["b"]
+    for name in ("vm1", "vm2", "vm3"):
+        verified(url, name)
+    assert not [k for k in s3_repo.keys() if "/locks/" in k]
+
+
+def test_vm_lock_holds_across_hosts(vm_factory, s3_repo, monkeypatch):
+    """A backup of a VM started on another host makes a second one fail with exit 5 at once."""
+    vm = vm_factory({"vda": 64 * MiB})
+    vm.start()
+    vm.write("vda", 0, 60 * MiB, 0x61)
+    monkeypatch.setenv("NBDBACKUP_HOST_ID", "host-a")
+    with Run(s3_repo.url, "full", "vm1", "--qmp", vm.qmp_socket, pause="read", after=2) as first:
+        first.wait_paused()
+        monkeypatch.setenv("NBDBACKUP_HOST_ID", "host-b")
+        proc = cli.run(s3_repo.url, "full", "vm1", "--qmp", vm.qmp_socket, expect=5)
+        assert "on host-a" in proc.stderr
+        assert first.finish().returncode == 0
+    os.environ.pop("NBDBACKUP_HOST_ID", None)
+
+
+class FlakyProxy:
+    """A TCP proxy in front of the S3 server whose first `failures` connections get
+    HTTP 503 SlowDown (as a busy S3 answers) and are closed; later ones are passed through."""
+
+    def __init__(self, target_port: int, failures: int) -> None:
+        import socket
+
+        self.target_port, self.failures, self.refused = target_port, failures, 0
+        self.server = socket.create_server(("127.0.0.1", 0))
+        self.port = self.server.getsockname()[1]
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        import socket
+
+        while True:
+            try:
+                conn, _ = self.server.accept()
+            except OSError:
+                return
+            if self.refused < self.failures:
+                self.refused += 1
+                conn.recv(65536)
+                body = b"<?xml version='1.0'?><Error><Code>SlowDown</Code><Message>Please reduce your request rate.</Message></Error>"
+                conn.sendall(b"HTTP/1.1 503 Slow Down\r\nContent-Type: application/xml\r\nConnection: close\r\n"
+                             b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+                conn.close()
+                continue
+            upstream = socket.create_connection(("127.0.0.1", self.target_port))
+            for a, b in ((conn, upstream), (upstream, conn)):
+                threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def _pipe(src, dst) -> None:
+        try:
+            while data := src.recv(65536):
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for s in (src, dst):
+                try:
+                    s.close()
+                except OSError:
+                    pass
+
+    def close(self) -> None:
+        self.server.close()
+
+
+@pytest.mark.parametrize("failures, retries, ok", [(2, 4, True), (5, 3, False)])
+def test_transient_errors_are_retried_a_bounded_number_of_times(s3_repo, failures, retries, ok):
+    from nbdbackup.errors import S3Unreachable
+    from nbdbackup.repository.location import S3Settings
+    from nbdbackup.repository.s3 import S3Backend
+
+    proxy = FlakyProxy(s3_repo.server.port, failures)
+    try:
+        settings = S3Settings(endpoint=f"http://127.0.0.1:{proxy.port}", region="us-east-1", addressing="path", retries=retries)
+        backend = S3Backend(S3Location(s3_repo.bucket, "retry"), settings)
+        started = time.monotonic()
+        if ok:
+            backend.write("obj", b"data")
+            assert backend.read("obj") == b"data" and proxy.refused == failures
+        else:
+            with pytest.raises(S3Unreachable, match=f"SlowDown.*after {retries} attempts"):
+                backend.write("obj", b"data")
+            # as many attempts as configured; the HTTP layer resends once a request whose connection was closed
+            assert retries <= proxy.refused <= retries + 1
+        assert time.monotonic() - started < 60  # backoff is bounded
+    finally:
+        proxy.close()
+
+
+def test_auto_all_jobs_backs_up_vms_at_once_into_s3(vm_factory, s3_repo, tmp_path, monkeypatch):
+    vms = [vm_factory({"vda": 24 * MiB}, name=f"vm{i}") for i in (1, 2, 3)]
+    for i, vm in enumerate(vms):
+        vm.start()
+        vm.write("vda", 0, 20 * MiB, 0x70 + i)
+    conf = tmp_path / "all.toml"
+    conf.write_text(s3_repo.server.config_text() + "".join(f'[vm.{vm.name}]\nqmp = "{vm.qmp_socket}"\n' for vm in vms)
+                    + f'[vm.gone]\nqmp = "{tmp_path / "gone.sock"}"\n')
+    monkeypatch.setenv("NBDBACKUP_TEST_CONFIG", str(conf))
+    with Run(s3_repo.url, "auto", "--all", "--jobs", "3", "--json", pause="read") as run:
+        run.wait_paused()  # every VM's reads wait at the pause point: all three are exported at once
+        deadline = time.monotonic() + 60
+        while not all(vm.block_state()["exports"] for vm in vms):
+            assert time.monotonic() < deadline, [vm.block_state()["exports"] for vm in vms]
+            time.sleep(0.05)
+        result = run.finish(timeout=240)
+    assert result.returncode == 3, result.describe()
+    runs = json.loads(result.stdout)
+    assert [(r["vm"], r["exit_code"], r.get("kind")) for r in runs] == [
+        ("gone", 3, None), ("vm1", 0, "full"), ("vm2", 0, "full"), ("vm3", 0, "full")]
+    for vm in vms:
+        restore_equal(s3_repo.url, vm, "latest", tmp_path / vm.name, {"vda": vm.expected("vda")})
+    cli.run(s3_repo.url, "auto", "--all", "--jobs", "0", expect=2)
