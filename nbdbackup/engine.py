@@ -150,7 +150,9 @@ def copy(settings: Settings, req: CopyRequest, target: Location, *, cancel: Canc
     Source: shared lock (no garbage collection meanwhile); target: the VM's lock and a shared lock."""
     check_name("VM", req.vm)
     source = open_repository(settings)
-    dest = Repository.open(target, create=True, s3=settings.s3, encryption=settings.encryption)
+    from .repository.keys import copy_target_source
+
+    dest = Repository.open(target, create=True, s3=settings.s3, encryption=settings.encryption, passphrase_source=copy_target_source())
     with repository_lock(source), vm_lock(dest, req.vm), repository_lock(dest):
         return copy_backups(source, dest, req, cancel=cancel, progress=observer.progress)
 

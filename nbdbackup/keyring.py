@@ -28,9 +28,12 @@ def init(settings: Settings, encryption: str | None) -> InitResult:
     mode = encryption or settings.encryption or keymod.NONE
     if mode not in keymod.MODES:
         raise UsageError(f"unknown encryption {mode!r}; choose one of {', '.join(keymod.MODES)}")
-    if (settings.repo / "config.json").exists():
-        raise RepositoryUnusable(f"{settings.repo} is a repository already", hint="give a new or empty directory with --repo")
-    repo = Repository.open(settings.repo, create=True, encryption=mode)
+    from .repository.location import backend_for
+
+    backend = backend_for(settings.repo, settings.s3)
+    if backend.exists("config.json"):
+        raise RepositoryUnusable(f"{settings.repo} is a repository already", hint="give a new or empty location with --repo")
+    repo = Repository.open(backend, create=True, encryption=mode)
     if not repo.encrypted and mode != keymod.NONE:  # lost a race with a concurrent creation of another kind
         raise EncryptionMismatch(f"{settings.repo} was created meanwhile without encryption")
     key_file = repo.key_store.file if repo.key_store is not None and repo.key_store.mode == keymod.KEYFILE else None
@@ -46,7 +49,7 @@ class KeyInfo:
 
 
 def _open(settings: Settings) -> Repository:
-    repo = Repository.open(settings.repo, create=False)
+    repo = Repository.open(settings.repo, create=False, s3=settings.s3)
     if not repo.encrypted:
         raise EncryptionMismatch(f"repository {settings.repo} is not encrypted: it has no keys")
     return repo

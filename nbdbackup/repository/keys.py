@@ -90,6 +90,13 @@ CURRENT = PassphraseSource()
 NEW = PassphraseSource("NBDBACKUP_NEW_PASSWORD_FILE", "NBDBACKUP_NEW_PASSWORD_COMMAND", "New passphrase")
 
 
+def copy_target_source() -> PassphraseSource:
+    """`copy`'s target: $NBDBACKUP_TARGET_PASSWORD_FILE/_COMMAND when set, else the same as the source's."""
+    if os.environ.get("NBDBACKUP_TARGET_PASSWORD_FILE") or os.environ.get("NBDBACKUP_TARGET_PASSWORD_COMMAND"):
+        return PassphraseSource("NBDBACKUP_TARGET_PASSWORD_FILE", "NBDBACKUP_TARGET_PASSWORD_COMMAND", "Passphrase of the copy's target")
+    return CURRENT
+
+
 def _strip_newline(raw: bytes) -> bytes:
     line = raw.split(b"\n", 1)[0].rstrip(b"\r")
     if not line:

@@ -75,14 +75,16 @@ class Repository:
 
     @classmethod
     def open(cls, where: Location | Backend, *, create: bool = True, s3: S3Settings | None = None,
-             encryption: str | None = None, passphrase: bytes | None = None) -> Repository:
+             encryption: str | None = None, passphrase: bytes | None = None,
+             passphrase_source: keys.PassphraseSource = keys.CURRENT) -> Repository:
         """The repository at a path, an s3:// location or on a ready Backend (tests: MemoryBackend);
         with create, made if there is none.
 
         encryption: what the configuration asks for ("repokey", "keyfile", "none" or None = no
         opinion).  A new repository gets it; an existing unencrypted one is refused when
         encryption is asked for (a store that dropped the encryption must not get plaintext).
-        An encrypted repository is unlocked here: every command needs its key."""
+        An encrypted repository is unlocked here: every command needs its key (the passphrase:
+        given, or asked from passphrase_source only when needed)."""
         backend = backend_for(where, s3) if isinstance(where, (str, Path, S3Location)) else where
         local = backend.root if isinstance(backend, LocalBackend) else None
         here = backend.location
@@ -92,20 +94,21 @@ class Repository:
             occupied = (any(not p.name.startswith(".") for p in local.iterdir()) if local.exists() else False) if local \
                 else any(True for _ in backend.list(""))
             if occupied and backend.exists("config.json"):  # another run created it just now
-                return cls.open(backend, create=False, encryption=encryption, passphrase=passphrase)
+                return cls.open(backend, create=False, encryption=encryption, passphrase=passphrase, passphrase_source=passphrase_source)
             if occupied:
                 raise RepositoryUnusable(f"{here} is not an nbdbackup repository (no config.json)", hint="give an empty or new location with --repo") from None
             if not create:
                 raise RepositoryUnusable(f"there is no repository at {here}", hint="check --repo; the first backup creates it") from None
-            return cls._create(backend, encryption or keys.NONE, passphrase)
+            return cls._create(backend, encryption or keys.NONE, passphrase, passphrase_source)
         except NotADirectoryError:
             raise RepositoryUnusable(f"repository path {here} is not a directory") from None
         except PermissionError:
             raise RepositoryUnusable(f"no permission to read the repository at {here}") from None
-        return cls._from_config(backend, blob, encryption, passphrase)
+        return cls._from_config(backend, blob, encryption, passphrase, passphrase_source)
 
     @classmethod
-    def _from_config(cls, backend: Backend, blob: bytes, encryption: str | None, passphrase: bytes | None) -> Repository:
+    def _from_config(cls, backend: Backend, blob: bytes, encryption: str | None, passphrase: bytes | None,
+                     passphrase_source: keys.PassphraseSource = keys.CURRENT) -> Repository:
         here = backend.location
         local = backend.root if isinstance(backend, LocalBackend) else None
         try:
@@ -134,7 +137,7 @@ class Repository:
         if enc.get("cipher") != crypto.CIPHER_NAME:
             raise RepositoryUnusable(f"{here}: encrypted with {enc.get('cipher')!r}, which this nbdbackup does not know", hint="upgrade nbdbackup")
         store = keys.KeyStore(enc["mode"], repo_id, backend)
-        unlocked = keys.unlock(store, passphrase=passphrase)
+        unlocked = keys.unlock(store, passphrase_source, passphrase=passphrase)
         if not hmac.compare_digest(str(enc.get("config_mac", "")), _config_mac(config, unlocked.master_key)):
             raise RepositoryDamaged(f"{here}/config.json fails authentication (changed since the repository was created)")
         ids = ChunkIds.for_config(version, config, f"{here}/config.json", master_key=unlocked.master_key)
@@ -150,7 +153,8 @@ class Repository:
         return repo
 
     @classmethod
-    def _create(cls, backend: Backend, encryption: str, passphrase: bytes | None) -> Repository:
+    def _create(cls, backend: Backend, encryption: str, passphrase: bytes | None,
+                passphrase_source: keys.PassphraseSource = keys.CURRENT) -> Repository:
         if encryption not in keys.MODES:
             raise UsageError(f"unknown encryption {encryption!r}; choose one of {', '.join(keys.MODES)}")
         local = backend.root if isinstance(backend, LocalBackend) else None
@@ -166,7 +170,7 @@ class Repository:
         if encryption == keys.NONE:
             config["chunk_id"] = ChunkIds.blake3().config()
         else:
-            secret = passphrase if passphrase is not None else keys.CURRENT.get(confirm=True)
+            secret = passphrase if passphrase is not None else passphrase_source.get(confirm=True)
             master = keys.new_master_key()
             config["chunk_id"] = ChunkIds.keyed(master).config()
             config["encryption"] = {"mode": encryption, "cipher": crypto.CIPHER_NAME}
@@ -181,7 +185,8 @@ class Repository:
                 store.file.unlink(missing_ok=True)
             elif store is not None:
                 backend.delete(f"keys/{ours['id']}.json")
-            return cls.open(backend, create=False, encryption=encryption, passphrase=passphrase)
+            return cls.open(backend, create=False, encryption=encryption, passphrase=secret if store else passphrase,
+                            passphrase_source=passphrase_source)
         if store is None:
             return cls(backend, repo_id, local, version=FORMAT_VERSION, chunk_id=ChunkIds.blake3())
         return cls._encrypted(backend, repo_id, FORMAT_VERSION, ChunkIds.keyed(master), store, keys.Unlocked(master, ours["id"]))
