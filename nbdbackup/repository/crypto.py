@@ -35,11 +35,10 @@ import struct
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
-from cryptography.exceptions import InvalidTag
-from cryptography.hazmat.primitives.ciphers import Cipher as _Cipher
-from cryptography.hazmat.primitives.ciphers import algorithms, modes
-from cryptography.hazmat.primitives.ciphers.aead import AESGCM, AESSIV
+# The cryptography package is imported only once a repository is encrypted (Cipher), so
+# unencrypted repositories do not pay its memory (about 9 MiB).
 
 from ..errors import RepositoryDamaged
 from .backend import Backend, Buffers
@@ -59,6 +58,12 @@ NAME_PAD = 64  # names are at most 64 characters (names.py): padded, so the leng
 OBJECT_CONTEXT = "nbdbackup 2026-11 object key v2"
 NAME_CONTEXT = "nbdbackup 2026-11 name key v2"
 LOCAL_CONTEXT = "nbdbackup 2026-11 local name key v2"
+
+
+def _invalid_tag() -> type[Exception]:
+    from cryptography.exceptions import InvalidTag
+
+    return InvalidTag
 
 
 def derive(master_key: bytes, context: str, length: int = 32) -> bytes:
@@ -101,12 +106,14 @@ class Cipher:
 
     master_key: bytes
     _object_key: bytes = field(init=False, repr=False)
-    _aead: AESGCM = field(init=False, repr=False)
-    _siv: AESSIV = field(init=False, repr=False)
+    _aead: Any = field(init=False, repr=False)  # AESGCM
+    _siv: Any = field(init=False, repr=False)  # AESSIV
     _local: bytes = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "_object_key", derive(self.master_key, OBJECT_CONTEXT))
+        from cryptography.hazmat.primitives.ciphers.aead import AESGCM, AESSIV
+
         object.__setattr__(self, "_aead", AESGCM(self._object_key))
         object.__setattr__(self, "_siv", AESSIV(derive(self.master_key, NAME_CONTEXT, 64)))
         object.__setattr__(self, "_local", derive(self.master_key, LOCAL_CONTEXT))
@@ -129,6 +136,9 @@ class Cipher:
         total = sum(len(v) for v in views)
         header = HEADER.pack(MAGIC, VERSION, AES_256_GCM, 0)
         nonce = os.urandom(NONCE_SIZE) if nonce is None else nonce
+        from cryptography.hazmat.primitives.ciphers import Cipher as _Cipher
+        from cryptography.hazmat.primitives.ciphers import algorithms, modes
+
         encryptor = _Cipher(algorithms.AES(self._object_key), modes.GCM(nonce)).encryptor()
         encryptor.authenticate_additional_data(header + key.encode())
         buf = _buffer(total + 32)
@@ -147,7 +157,7 @@ class Cipher:
         nonce = blob[HEADER.size:HEADER.size + NONCE_SIZE]
         try:
             return self._aead.decrypt(nonce, memoryview(blob)[HEADER.size + NONCE_SIZE:], blob[:HEADER.size] + key.encode())
-        except InvalidTag:
+        except _invalid_tag():
             raise ObjectDamaged(key, "fails authentication (changed, truncated or swapped)") from None
 
     # -- names ---------------------------------------------------------------
@@ -162,7 +172,7 @@ class Cipher:
         """The name, or None when text is not a name this key wrote in that place."""
         try:
             raw = self._siv.decrypt(_unb32(text), [role.encode(), parent.encode()])
-        except (InvalidTag, ValueError):
+        except (_invalid_tag(), ValueError):
             return None
         return raw.rstrip(b"\0").decode(errors="replace")
 

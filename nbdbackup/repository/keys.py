@@ -26,10 +26,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from cryptography.exceptions import InvalidTag
-from cryptography.hazmat.primitives.ciphers.aead import AESGCM
-from cryptography.hazmat.primitives.kdf.argon2 import Argon2id
-
 from ..errors import (ForeignKey, KeyFileDamaged, KeyUnavailable, RepositoryUnusable, UsageError,
                       WrongPassphrase)
 from ..names import utc_now
@@ -119,6 +115,8 @@ def _unb64(s: Any) -> bytes:
 def _kek(passphrase: bytes, kdf: dict[str, Any]) -> bytes:
     if kdf.get("algorithm") != "argon2id":
         raise KeyFileDamaged(f"unknown key derivation {kdf.get('algorithm')!r}")
+    from cryptography.hazmat.primitives.kdf.argon2 import Argon2id  # only for encrypted repositories
+
     return Argon2id(salt=_unb64(kdf["salt"]), length=32, iterations=int(kdf["iterations"]), lanes=int(kdf["lanes"]),
                     memory_cost=int(kdf["memory_cost"])).derive(passphrase)
 
@@ -133,6 +131,8 @@ def wrap(master_key: bytes, passphrase: bytes, repo_id: str, kdf_params: dict[st
     kdf["salt"] = _b64(secrets.token_bytes(16))
     key_id = secrets.token_hex(8)
     nonce = secrets.token_bytes(12)
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
     wrapped = AESGCM(_kek(passphrase, kdf)).encrypt(nonce, master_key, _aad(repo_id, key_id))
     return {"format": KEY_FORMAT, "version": KEY_VERSION, "repository": repo_id, "id": key_id, "created": utc_now(),
             "kdf": kdf, "cipher": "aes-256-gcm", "nonce": _b64(nonce), "wrapped": _b64(wrapped)}
@@ -157,6 +157,9 @@ def check_key(doc: Any, repo_id: str, where: str) -> dict[str, Any]:
 
 def unwrap(doc: dict[str, Any], passphrase: bytes, repo_id: str) -> bytes | None:
     """The master key, or None when passphrase does not open this key."""
+    from cryptography.exceptions import InvalidTag
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
     try:
         master = AESGCM(_kek(passphrase, doc["kdf"])).decrypt(_unb64(doc["nonce"]), _unb64(doc["wrapped"]), _aad(repo_id, doc["id"]))
     except InvalidTag:
