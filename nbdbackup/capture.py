@@ -16,7 +16,7 @@ from __future__ import annotations
 import bisect
 import os
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from .errors import Interrupted
 from .nbdio import BASE_ALLOCATION, STATUS_STEP, NbdEndpoint, data_extents, is_zero
@@ -48,7 +48,7 @@ class Tuning:
     no slower: one per CPU."""
 
     chunk_size: int = 4 * 1024 * 1024
-    workers: int = field(default_factory=default_workers)
+    workers: int = 4  # restores; backups take default_workers() unless configured (engine.tuning_for)
     depth: int = 8  # pieces in flight (memory: depth x chunk_size)
     level: int = 2  # zstd level
 

@@ -106,6 +106,14 @@ class NbdEndpoint:
             piece = view[start:start + MAX_REQUEST]
             self._call("write", offset + start, self._h.pwrite, piece, offset + start)
 
+    def zero(self, length: int, offset: int) -> None:
+        """Make the range read as zeroes; the server may punch holes (the image stays sparse)."""
+        end = offset + length
+        while offset < end:
+            n = min(STATUS_STEP, end - offset)
+            self._call("zero", offset, self._h.zero, n, offset)
+            offset += n
+
     def flush(self) -> None:
         self._call("flush", 0, self._h.flush)
 

@@ -1,17 +1,19 @@
-"""qemu-storage-daemon serving new images as writable NBD exports (restore targets)."""
+"""qemu-storage-daemon serving images as NBD exports: new restore targets, or a shut-down
+VM's own images for a rollback (which also loads their persistent bitmaps)."""
 
 from __future__ import annotations
 
 import ctypes
 import logging
 import signal
+import socket
 import subprocess
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import NbdBackupError, RestoreTargetError
+from .errors import ImageInUse, NbdBackupError, RestoreTargetError
 from .qmp import QMPSession
 
 log = logging.getLogger(__name__)
@@ -36,39 +38,63 @@ def create_image(image: TargetImage) -> None:
 
 
 class StorageDaemon:
-    """Start qemu-storage-daemon with one writable export per image; stop it on exit."""
+    """Start qemu-storage-daemon with one writable export per image; stop it on exit.
 
-    def __init__(self, images: Sequence[TargetImage], socket_dir: Path) -> None:
+    exports=False: only the nodes (`node(i)`) and the NBD server; the caller adds exports over
+    QMP (`session()`).  read_only: open the images read-only (nothing can change them)."""
+
+    def __init__(self, images: Sequence[TargetImage], socket_dir: Path, *, exports: bool = True, read_only: bool = False) -> None:
         self.images = list(images)
+        self.exports = exports
+        self.read_only = read_only
         self.socket = socket_dir / "restore.sock"
         self.monitor = socket_dir / "restore-qmp.sock"
         self.log = socket_dir / "qemu-storage-daemon.log"
         self._proc: subprocess.Popen | None = None
 
     def __enter__(self) -> StorageDaemon:
-        cmd = ["qemu-storage-daemon",
-               "--chardev", f"socket,id=m,path={self.monitor},server=on,wait=off",
-               "--monitor", "chardev=m",
-               "--nbd-server", f"addr.type=unix,addr.path={self.socket}"]
+        # Images first: the daemon handles its options in order, so an image it cannot open
+        # (locked by a running QEMU) ends it before the sockets we wait for exist.
+        cmd = ["qemu-storage-daemon"]
+        ro = ",read-only=on" if self.read_only else ""
         for i, img in enumerate(self.images):
-            cmd += ["--blockdev", f"driver=file,filename={_escape(img.path)},node-name=f{i},discard=unmap",
-                    "--blockdev", f"driver={img.format},file=f{i},node-name=n{i},discard=unmap",
-                    "--export", f"type=nbd,id=e{i},node-name=n{i},name={img.export},writable=on"]
+            cmd += ["--blockdev", f"driver=file,filename={_escape(img.path)},node-name=f{i},discard=unmap{ro}",
+                    "--blockdev", f"driver={img.format},file=f{i},node-name={self.node(i)},discard=unmap{ro}"]
+        cmd += ["--chardev", f"socket,id=m,path={self.monitor},server=on,wait=off",
+                "--monitor", "chardev=m",
+                "--nbd-server", f"addr.type=unix,addr.path={self.socket}"]
+        if self.exports:
+            for i, img in enumerate(self.images):
+                cmd += ["--export", f"type=nbd,id=e{i},node-name={self.node(i)},name={img.export},writable=on"]
         log.debug("starting %s", cmd)
         # Its own session: a terminal's Ctrl-C reaches nbdbackup, which stops the daemon in order.
         with open(self.log, "wb") as output:
             self._proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=output, stderr=subprocess.STDOUT,
                                           start_new_session=True, preexec_fn=_die_with_parent)
         deadline = time.monotonic() + 30
-        while not (self.socket.exists() and self.monitor.exists()):
+        # Ready when both sockets exist and the NBD server accepts connections (a socket file
+        # exists from bind(), a moment before listen(); a daemon that died leaves it behind).
+        while not (self.socket.exists() and self.monitor.exists() and _accepts(self.socket)):
             if self._proc.poll() is not None:
                 out = self.log.read_text(errors="replace").strip()
+                if "Failed to get" in out and "lock" in out:  # another process (a running QEMU?) has an image open
+                    raise ImageInUse(f"an image is in use by another process: {out.splitlines()[-1]}",
+                                     hint="shut the VM down first (or see `nbdbackup rollback --help` for a paused VM)")
                 raise RestoreTargetError(f"qemu-storage-daemon failed to start: {out.splitlines()[-1] if out else self._proc.returncode}")
             if time.monotonic() > deadline:
                 self._kill()
                 raise RestoreTargetError("qemu-storage-daemon did not start within 30s")
             time.sleep(0.02)
         return self
+
+    @staticmethod
+    def node(i: int) -> str:
+        """The format node of the i-th image."""
+        return f"n{i}"
+
+    def session(self) -> QMPSession:
+        """A QMP session on the daemon's monitor (a context manager)."""
+        return QMPSession(self.monitor, connect_timeout=10)
 
     def __exit__(self, *exc: object) -> None:
         """Ask the daemon to quit (it flushes and closes the images), else kill it."""
@@ -89,6 +115,18 @@ class StorageDaemon:
         if self._proc and self._proc.poll() is None:
             self._proc.kill()
             self._proc.wait()
+
+
+def _accepts(path: Path) -> bool:
+    """Whether a unix socket accepts connections (the probe disconnects at once)."""
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.connect(str(path))
+        return True
+    except OSError:
+        return False
+    finally:
+        probe.close()
 
 
 def _die_with_parent() -> None:

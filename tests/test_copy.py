@@ -26,20 +26,19 @@ def test_copy_logic_on_memory_backends():
     from test_repository import manifest
 
     from nbdbackup.records import IndexEntry
-
     source, target = Repository.open(MemoryBackend("s")), Repository.open(MemoryBackend("t"))
     chunk_id = source.chunk_id
     data = [bytes([i]) * 4096 for i in range(3)]
     for d in data:
-        source.put_chunk(chunk_id(d), d, 3)
-    m1 = manifest(source, cp="cp1", entries=[IndexEntry(0, 4096, chunk_id(data[0])), IndexEntry(4096, 4096, chunk_id(data[1]))])
+        source.put_chunk(source.chunk_id(d), d, 3)
+    m1 = manifest(source, cp="cp1", entries=[IndexEntry(0, 4096, source.chunk_id(data[0])), IndexEntry(4096, 4096, source.chunk_id(data[1]))])
     source.commit(m1)
-    m2 = manifest(source, cp="cp2", entries=[IndexEntry(0, 4096, chunk_id(data[0])), IndexEntry(8192, 4096, chunk_id(data[2]))])
+    m2 = manifest(source, cp="cp2", entries=[IndexEntry(0, 4096, source.chunk_id(data[0])), IndexEntry(8192, 4096, source.chunk_id(data[2]))])
     source.commit(m2)
     report = copy_backups(source, target, CopyRequest("vm1", every=True), cancel=CancelToken())
     assert [(b.checkpoint, b.copied, b.chunks_sent, b.chunks_present) for b in report.backups] == [("cp1", True, 2, 0), ("cp2", True, 1, 1)]
     assert target.manifests("vm1") == [m1, m2]
-    assert target.get_chunk(chunk_id(data[2]), "t") == data[2]
+    assert target.get_chunk(source.chunk_id(data[2]), "t") == data[2]
     again = copy_backups(source, target, CopyRequest("vm1", every=True), cancel=CancelToken())
     assert [b.copied for b in again.backups] == [False, False]
 

@@ -131,3 +131,31 @@ def test_backups_into_a_new_repository_are_version_2(vm_factory, repo, tmp_path)
         assert blake3(content).hexdigest() == name
     cli.run(repo, "verify", "vm1")
     assert_image_equals(cli.restore(repo, vm, full, tmp_path / "a")["vda"], vm.expected("vda"), "qcow2")
+
+
+def test_copy_keeps_the_source_format_and_renames_chunks_between_schemes(tmp_path):
+    """copy sends chunks under their names: a new target gets the source's version, a target
+    of the other version is refused (exit 7 in the CLI) before anything is written."""
+    from nbdbackup.capture import CancelToken
+    from nbdbackup.copy import CopyRequest, copy_backups
+    from test_repository import manifest
+
+    shutil.copytree(GOLDEN / "v1" / "repo", tmp_path / "v1")
+    source = Repository.open(tmp_path / "v1", create=False)
+    target = Repository.open(tmp_path / "new", like=source)
+    assert target.version == 1 and json.loads((tmp_path / "new/config.json").read_text())["version"] == 1
+    report = copy_backups(source, target, CopyRequest("golden", every=True), cancel=CancelToken())
+    assert [b.copied for b in report.backups] == [True, True]
+    other = Repository.open(tmp_path / "v2")
+    data = b"z" * 5000
+    other.put_chunk(other.chunk_id(data), data, 3)
+    other.commit(manifest(other, vm="golden", cp="x"))
+    # between chunk-id schemes, chunks are renamed to the target's ids and the indexes rewritten
+    report = copy_backups(source, other, CopyRequest("golden", every=True), cancel=CancelToken())
+    assert [b.copied for b in report.backups] == [True, True]
+    for m in other.manifests("golden"):
+        for d in m.disks:
+            for e in other.read_index(m, d.id)[1]:
+                assert other.chunk_id(other.get_chunk(e.chunk, "t")) == e.chunk
+    report = copy_backups(other, target, CopyRequest("golden", every=True), cancel=CancelToken())
+    assert [b.checkpoint for b in report.backups if b.copied] == ["x"]

@@ -15,7 +15,7 @@ import click
 
 from .. import __version__
 from ..errors import exit_status_help
-from . import backup, checkpoints, copy, keys, listing, logs, prune, restore, verify
+from . import backup, checkpoints, copy, keys, listing, logs, mount, prune, recover, restore, rollback, serve, verify
 from .common import Globals
 
 
@@ -96,12 +96,17 @@ for command in (
     backup.incremental,
     backup.auto,
     restore.restore,
+    rollback.rollback,
     listing.list_,
     checkpoints.checkpoints,
     checkpoints.delete,
     prune.prune,
     verify.verify,
     copy.copy,
+    serve.serve,
+    mount.mount,
+    mount.umount,
+    recover.recover,
     keys.init,
     keys.key,
 ):

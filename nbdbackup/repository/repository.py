@@ -76,9 +76,10 @@ class Repository:
     @classmethod
     def open(cls, where: Location | Backend, *, create: bool = True, s3: S3Settings | None = None,
              encryption: str | None = None, passphrase: bytes | None = None,
-             passphrase_source: keys.PassphraseSource = keys.CURRENT) -> Repository:
+             passphrase_source: keys.PassphraseSource = keys.CURRENT, like: Repository | None = None) -> Repository:
         """The repository at a path, an s3:// location or on a ready Backend (tests: MemoryBackend);
-        with create, made if there is none.
+        with create, made if there is none (with like's format version and chunk ids when like is
+        an unencrypted repository: copy).
 
         encryption: what the configuration asks for ("repokey", "keyfile", "none" or None = no
         opinion).  A new repository gets it; an existing unencrypted one is refused when
@@ -99,7 +100,7 @@ class Repository:
                 raise RepositoryUnusable(f"{here} is not an nbdbackup repository (no config.json)", hint="give an empty or new location with --repo") from None
             if not create:
                 raise RepositoryUnusable(f"there is no repository at {here}", hint="check --repo; the first backup creates it") from None
-            return cls._create(backend, encryption or keys.NONE, passphrase, passphrase_source)
+            return cls._create(backend, encryption or keys.NONE, passphrase, passphrase_source, like)
         except NotADirectoryError:
             raise RepositoryUnusable(f"repository path {here} is not a directory") from None
         except PermissionError:
@@ -154,7 +155,7 @@ class Repository:
 
     @classmethod
     def _create(cls, backend: Backend, encryption: str, passphrase: bytes | None,
-                passphrase_source: keys.PassphraseSource = keys.CURRENT) -> Repository:
+                passphrase_source: keys.PassphraseSource = keys.CURRENT, like: Repository | None = None) -> Repository:
         if encryption not in keys.MODES:
             raise UsageError(f"unknown encryption {encryption!r}; choose one of {', '.join(keys.MODES)}")
         local = backend.root if isinstance(backend, LocalBackend) else None
@@ -165,10 +166,13 @@ class Repository:
             except OSError as exc:
                 raise RepositoryUnusable(f"cannot create the repository at {local}: {exc.strerror}") from None
         repo_id = uuid.uuid4().hex
-        config = {"format": FORMAT_NAME, "version": FORMAT_VERSION, "id": repo_id, "created": utc_now()}
+        plain_like = like is not None and not like.encrypted and encryption == keys.NONE
+        version, ids = (like.version, like.chunk_id) if plain_like else (FORMAT_VERSION, ChunkIds.blake3())
+        config = {"format": FORMAT_NAME, "version": version, "id": repo_id, "created": utc_now()}
         store = None
         if encryption == keys.NONE:
-            config["chunk_id"] = ChunkIds.blake3().config()
+            if version >= 2:
+                config["chunk_id"] = ids.config()
         else:
             secret = passphrase if passphrase is not None else passphrase_source.get(confirm=True)
             master = keys.new_master_key()
@@ -188,7 +192,7 @@ class Repository:
             return cls.open(backend, create=False, encryption=encryption, passphrase=secret if store else passphrase,
                             passphrase_source=passphrase_source)
         if store is None:
-            return cls(backend, repo_id, local, version=FORMAT_VERSION, chunk_id=ChunkIds.blake3())
+            return cls(backend, repo_id, local, version=version, chunk_id=ids)
         return cls._encrypted(backend, repo_id, FORMAT_VERSION, ChunkIds.keyed(master), store, keys.Unlocked(master, ours["id"]))
 
     @property

@@ -1,0 +1,528 @@
+"""Rollback: put a VM's own disks back to their content at a checkpoint, in place.
+
+    1. find:   the backup at CP, the images (config `images` or --image), the chosen disks
+    2. open:   the images in qemu-storage-daemon, which loads their persistent bitmaps
+               (a QEMU that still has them open holds their locks: refused, exit 16)
+    3. plan:   every disk is validated before anything is written: the chain from CP to
+               the active bitmap as for an incremental (plus the twin check) and the disk's
+               size at CP.  The changed ranges are CP's bitmap merged with every later one
+               into a temporary bitmap, read over NBD (qemu:dirty-bitmap:).  --full: the
+               whole disk.  Nothing changes on the images (--dry-run stops here).
+    4. write:  those ranges from the backup at CP: data as data, zeroes as zero writes
+               (which may punch holes).  The active bitmap and its twin record the writes
+               like guest writes, so the next incremental backs them up.
+    5. close:  flush; the daemon quits, which stores the bitmaps in the images.
+
+Re-running is always safe: what a stopped run wrote is recorded by the active bitmap,
+so the next run's changed ranges include it and write CP's content there again.
+
+A paused VM whose QEMU runs is rolled back the same way on another target
+(rollback_live.LiveTarget): QEMU itself, with the writes going through an overlay
+that QEMU commits into each disk at the end.
+"""
+
+from __future__ import annotations
+
+import bisect
+import contextlib
+import dataclasses
+import functools
+import json
+import logging
+import os
+import signal
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+from . import chain
+from .capture import CancelToken, Tuning, pieces
+from .checkpoints import Checkpoints, disk_bitmaps
+from .errors import ChainBroken, ImageInUse, Interrupted, NbdBackupError, RestoreTargetError, RollbackIncomplete, UsageError, VMUnreachable
+from .names import GRANULARITY, check_name, utc_now
+from .nbdio import MAX_REQUEST, NbdEndpoint, dirty_bitmap_context, dirty_extents
+from .pipeline import Pipeline
+from .qmp import QMPSession
+from .records import Disk, DiskBackup, Extent, IndexEntry, Manifest
+from .repository import Repository
+from .restore import find_backup
+from .storage_daemon import StorageDaemon, TargetImage
+
+log = logging.getLogger(__name__)
+
+CHANGED, FULL = "changed-blocks", "full"
+TEMP_BITMAP = "nbdbackup-rollback"  # non-persistent, on the daemon's node: gone when it quits
+ZERO_BLOCK = 64 * 1024
+CHUNK_CACHE = 4
+
+
+@dataclass(frozen=True)
+class RollbackRequest:
+    vm: str
+    checkpoint: str
+    images: dict[str, Path]  # disk id -> image file
+    disks: tuple[str, ...] = ()  # only these disks (default: every disk of the backup)
+    full: bool = False  # rewrite whole disks instead of the changed blocks
+    dry_run: bool = False
+
+
+@dataclass(frozen=True)
+class DiskRollback:
+    """What a rollback writes on one disk."""
+
+    disk: str
+    image: Path
+    mode: str  # changed-blocks | full
+    regions: tuple[Extent, ...]
+    size_now: int
+    size_at: int  # at the checkpoint
+    reason: str = ""
+
+    @property
+    def bytes(self) -> int:
+        return sum(r.length for r in self.regions)
+
+
+@dataclass(frozen=True)
+class RollbackPlan:
+    vm: str
+    checkpoint: str
+    disks: tuple[DiskRollback, ...]
+    resumed: str | None = None  # an interrupted rollback (to this checkpoint) found unfinished
+
+
+@dataclass(frozen=True)
+class RollbackResult:
+    plan: RollbackPlan
+    dry_run: bool
+    written: dict[str, int] = field(default_factory=dict)  # data bytes written, per disk
+    zeroed: dict[str, int] = field(default_factory=dict)  # bytes made zero, per disk
+    seconds: float = 0.0
+
+    def as_json(self) -> dict:
+        return {
+            "vm": self.plan.vm, "checkpoint": self.plan.checkpoint, "dry_run": self.dry_run,
+            "completed_interrupted_rollback": self.plan.resumed,
+            "disks": [{"disk": d.disk, "image": str(d.image), "mode": d.mode, "bytes": d.bytes, "reason": d.reason,
+                       "written": self.written.get(d.disk, 0), "zeroed": self.zeroed.get(d.disk, 0)} for d in self.plan.disks],
+            "bytes": sum(d.bytes for d in self.plan.disks),
+            "seconds": round(self.seconds, 3),
+        }
+
+
+# -- the unfinished-rollback marker ----------------------------------------------------
+
+
+class Marker:
+    """rollbacks/<vm>.json in the repository's local directory: present while a rollback writes."""
+
+    def __init__(self, repo: Repository, vm: str) -> None:
+        self.path = repo.local_dir("rollbacks") / f"{vm}.json"
+
+    def read(self) -> dict | None:
+        try:
+            return json.loads(self.path.read_text())
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError):
+            return {"checkpoint": "?"}
+
+    def write(self, plan: RollbackPlan) -> None:
+        tmp = self.path.with_suffix(".tmp")
+        data = {"checkpoint": plan.checkpoint, "disks": [d.disk for d in plan.disks], "started": utc_now()}
+        with open(tmp, "w") as f:
+            json.dump(data, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self.path)
+
+    def clear(self) -> None:
+        self.path.unlink(missing_ok=True)
+
+
+# -- orchestration -----------------------------------------------------------------------
+
+
+class RollbackTarget(Protocol):
+    """Where a rollback reads the bitmaps and writes: the disks opened by someone with QMP and NBD."""
+
+    session: QMPSession
+    socket: Path  # the NBD server's socket
+    disks: list[Disk]
+    writes_directly: bool  # False: nothing reaches the disks before finish()
+
+    def export_changed(self, disk: Disk, merges: Sequence[str], *, writable: bool) -> str:
+        """Export the disk with the temporary bitmap (the union of merges); the export's name."""
+
+    def writable_export(self, disk: Disk, p: DiskRollback) -> str:
+        """An export to write p's ranges into; its name."""
+
+    def finish(self, cancel: CancelToken) -> None:
+        """Make the writes reach the disks."""
+
+
+class ImageTarget:
+    """The shut-down VM's images, opened by qemu-storage-daemon (which loads their bitmaps).
+    Writes go straight into the images: every disk's export is writable from the start."""
+
+    writes_directly = True
+
+    def __init__(self, daemon: StorageDaemon, session: QMPSession, images: Sequence[TargetImage]) -> None:
+        self.daemon, self.session, self.socket = daemon, session, daemon.socket
+        nodes = {n["node-name"]: n for n in session.execute("query-named-block-nodes", {"flat": True})}
+        self.disks = []
+        for i, img in enumerate(images):
+            node = nodes[daemon.node(i)]
+            self.disks.append(Disk(id=img.export, node=node["node-name"], size=int(node["image"]["virtual-size"]),
+                                   format=node.get("drv", "qcow2"), filename=str(img.path)))
+
+    def export_changed(self, disk: Disk, merges: Sequence[str], *, writable: bool) -> str:
+        _export(self.session, disk, disk.id, merges, writable=writable)
+        return disk.id
+
+    def writable_export(self, disk: Disk, p: DiskRollback) -> str:
+        if p.mode == FULL:
+            if p.size_now != p.size_at:
+                self.session.execute("block_resize", {"node-name": disk.node, "size": p.size_at})
+            _export(self.session, disk, disk.id, writable=True)
+        return disk.id
+
+    def finish(self, cancel: CancelToken) -> None:
+        """Nothing: the writes are in the images; the daemon's quit stores the bitmaps."""
+
+
+def run_rollback(
+    repo: Repository,
+    req: RollbackRequest,
+    *,
+    socket_dir: Path,
+    tuning: Tuning = Tuning(),
+    cancel: CancelToken = CancelToken(),
+    progress: Callable[[int], None] = lambda n: None,
+    on_start: Callable[[int], None] = lambda total: None,
+) -> RollbackResult:
+    """Roll the shut-down VM's images back to req.checkpoint (caller holds the VM's lock)."""
+    m = find_backup(repo, req.vm, req.checkpoint)
+    chosen = choose_disks(m, req)
+    images = [TargetImage(d.id, path, "qcow2", d.size) for d, path in chosen]
+    with StorageDaemon(images, socket_dir, exports=False, read_only=req.dry_run) as daemon, daemon.session() as session:
+        return roll_back(repo, req, m, ImageTarget(daemon, session, images), tuning=tuning, cancel=cancel, progress=progress, on_start=on_start)
+    # the daemon quit cleanly: data flushed, bitmaps stored in the images
+
+
+def roll_back(repo: Repository, req: RollbackRequest, m: Manifest, target: RollbackTarget, *, tuning: Tuning, cancel: CancelToken,
+              progress: Callable[[int], None], on_start: Callable[[int], None]) -> RollbackResult:
+    """Plan (validating every disk), then write: on a target that has the disks open (ImageTarget,
+    or rollback_live.LiveTarget for a paused VM).  The caller closes the target afterwards."""
+    started = time.monotonic()
+    marker = Marker(repo, req.vm)
+    unfinished = marker.read()
+    writing = False
+    try:
+        plan = make_plan(repo, target, req, m)
+        if unfinished is not None:
+            plan = dataclasses.replace(plan, resumed=unfinished.get("checkpoint", "?"))
+        if req.dry_run:
+            return RollbackResult(plan, True, seconds=time.monotonic() - started)
+        cancel.check()
+        if target.writes_directly:
+            marker.write(plan)
+            writing = True
+        written, zeroed = _execute(repo, target, m, plan, tuning, cancel, progress, on_start)
+        if not target.writes_directly:
+            marker.write(plan)
+            writing = True
+            target.finish(cancel)
+        marker.clear()  # ImageTarget: the data is flushed; the daemon's quit stores the bitmaps
+        return RollbackResult(plan, False, written, zeroed, time.monotonic() - started)
+    except Interrupted as exc:
+        state = (f"the disks are partly rolled back to {m.checkpoint}: run the same command again to complete the rollback"
+                 if writing else "nothing was written to the disks")
+        exc.message = f"interrupted by {signal.Signals(exc.signum).name}; {state}"
+        raise
+    except NbdBackupError as exc:
+        if not writing:
+            raise
+        raise RollbackIncomplete(f"the rollback to {m.checkpoint} stopped partway ({exc}); the disks are partly rolled back",
+                                 hint="fix the cause and run the same command again: it completes the rollback") from exc
+
+
+def choose_disks(m: Manifest, req: RollbackRequest) -> list[tuple[DiskBackup, Path]]:
+    """The backup's disks to roll back, with their images."""
+    by_id = {d.id: d for d in m.disks}
+    unknown = set(req.disks) - set(by_id)
+    if unknown:
+        raise UsageError(f"backup {m.checkpoint} has no disk {', '.join(sorted(unknown))}", hint=f"its disks: {', '.join(by_id)}")
+    wanted = [d for d in m.disks if not req.disks or d.id in req.disks]
+    missing = [d.id for d in wanted if d.id not in req.images]
+    if missing:
+        raise UsageError(f"no image known for disk {', '.join(missing)} of VM {req.vm}",
+                         hint=f'give --image {missing[0]}=PATH, add [vm.{req.vm}] images = {{{missing[0]} = "PATH"}} to the config file, '
+                              "or choose disks with --disk")
+    for d in wanted:
+        path = req.images[d.id]
+        if not path.is_file():
+            raise RestoreTargetError(f"image {path} of disk {d.id} does not exist or is not a file")
+    return [(d, req.images[d.id]) for d in wanted]
+
+
+def make_plan(repo: Repository, target: RollbackTarget, req: RollbackRequest, m: Manifest) -> RollbackPlan:
+    """Validate every disk, then find what to write on each.  Changes nothing on the disks."""
+    at = {d.id: d for d in m.disks}
+    disks = target.disks
+    paths = [Path(d.filename) for d in disks]
+    # disks holding another VM name's checkpoints are another VM's (wrong images?): refused, even with --full
+    Checkpoints(repo, target.session, req.vm, disks).check_owner(disk_bitmaps(target.session, disks))
+    if req.full:
+        return RollbackPlan(req.vm, m.checkpoint, tuple(
+            DiskRollback(d.id, p, FULL, (Extent(0, at[d.id].size),) if at[d.id].size else (), d.size, at[d.id].size,
+                         "--full: the whole disk" + (f"; resized from {d.size} back to {at[d.id].size} bytes" if d.size != at[d.id].size else ""))
+            for d, p in zip(disks, paths, strict=True)))
+    merges = validate(repo, target.session, req.vm, m, disks)
+    plans = []
+    for d, p in zip(disks, paths, strict=True):
+        name = target.export_changed(d, merges, writable=not req.dry_run)
+        with NbdEndpoint(target.socket, name, contexts=(dirty_bitmap_context(TEMP_BITMAP),)) as ep:
+            regions = tuple(dirty_extents(ep, TEMP_BITMAP, d.size))
+        plans.append(DiskRollback(d.id, p, CHANGED, regions, d.size, d.size, f"changed since {m.checkpoint}"))
+    return RollbackPlan(req.vm, m.checkpoint, tuple(plans))
+
+
+def validate(repo: Repository, session: QMPSession, vm: str, m: Manifest, disks: list[Disk]) -> tuple[str, ...]:
+    """The bitmaps that together hold every change since m's checkpoint, after the same checks
+    as an incremental since it; ChainBroken (exit 4, pointing at --full) otherwise."""
+    hint = f"`--full` rewrites the whole disk from the backup at {m.checkpoint} instead"
+    records = repo.checkpoints(vm)
+    record = next((r for r in records if r.name == m.checkpoint), None)
+    if record is None:
+        raise ChainBroken(f"checkpoint {m.checkpoint} is no longer in the VM's checkpoint chain, so what changed since is unknown", hint=hint)
+    if record.chain != m.chain:
+        raise ChainBroken(f"the backup at {m.checkpoint} belongs to another chain", hint=hint)
+    for d in disks:
+        if d.id not in record.disks:
+            raise ChainBroken(f"disk {d.id} has no bitmap of checkpoint {m.checkpoint}", hint=hint)
+        size = m.disk(d.id).size
+        if d.size != size:
+            raise ChainBroken(f"disk {d.id} was resized since checkpoint {m.checkpoint} (from {size} to {d.size} bytes)", hint=hint)
+    checkpoints = Checkpoints(repo, session, vm, disks)
+    try:
+        chain.check_since(records, record, checkpoints.bitmaps())
+        checkpoints.verify_active(records[-1])
+    except ChainBroken as exc:
+        raise ChainBroken(exc.message, hint=hint) from None
+    return tuple(r.bitmap for r in chain.since_chain(records, record.name))
+
+
+def _export(session: QMPSession, disk: Disk, name: str, merges: Sequence[str] = (), *, writable: bool, node: str | None = None) -> None:
+    """An NBD export `name` of the disk's node (or `node`); with merges, also the temporary bitmap
+    holding their union, on the disk's node (disabled: it does not record the rollback's own writes)."""
+    args: dict = {"type": "nbd", "id": name, "node-name": node or disk.node, "name": name, "writable": writable}
+    if merges:
+        session.transaction([
+            ("block-dirty-bitmap-add", {"node": disk.node, "name": TEMP_BITMAP, "persistent": False, "disabled": True,
+                                        "granularity": GRANULARITY}),
+            ("block-dirty-bitmap-merge", {"node": disk.node, "target": TEMP_BITMAP, "bitmaps": list(merges)}),
+        ])
+        args["bitmaps"] = [TEMP_BITMAP]
+    session.execute("block-export-add", args)
+
+
+def _execute(repo: Repository, target: RollbackTarget, m: Manifest, plan: RollbackPlan, tuning: Tuning, cancel: CancelToken,
+             progress: Callable[[int], None], on_start: Callable[[int], None]) -> tuple[dict[str, int], dict[str, int]]:
+    by_id = {d.id: d for d in target.disks}
+    exports = {p.disk: target.writable_export(by_id[p.disk], p) for p in plan.disks}
+    entries = {p.disk: repo.read_index(m, p.disk)[1] for p in plan.disks}
+    on_start(sum(p.bytes for p in plan.disks))
+    written, zeroed = {}, {}
+    for p in plan.disks:
+        t0 = time.monotonic()
+        written[p.disk], zeroed[p.disk] = write_disk(repo, m, p, entries[p.disk], target.socket, exports[p.disk], tuning, cancel, progress)
+        log.debug("disk %s: wrote %d bytes, zeroed %d in %.2fs", p.disk, written[p.disk], zeroed[p.disk], time.monotonic() - t0)
+    return written, zeroed
+
+
+# -- the data path -------------------------------------------------------------------------
+
+
+def sources(piece: Extent, entries: Sequence[IndexEntry], starts: Sequence[int]) -> Iterator[tuple[Extent, IndexEntry | None]]:
+    """piece cut where the index changes: (range, the entry holding it) or (range, None) for zeroes."""
+    i = max(0, bisect.bisect_right(starts, piece.offset) - 1)
+    pos = piece.offset
+    while pos < piece.end:
+        while i < len(entries) and entries[i].end <= pos:
+            i += 1
+        if i < len(entries) and entries[i].offset <= pos:
+            stop = min(entries[i].end, piece.end)
+            yield Extent(pos, stop - pos), entries[i]
+        else:
+            stop = min(entries[i].offset if i < len(entries) else piece.end, piece.end)
+            yield Extent(pos, stop - pos), None
+        pos = stop
+
+
+def runs(offset: int, data: memoryview) -> Iterator[tuple[int, int, bool]]:
+    """(start, stop, all zero) disk ranges of data, in ZERO_BLOCK-aligned steps, at most MAX_REQUEST each."""
+    end = offset + len(data)
+    zero = bytes(ZERO_BLOCK)
+    run: list = []  # [start, is_zero]
+    pos = offset
+    while pos < end:
+        stop = min(end, (pos // ZERO_BLOCK + 1) * ZERO_BLOCK)
+        is_zero = data[pos - offset:stop - offset] == zero[:stop - pos]
+        if run and (run[1] != is_zero or pos - run[0] >= MAX_REQUEST):
+            yield run[0], pos, run[1]
+            run = []
+        if not run:
+            run = [pos, is_zero]
+        pos = stop
+    if run:
+        yield run[0], end, run[1]
+
+
+def write_disk(repo: Repository, m: Manifest, p: DiskRollback, entries: list[IndexEntry], socket: Path, export: str,
+               tuning: Tuning, cancel: CancelToken, progress: Callable[[int], None]) -> tuple[int, int]:
+    """Write p's regions from the backup's index; (data bytes written, bytes zeroed)."""
+    starts = [e.offset for e in entries]
+    totals = [0, 0]
+
+    def chunk(cid: bytes, offset: int) -> bytes:
+        cache: OrderedDict[bytes, bytes] = pipe.local().__dict__.setdefault("chunks", OrderedDict())
+        if cid in cache:
+            cache.move_to_end(cid)
+            return cache[cid]
+        data = repo.get_chunk(cid, f"backup {m.checkpoint}, disk {p.disk}, offset {offset}")
+        cache[cid] = data
+        if len(cache) > CHUNK_CACHE:
+            cache.popitem(last=False)
+        return data
+
+    def work(piece: Extent) -> tuple[int, int]:
+        if cancel.signum is not None:
+            return 0, 0
+        ep = pipe.endpoint()
+        written = zeroed = 0
+        for sub, e in sources(piece, entries, starts):
+            if e is None:
+                ep.zero(sub.length, sub.offset)
+                zeroed += sub.length
+                continue
+            begin = e.chunk_offset + sub.offset - e.offset
+            data = memoryview(chunk(e.chunk, e.offset))[begin:begin + sub.length]
+            if len(data) != sub.length:
+                from .errors import RepositoryDamaged
+
+                raise RepositoryDamaged(f"chunk {e.chunk.hex()} is shorter than its index says (backup {m.checkpoint}, disk {p.disk}, offset {e.offset})")
+            for start, stop, is_zero in runs(sub.offset, data):
+                if is_zero:
+                    ep.zero(stop - start, start)
+                    zeroed += stop - start
+                else:
+                    ep.pwrite(data[start - sub.offset:stop - sub.offset], start)
+                    written += stop - start
+        return written, zeroed
+
+    def done(result: tuple[int, int], _: object) -> None:
+        totals[0] += result[0]
+        totals[1] += result[1]
+        progress(result[0] + result[1])
+
+    connect = functools.partial(NbdEndpoint, socket, export, writable=True)
+    with Pipeline(tuning.workers, tuning.depth, connect, done, "rollback") as pipe:
+        for piece in pieces(p.regions, tuning.chunk_size):
+            cancel.check()
+            pipe.submit(work, piece, None)
+        pipe.drain()
+        cancel.check()
+        pipe.endpoint().flush()
+    return totals[0], totals[1]
+
+
+# -- entry point: the resources a rollback needs ----------------------------------------------
+
+
+def rollback(settings, vmconf, req: RollbackRequest, *, cancel: CancelToken, observer=None, pause: bool = False,
+             reset: bool = True, tuning: Tuning = Tuning()) -> RollbackResult:
+    """Under the VM's lock (no backup of it meanwhile): the shut-down VM's images through
+    qemu-storage-daemon, or the paused VM's disks through its QEMU."""
+    from .engine import Observer, open_repository, repository_lock, vm_lock
+    from .workdirs import private_dir
+
+    observer = observer or Observer()
+    check_name("VM", req.vm)
+    repo = open_repository(settings)
+    with vm_lock(repo, req.vm), repository_lock(repo):
+        with _running_qemu(vmconf) as qemu:
+            if qemu is not None:
+                return _rollback_live(repo, vmconf, qemu, req, cancel=cancel, observer=observer, pause=pause, reset=reset, tuning=tuning)
+        with private_dir() as sockets:
+            return run_rollback(repo, req, socket_dir=sockets, tuning=tuning, cancel=cancel,
+                                progress=observer.progress, on_start=observer.on_start)
+
+
+def _rollback_live(repo: Repository, vmconf, qemu: QMPSession, req: RollbackRequest, *, cancel: CancelToken, observer,
+                   pause: bool, reset: bool, tuning: Tuning) -> RollbackResult:
+    """The VM's QEMU runs: only with the guest paused (--pause pauses it); afterwards the guest
+    is reset (its page cache holds the old content) unless reset is False, and resumed if we paused it."""
+    from .names import block_namespace
+    from .rollback_live import LiveTarget
+    from .vm import qcow2_disks
+    from .workdirs import foreign_owner, private_dir, scratch_base
+
+    status = qemu.execute("query-status")
+    if status.get("running") and not pause:
+        raise ImageInUse(f"VM {req.vm} is running: its disks cannot be rolled back under a running guest",
+                         hint="shut the VM down, or pass --pause to pause it (it is reset and resumed afterwards)")
+    if status.get("status") in ("inmigrate", "postmigrate", "finish-migrate", "save-vm", "restore-vm"):
+        raise ImageInUse(f"VM {req.vm} is migrating or saving its state ({status['status']})", hint="wait for it to finish")
+    m = find_backup(repo, req.vm, req.checkpoint)
+    wanted = {d.id for d in m.disks if not req.disks or d.id in req.disks}
+    unknown = set(req.disks) - {d.id for d in m.disks}
+    if unknown:
+        raise UsageError(f"backup {m.checkpoint} has no disk {', '.join(sorted(unknown))}", hint=f"its disks: {', '.join(d.id for d in m.disks)}")
+    disks = [d for d in qcow2_disks(qemu) if d.id in wanted]
+    gone = wanted - {d.id for d in disks}
+    if gone:
+        raise UsageError(f"the VM has no qcow2 disk {', '.join(sorted(gone))} (it is in the backup at {m.checkpoint})",
+                         hint="choose disks with --disk")
+    paused_here = False
+    if status.get("running"):
+        qemu.execute("stop")
+        paused_here = True
+    target = None
+    done = False
+    try:
+        owner = foreign_owner(qemu.peer_user())
+        base = scratch_base(vmconf.scratch, lambda: repo.local_dir("tmp"), owner)
+        with private_dir(base, prefix=f"{req.vm}@", owner=owner) as scratch, private_dir(owner=owner) as sockets:
+            target = LiveTarget(qemu, disks, block_namespace(repo.id), scratch, sockets, owner)
+            with target:
+                result = roll_back(repo, req, m, target, tuning=tuning, cancel=cancel, progress=observer.progress, on_start=observer.on_start)
+        if not req.dry_run and reset:
+            qemu.execute("system_reset")
+        done = True
+        return result
+    finally:
+        if paused_here and not qemu.lost and (done or target is None or not target.touched):
+            qemu.execute("cont")  # a guest whose disks are partly rolled back stays paused
+
+
+@contextlib.contextmanager
+def _running_qemu(vmconf) -> Iterator[QMPSession | None]:
+    """A session with the VM's QEMU if it answers on its QMP socket; None if it does not (shut down)."""
+    if vmconf.qmp is None:
+        yield None
+        return
+    try:
+        session = QMPSession(vmconf.qmp)
+        session.connect()
+    except VMUnreachable as exc:
+        log.debug("VM %s is not reachable over QMP (%s): treated as shut down", vmconf.name, exc.message)
+        yield None
+        return
+    try:
+        yield session
+    finally:
+        session.close()
