@@ -51,12 +51,12 @@ class Observer:
 
 def open_repository(settings: Settings, *, create: bool = False) -> Repository:
     """The repository; only backups create it (a typo in --repo must not make a new one)."""
-    return Repository.open(settings.repo, create=create, s3=settings.s3)
+    return Repository.open(settings.repo, create=create, s3=settings.s3, encryption=settings.encryption)
 
 
 @contextlib.contextmanager
 def vm_lock(repo: Repository, vm: str) -> Iterator[None]:
-    with repo.lock(f"vm-{vm}", what=f"VM {vm}"):
+    with repo.lock(f"vm-{repo.local_name(vm)}", what=f"VM {vm}"):  # keyed name in an encrypted repository
         yield
 
 
@@ -104,8 +104,9 @@ def backup(settings: Settings, vmconf: VMConfig, req: BackupRequest, *, cancel: 
             repo, session = stack.enter_context(vm_session(settings, vmconf, create=True))
             owner = foreign_owner(session.peer_user())  # QEMU must reach the scratch files and create the NBD socket
             base = scratch_base(vmconf.scratch, lambda: repo.local_dir("tmp"), owner)
-            remove_stale_dirs(base, prefix=f"{vmconf.name}@")  # left by a killed run; we hold the VM's lock
-            scratch = stack.enter_context(private_dir(base, prefix=f"{vmconf.name}@", owner=owner))
+            prefix = f"{repo.local_name(vmconf.name)}@"  # keyed in an encrypted repository: no VM name in file names
+            remove_stale_dirs(base, prefix=prefix)  # left by a killed run; we hold the VM's lock
+            scratch = stack.enter_context(private_dir(base, prefix=prefix, owner=owner))
             sockets = stack.enter_context(private_dir(owner=owner))
             return run_backup(repo, session, req, scratch_dir=scratch, socket_dir=sockets, cancel=cancel,
                               progress=observer.progress, on_start=observer.on_start, quiesce=quiesce, owner=owner)
@@ -189,7 +190,10 @@ def copy(settings: Settings, req: CopyRequest, target: Location, *, cancel: Canc
     Source: shared lock (no garbage collection meanwhile); target: the VM's lock and a shared lock."""
     check_name("VM", req.vm)
     source = open_repository(settings)
-    dest = Repository.open(target, create=True, s3=settings.s3, like=source)
+    from .repository.keys import copy_target_source
+
+    dest = Repository.open(target, create=True, s3=settings.s3, like=source, encryption=settings.encryption,
+                           passphrase_source=copy_target_source())
     with repository_lock(source), vm_lock(dest, req.vm), repository_lock(dest):
         return copy_backups(source, dest, req, cancel=cancel, progress=observer.progress)
 
