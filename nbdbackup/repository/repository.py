@@ -200,10 +200,17 @@ class Repository:
             return self._present if len(self._present) <= PRESENT_LIMIT else None
 
     def get_chunk(self, cid: bytes, where: str) -> bytes:
+        return self.decode_chunk(self.fetch_chunk(cid, where), cid, where)
+
+    def fetch_chunk(self, cid: bytes, where: str) -> bytes:
+        """The stored chunk file, unchecked (decode_chunk checks it): get_chunk in two steps, so
+        downloads can run ahead of decompression (restore from S3)."""
         try:
-            blob = self.backend.read(self._chunk_key(cid))
+            return self.backend.read(self._chunk_key(cid))
         except FileNotFoundError:
             raise RepositoryDamaged(f"chunk {cid.hex()} is missing ({where})") from None
+
+    def decode_chunk(self, blob: bytes, cid: bytes, where: str) -> bytes:
         return chunks.decode(blob, cid, where, self.chunk_id)
 
     def chunk_ids(self) -> set[bytes]:
