@@ -25,6 +25,12 @@ A repository in S3 object storage (repository = "s3://BUCKET/PREFIX"):
     profile = "backup"                     # a profile of ~/.aws/credentials (else $AWS_PROFILE)
     credentials_file = "/etc/nbdbackup/s3.credentials"   # AWS-style, mode 0600
     retries = 5                            # attempts per request on transient errors
+
+For `verify --boot` (in a [vm.NAME] table):
+
+    boot = ["-m", "2048"]                  # QEMU arguments for `verify --boot`
+    verify_boot = true                     # `auto` runs `verify --boot` after each backup
+    boot_timeout = 300                     # seconds `verify --boot` waits for a sign of life
 """
 
 from __future__ import annotations
@@ -42,7 +48,8 @@ from .repository.location import Location, S3Settings, parse_location
 
 SYSTEM_CONFIG = Path("/etc/nbdbackup/config.toml")
 VM_KEYS = {"qmp": str, "qga": str, "disks": list, "exclude": list, "compression": int, "scratch": str, "workers": int,
-           "chunk_mib": int, "queue_depth": int, "retention": dict, "images": dict}
+           "chunk_mib": int, "queue_depth": int, "retention": dict, "images": dict,
+           "boot": list, "verify_boot": bool, "boot_timeout": int}
 TOP_KEYS = {"repository", "vm", "s3"}
 S3_KEYS = {"endpoint": str, "region": str, "addressing": str, "verify_tls": bool, "ca_bundle": str, "profile": str,
            "credentials_file": str, "retries": int, "connect_timeout": (int, float), "read_timeout": (int, float)}
@@ -63,6 +70,9 @@ class VMConfig:
     queue_depth: int | None = None
     retention: dict[str, int] = field(default_factory=dict)
     images: dict[str, Path] = field(default_factory=dict)  # disk id -> image file (for rollback)
+    boot: tuple[str, ...] = ()  # QEMU arguments for verify --boot
+    verify_boot: bool = False  # auto: verify --boot after each backup
+    boot_timeout: int | None = None  # seconds verify --boot waits for a sign of life
 
 
 @dataclass(frozen=True)
@@ -194,7 +204,7 @@ def _parse_vms(table: Any, path: Path | None) -> dict[str, VMConfig]:
                 raise UsageError(f"{path}: [vm.{name}] {key} must be a {VM_KEYS[key].__name__}")
         if not 1 <= conf.get("compression", 3) <= 22:
             raise UsageError(f"{path}: [vm.{name}] compression must be a zstd level from 1 to 22")
-        for key, low, high in (("workers", 1, 64), ("chunk_mib", 1, 32), ("queue_depth", 1, 64)):
+        for key, low, high in (("workers", 1, 64), ("chunk_mib", 1, 32), ("queue_depth", 1, 64), ("boot_timeout", 1, 86400)):
             if not low <= conf.get(key, low) <= high:
                 raise UsageError(f"{path}: [vm.{name}] {key} must be from {low} to {high}")
         retention = conf.get("retention", {})
@@ -205,6 +215,8 @@ def _parse_vms(table: Any, path: Path | None) -> dict[str, VMConfig]:
             check_name("disk", disk)
             if not isinstance(image, str) or not image:
                 raise UsageError(f"{path}: [vm.{name}] images.{disk} must be the path of the disk's image")
+        if not all(isinstance(a, str) for a in conf.get("boot", ())):
+            raise UsageError(f"{path}: [vm.{name}] boot must be a list of QEMU arguments (strings)")
         for key in ("disks", "exclude"):
             for disk in conf.get(key, ()):
                 if not isinstance(disk, str):
@@ -223,5 +235,8 @@ def _parse_vms(table: Any, path: Path | None) -> dict[str, VMConfig]:
             queue_depth=conf.get("queue_depth"),
             retention=dict(retention),
             images={disk: Path(image) for disk, image in conf.get("images", {}).items()},
+            boot=tuple(conf.get("boot", ())),
+            verify_boot=conf.get("verify_boot", False),
+            boot_timeout=conf.get("boot_timeout"),
         )
     return vms

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from . import prune as pruning
 from .backup import BackupRequest, BackupResult, run_backup
+from .bootcheck import BootRequest, BootResult, boot_point, restore_point
 from .capture import CancelToken, Tuning, default_workers
 from .chain import CheckpointStatus, assess, resolve
 from .checkpoints import Checkpoints, disk_bitmaps
@@ -194,3 +195,68 @@ def _try_session(stack: contextlib.ExitStack, vmconf: VMConfig, notes: list[str]
     except VMUnreachable as exc:
         notes.append(f"VM unreachable ({exc.message}): its checkpoints are merged away by the next prune")
         return None
+
+
+def serve(settings: Settings, req, *, cancel: CancelToken, on_ready: Callable) -> None:
+    """Serve a backup point over NBD until cancelled (a signal); on_ready(manifest, exports) once serving."""
+    import time
+
+    from .serving import remove_dead_server_dirs, serving
+    from .workdirs import runtime_base
+
+    repo = open_repository(settings)
+    remove_dead_server_dirs(runtime_base(), "nbdbackup-serve-")  # left by killed runs
+    with repository_lock(repo), private_dir(prefix="nbdbackup-serve-") as work:
+        with serving(repo, str(settings.repo), settings.config_file, req, work) as (m, exports, servers):
+            cancel.check()
+            on_ready(m, exports)
+            while cancel.signum is None:
+                for server in servers:
+                    if not server.alive():
+                        server.failed()
+                time.sleep(0.2)
+
+
+def mount(settings: Settings, req, *, cancel: CancelToken):
+    """Mount the guest filesystems of a backup point read-only (see mounting.py)."""
+    from .mounting import run_mount
+    from .serving import Source
+
+    repo = open_repository(settings)
+    with repository_lock(repo):  # nbdkit takes its own shared lock for as long as the mount lives
+        return run_mount(repo, lambda checkpoint, disks: Source(str(settings.repo), settings.config_file, req.vm, checkpoint, disks),
+                         req, cancel)
+
+
+def recover(settings: Settings, req, *, cancel: CancelToken, observer: Observer = Observer(),
+            on_images: Callable = lambda result: None, on_wait: Callable = lambda: None):
+    """Instant recovery (see recovering.py): images backed by the served backup, streamed home."""
+    from .recovering import run_recover
+    from .serving import Source
+    from .workdirs import runtime_base
+
+    repo = open_repository(settings)
+    prefix = f"nbdbackup-recover-{repo.id[:8]}-{req.vm}@"
+    with vm_lock(repo, req.vm), repository_lock(repo):
+        remove_stale_dirs(runtime_base(), prefix=prefix)  # left by a killed run; we hold the VM's lock
+        with private_dir(prefix=prefix) as work:
+            return run_recover(repo, lambda checkpoint, disks: Source(str(settings.repo), settings.config_file, req.vm, checkpoint, disks),
+                               req, work, cancel, on_images=on_images, on_wait=on_wait,
+                               on_start=observer.on_start, progress=observer.progress)
+
+
+# verify --boot restores here unless the VM's scratch directory is configured: large, not tmpfs.
+BOOT_SCRATCH = Path("/var/tmp")
+
+
+def verify_boot(settings: Settings, vmconf: VMConfig, req: BootRequest, *, cancel: CancelToken,
+                observer: Observer = Observer(), on_phase: Callable[[str], None] = lambda text: None) -> BootResult:
+    """Restore a backup point into a private temporary directory and boot it (the repository is only read,
+    and only locked while the point is restored: the boot may take minutes)."""
+    repo = open_repository(settings)
+    base = vmconf.scratch or BOOT_SCRATCH
+    with private_dir(base, prefix=f"{vmconf.name}-boot-") as workdir:
+        with repository_lock(repo):
+            checkpoint, images = restore_point(repo, req, workdir, tuning=tuning_for(vmconf), cancel=cancel,
+                                               on_start=observer.on_start, progress=observer.progress)
+        return boot_point(req, checkpoint, images, workdir, cancel=cancel, on_phase=on_phase)

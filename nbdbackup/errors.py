@@ -12,12 +12,16 @@
      |    +-- ChainOfAnotherVM         QEMU holds another VM name's chain
      +-- LockHeld                  exit 5  another nbdbackup run holds the VM
      +-- RepositoryDamaged         exit 6  a chunk, index or manifest is bad
+     |    +-- BackupDoesNotBoot            verify --boot: the restored point did not boot
      +-- RepositoryUnusable        exit 7  newer format, read-only, full
      |    +-- S3CredentialsRefused exit 9  the object store refused the credentials
      |    +-- S3BucketMissing      exit 10 the bucket does not exist
      |    +-- S3AccessDenied       exit 11 the bucket is not ours (access denied)
      |    +-- S3Unreachable        exit 12 endpoint unreachable or not S3
      +-- RestoreTargetError        exit 8  restore target cannot be written
+     +-- ServeAddressError         exit 13 serve: socket or TCP address in use or unusable
+     +-- MountPointError           exit 14 mount: DIR missing, not empty, not a mount of ours
+     +-- ToolUnavailable           exit 15 nbdkit, FUSE or loop devices unavailable
      +-- SomeRunsFailed            the worst exit code of the VMs of `auto --all`
      +-- Interrupted               exit 130 (SIGINT) / 143 (SIGTERM)
  +-- ImageInUse                exit 16 rollback: the VM's images are in use (its QEMU runs)
@@ -102,6 +106,10 @@ class RepositoryDamaged(NbdBackupError):
     exit_code = 6
 
 
+class BackupDoesNotBoot(RepositoryDamaged):
+    """verify --boot: the backup point, restored, shows no sign of life (or its check failed)."""
+
+
 class RepositoryUnusable(NbdBackupError):
     exit_code = 7
 
@@ -177,6 +185,28 @@ EXIT_CODES: dict[str, int] = {
 }
 
 
+class ServeAddressError(NbdBackupError):
+    """serve: the socket path or TCP address is in use or cannot be used."""
+
+    exit_code = 13
+
+
+class MountPointError(NbdBackupError):
+    """mount/umount: the directory is missing, not empty, or not an nbdbackup mount."""
+
+    exit_code = 14
+
+
+class ToolUnavailable(NbdBackupError):
+    """A program or kernel facility that serve/mount/recover need is missing (nbdkit, FUSE, loop devices)."""
+
+    exit_code = 15
+
+
+EXIT_CODES.update({"address": ServeAddressError.exit_code, "mount-point": MountPointError.exit_code,
+                   "tool": ToolUnavailable.exit_code})
+
+
 @dataclass(frozen=True)
 class ExitStatus:
     """One row of the exit-code table that `--help` and the man page show."""
@@ -210,7 +240,8 @@ EXIT_STATUS: tuple[ExitStatus, ...] = (
                "more than 10 minutes."),
     ExitStatus((RepositoryDamaged.exit_code,), "repository damaged",
                "The repository is damaged: a chunk, index, manifest, `checkpoints.json` or `config.json` is missing, "
-               "truncated or fails its checksum. Also from `verify` when it found damage, from `prune` when damage stops "
+               "truncated or fails its checksum. Also from `verify` when it found damage, from `verify --boot` and "
+               "`auto --verify-boot` when the backup does not boot, from `prune` when damage stops "
                "garbage collection, and from `restore --to latest` while any manifest of the VM is damaged."),
     ExitStatus((RepositoryUnusable.exit_code,), "repository unusable (newer format, read-only, full)",
                "The repository is unusable: none at the path (for commands other than backups), not a repository, "
@@ -229,6 +260,14 @@ EXIT_STATUS: tuple[ExitStatus, ...] = (
     ExitStatus((S3Unreachable.exit_code,), "S3 endpoint unreachable or not S3",
                "S3: the endpoint is unreachable or does not answer like S3, or it kept failing after the retries "
                "(for example, it died during a backup: nothing that looks like a backup is left)."),
+    ExitStatus((ServeAddressError.exit_code,), "socket or address in use",
+               "`serve` or `recover`: the socket path or TCP address is in use or cannot be used."),
+    ExitStatus((MountPointError.exit_code,), "mount directory unusable",
+               "`mount` or `umount`: the directory does not exist, is not a directory, is not empty or is already "
+               "mounted; or it is not an nbdbackup mount; or a filesystem under it is busy."),
+    ExitStatus((ToolUnavailable.exit_code,), "nbdkit, FUSE or loop devices missing",
+               "A program or facility that `serve`, `mount` or `recover` needs is missing: nbdkit or its Python plugin, "
+               "FUSE, loop devices, root, `fusefat`."),
     ExitStatus((ImageInUse.exit_code,), "rollback: the VM's disks are in use",
                "`rollback`: the VM's disks are in use and cannot be written: its guest runs (without `--pause`), "
                "or a QEMU holds an image open while its QMP socket is not known; nothing was written."),

@@ -47,6 +47,7 @@ ZSTD_LEVEL = 3  # the reference's zstd level (zstd's own default)
 ZSTD_THREADS = 2
 FULL_RATIO_TARGET = 0.7
 RESTORE_RATIO_TARGET = 0.7
+SERVE_RATIO_TARGET = 1.5  # nbdcopy of a served disk, time, against restore of the same point
 INCR_TARGET_PCT = 5.0
 ROLLBACK_TARGET_PCT = 10.0
 ROLLBACK_RSS_TARGET_KIB = 256 * 1024
@@ -464,9 +465,11 @@ def main_case(args: argparse.Namespace, report: Report, rundir: Path, sockdir: P
                                f"{ratio:.2f}", rss(rs), None, disk_usage(out_inc / "vda.qcow2"),
                                [t.seconds for t in restores], {"ru_maxrss_kib_tree": rs.maxrss_kib[0]},
                                cpu_seconds=min(sum(t.cpu) for t in restores)))
+        serve_case(nb, report, virtual, rs, repeat)
     finally:
         vm.quit()
     compare(out_inc / "vda.qcow2", disk, "nbdbackup restore of the incremental point == disk after the writes", report)
+    recover_case(nb, report, virtual, rs, rundir, sockdir, out_inc / "vda.qcow2")
     shutil.rmtree(out_inc)
 
     # e. the VM shut down: roll its own image back to the full point (what changed since: the 1% writes)
@@ -486,6 +489,83 @@ def main_case(args: argparse.Namespace, report: Report, rundir: Path, sockdir: P
                            "value": round(pct, 2), "met": pct <= ROLLBACK_TARGET_PCT})
     report.targets.append({"target": "rollback peak RSS < 256 MiB", "value": rss(rb), "met": rss(rb) < ROLLBACK_RSS_TARGET_KIB})
     compare(disk, image.path, "nbdbackup rollback to the full point == source image", report)
+
+
+def serve_case(nb: Nbdbackup, report: Report, virtual: int, restore: Timed, repeat: int) -> None:
+    """`nbdbackup serve` of the incremental point: time to the first URI, and nbdcopy of the
+    whole served disk to null: (reads everything, writes nothing) against the restore just timed."""
+    starts, copies = [], []
+    for i in range(repeat):
+        sync()
+        t0 = time.monotonic()
+        proc = subprocess.Popen(nb.argv("serve", "vm1", "--to", "latest", "--disk", "vda"), stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True, env=NB_ENV, cwd=NB_CWD)
+        try:
+            uri = proc.stdout.readline().strip()
+            if not uri.startswith("nbd"):
+                raise BenchError(f"nbdbackup serve printed no URI: {proc.stderr.read()[-500:]}")
+            starts.append(time.monotonic() - t0)
+            log(f"nbdcopy {uri} null: ({i + 1}/{repeat})")
+            t = run_timed(["nbdcopy", uri, "null:"])
+            if not t.ok:
+                raise BenchError(f"nbdcopy of the served disk failed: {t.stderr.strip()[-500:]}")
+            copies.append(t)
+            log(f"  {t.seconds:.2f}s (serving after {starts[-1]:.2f}s)")
+        finally:
+            proc.send_signal(signal.SIGINT)
+            proc.communicate(timeout=60)
+    cp = best(copies)
+    ratio = cp.seconds / restore.seconds
+    report.rows.append(Row("serve: nbdcopy served disk -> null: (incremental point)", cp.seconds, virtual, ratio,
+                           f"{ratio:.2f}x restore time", None, None, None, [t.seconds for t in copies],
+                           {"serve_start_seconds": [round(x, 3) for x in starts]}))
+    report.targets.append({"target": f"nbdcopy of a served disk <= {SERVE_RATIO_TARGET} x restore time", "value": round(ratio, 3),
+                           "met": ratio <= SERVE_RATIO_TARGET})
+    report.notes.append(f"serve: first URI after {min(starts):.2f}s (best of {len(starts)})")
+
+
+def recover_case(nb: Nbdbackup, report: Report, virtual: int, restore: Timed, rundir: Path, sockdir: Path,
+                 restored: Path) -> None:
+    """`nbdbackup recover` of the incremental point into a paused VM: the first guest read (64 KiB at
+    offset 0 through the device, just after the VM started) and the time until every block is local,
+    against the restore of the same point; the result must equal that restore."""
+    out = rundir / "recover"
+    shutil.rmtree(out, ignore_errors=True)
+    rvm = VM(out / "vda.qcow2", rundir, sockdir, name="rec")
+    sync()
+    proc = subprocess.Popen(nb.argv("recover", "vm1", "--to", "latest", "--output", str(out), "--disk", "vda",
+                                    "--qmp", str(rvm.tool_qmp)),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=NB_ENV, cwd=NB_CWD)
+    try:
+        t0 = time.monotonic()
+        if not proc.stdout.readline().strip().endswith("vda.qcow2"):
+            raise BenchError(f"nbdbackup recover printed no image: {proc.stderr.read()[-500:]}")
+        ready = time.monotonic() - t0
+        log(f"nbdbackup recover: images ready after {ready:.2f}s; starting the VM on them")
+        rvm.start()
+        t1 = time.monotonic()
+        assert rvm.mon is not None
+        rvm.mon.cmd("human-monitor-command", command_line=f'qemu-io -d {VM.QDEV} "read 0 65536"')
+        first = time.monotonic() - t1
+        _, err = proc.communicate(timeout=3600)
+        streamed = time.monotonic() - t1
+        if proc.returncode != 0:
+            raise BenchError(f"nbdbackup recover failed (exit {proc.returncode}): {err.strip()[-800:]}")
+        log(f"  first guest read {first:.3f}s after the VM started; every block local after {streamed:.2f}s")
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            proc.communicate(timeout=60)
+        rvm.quit()
+    ratio = streamed / restore.seconds
+    report.rows.append(Row("recover: VM start -> every block local (incremental point)", streamed, virtual, ratio,
+                           f"{ratio:.2f}x restore time", None, None, disk_usage(out / "vda.qcow2"), [streamed],
+                           {"images_ready_seconds": round(ready, 3), "first_read_seconds": round(first, 3)}))
+    report.targets.append({"target": f"recover streaming <= {SERVE_RATIO_TARGET} x restore time", "value": round(ratio, 3),
+                           "met": ratio <= SERVE_RATIO_TARGET})
+    report.targets.append({"target": "first guest read after recover <= 2 s", "value": round(first, 3), "met": first <= 2.0})
+    compare(out / "vda.qcow2", restored, "recovered image == restore of the same point", report)
+    shutil.rmtree(out)
 
 
 def dir_usage(path: Path) -> int:

@@ -110,3 +110,14 @@ def s3_repo(s3_server: SeaweedFS, tmp_path: Path, monkeypatch: pytest.MonkeyPatc
     monkeypatch.setenv("AWS_CONFIG_FILE", "/dev/null")
     monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", "/dev/null")
     return S3Repo(s3_server, bucket, f"s3://{bucket}/repo", config)
+
+
+@pytest.fixture(scope="session")
+def guest_image():
+    """The real-guest tier's Debian image (scripts/guest-image), built once and cached."""
+    from guest import guest_image as build
+
+    image = build()
+    if image.build_seconds:
+        print(f"\nguest image built in {image.build_seconds:.0f} s: {image.directory}")
+    return image

@@ -15,7 +15,7 @@ import click
 
 from .. import __version__
 from ..errors import exit_status_help
-from . import backup, checkpoints, copy, listing, logs, prune, restore, rollback, verify
+from . import backup, checkpoints, copy, listing, logs, mount, prune, recover, restore, rollback, serve, verify
 from .common import Globals
 
 
@@ -103,6 +103,10 @@ for command in (
     prune.prune,
     verify.verify,
     copy.copy,
+    serve.serve,
+    mount.mount,
+    mount.umount,
+    recover.recover,
 ):
     cli.add_command(command)
 

@@ -123,11 +123,12 @@ def _as_dict(outcome: Outcome) -> dict:
             "read_bytes": m.read_bytes, "stored_bytes": m.stored_bytes, "duration": round(m.duration, 3), "notes": list(outcome.result.notes)}
 
 
-def _single(g: Globals, vm: str, opts: BackupOptions, as_json: bool) -> None:
+def _single(g: Globals, vm: str, opts: BackupOptions, as_json: bool) -> Outcome:
     outcome = run_one(g, g.settings(), vm, opts)
     if outcome.failure:
         raise outcome.failure
     click.echo(json.dumps(_as_dict(outcome), indent=2) if as_json else outcome.result.manifest.checkpoint)
+    return outcome
 
 
 @click.command()
@@ -163,9 +164,10 @@ def incremental(g: Globals, vm: str, as_json: bool, **opts) -> None:
 @click.argument("vm", required=False)
 @click.option("--all", "all_vms", is_flag=True, help="Every VM of the config file in turn; the exit code is the worst one.")
 @click.option("--jobs", type=click.IntRange(1, 64), default=1, show_default=True, help="With --all: back up this many VMs at once.")
+@click.option("--verify-boot", is_flag=True, help="Then boot the new backup in a throwaway VM, as `verify --boot` does (also: [vm.NAME] verify_boot = true).")
 @backup_options
 @pass_globals
-def auto(g: Globals, vm: str | None, all_vms: bool, jobs: int, as_json: bool, **opts) -> None:
+def auto(g: Globals, vm: str | None, all_vms: bool, jobs: int, as_json: bool, verify_boot: bool, **opts) -> None:
     """Incremental since the newest checkpoint if the chain is sound, else full (for cron).
 
     With --all, back up every VM of the config file in turn (--jobs N: N at
@@ -177,7 +179,10 @@ def auto(g: Globals, vm: str | None, all_vms: bool, jobs: int, as_json: bool, **
     if all_vms == (vm is not None):
         raise UsageError("give either a VM or --all")
     if not all_vms:
-        _single(g, vm, BackupOptions(mode="auto", **opts), as_json)
+        outcome = _single(g, vm, BackupOptions(mode="auto", **opts), as_json)
+        settings = g.settings()
+        if verify_boot or settings.vm(vm, required=False).verify_boot:
+            _boot_new_backup(g, settings, outcome, as_json)
         return
     if opts.get("qmp") or opts.get("qga") or opts.get("checkpoint"):
         raise UsageError("--qmp, --qga and --checkpoint name one VM; with --all they come from the config file")
@@ -195,6 +200,8 @@ def auto(g: Globals, vm: str | None, all_vms: bool, jobs: int, as_json: bool, **
         with interruptible() as cancel, cf.ThreadPoolExecutor(jobs, "auto") as pool:
             outcomes = list(pool.map(lambda name: run_one(g, settings, name, BackupOptions(mode="auto", **opts), one_of_many=True,
                                                           cancel=cancel), sorted(settings.vms)))
+    outcomes = [_boot_new_backup(g, settings, o, as_json, keep_going=True) if not o.exit_code and (verify_boot or settings.vms[o.vm].verify_boot)
+                else o for o in outcomes]
     if as_json:
         click.echo(json.dumps([_as_dict(o) for o in outcomes], indent=2))
     else:
@@ -211,3 +218,18 @@ def auto(g: Globals, vm: str | None, all_vms: bool, jobs: int, as_json: bool, **
         logs.mark_logged(error)
         raise error
     logs.summary(f"auto --all: {len(outcomes)} of {plural(len(outcomes), 'VM')} backed up")
+
+
+def _boot_new_backup(g: Globals, settings, outcome: Outcome, as_json: bool, *, keep_going: bool = False) -> Outcome:
+    """auto --verify-boot: boot the backup just made; with keep_going a failure becomes the VM's outcome."""
+    from ..errors import NbdBackupError
+    from .bootcheck import boot
+
+    try:
+        boot(g, settings, outcome.vm, outcome.result.manifest.checkpoint, None, None, None, False, to_stderr=as_json or keep_going)
+    except NbdBackupError as exc:
+        if not keep_going:
+            raise
+        logs.summary(f"{outcome.vm} verify --boot FAILED (exit {exc.exit_code}): {exc}", level=logging.ERROR, stderr=False)
+        return Outcome(outcome.vm, failure=exc)
+    return outcome

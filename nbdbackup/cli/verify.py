@@ -18,14 +18,35 @@ from .common import Globals, human_size, pass_globals, plural, progress_bar
 @click.option("--sample", "sample", type=click.FloatRange(0, 100, min_open=True), metavar="PERCENT",
               help="Read only a random PERCENT of the chunks (manifests and indexes are always read in full).")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON object.")
+@click.option("--boot", is_flag=True, help="Instead: restore the backup (default: latest) to a temporary place and boot it in a throwaway VM without network; exit 6 if it does not boot.")
+@click.option("--check", metavar="CMD", help="With --boot: run CMD (/bin/sh -c) in the booted guest through its agent; it must exit 0.")
+@click.option("--console-line", metavar="TEXT", help="With --boot: wait for TEXT on the serial console instead of the guest agent.")
+@click.option("--timeout", type=click.FloatRange(0, min_open=True), metavar="SECONDS", help="With --boot: how long the guest may take to show life (default: [vm.NAME] boot_timeout, else 300).")
 @pass_globals
-def verify(g: Globals, vm: str, checkpoint: str | None, sample: float | None, as_json: bool) -> None:
+def verify(g: Globals, vm: str, checkpoint: str | None, sample: float | None, as_json: bool,
+           boot: bool, check: str | None, console_line: str | None, timeout: float | None) -> None:
     """Check that every backup of VM reads back intact: manifests, indexes and chunks.
 
     Each chunk is read once, however many backups use it; damage is reported
     for every backup, disk and offset that uses it. The VM need not run.
     Exit 6 when anything is damaged (after the report).
+
+    With --boot, the backup is instead restored into a temporary directory and
+    booted in a throwaway QEMU (QEMU arguments: [vm.NAME] boot): it must show a
+    sign of life (guest agent or --console-line) and pass --check; prints
+    `booted in N s`, exit 6 if it does not boot.
     """
+    from ..errors import UsageError
+
+    if boot:
+        if sample is not None:
+            raise UsageError("--sample and --boot do not go together")
+        from .bootcheck import boot as boot_check
+
+        boot_check(g, g.settings(), vm, checkpoint, check, console_line, timeout, as_json)
+        return
+    if check is not None or console_line is not None or timeout is not None:
+        raise UsageError("--check, --console-line and --timeout go with --boot")
     from .. import engine
     from ..errors import RepositoryDamaged
     from ..verify import VerifyRequest, run_verify

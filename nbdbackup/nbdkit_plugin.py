@@ -1,0 +1,116 @@
+"""nbdkit Python plugin: disks of one backup point as read-only NBD exports.
+
+Loaded by nbdkit's embedded Python (`nbdkit python nbdkit_plugin.py ...`),
+never imported by nbdbackup itself.  All reading is BackupImage's (and so the
+Repository API's): this file only translates nbdkit's callbacks.
+
+Parameters (serving.py builds them):
+    path=DIR:DIR...   sys.path entries of the nbdbackup that started nbdkit
+    repo=LOCATION     repository, as nbdbackup's --repo takes it
+    config=FILE       nbdbackup configuration file ("" for none)
+    vm=NAME checkpoint=NAME
+    disk=ID           one export per disk (repeatable); the first is the default export
+"""
+
+import errno
+import os
+import site
+
+import nbdkit
+
+API_VERSION = 2
+
+_params: dict = {"disk": []}
+_images: dict = {}
+_lock_holder: list = []
+
+
+def thread_model():
+    return nbdkit.THREAD_MODEL_PARALLEL
+
+
+def config(key, value):
+    if key == "path":
+        for p in reversed(value.split(os.pathsep)):
+            if p:
+                site.addsitedir(p)
+    elif key == "disk":
+        _params["disk"].append(value)
+    elif key in ("repo", "config", "vm", "checkpoint"):
+        _params[key] = value
+    else:
+        raise RuntimeError(f"unknown parameter {key}")
+
+
+def config_complete():
+    for key in ("repo", "vm", "checkpoint"):
+        if key not in _params:
+            raise RuntimeError(f"parameter {key}= is missing")
+    if not _params["disk"]:
+        raise RuntimeError("no disk= given")
+
+
+def get_ready():
+    """Open the repository and every index before the socket accepts anyone."""
+    from nbdbackup.serving import open_backup
+
+    repo, lock, images = open_backup(_params["repo"], _params.get("config") or None, _params["vm"],
+                                     _params["checkpoint"], _params["disk"])
+    _lock_holder.append(lock)  # the shared repository lock: no garbage collection while we serve
+    _images.update(images)
+
+
+def list_exports(readonly, is_tls):
+    return list(_params["disk"])
+
+
+def default_export(readonly, is_tls):
+    return _params["disk"][0]
+
+
+def open(readonly):
+    name = nbdkit.export_name() or _params["disk"][0]
+    image = _images.get(name)
+    if image is None:
+        nbdkit.set_error(errno.ENOENT)
+        raise RuntimeError(f"no disk {name!r} in this backup")
+    return image
+
+
+def get_size(h):
+    return h.size
+
+
+def can_write(h):
+    return False
+
+
+def can_multi_conn(h):
+    return True
+
+
+def can_extents(h):
+    return True
+
+
+def can_cache(h):
+    return nbdkit.CACHE_EMULATE
+
+
+def is_rotational(h):
+    return False
+
+
+def pread(h, buf, offset, flags):
+    try:
+        h.read_into(buf, offset)
+    except Exception as exc:
+        nbdkit.set_error(errno.EIO)
+        nbdkit.debug(f"nbdbackup: read failed: {exc}")
+        raise
+
+
+def extents(h, count, offset, flags):
+    hole = nbdkit.EXTENT_HOLE | nbdkit.EXTENT_ZERO
+    runs = [(start, length, 0 if data else hole) for start, length, data in h.extents(offset, count)]
+    return runs[:1] if flags & nbdkit.FLAG_REQ_ONE else runs

@@ -1,0 +1,90 @@
+"""BackupImage (what `serve` exports): reads and extents of a hand-made backup, no QEMU."""
+
+from __future__ import annotations
+
+import os
+import random
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from nbdbackup.backupimage import BackupImage
+from nbdbackup.errors import RepositoryDamaged
+from nbdbackup.records import DiskBackup, IndexEntry, Manifest
+from nbdbackup.repository import Repository
+
+KiB, MiB = 1024, 1024 * 1024
+DISK = 4 * MiB + 512
+
+
+def make(tmp_path):
+    repo = Repository.open(tmp_path / "repo")
+    a = os.urandom(256 * KiB)
+    b = bytes(range(256)) * 256  # 64 KiB
+    ids = {}
+    for data in (a, b):
+        ids[data] = repo.chunk_id(data)
+        repo.put_chunk(ids[data], data, 3)
+    entries = [
+        IndexEntry(64 * KiB, 256 * KiB, ids[a]),
+        IndexEntry(320 * KiB, 64 * KiB, ids[b]),  # adjacent to the first: one data run
+        IndexEntry(1 * MiB, 64 * KiB, ids[a], 128 * KiB),  # a slice of a shared chunk
+        IndexEntry(2 * MiB - 4 * KiB, 60 * KiB, ids[b], 4 * KiB),
+        IndexEntry(DISK - 512, 512, ids[b]),  # the disk's very end
+    ]
+    expected = bytearray(DISK)
+    for e in entries:
+        src = a if e.chunk == ids[a] else b
+        expected[e.offset:e.end] = src[e.chunk_offset:e.chunk_offset + e.length]
+    index_sha = repo.write_index("vm1", "cp1", "vda", DISK, entries)
+    m = Manifest(vm="vm1", checkpoint="cp1", kind="full", since=None, created="2026-01-01T00:00:00Z", chain="c" * 32,
+                 disks=(DiskBackup("vda", DISK, index_sha, sum(e.length for e in entries), 0, True),))
+    repo.commit(m)
+    return repo, m, bytes(expected), entries
+
+
+def test_reads_match_the_backup_at_any_offset_and_from_many_threads(tmp_path):
+    repo, m, expected, _ = make(tmp_path)
+    image = BackupImage(repo, m, "vda", cache_chunks=1)
+    assert image.size == DISK
+    assert image.read(0, DISK) == expected
+    rnd = random.Random(7)
+    spans = [(off, rnd.randrange(1, 300 * KiB)) for off in (rnd.randrange(0, DISK - 1) for _ in range(300))]
+    spans = [(off, min(n, DISK - off)) for off, n in spans]
+    with ThreadPoolExecutor(8) as pool:
+        got = list(pool.map(lambda s: image.read(*s), spans))
+    for (off, n), data in zip(spans, got):
+        assert data == expected[off:off + n], (off, n)
+    with pytest.raises(ValueError):
+        image.read(DISK - 10, 11)
+
+
+def test_extents_are_data_exactly_where_the_index_has_entries(tmp_path):
+    repo, m, _, entries = make(tmp_path)
+    image = BackupImage(repo, m, "vda")
+    runs = list(image.extents(0, DISK))
+    assert runs[0] == (0, 64 * KiB, False)
+    assert runs[1] == (64 * KiB, 320 * KiB, True)  # two adjacent entries, one run
+    assert sum(n for _, n, _ in runs) == DISK
+    pos = 0
+    for off, n, _ in runs:  # contiguous, alternating
+        assert off == pos
+        pos += n
+    assert all(x[2] != y[2] for x, y in zip(runs, runs[1:]))
+    data = sum(n for _, n, d in runs if d)
+    assert data == sum(e.length for e in entries)
+    # A window in the middle of a hole and of an entry.
+    assert list(image.extents(1 * MiB - 4 * KiB, 8 * KiB)) == [(1 * MiB - 4 * KiB, 4 * KiB, False), (1 * MiB, 4 * KiB, True)]
+
+
+def test_a_damaged_chunk_is_an_error_not_data(tmp_path):
+    repo, m, _, entries = make(tmp_path)
+    h = entries[0].chunk.hex()
+    path = tmp_path / "repo" / "chunks" / h[:2] / h
+    blob = bytearray(path.read_bytes())
+    blob[-1] ^= 1
+    path.write_bytes(bytes(blob))
+    image = BackupImage(repo, m, "vda")
+    with pytest.raises(RepositoryDamaged):
+        image.read(64 * KiB, 4 * KiB)
+    assert image.read(2 * MiB, 4 * KiB)  # other chunks still read
