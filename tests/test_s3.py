@@ -336,7 +336,8 @@ def test_transient_errors_are_retried_a_bounded_number_of_times(s3_repo, failure
             assert backend.read("obj") == b"data" and proxy.refused == failures
         else:
             with pytest.raises(S3Unreachable, match=f"SlowDown.*after {retries} attempts"):
-                backend.write("obj", b"data")
+                backend.write("obj", b"data")  # uploaded in the background: sync() reports its failure
+                backend.sync()
             # as many attempts as configured; the HTTP layer resends once a request whose connection was closed
             assert retries <= proxy.refused <= retries + 1
         assert time.monotonic() - started < 60  # backoff is bounded
