@@ -111,7 +111,7 @@ class HeldLock:
     def _run(self) -> None:
         while not self._stop.wait(self.refresh):
             try:
-                self.backend.write(self.key, self.body)
+                self.backend.write(self.key, self.body, durable=True)  # durable: now, not queued (S3 uploads)
                 self.refreshed = time.monotonic()
             except Exception:  # noqa: BLE001 - the next attempt or check() reports it
                 pass

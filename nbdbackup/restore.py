@@ -8,6 +8,8 @@ read; nothing is renamed into place unless every disk was restored.
 
 from __future__ import annotations
 
+import concurrent.futures as cf
+import contextlib
 import functools
 import logging
 import os
@@ -30,6 +32,7 @@ log = logging.getLogger(__name__)
 
 ZERO_BLOCK = 64 * 1024
 CHUNK_CACHE = 4  # decompressed chunks kept per writer thread
+DOWNLOADS = 8  # chunk downloads in flight or done ahead of the writers (repositories that are not directories)
 _ZERO = bytes(ZERO_BLOCK)
 FORMATS = ("qcow2", "raw")
 
@@ -137,13 +140,17 @@ def _batches(entries: Sequence[IndexEntry], limit: int) -> Iterator[list[IndexEn
 
 def _write_disk(repo: Repository, m: Manifest, disk_id: str, entries: list[IndexEntry], socket: Path,
                 tuning: Tuning, cancel: CancelToken, progress: Callable[[int], None]) -> None:
+    ahead: dict[bytes, cf.Future[bytes]] = {}  # chunk downloads started when their batch was queued
+
     def chunk(cid: bytes, offset: int) -> bytes:
         """A small per-thread cache: after incrementals, neighbouring entries often share a chunk."""
         cache: OrderedDict[bytes, bytes] = pipe.local().__dict__.setdefault("chunks", OrderedDict())
+        fut = ahead.pop(cid, None)  # taken even on a cache hit: what is in `ahead` is bounded
         if cid in cache:
             cache.move_to_end(cid)
             return cache[cid]
-        data = repo.get_chunk(cid, f"backup {m.checkpoint}, disk {disk_id}, offset {offset}")
+        where = f"backup {m.checkpoint}, disk {disk_id}, offset {offset}"
+        data = repo.decode_chunk(fut.result(), cid, where) if fut is not None else repo.get_chunk(cid, where)
         cache[cid] = data
         if len(cache) > CHUNK_CACHE:
             cache.popitem(last=False)
@@ -165,9 +172,17 @@ def _write_disk(repo: Repository, m: Manifest, disk_id: str, entries: list[Index
         return sum(e.length for e in batch)
 
     connect = functools.partial(NbdEndpoint, socket, disk_id, writable=True)
-    with Pipeline(tuning.workers, tuning.depth, connect, lambda written, _: progress(written), "restore") as pipe:
+    # Downloads from a remote store (S3) run ahead: a batch's chunks are requested when the batch is
+    # queued (at most DOWNLOADS not yet taken by a writer: memory), while the writers decompress and write.
+    remote = repo.root is None
+    with Pipeline(tuning.workers, tuning.depth, connect, lambda written, _: progress(written), "restore") as pipe, \
+            (cf.ThreadPoolExecutor(DOWNLOADS, "download") if remote else contextlib.nullcontext()) as downloads:
         for batch in _batches(entries, tuning.chunk_size):
             cancel.check()
+            if downloads is not None:
+                for e in batch:
+                    if e.chunk not in ahead and len(ahead) < DOWNLOADS:  # else its writer downloads it
+                        ahead[e.chunk] = downloads.submit(repo.fetch_chunk, e.chunk, f"backup {m.checkpoint}, disk {disk_id}, offset {e.offset}")
             pipe.submit(work, batch, None)
         pipe.drain()
         cancel.check()

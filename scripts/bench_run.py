@@ -700,6 +700,8 @@ def s3_case(args: argparse.Namespace, report: Report, rundir: Path, sockdir: Pat
     with SeaweedFS(rundir / "seaweedfs") as server:
         server.client().create_bucket(Bucket="bench")
         os.environ.update(server.env())  # inherited by the nbdbackup processes
+        if NB_ENV is not None:  # --rev: its environment was taken before the server existed
+            NB_ENV.update(server.env())
         s3conf = rundir / "s3-config.toml"
         s3conf.write_text(server.config_text())
         dirconf = rundir / "dir-config.toml"

@@ -21,6 +21,7 @@ import hmac
 import json
 import logging
 import os
+import threading
 import uuid
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -39,6 +40,7 @@ log = logging.getLogger(__name__)
 FORMAT_NAME = "nbdbackup repository"
 FORMAT_VERSION = 2  # what new repositories get; every version from 1 up is read and written
 READABLE_VERSIONS = (1, 2)
+PRESENT_LIMIT = 250_000  # chunk ids put_chunk keeps in memory (~25 MiB) to skip a HEAD per chunk
 LOCAL_CACHE = Path("/var/tmp")  # scratch of repositories that are not local directories
 
 
@@ -71,6 +73,8 @@ class Repository:
         self.key_id: str | None = None
         self._held: list = []  # lock objects held through lock()
         self.new_chunks: set[bytes] = set()  # chunks this process created (a failed run removes them)
+        self._present: set[bytes] | None = None  # chunks known to exist (remote backends): see put_chunk
+        self._present_mutex = threading.Lock()
 
     # -- opening ---------------------------------------------------------
 
@@ -218,6 +222,7 @@ class Repository:
                 yield
             finally:
                 self._held.remove(held)
+                self._present = None  # only a held lock keeps garbage collection from deleting chunks
 
     def check_locks(self) -> None:
         """Raise LockHeld if a lock object this run holds may have gone stale (see lock.py)."""
@@ -258,20 +263,46 @@ class Repository:
         """Store data under cid (= self.chunk_id(data)) unless it is there already; returns bytes written.
         data may be a view of a buffer the caller reuses as soon as this returns: nothing may keep it."""
         key = self._chunk_key(cid)
-        if self.backend.exists(key):
+        present = self._known_chunks()
+        if cid in present if present is not None else self.backend.exists(key):
             return 0
         parts = chunks.encode(data, level)
         self.backend.write(key, parts)
         self.new_chunks.add(cid)
+        if present is not None:
+            present.add(cid)
         return sum(len(p) for p in parts)
 
+    def _known_chunks(self) -> set[bytes] | None:
+        """The chunks in a repository that is not a directory, listed once while a lock is held
+        (one request per 1000 chunks instead of a HEAD per chunk); None: ask the backend per chunk
+        (a directory, or more than PRESENT_LIMIT chunks: memory)."""
+        if self.root is not None or not self._held:
+            return None
+        with self._present_mutex:
+            if self._present is None:
+                found: set[bytes] = set()
+                for key in self.backend.list("chunks"):
+                    found.add(bytes.fromhex(key.rsplit("/", 1)[1]))
+                    if len(found) > PRESENT_LIMIT:
+                        break
+                self._present = found
+            return self._present if len(self._present) <= PRESENT_LIMIT else None
+
     def get_chunk(self, cid: bytes, where: str) -> bytes:
+        return self.decode_chunk(self.fetch_chunk(cid, where), cid, where)
+
+    def fetch_chunk(self, cid: bytes, where: str) -> bytes:
+        """The stored chunk file, unchecked (decode_chunk checks it): get_chunk in two steps, so
+        downloads can run ahead of decompression (restore from S3)."""
         try:
-            blob = self.backend.read(self._chunk_key(cid))
+            return self.backend.read(self._chunk_key(cid))
         except FileNotFoundError:
             raise RepositoryDamaged(f"chunk {cid.hex()} is missing ({where})") from None
         except crypto.ObjectDamaged as exc:
             raise RepositoryDamaged(f"chunk {cid.hex()} {exc.reason} ({where})") from None
+
+    def decode_chunk(self, blob: bytes, cid: bytes, where: str) -> bytes:
         return chunks.decode(blob, cid, where, self.chunk_id)
 
     def chunk_ids(self) -> set[bytes]:
@@ -299,6 +330,7 @@ class Repository:
                 self.backend.delete(key)
                 freed += 1
         self.backend.delete_partial_writes()
+        self._present = None
         return freed, size
 
     def stored_size(self, cids: set[bytes]) -> int:
@@ -328,6 +360,7 @@ class Repository:
             self.backend.delete(key)
             freed += 1
         self.backend.delete_partial_writes()
+        self._present = None
         return freed, size
 
     # -- backups ---------------------------------------------------------
