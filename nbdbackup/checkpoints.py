@@ -25,8 +25,7 @@ from .names import bitmap_namespace, check_bitmaps, checkpoint_bitmap, is_nbdbac
 from .qmp import QMPSession
 from .records import Bitmap, CheckpointRecord, Disk
 from .repository import Repository
-from .vm import (Action, bitmap_add, bitmap_clear, bitmap_disable, bitmap_enable, bitmap_merge, bitmap_remove,
-                 node_bitmaps, qemu_identity)
+from .vm import Action, bitmap_add, bitmap_clear, bitmap_disable, bitmap_enable, bitmap_merge, bitmap_remove, node_bitmaps, qemu_identity
 
 log = logging.getLogger(__name__)
 

@@ -69,7 +69,7 @@ def one_round(workdir: Path, way: str, chunks: int, chunk_size: int, other: int)
     shutil.rmtree(repo, ignore_errors=True)
     os.sync()
     backend = LocalBackend(repo)
-    for i in range(chunks):
+    for _ in range(chunks):
         h = os.urandom(32).hex()
         backend.write(f"chunks/{h[:2]}/{h}", os.urandom(chunk_size))
     backend.write("vms/vm1/backups/c1/vda.index", os.urandom(64 * 1024))

@@ -27,7 +27,6 @@ def test_copy_logic_on_memory_backends():
 
     from nbdbackup.records import IndexEntry
     source, target = Repository.open(MemoryBackend("s")), Repository.open(MemoryBackend("t"))
-    chunk_id = source.chunk_id
     data = [bytes([i]) * 4096 for i in range(3)]
     for d in data:
         source.put_chunk(source.chunk_id(d), d, 3)

@@ -136,9 +136,10 @@ def test_backups_into_a_new_repository_are_version_2(vm_factory, repo, tmp_path)
 def test_copy_keeps_the_source_format_and_renames_chunks_between_schemes(tmp_path):
     """copy sends chunks under their names: a new target gets the source's version, a target
     of the other version is refused (exit 7 in the CLI) before anything is written."""
+    from test_repository import manifest
+
     from nbdbackup.capture import CancelToken
     from nbdbackup.copy import CopyRequest, copy_backups
-    from test_repository import manifest
 
     shutil.copytree(GOLDEN / "v1" / "repo", tmp_path / "v1")
     source = Repository.open(tmp_path / "v1", create=False)

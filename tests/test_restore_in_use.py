@@ -6,9 +6,6 @@ under it makes the restored image silently diverge from what the VM sees.
 
 from __future__ import annotations
 
-import fcntl
-import os
-import struct
 import subprocess
 import sys
 import time

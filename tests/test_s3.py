@@ -408,8 +408,8 @@ def test_background_uploads_fail_the_commit_with_the_put_error(s3_repo, monkeypa
 def test_background_uploads_are_bounded_and_read_after_write(s3_repo):
     """At most UPLOADS + QUEUED uploads pending (memory bounded), every one lands, and a read
     or listing right after a write sees it."""
-    from nbdbackup.repository.location import S3Settings
     from nbdbackup.repository import s3 as s3mod
+    from nbdbackup.repository.location import S3Settings
 
     settings = S3Settings(endpoint=s3_repo.server.endpoint, region="us-east-1", addressing="path", retries=2)
     backend = s3mod.S3Backend(S3Location(s3_repo.bucket, "bounded"), settings)

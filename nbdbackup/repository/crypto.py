@@ -39,7 +39,6 @@ from typing import Any
 
 # The cryptography package is imported only once a repository is encrypted (Cipher), so
 # unencrypted repositories do not pay its memory (about 9 MiB).
-
 from ..errors import RepositoryDamaged
 from .backend import Backend, Buffers
 

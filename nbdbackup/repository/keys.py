@@ -26,8 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..errors import (ForeignKey, KeyFileDamaged, KeyUnavailable, RepositoryUnusable, UsageError,
-                      WrongPassphrase)
+from ..errors import ForeignKey, KeyFileDamaged, KeyUnavailable, RepositoryUnusable, UsageError, WrongPassphrase
 from ..names import utc_now
 
 KEY_FORMAT = "nbdbackup key"
