@@ -231,6 +231,8 @@ def make_plan(repo: Repository, checkpoints: Checkpoints, req: BackupRequest, di
     except (ChainError, RepositoryDamaged) as exc:
         if req.mode != "auto":
             raise
+        if not records and not repo.backup_names(req.vm):
+            return _full_plan(disks)  # the VM's first backup: nothing to fall back from, nothing to warn about
         note = f"full backup instead of an incremental one: {exc.message}"  # not exc: its hint says to run a full
         return _full_plan(disks, notes=(note,))
 

@@ -30,6 +30,7 @@ class DeletePlan:
     remove: str
     merge_into: str | None
     enable: bool
+    drop_twin: bool = False  # the only checkpoint goes: its twin goes too (no active bitmap is left to pair with)
 
 
 def resolve(records: Sequence[CheckpointRecord], name: str) -> CheckpointRecord:
@@ -56,7 +57,7 @@ def since_chain(records: Sequence[CheckpointRecord], since: str) -> list[Checkpo
 def plan_delete(records: Sequence[CheckpointRecord], name: str) -> DeletePlan:
     i = [r.name for r in records].index(name)
     if i == 0:
-        return DeletePlan(remove=records[i].bitmap, merge_into=None, enable=False)
+        return DeletePlan(remove=records[i].bitmap, merge_into=None, enable=False, drop_twin=len(records) == 1)
     return DeletePlan(remove=records[i].bitmap, merge_into=records[i - 1].bitmap, enable=(i == len(records) - 1))
 
 

@@ -25,8 +25,7 @@ from .names import bitmap_namespace, check_bitmaps, checkpoint_bitmap, is_nbdbac
 from .qmp import QMPSession
 from .records import Bitmap, CheckpointRecord, Disk
 from .repository import Repository
-from .vm import (Action, bitmap_add, bitmap_clear, bitmap_disable, bitmap_enable, bitmap_merge, bitmap_remove,
-                 node_bitmaps, qemu_identity)
+from .vm import Action, bitmap_add, bitmap_clear, bitmap_disable, bitmap_enable, bitmap_merge, bitmap_remove, node_bitmaps, qemu_identity
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +63,8 @@ def delete_actions(plan: chain.DeletePlan, disks: Sequence[Disk], bitmaps: dict[
     actions: list[Action] = []
     for d in disks:
         have = bitmaps.get(d.id, {})
+        if plan.drop_twin and twin in have:
+            actions.append(("block-dirty-bitmap-remove", {"node": d.node, "name": twin}))
         victim = have.get(plan.remove)
         if victim is None:
             continue

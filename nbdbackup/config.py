@@ -1,6 +1,7 @@
 """Settings: command line, then environment, then the TOML config file, then defaults.
 
     repository = "/var/lib/nbdbackup"      # optional
+    encryption = "repokey"                 # optional: a new repository is encrypted (repokey, keyfile, none)
     [vm.NAME]
     qmp = "/run/NAME-backup.qmp"           # the VM's QMP socket reserved for backups
     qga = "/run/NAME-qga.sock"             # qemu-guest-agent socket, for --fsfreeze
@@ -50,7 +51,8 @@ SYSTEM_CONFIG = Path("/etc/nbdbackup/config.toml")
 VM_KEYS = {"qmp": str, "qga": str, "disks": list, "exclude": list, "compression": int, "scratch": str, "workers": int,
            "chunk_mib": int, "queue_depth": int, "retention": dict, "images": dict,
            "boot": list, "verify_boot": bool, "boot_timeout": int}
-TOP_KEYS = {"repository", "vm", "s3"}
+TOP_KEYS = {"repository", "encryption", "vm", "s3"}
+ENCRYPTION_MODES = ("repokey", "keyfile", "none")
 S3_KEYS = {"endpoint": str, "region": str, "addressing": str, "verify_tls": bool, "ca_bundle": str, "profile": str,
            "credentials_file": str, "retries": int, "connect_timeout": (int, float), "read_timeout": (int, float)}
 RETENTION_KEYS = ("last", "hourly", "daily", "weekly", "monthly", "yearly")
@@ -82,6 +84,7 @@ class Settings:
     vms: dict[str, VMConfig] = field(default_factory=dict)
     config_searched: tuple[Path, ...] = ()  # where a config file was looked for, when none was given
     s3: S3Settings = S3Settings()
+    encryption: str | None = None  # what a new repository gets; an encrypted choice refuses an unencrypted repository
 
     def vm(self, name: str, qmp: str | None = None, *, required: bool = True) -> VMConfig:
         """The VM's settings, with --qmp taking precedence over the config file.
@@ -155,8 +158,11 @@ def _load(config_opt: str | None, repo_opt: str | None) -> Settings:
     repo = repo_opt or os.environ.get("NBDBACKUP_REPO") or data.get("repository")
     if repo is not None and not isinstance(repo, str):
         raise UsageError(f"{path}: 'repository' must be a string")
+    encryption = data.get("encryption")
+    if encryption is not None and encryption not in ENCRYPTION_MODES:
+        raise UsageError(f"{path}: 'encryption' must be one of {', '.join(ENCRYPTION_MODES)}")
     return Settings(repo=parse_location(repo) if repo else default_repo(), config_file=path, vms=vms, config_searched=searched,
-                    s3=_parse_s3(data.get("s3", {}), path))
+                    s3=_parse_s3(data.get("s3", {}), path), encryption=encryption)
 
 
 def _parse_s3(table: Any, path: Path | None) -> S3Settings:

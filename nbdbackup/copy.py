@@ -8,6 +8,14 @@ Plan, then act.  For each backup chosen (oldest first) that the target lacks:
 2. its indexes are written as the same bytes (their SHA-256 is in the manifest);
 3. the target is synced, then the manifest is written: the copy exists only now.
 
+Between repositories whose chunk ids differ (an encrypted one and any other:
+each has its own chunk-id key; or version 1 and 2), a chunk is stored in the
+target under the id the target computes from its content, and the indexes
+are rewritten with those ids (the manifest then names the new indexes'
+checksums).  Through the repositories' object layer, every object is
+decrypted with the source's key and encrypted with the target's: a copy
+re-encrypts for the target's key.
+
 An interrupted copy leaves chunks and indexes without a manifest: nothing that
 looks like a backup (the next `copy` or backup reuses the chunks; garbage
 collection frees them otherwise).  Checkpoint records are not copied: they
@@ -18,14 +26,17 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from .capture import CancelToken
-from .errors import RepositoryDamaged, RepositoryUnusable, UsageError
+from .errors import RepositoryDamaged, UsageError
 from .records import Manifest
 from .repository import Repository
 from .repository.chunks import decode
+from .repository.crypto import OVERHEAD
 from .restore import find_backup
+
+PROBE = b"nbdbackup copy: do the two repositories name chunks alike?"
 
 
 @dataclass(frozen=True)
@@ -67,11 +78,6 @@ def copy_backups(source: Repository, target: Repository, req: CopyRequest, *, ca
     """Copy the chosen backups; the caller holds the locks (source shared, target shared + VM)."""
     if source.id == target.id and source.backend.location == target.backend.location:
         raise UsageError("the source and the target are the same repository")
-    if source.chunk_id.algorithm != target.chunk_id.algorithm:  # chunks are copied under their names
-        raise RepositoryUnusable(
-            f"{source.backend.location} names chunks by {source.chunk_id.algorithm} (format version {source.version}), "
-            f"{target.backend.location} by {target.chunk_id.algorithm} (format version {target.version}): backups cannot be copied between them",
-            hint="copy into a new, empty location: it is created with the source's format")
     done = []
     for m in choose(source, req):
         if target.manifest(m.vm, m.checkpoint) is not None:
@@ -83,25 +89,37 @@ def copy_backups(source: Repository, target: Repository, req: CopyRequest, *, ca
 
 def _copy_one(source: Repository, target: Repository, m: Manifest, workers: int, cancel: CancelToken,
               progress: Callable[[int], None]) -> CopiedBackup:
-    indexes: dict[str, bytes] = {}
+    same_ids = source.chunk_id(PROBE) == target.chunk_id(PROBE)
+    indexes: dict[str, tuple[int, list]] = {}
     wanted: dict[bytes, None] = {}  # insertion-ordered set
     for d in m.disks:
-        for e in source.read_index(m, d.id)[1]:  # checked against the manifest
+        size, entries = source.read_index(m, d.id)  # checked against the manifest
+        indexes[d.id] = (size, entries)
+        for e in entries:
             wanted.setdefault(e.chunk)
-        indexes[d.id] = source.backend.read(f"{source._backup_key(m.vm, m.checkpoint)}/{d.id}.index")
+    renamed: dict[bytes, bytes] = {}  # source id -> target id (when the ids differ)
     sent = present = nbytes = 0
+    where = f"backup {m.checkpoint} of {m.vm}"
 
     def one(cid: bytes) -> int:
         key = source._chunk_key(cid)
-        if target.backend.exists(key):
+        if same_ids and target.backend.exists(key):
             return -1
-        blob = source.backend.read(key) if source.backend.exists(key) else None
-        if blob is None:
-            raise RepositoryDamaged(f"chunk {cid.hex()} is missing (backup {m.checkpoint} of {m.vm})")
-        decode(blob, cid, f"backup {m.checkpoint} of {m.vm}", source.chunk_id)  # never send damage
-        target.backend.write(key, blob)
-        if target.backend.size(key) != len(blob):
-            raise RepositoryDamaged(f"chunk {cid.hex()} arrived truncated in {target.backend.location}")
+        try:
+            blob = source.backend.read(key)
+        except FileNotFoundError:
+            raise RepositoryDamaged(f"chunk {cid.hex()} is missing ({where})") from None
+        except RepositoryDamaged as exc:
+            raise RepositoryDamaged(f"chunk {cid.hex()} is damaged ({where}): {exc}") from None
+        data = decode(blob, cid, where, source.chunk_id)  # never send damage
+        new = cid if same_ids else target.chunk_id(data)
+        renamed[cid] = new
+        new_key = target._chunk_key(new)
+        if not same_ids and target.backend.exists(new_key):
+            return -1
+        target.backend.write(new_key, blob)  # the chunk file itself does not depend on the id
+        if target.backend.size(new_key) != len(blob) + (OVERHEAD if target.encrypted else 0):
+            raise RepositoryDamaged(f"chunk {new.hex()} arrived truncated in {target.backend.location}")
         return len(blob)
 
     with cf.ThreadPoolExecutor(max(1, workers), "copy") as pool:
@@ -121,9 +139,15 @@ def _copy_one(source: Repository, target: Repository, m: Manifest, workers: int,
             sent, present, nbytes = sent + (n >= 0), present + (n < 0), nbytes + max(n, 0)
             progress(max(n, 0))
     cancel.check()
-    base = target._backup_key(m.vm, m.checkpoint)
-    for disk_id, blob in indexes.items():
-        target.backend.write(f"{base}/{disk_id}.index", blob)
-        target.read_index(m, disk_id)  # read back: the manifest's checksum holds in the target
-    target.commit(m)
+    disks = []
+    for d in m.disks:
+        size, entries = indexes[d.id]
+        if not same_ids:
+            entries = [replace(e, chunk=renamed[e.chunk]) for e in entries]
+        digest = target.write_index(m.vm, m.checkpoint, d.id, size, entries)
+        disks.append(replace(d, index_sha256=digest))
+    copied = replace(m, disks=tuple(disks))
+    for d in copied.disks:
+        target.read_index(copied, d.id)  # read back: the manifest's checksum holds in the target
+    target.commit(copied)
     return CopiedBackup(m.checkpoint, True, sent, present, nbytes)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import logging
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -32,6 +33,8 @@ from .retention import Policy
 from .vm import qcow2_disks
 from .workdirs import foreign_owner, private_dir, remove_stale_dirs, scratch_base
 
+log = logging.getLogger(__name__)
+
 if TYPE_CHECKING:  # imported where used: a backup's start-up does without them (issue 11)
     from .bootcheck import BootRequest, BootResult
     from .copy import CopyReport, CopyRequest
@@ -51,12 +54,12 @@ class Observer:
 
 def open_repository(settings: Settings, *, create: bool = False) -> Repository:
     """The repository; only backups create it (a typo in --repo must not make a new one)."""
-    return Repository.open(settings.repo, create=create, s3=settings.s3)
+    return Repository.open(settings.repo, create=create, s3=settings.s3, encryption=settings.encryption)
 
 
 @contextlib.contextmanager
 def vm_lock(repo: Repository, vm: str) -> Iterator[None]:
-    with repo.lock(f"vm-{vm}", what=f"VM {vm}"):
+    with repo.lock(f"vm-{repo.local_name(vm)}", what=f"VM {vm}"):  # keyed name in an encrypted repository
         yield
 
 
@@ -98,15 +101,53 @@ def backup(settings: Settings, vmconf: VMConfig, req: BackupRequest, *, cancel: 
         from .guestagent import fsfreeze as freeze_guest
 
         quiesce = functools.partial(freeze_guest, vmconf.qga, required=require_fsfreeze)
-    with contextlib.ExitStack() as stack:
-        repo, session = stack.enter_context(vm_session(settings, vmconf, create=True))
-        owner = foreign_owner(session.peer_user())  # QEMU must reach the scratch files and create the NBD socket
-        base = scratch_base(vmconf.scratch, lambda: repo.local_dir("tmp"), owner)
-        remove_stale_dirs(base, prefix=f"{vmconf.name}@")  # left by a killed run; we hold the VM's lock
-        scratch = stack.enter_context(private_dir(base, prefix=f"{vmconf.name}@", owner=owner))
-        sockets = stack.enter_context(private_dir(owner=owner))
-        return run_backup(repo, session, req, scratch_dir=scratch, socket_dir=sockets, cancel=cancel,
-                          progress=observer.progress, on_start=observer.on_start, quiesce=quiesce, owner=owner)
+    repo: Repository | None = None
+    try:
+        with contextlib.ExitStack() as stack:
+            repo, session = stack.enter_context(vm_session(settings, vmconf, create=True))
+            owner = foreign_owner(session.peer_user())  # QEMU must reach the scratch files and create the NBD socket
+            base = scratch_base(vmconf.scratch, lambda: repo.local_dir("tmp"), owner)
+            prefix = f"{repo.local_name(vmconf.name)}@"  # keyed in an encrypted repository: no VM name in file names
+            remove_stale_dirs(base, prefix=prefix)  # left by a killed run; we hold the VM's lock
+            scratch = stack.enter_context(private_dir(base, prefix=prefix, owner=owner))
+            sockets = stack.enter_context(private_dir(owner=owner))
+            return run_backup(repo, session, req, scratch_dir=scratch, socket_dir=sockets, cancel=cancel,
+                              progress=observer.progress, on_start=observer.on_start, quiesce=quiesce, owner=owner)
+    except BaseException:
+        if repo is not None:  # every lock of the run is released by now
+            discard_new_chunks(repo)
+        raise
+
+
+def discard_new_chunks(repo: Repository) -> None:
+    """After a failed or interrupted backup: remove the chunks it created that no backup references.
+
+    The rule of docs/FORMAT.md ("Deleting chunks"): only under the exclusive repository lock, so
+    that no other run that may have found one of these chunks already stored (and counts on it)
+    is still running; a run that has finished references it from its manifest and keeps it.
+    When another run holds the repository, the chunks stay and the next prune removes them."""
+    created = set(repo.new_chunks)
+    if not created:
+        return
+    repo.new_chunks.clear()
+    try:
+        with repository_lock(repo, exclusive=True, wait=0):
+            freed, size = repo.remove_unreferenced(created)
+        log.info("removed the %d chunk%s (%s) this run had stored", freed, "" if freed == 1 else "s", _mib(size))
+    except LockHeld:
+        _left(repo, created, "another backup or restore is using the repository")
+    except Exception as exc:  # never hide the run's own error
+        _left(repo, created, f"removing them failed: {exc}")
+
+
+def _left(repo: Repository, created: set[bytes], why: str) -> None:
+    log.warning("left %d chunk%s (up to %s) that this run stored and no backup uses (%s): "
+                "`nbdbackup prune` or the next failed run removes them",
+                len(created), "" if len(created) == 1 else "s", _mib(repo.stored_size(created)), why)
+
+
+def _mib(n: int) -> str:
+    return f"{n / (1024 * 1024):.1f} MiB"
 
 
 def checkpoint_status(settings: Settings, vmconf: VMConfig) -> list[CheckpointStatus]:
@@ -154,7 +195,10 @@ def copy(settings: Settings, req: CopyRequest, target: Location, *, cancel: Canc
     from .copy import copy_backups
     check_name("VM", req.vm)
     source = open_repository(settings)
-    dest = Repository.open(target, create=True, s3=settings.s3, like=source)
+    from .repository.keys import copy_target_source
+
+    dest = Repository.open(target, create=True, s3=settings.s3, like=source, encryption=settings.encryption,
+                           passphrase_source=copy_target_source())
     with repository_lock(source), vm_lock(dest, req.vm), repository_lock(dest):
         return copy_backups(source, dest, req, cancel=cancel, progress=observer.progress)
 

@@ -22,6 +22,11 @@
      +-- ServeAddressError         exit 13 serve: socket or TCP address in use or unusable
      +-- MountPointError           exit 14 mount: DIR missing, not empty, not a mount of ours
      +-- ToolUnavailable           exit 15 nbdkit, FUSE or loop devices unavailable
+     +-- KeyUnavailable            exit 18 encrypted repository: no key file, no passphrase
+     +-- WrongPassphrase           exit 19 the passphrase opens none of the repository's keys
+     +-- ForeignKey                exit 20 the key file belongs to another repository
+     +-- KeyFileDamaged            exit 21 the key file or a stored key is unreadable
+     +-- EncryptionMismatch        exit 22 encryption asked for, repository disagrees; key refused
      +-- SomeRunsFailed            the worst exit code of the VMs of `auto --all`
      +-- Interrupted               exit 130 (SIGINT) / 143 (SIGTERM)
  +-- ImageInUse                exit 16 rollback: the VM's images are in use (its QEMU runs)
@@ -134,6 +139,26 @@ class RestoreTargetError(NbdBackupError):
     exit_code = 8
 
 
+class KeyUnavailable(NbdBackupError):
+    exit_code = 18
+
+
+class WrongPassphrase(NbdBackupError):
+    exit_code = 19
+
+
+class ForeignKey(NbdBackupError):
+    exit_code = 20
+
+
+class KeyFileDamaged(NbdBackupError):
+    exit_code = 21
+
+
+class EncryptionMismatch(NbdBackupError):
+    exit_code = 22
+
+
 class SomeRunsFailed(NbdBackupError):
     """auto --all: at least one VM failed; the exit code is the worst of theirs."""
 
@@ -180,6 +205,11 @@ EXIT_CODES: dict[str, int] = {
     "s3-unreachable": S3Unreachable.exit_code,
     "image-in-use": ImageInUse.exit_code,
     "rollback-incomplete": RollbackIncomplete.exit_code,
+    "no-key": KeyUnavailable.exit_code,
+    "wrong-passphrase": WrongPassphrase.exit_code,
+    "foreign-key": ForeignKey.exit_code,
+    "key-damaged": KeyFileDamaged.exit_code,
+    "encryption-mismatch": EncryptionMismatch.exit_code,
     "sigint": 128 + signal.SIGINT,
     "sigterm": 128 + signal.SIGTERM,
 }
@@ -248,7 +278,8 @@ EXIT_STATUS: tuple[ExitStatus, ...] = (
                "a newer format version, full, or not writable (on a read-only repository, `list`, `restore` and `verify` "
                "work; the commands that take the VM's lock exit with 7)."),
     ExitStatus((RestoreTargetError.exit_code,), "restore target cannot be written",
-               "A restore target cannot be written (image exists without `--force`, directory cannot be created, "
+               "A restore target cannot be written (image exists without `--force`, image in use by a running process "
+               "such as a VM, directory cannot be created, "
                "`qemu-img` or `qemu-storage-daemon` failed, write error)."),
     ExitStatus((S3CredentialsRefused.exit_code,), "S3 credentials refused",
                "S3: the object store refused the credentials, or none were found; nothing was created."),
@@ -274,8 +305,23 @@ EXIT_STATUS: tuple[ExitStatus, ...] = (
     ExitStatus((RollbackIncomplete.exit_code,), "rollback stopped partway (run it again)",
                "`rollback` stopped after it began writing (the backup storage or an image failed): the disks are "
                "partly rolled back; running the same command again completes the rollback."),
+    ExitStatus((KeyUnavailable.exit_code,), "no key for an encrypted repository",
+               "The repository is encrypted and its key is not available: the key file is missing, or no passphrase "
+               "was given (`NBDBACKUP_PASSWORD_FILE`, `NBDBACKUP_PASSWORD_COMMAND` or a terminal) or it could not be read. "
+               "Nothing was changed."),
+    ExitStatus((WrongPassphrase.exit_code,), "wrong passphrase",
+               "The passphrase opens none of the repository's keys. Nothing was changed."),
+    ExitStatus((ForeignKey.exit_code,), "key of another repository",
+               "The key file belongs to another repository. Nothing was changed."),
+    ExitStatus((KeyFileDamaged.exit_code,), "key file damaged",
+               "The key file, or a key stored in the repository, is damaged or not a key. Nothing was changed."),
+    ExitStatus((EncryptionMismatch.exit_code,), "encryption setting refused",
+               "Encryption was asked for (configuration `encryption`, `init --encryption`) but the repository is not "
+               "encrypted, or exists already; or a key change was refused (removing the last key). Nothing was changed."),
     ExitStatus((128 + signal.SIGINT, 128 + signal.SIGTERM), "interrupted",
-               "Interrupted by SIGINT or SIGTERM. The run cleaned up after itself in QEMU, and no backup was recorded."),
+               "Interrupted by SIGINT or SIGTERM. The run cleaned up after itself in QEMU, and no backup was recorded; "
+               "the chunks it stored are removed too, unless another run holds the repository (then it says how much "
+               "it left, and the next `prune` frees it)."),
 )
 
 EXIT_STATUS_NOTE = "`auto --all` and `prune --all` exit with the highest status of their VMs."

@@ -3,9 +3,11 @@
     with fsfreeze(qga_socket, required=False):
         session.transaction(...)    # the point in time
 
-Freeze right before, thaw right after, always (also when the transaction
-fails).  An agent that does not answer within the timeout means a
-crash-consistent backup with a warning, or an error when `required`.
+Freeze right before, thaw right after (also when the transaction fails).
+A thaw is sent only when a freeze may have reached the guest: after
+`guest-fsfreeze-freeze` was sent, never when the agent did not even answer
+`guest-sync`.  An agent that does not answer within the timeout means a
+crash-consistent backup with ONE warning line, or ONE error when `required`.
 """
 
 from __future__ import annotations
@@ -15,9 +17,10 @@ import logging
 import random
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 from .config import env_seconds
-from .errors import NbdBackupError, VMUnreachable
+from .errors import NbdBackupError, QEMUCommandFailed, VMUnreachable
 from .qmp import QMPSession
 
 log = logging.getLogger(__name__)
@@ -29,18 +32,47 @@ class GuestAgentError(VMUnreachable):
     """The guest agent is required but did not freeze the guest."""
 
 
+class _AgentFailed(NbdBackupError):
+    """One agent request failed; the message says what the guest agent did (not QEMU)."""
+
+
 @contextlib.contextmanager
 def fsfreeze(socket: Path | None, *, required: bool, timeout: float | None = None) -> Iterator[bool]:
     """Yield True while the guest's filesystems are frozen, False if they could not be.
-    timeout: per agent command; default $NBDBACKUP_AGENT_TIMEOUT or AGENT_TIMEOUT seconds."""
+    timeout: per agent request; default $NBDBACKUP_AGENT_TIMEOUT or AGENT_TIMEOUT seconds."""
     timeout = timeout or env_seconds("NBDBACKUP_AGENT_TIMEOUT", AGENT_TIMEOUT)
     agent = _freeze(socket, required=required, timeout=timeout)
     try:
         yield agent is not None
     finally:
         if agent is not None:
-            _thaw(agent, timeout)
+            problem = _thaw(agent, timeout)
             agent.close()
+            if problem:
+                log.error("%s", problem)
+
+
+def _ask(agent: QMPSession, command: str, timeout: float, arguments: dict | None = None) -> Any:
+    """One agent request; its failure said in terms of the guest agent."""
+    try:
+        return agent.execute(command, arguments, timeout=timeout)
+    except QEMUCommandFailed as exc:
+        raise _AgentFailed(f"the guest agent refused {command}: {exc.description}") from None
+    except NbdBackupError:
+        if agent.lost:
+            raise _AgentFailed(f"the guest agent closed the connection during {command}") from None
+        raise _AgentFailed(f"the guest agent did not answer {command} within {timeout:g}s") from None
+
+
+def _connect(socket: Path, timeout: float) -> QMPSession:
+    if not socket.exists():
+        raise _AgentFailed(f"the guest agent socket {socket} does not exist", hint="is the VM running with its guest agent channel?")
+    agent = QMPSession(socket, connect_timeout=timeout, guest_agent=True)
+    try:
+        agent.connect()
+    except NbdBackupError as exc:
+        raise _AgentFailed(f"cannot connect to the guest agent socket {socket}: {exc.message}") from None
+    return agent
 
 
 def _freeze(socket: Path | None, *, required: bool, timeout: float) -> QMPSession | None:
@@ -48,29 +80,43 @@ def _freeze(socket: Path | None, *, required: bool, timeout: float) -> QMPSessio
     agent = None
     try:
         if socket is None:
-            raise NbdBackupError("no guest agent socket is configured", hint='set qga = "PATH" for the VM or pass --qga')
-        agent = QMPSession(socket, connect_timeout=timeout, guest_agent=True)
-        agent.connect()
+            raise _AgentFailed("no guest agent socket is configured", hint='set qga = "PATH" for the VM or pass --qga')
+        agent = _connect(Path(socket), timeout)
         token = random.randrange(1, 2**31)
-        if agent.execute("guest-sync", {"id": token}, timeout=timeout) != token:
-            raise NbdBackupError("the guest agent answered guest-sync with a stale reply")
-        count = agent.execute("guest-fsfreeze-freeze", timeout=timeout)
-        log.info("froze %s guest filesystems", count)
-        return agent
-    except NbdBackupError as exc:
+        if _ask(agent, "guest-sync", timeout, {"id": token}) != token:
+            raise _AgentFailed("the guest agent answered guest-sync with a stale reply")
+    except NbdBackupError as exc:  # no freeze was sent: nothing to thaw
         if agent is not None:
-            _thaw(agent, timeout)  # a freeze that timed out may still have happened
             agent.close()
-        if required:
-            raise GuestAgentError(f"could not freeze the guest's filesystems: {exc}",
-                                  hint="check qemu-guest-agent in the guest, or drop --require-fsfreeze") from None
-        log.warning("could not freeze the guest's filesystems (%s): the backup is crash-consistent", exc)
-        return None
-
-
-def _thaw(agent: QMPSession, timeout: float) -> None:
+        return _give_up(str(exc), required=required, thaw_problem=None)
     try:
-        agent.execute("guest-fsfreeze-thaw", timeout=timeout)
+        count = _ask(agent, "guest-fsfreeze-freeze", timeout)
+    except NbdBackupError as exc:  # the freeze may have reached the guest: thaw
+        thaw_problem = _thaw(agent, timeout)
+        agent.close()
+        return _give_up(str(exc), required=required, thaw_problem=thaw_problem)
+    log.info("froze %s guest filesystems", count)
+    return agent
+
+
+def _give_up(reason: str, *, required: bool, thaw_problem: str | None) -> None:
+    """One line for the whole failure: an error when required (raised) or when the guest may be
+    left frozen, else a warning."""
+    if required:
+        raise GuestAgentError(f"could not freeze the guest's filesystems: {reason}" + (f"; {thaw_problem}" if thaw_problem else ""),
+                              hint="check qemu-guest-agent in the guest, or drop --require-fsfreeze")
+    if thaw_problem:
+        log.error("could not freeze the guest's filesystems (%s), and then %s", reason, thaw_problem)
+    else:
+        log.warning("could not freeze the guest's filesystems (%s): the backup is crash-consistent", reason)
+    return None
+
+
+def _thaw(agent: QMPSession, timeout: float) -> str | None:
+    """Thaw; None if that worked, else the one-line alarm (the guest may still be frozen)."""
+    try:
+        _ask(agent, "guest-fsfreeze-thaw", timeout)
+        return None
     except NbdBackupError as exc:
-        log.error("guest agent: THAW FAILED: %s; the guest's filesystems may still be frozen: "
-                  "thaw them (guest-fsfreeze-thaw through the agent) now", exc)
+        return (f"guest agent: THAW FAILED: {exc}; the guest's filesystems may still be frozen: "
+                "check with guest-fsfreeze-status through the agent and thaw them (guest-fsfreeze-thaw)")

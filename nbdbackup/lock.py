@@ -52,8 +52,11 @@ def file_lock(path: Path, *, what: str, shared: bool = False, wait: float = 0.0)
                     raise LockHeld(f"another nbdbackup run (pid {holder}) holds {what}", hint="wait for it to finish") from None
                 time.sleep(0.1)
         if not shared:
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+            try:  # only for the message of a run that waits; a full filesystem must not stop us
+                os.ftruncate(fd, 0)
+                os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+            except OSError:
+                pass
         yield
     finally:
         os.close(fd)
@@ -108,7 +111,7 @@ class HeldLock:
     def _run(self) -> None:
         while not self._stop.wait(self.refresh):
             try:
-                self.backend.write(self.key, self.body)
+                self.backend.write(self.key, self.body, durable=True)  # durable: now, not queued (S3 uploads)
                 self.refreshed = time.monotonic()
             except Exception:  # noqa: BLE001 - the next attempt or check() reports it
                 pass

@@ -94,7 +94,7 @@ class NbdEndpoint:
                 for at in range(e.offset, e.end, MAX_REQUEST):
                     n = min(MAX_REQUEST, e.end - at)
                     cookies.append((at, h.aio_pread(nbd.Buffer.from_buffer(buf[at - base:at - base + n]), at)))
-            for at, cookie in cookies:
+            for _at, cookie in cookies:
                 while not h.aio_command_completed(cookie):
                     h.poll(-1)
         except nbd.Error as exc:

@@ -39,7 +39,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .capture import CancelToken
-from .errors import Interrupted, NbdBackupError, QEMUCommandFailed, RestoreTargetError, ServeAddressError, UsageError, VMUnreachable, VMUnsuitable
+from .errors import (
+    Interrupted,
+    NbdBackupError,
+    QEMUCommandFailed,
+    RestoreTargetError,
+    ServeAddressError,
+    UsageError,
+    VMUnreachable,
+    VMUnsuitable,
+)
 from .qmp import QMPSession
 from .restore import find_backup
 from .serving import SOCKET_MAX, Listen, Source, backup_server, check_socket_path, resolve

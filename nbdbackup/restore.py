@@ -8,6 +8,8 @@ read; nothing is renamed into place unless every disk was restored.
 
 from __future__ import annotations
 
+import concurrent.futures as cf
+import contextlib
 import functools
 import logging
 import os
@@ -19,6 +21,7 @@ from pathlib import Path
 
 from .capture import CancelToken, Tuning
 from .errors import CheckpointUnknown, RepositoryDamaged, RestoreTargetError, UsageError
+from .inuse import in_use
 from .nbdio import MAX_REQUEST, NbdEndpoint, NbdIOError
 from .pipeline import Pipeline
 from .records import IndexEntry, Manifest
@@ -29,6 +32,7 @@ log = logging.getLogger(__name__)
 
 ZERO_BLOCK = 64 * 1024
 CHUNK_CACHE = 4  # decompressed chunks kept per writer thread
+DOWNLOADS = 8  # chunk downloads in flight or done ahead of the writers (repositories that are not directories)
 _ZERO = bytes(ZERO_BLOCK)
 FORMATS = ("qcow2", "raw")
 
@@ -86,6 +90,7 @@ def run_restore(
     for path in finals.values():
         if (path.exists() or path.is_symlink()) and not req.force:
             raise RestoreTargetError(f"{path} exists", hint="choose another --output or pass --force to overwrite")
+        refuse_if_in_use(path)
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -100,12 +105,23 @@ def run_restore(
         with StorageDaemon(images, socket_dir) as daemon:
             for img in images:
                 _write_disk(repo, m, img.export, indexes[img.export], daemon.socket, tuning, cancel, progress)
+        for img in images:  # again: a VM may have been started on a target meanwhile
+            refuse_if_in_use(finals[img.export])
         for img in images:
             os.replace(img.path, finals[img.export])
     finally:
         for img in images:
             img.path.unlink(missing_ok=True)
     return [finals[d.id] for d in chosen]
+
+
+def refuse_if_in_use(path: Path) -> None:
+    """--force replaces only files that no running process writes (a VM's image above all:
+    QEMU would go on writing the replaced file, and the restored image would silently diverge)."""
+    usage = in_use(path)
+    if usage is not None:
+        raise RestoreTargetError(f"will not replace {usage.describe()}",
+                                 hint="shut the VM (or the process) down first, or restore to another --output")
 
 
 def _batches(entries: Sequence[IndexEntry], limit: int) -> Iterator[list[IndexEntry]]:
@@ -124,13 +140,17 @@ def _batches(entries: Sequence[IndexEntry], limit: int) -> Iterator[list[IndexEn
 
 def _write_disk(repo: Repository, m: Manifest, disk_id: str, entries: list[IndexEntry], socket: Path,
                 tuning: Tuning, cancel: CancelToken, progress: Callable[[int], None]) -> None:
+    ahead: dict[bytes, cf.Future[bytes]] = {}  # chunk downloads started when their batch was queued
+
     def chunk(cid: bytes, offset: int) -> bytes:
         """A small per-thread cache: after incrementals, neighbouring entries often share a chunk."""
         cache: OrderedDict[bytes, bytes] = pipe.local().__dict__.setdefault("chunks", OrderedDict())
+        fut = ahead.pop(cid, None)  # taken even on a cache hit: what is in `ahead` is bounded
         if cid in cache:
             cache.move_to_end(cid)
             return cache[cid]
-        data = repo.get_chunk(cid, f"backup {m.checkpoint}, disk {disk_id}, offset {offset}")
+        where = f"backup {m.checkpoint}, disk {disk_id}, offset {offset}"
+        data = repo.decode_chunk(fut.result(), cid, where) if fut is not None else repo.get_chunk(cid, where)
         cache[cid] = data
         if len(cache) > CHUNK_CACHE:
             cache.popitem(last=False)
@@ -152,9 +172,17 @@ def _write_disk(repo: Repository, m: Manifest, disk_id: str, entries: list[Index
         return sum(e.length for e in batch)
 
     connect = functools.partial(NbdEndpoint, socket, disk_id, writable=True)
-    with Pipeline(tuning.workers, tuning.depth, connect, lambda written, _: progress(written), "restore") as pipe:
+    # Downloads from a remote store (S3) run ahead: a batch's chunks are requested when the batch is
+    # queued (at most DOWNLOADS not yet taken by a writer: memory), while the writers decompress and write.
+    remote = repo.root is None
+    with Pipeline(tuning.workers, tuning.depth, connect, lambda written, _: progress(written), "restore") as pipe, \
+            (cf.ThreadPoolExecutor(DOWNLOADS, "download") if remote else contextlib.nullcontext()) as downloads:
         for batch in _batches(entries, tuning.chunk_size):
             cancel.check()
+            if downloads is not None:
+                for e in batch:
+                    if e.chunk not in ahead and len(ahead) < DOWNLOADS:  # else its writer downloads it
+                        ahead[e.chunk] = downloads.submit(repo.fetch_chunk, e.chunk, f"backup {m.checkpoint}, disk {disk_id}, offset {e.offset}")
             pipe.submit(work, batch, None)
         pipe.drain()
         cancel.check()

@@ -4,10 +4,15 @@ from __future__ import annotations
 
 import contextlib
 import os
+import pwd
 import shutil
+import subprocess
+import sys
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
+
+from .errors import UsageError
 
 
 def runtime_base() -> Path:
@@ -46,6 +51,8 @@ def scratch_base(configured: Path | None, repo_tmp: Callable[[], Path], owner: O
     """Where fleecing overlays grow: the configured place, else inside the repository,
     else (QEMU runs as another user) SHARED_SCRATCH, which others may traverse but not list."""
     if configured:
+        if owner is not None:
+            _check_reachable(configured, owner)
         return configured
     if owner is None:
         return repo_tmp()
@@ -66,3 +73,61 @@ def private_dir(parent: Path | None = None, prefix: str = "nbdbackup-", owner: O
         yield path
     finally:
         shutil.rmtree(path, ignore_errors=True)
+
+
+def _check_reachable(scratch: Path, owner: Owner) -> None:
+    """A configured scratch directory, when QEMU runs as another user: QEMU must be able to
+    enter it (search permission on it and on every directory above it) to open the overlays
+    in the private subdirectory nbdbackup hands it.  Created 0711 if missing, like the default
+    place; else refused up front (UsageError) with what it needs."""
+    scratch = Path(os.path.abspath(scratch))
+    if not scratch.exists():
+        try:
+            scratch.parent.mkdir(parents=True, exist_ok=True)
+            scratch.mkdir(mode=0o711)
+            os.chmod(scratch, 0o711)  # the umask must not take o+x away
+        except FileExistsError:
+            pass
+        except OSError as exc:
+            raise UsageError(f"cannot create the scratch directory {scratch}: {exc.strerror}") from None
+    if not scratch.is_dir():
+        raise UsageError(f"the scratch directory {scratch} is not a directory", hint="fix `scratch` in the configuration file")
+    blocking = _first_unsearchable(scratch, owner)
+    if blocking is not None:
+        uid, _ = owner
+        try:
+            user = pwd.getpwuid(uid).pw_name
+        except KeyError:
+            user = f"uid {uid}"
+        raise UsageError(
+            f"QEMU runs as user {user} and cannot enter the scratch directory {scratch}: {blocking} is not searchable by that user",
+            hint=f"make {blocking} (and every directory above the scratch directory) searchable by {user}, e.g. `chmod o+x {blocking}` "
+                 f"(QEMU needs no read or write permission there: nbdbackup gives it a private subdirectory), "
+                 f"or remove `scratch` to use {SHARED_SCRATCH}",
+        )
+
+
+_PROBE = """
+import os, sys
+from pathlib import Path
+path = Path(sys.argv[1])
+for p in [*reversed(path.parents), path]:
+    if not os.access(p, os.X_OK):
+        print(p)
+        sys.exit(1)
+"""
+
+
+def _first_unsearchable(path: Path, owner: Owner) -> Path | None:
+    """The first directory from / down to path that the user `owner` cannot search (ACLs
+    and groups included: asked as that user), or None."""
+    uid, gid = owner
+    try:
+        groups = os.getgrouplist(pwd.getpwuid(uid).pw_name, gid)  # what QEMU's -runas gives itself (initgroups)
+    except KeyError:
+        groups = [gid]
+    proc = subprocess.run([sys.executable, "-I", "-c", _PROBE, str(path)], user=uid, group=gid, extra_groups=groups,
+                          capture_output=True, text=True, cwd="/")
+    if proc.returncode == 0:
+        return None
+    return Path(proc.stdout.strip() or path)

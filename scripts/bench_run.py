@@ -10,6 +10,8 @@ restore`; write 1% of the disk through the guest's device and time `nbdbackup in
 and the restore of that point; shut the VM down and time `nbdbackup rollback` to the full point
 against the restore of that point; check every restore byte for byte; optionally the same on
 large sparse disks. Prints a table (or JSON with --json) on stdout, progress on stderr.
+`scripts/bench commit` instead measures the commit's sync with other dirty data pending
+(scripts/bench_commit.py).
 """
 
 from __future__ import annotations
@@ -625,6 +627,67 @@ def sparse_case(args: argparse.Namespace, report: Report, rundir: Path, sockdir:
     disk.unlink()
 
 
+ENCRYPTION_TARGET = 1.10  # issue 13: encrypted full backup and restore at most 1.10x the unencrypted time
+
+
+def encryption_case(args: argparse.Namespace, report: Report, rundir: Path, sockdir: Path, config: Path) -> None:
+    """Full backup and restore of the same VM into an unencrypted and an encrypted (repokey) repository,
+    interleaved (plain first), best of --repeat each; ratio = encrypted time / unencrypted time."""
+    image = build_in_subprocess(args.workdir, args.size, args.data, seed=args.seed)
+    disk = rundir / "vm3-vda.qcow2"
+    sh(["cp", "--sparse=never", str(image.path), str(disk)], "cp")
+    passphrase = rundir / "passphrase"
+    passphrase.write_text("bench passphrase\n")
+    enc_config = rundir / "config-encrypted.toml"
+    enc_config.write_text('encryption = "repokey"\n' + config.read_text())
+    plain, encrypted = Nbdbackup(rundir / "repo-plain", config), Nbdbackup(rundir / "repo-encrypted", enc_config)
+    global NB_ENV
+    saved_env = NB_ENV
+    NB_ENV = {**(NB_ENV or os.environ), "NBDBACKUP_PASSWORD_FILE": str(passphrase), "XDG_CONFIG_HOME": str(rundir / "xdg")}
+    vm = VM(disk, rundir, sockdir, name="vm3")
+    vm.start()
+    times: dict[str, dict[str, list[Timed]]] = {"full": {"plain": [], "encrypted": []}, "restore": {"plain": [], "encrypted": []}}
+    try:
+        for i in range(args.repeat):
+            for label, nb in (("plain", plain), ("encrypted", encrypted)):
+                shutil.rmtree(nb.repo, ignore_errors=True)
+                remove_bitmaps(vm)
+                log(f"encryption: nbdbackup full into the {label} repository ({i + 1}/{args.repeat})")
+                t = nb.run("full", "vm3", "--qmp", str(vm.tool_qmp))
+                t.extra = nb.backups("vm3")[t.stdout.strip().splitlines()[-1]]
+                times["full"][label].append(t)
+                log(f"  {t.seconds:.2f}s")
+        for i in range(args.repeat):
+            for label, nb in (("plain", plain), ("encrypted", encrypted)):
+                out = rundir / f"restore-{label}"
+                shutil.rmtree(out, ignore_errors=True)
+                log(f"encryption: nbdbackup restore from the {label} repository ({i + 1}/{args.repeat})")
+                times["restore"][label].append(nb.run("restore", "vm3", "--to", "latest", "--output", str(out)))
+                log(f"  {times['restore'][label][-1].seconds:.2f}s")
+    finally:
+        vm.quit()
+        NB_ENV = saved_env
+    for step in ("full", "restore"):
+        base, enc = best(times[step]["plain"]), best(times[step]["encrypted"])
+        ratio = enc.seconds / base.seconds
+        for label, t in (("unencrypted", base), ("encrypted (repokey)", enc)):
+            report.rows.append(Row(f"{step}: nbdbackup, {label} repository", t.seconds, args.size, None,
+                                   "1.00 (ref)" if t is base else f"{ratio:.2f}x time", rss(t),
+                                   t.extra.get("read_bytes") if step == "full" else None,
+                                   t.extra.get("stored_bytes") if step == "full" else None,
+                                   [x.seconds for x in times[step]["plain" if t is base else "encrypted"]],
+                                   cpu_seconds=sum(t.cpu)))
+        report.targets.append({"target": f"encrypted {step} time <= {ENCRYPTION_TARGET} x unencrypted", "value": round(ratio, 3),
+                               "met": ratio <= ENCRYPTION_TARGET})
+        rss_ratio = rss(enc) / rss(base) if rss(base) else 0
+        report.notes.append(f"encryption, {step}: {enc.seconds:.2f}s encrypted vs {base.seconds:.2f}s unencrypted "
+                            f"= {ratio:.2f}x; peak RSS {rss_ratio:.2f}x")
+    compare(rundir / "restore-encrypted" / "vda.qcow2", image.path, "restore from the encrypted repository == source image", report)
+    for path in (plain.repo, encrypted.repo, rundir / "restore-plain", rundir / "restore-encrypted"):
+        shutil.rmtree(path, ignore_errors=True)
+    disk.unlink()
+
+
 def s3_case(args: argparse.Namespace, report: Report, rundir: Path, sockdir: Path) -> None:
     """The same VM backed up into a directory and into S3 (a local SeaweedFS) in turn: full,
     incremental of --incr-percent, restore; prints S3/directory time ratios (issue 12's targets)."""
@@ -637,6 +700,8 @@ def s3_case(args: argparse.Namespace, report: Report, rundir: Path, sockdir: Pat
     with SeaweedFS(rundir / "seaweedfs") as server:
         server.client().create_bucket(Bucket="bench")
         os.environ.update(server.env())  # inherited by the nbdbackup processes
+        if NB_ENV is not None:  # --rev: its environment was taken before the server existed
+            NB_ENV.update(server.env())
         s3conf = rundir / "s3-config.toml"
         s3conf.write_text(server.config_text())
         dirconf = rundir / "dir-config.toml"
@@ -753,6 +818,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                     help="comma-separated virtual sizes of sparse-disk cases (default 64G; 'none' to skip), e.g. 64G,1T")
     ap.add_argument("--sparse-data", default="1G", help="data in each sparse disk (default 1G)")
     ap.add_argument("--full-only", action="store_true", help="measure only the full backup and its reference (to weigh settings)")
+    ap.add_argument("--encryption-only", action="store_true",
+                    help="measure only full backup and restore into an encrypted vs an unencrypted repository")
+    ap.add_argument("--no-encryption", action="store_true", help="skip the encrypted-vs-unencrypted comparison")
     ap.add_argument("--compression", type=int, help="nbdbackup's zstd level (default: nbdbackup's default)")
     ap.add_argument("--workers", type=int, help="nbdbackup's workers setting (default: nbdbackup's default)")
     ap.add_argument("--seed", type=int, default=1, help="layout/content seed (default 1)")
@@ -812,16 +880,18 @@ def main(argv: list[str]) -> int:
     report.notes.extend(STANDARD_NOTES)
     sockdir = Path(tempfile.mkdtemp(prefix="nbdbench-", dir="/tmp"))  # unix socket paths must stay short
     config = rundir / "config.toml"
-    config.write_text("".join(f"[vm.{vm}]\n{key} = {value}\n" for vm in ("vm1", "vm2")
+    config.write_text("".join(f"[vm.{vm}]\n{key} = {value}\n" for vm in ("vm1", "vm2", "vm3")
                               for key, value in (("compression", args.compression), ("workers", args.workers)) if value is not None))
     status = 0
     try:
-        if not args.s3_only:
+        if not (args.s3_only or args.encryption_only):
             main_case(args, report, rundir, sockdir, config)
             for size in args.sparse_sizes:
                 sparse_case(args, report, rundir, sockdir, config, size)
         if args.s3 or args.s3_only:
             s3_case(args, report, rundir, sockdir)
+        if not (args.no_encryption or args.s3_only):
+            encryption_case(args, report, rundir, sockdir, config)
     except BenchError as exc:
         report.errors.append(str(exc))
         status = 1

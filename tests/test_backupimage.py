@@ -53,7 +53,7 @@ def test_reads_match_the_backup_at_any_offset_and_from_many_threads(tmp_path):
     spans = [(off, min(n, DISK - off)) for off, n in spans]
     with ThreadPoolExecutor(8) as pool:
         got = list(pool.map(lambda s: image.read(*s), spans))
-    for (off, n), data in zip(spans, got):
+    for (off, n), data in zip(spans, got, strict=True):
         assert data == expected[off:off + n], (off, n)
     with pytest.raises(ValueError):
         image.read(DISK - 10, 11)
@@ -70,7 +70,7 @@ def test_extents_are_data_exactly_where_the_index_has_entries(tmp_path):
     for off, n, _ in runs:  # contiguous, alternating
         assert off == pos
         pos += n
-    assert all(x[2] != y[2] for x, y in zip(runs, runs[1:]))
+    assert all(x[2] != y[2] for x, y in zip(runs, runs[1:], strict=False))
     data = sum(n for _, n, d in runs if d)
     assert data == sum(e.length for e in entries)
     # A window in the middle of a hole and of an entry.

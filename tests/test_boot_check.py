@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 import cli
+
 from nbdbackup.bootcheck import plan_boot
 
 
@@ -25,7 +26,7 @@ def test_backup_of_a_vm_without_os_does_not_boot(vm_factory, repo: Path, tmp_pat
     proc = cli.run(repo, "--config", config, "verify", "vm1", "--boot", "--checkpoint", name, "--timeout", "8", expect=6)
     assert time.monotonic() - started < 60
     line = proc.stderr.strip()
-    assert f"backup of vm1 did not boot: no sign of life (an answer from the guest agent) within 8 s" in line, line
+    assert "backup of vm1 did not boot: no sign of life (an answer from the guest agent) within 8 s" in line, line
     assert "booted" not in proc.stdout
     # The repository was only read, and nothing of the throwaway VM is left.
     assert sorted(p.relative_to(repo) for p in repo.rglob("*")) == before

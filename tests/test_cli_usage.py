@@ -9,8 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-import click
 import cli
+import click
 import pytest
 
 from nbdbackup.cli import cli as group

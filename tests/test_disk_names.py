@@ -12,11 +12,11 @@ import json
 import subprocess
 import time
 
-import pytest
-
 import cli
+import pytest
 from faults import NOTHING_LEFT, Run, block_names, manifest, qemu_leftovers
 from harness import QEMU_IMG, QEMU_SYSTEM, assert_image_equals
+
 from nbdbackup.names import NODE_NAME_MAX, QEMU_ID, BlockNames, block_namespace, disk_key
 
 KiB, MiB = 1024, 1024 * 1024

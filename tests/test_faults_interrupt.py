@@ -37,6 +37,7 @@ from faults import (
     records,
     scratch_left,
     snapshot,
+    twin_state,
 )
 
 KiB, MiB = 1024, 1024 * 1024
@@ -72,6 +73,12 @@ def check_stage(vm, repo, stage: str, before) -> None:
         assert files == ["vda.index", "vdb.index"], files
     elif stage == "confirm":  # committed, record still pending
         assert files == ["manifest.json", "vda.index", "vdb.index"], files
+
+
+def active_count(vm, repo, disk: str) -> int:
+    """Dirty bytes of the newest checkpoint's bitmap on disk."""
+    [count] = [b["count"] for b in vm.bitmaps(disk) if b.get("name") == records(repo)[-1]["bitmap"]]
+    return count
 
 
 def assert_chain_bitmaps(vm, repo) -> None:
@@ -141,6 +148,7 @@ def test_signal_at_each_stage_aborts_and_leaves_the_vm_as_before(vm_factory, rep
     assert name in line, result.describe()
     assert qemu_leftovers(vm) == NOTHING_LEFT
     assert bitmap_state(vm) == before  # the checkpoint rolled back, the old bitmap records again
+    assert twin_state(vm) == {d: [(True, True, active_count(vm, repo, d))] for d in vm.disks}  # the twin as before: recording what the active one does
     assert backups(repo) == ["one"] and scratch_left(repo) == []
     assert [r["name"] for r in records(repo)] == ["one"]
     assert_restores(repo, vm, "one", at_one, tmp_path / "one")

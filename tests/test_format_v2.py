@@ -62,7 +62,7 @@ def test_chunk_named_by_the_other_algorithm_fails_its_checksum(tmp_path):
 
 @pytest.mark.parametrize("chunk_id, error, message", [
     ({"algorithm": "sha3"}, RepositoryUnusable, "does not know"),
-    ({"algorithm": "blake3-keyed"}, RepositoryUnusable, "encrypted"),
+    ({"algorithm": "blake3-keyed"}, RepositoryDamaged, "without an .encryption. member"),
     (None, RepositoryDamaged, "how chunks are named"),
     ("blake3", RepositoryDamaged, "how chunks are named"),
 ])
@@ -133,12 +133,13 @@ def test_backups_into_a_new_repository_are_version_2(vm_factory, repo, tmp_path)
     assert_image_equals(cli.restore(repo, vm, full, tmp_path / "a")["vda"], vm.expected("vda"), "qcow2")
 
 
-def test_copy_keeps_the_source_format_and_refuses_mixing(tmp_path):
+def test_copy_keeps_the_source_format_and_renames_chunks_between_schemes(tmp_path):
     """copy sends chunks under their names: a new target gets the source's version, a target
     of the other version is refused (exit 7 in the CLI) before anything is written."""
+    from test_repository import manifest
+
     from nbdbackup.capture import CancelToken
     from nbdbackup.copy import CopyRequest, copy_backups
-    from test_repository import manifest
 
     shutil.copytree(GOLDEN / "v1" / "repo", tmp_path / "v1")
     source = Repository.open(tmp_path / "v1", create=False)
@@ -150,7 +151,12 @@ def test_copy_keeps_the_source_format_and_refuses_mixing(tmp_path):
     data = b"z" * 5000
     other.put_chunk(other.chunk_id(data), data, 3)
     other.commit(manifest(other, vm="golden", cp="x"))
-    with pytest.raises(RepositoryUnusable, match="cannot be copied"):
-        copy_backups(source, other, CopyRequest("golden", every=True), cancel=CancelToken())
-    with pytest.raises(RepositoryUnusable, match="cannot be copied"):
-        copy_backups(other, target, CopyRequest("golden", every=True), cancel=CancelToken())
+    # between chunk-id schemes, chunks are renamed to the target's ids and the indexes rewritten
+    report = copy_backups(source, other, CopyRequest("golden", every=True), cancel=CancelToken())
+    assert [b.copied for b in report.backups] == [True, True]
+    for m in other.manifests("golden"):
+        for d in m.disks:
+            for e in other.read_index(m, d.id)[1]:
+                assert other.chunk_id(other.get_chunk(e.chunk, "t")) == e.chunk
+    report = copy_backups(other, target, CopyRequest("golden", every=True), cancel=CancelToken())
+    assert [b.checkpoint for b in report.backups if b.copied] == ["x"]

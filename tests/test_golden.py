@@ -15,8 +15,10 @@ GOLDEN = Path(__file__).parent / "golden"
 
 
 @pytest.mark.parametrize("version", sorted(p.name for p in GOLDEN.iterdir() if p.is_dir()))
-def test_golden_repository_restores_and_verifies(version, tmp_path):
+def test_golden_repository_restores_and_verifies(version, tmp_path, monkeypatch):
     repo = tmp_path / "repo"
+    if (GOLDEN / version / "passphrase").exists():  # an encrypted repository: its passphrase is part of the test
+        monkeypatch.setenv("NBDBACKUP_PASSWORD_FILE", str(GOLDEN / version / "passphrase"))
     shutil.copytree(GOLDEN / version / "repo", repo)
     expected = json.loads((GOLDEN / version / "expected.json").read_text())
     cli.run(repo, "verify", "golden")

@@ -75,28 +75,26 @@ def test_auto_all_under_cron_tells_each_failure_on_stderr_log_file_and_syslog(vm
     monkeypatch.setenv("NBDBACKUP_TEST_CONFIG", str(conf))
     log = tmp_path / "nbdbackup.log"
 
-    # First run: vm1 has no checkpoint yet (a full instead of an incremental: one warning); vm2 fails.
+    # First run: vm1's first backup (a full, nothing to warn about); vm2 fails.
     proc = run_as_cron(repo, "--log-file", log, "auto", "--all")
     assert proc.returncode == 3, proc.stderr
     lines = proc.stderr.splitlines()
     [reason] = [line for line in lines if "vm2" in line and "FAILED" in line]
     assert str(gone) in reason and "exit 3" in reason, proc.stderr  # the reason, not only the VM's name
-    [fallback] = [line for line in lines if "full backup instead of an incremental one" in line]
-    assert fallback.startswith("nbdbackup: WARNING: vm1: "), proc.stderr
-    assert "run `nbdbackup full" not in proc.stderr and "run 'nbdbackup full" not in proc.stderr
+    assert "full backup instead" not in proc.stderr and "WARNING" not in proc.stderr, proc.stderr
     assert lines[-1] == "nbdbackup: error: 1 of 2 VMs failed: vm2", proc.stderr
-    assert len(lines) == 3, proc.stderr  # warning, failure, final error: each once
+    assert len(lines) == 2, proc.stderr  # failure, final error: each once
 
     messages = syslog.read()
     by_severity = {sev: [t for s, t in messages if s == sev] for sev in (ERR, WARNING, INFO)}
     assert any("vm2 auto FAILED (exit 3)" in t and str(gone) in t for t in by_severity[ERR]), messages
     assert any("auto --all: 1 of 2 VMs backed up; failed: vm2" in t for t in by_severity[ERR]), messages
-    assert [t for t in by_severity[WARNING] if "full backup instead" in t] == [fallback.split("WARNING: ", 1)[1]], messages
+    assert not by_severity[WARNING], messages
     assert any(t.startswith("vm1 full ") and "read 64.0KiB" in t for t in by_severity[INFO]), messages
-    assert len(messages) == 4, messages  # nothing twice
+    assert len(messages) == 3, messages  # nothing twice
     text = log.read_text()
     assert "ERROR: vm2 auto FAILED (exit 3)" in text and str(gone) in text
-    assert "WARNING: vm1: full backup instead of an incremental one" in text
+    assert "WARNING" not in text
     assert re.search(r"INFO: vm1 full \S+: read 64.0KiB", text)
 
     # Second run: vm1 incremental (success, info only); vm2 still failing.

@@ -30,6 +30,7 @@ def test_exit_codes_are_pinned():
         "damaged": 6, "repository": 7, "restore-target": 8, "sigint": 130, "sigterm": 143,
         "s3-credentials": 9, "s3-bucket-missing": 10, "s3-access-denied": 11, "s3-unreachable": 12,
         "image-in-use": 16, "rollback-incomplete": 17,
+        "no-key": 18, "wrong-passphrase": 19, "foreign-key": 20, "key-damaged": 21, "encryption-mismatch": 22,
     }
     assert {k: errors.EXIT_CODES[k] for k in ("address", "mount-point", "tool")} == {"address": 13, "mount-point": 14, "tool": 15}
     assert errors.Interrupted(signal.SIGTERM).exit_code == 143

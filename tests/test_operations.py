@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import socket
 import threading
+import time
 from pathlib import Path
 
 import cli
@@ -71,7 +72,8 @@ class FakeGuestAgent:
     that the freeze comes right before the checkpoint is created and the thaw after.
     """
 
-    def __init__(self, path: Path, vm, *, answer: bool = True) -> None:
+    def __init__(self, path: Path, vm, *, answer: bool | frozenset[str] = True) -> None:
+        """answer: every request (True), none (False), or only the commands named."""
         self.path, self.vm, self.answer = path, vm, answer
         self.log: list[tuple[str, int]] = []
         self.server = socket.socket(socket.AF_UNIX)
@@ -101,7 +103,7 @@ class FakeGuestAgent:
         for msg in self._messages(conn):
             command = msg["execute"]
             self.log.append((command, self.checkpoint_bitmaps() if command.startswith("guest-fsfreeze") else -1))
-            if not self.answer:
+            if not (self.answer is True or (self.answer and command in self.answer)):
                 continue
             result = msg.get("arguments", {}).get("id") if command == "guest-sync" else 1
             conn.sendall(json.dumps({"return": result, "id": msg.get("id")}).encode() + b"\n")
@@ -128,6 +130,58 @@ def test_a_silent_agent_means_crash_consistent_or_failure_when_required(vm_facto
     proc = cli.run(repo, "incremental", "vm1", "--qmp", vm.qmp_socket, "--qga", tmp_path / "qga2.sock", "--require-fsfreeze", expect=3)
     assert "freeze" in proc.stderr
     assert vm.bitmaps("vda") == before and vm.block_state()["jobs"] == [] and len(cli.backups(repo)) == 1
+
+
+def agent_lines(stderr: str) -> list[str]:
+    return [line for line in stderr.splitlines() if "guest" in line]
+
+
+def test_an_agent_that_does_not_answer_guest_sync_gets_no_thaw_and_one_line(vm_factory, repo, tmp_path, monkeypatch):
+    """No freeze was sent, so no thaw either: no false THAW FAILED alarm, one warning that says
+    the guest agent (not QEMU) did not answer, and the fallback within one agent timeout."""
+    vm = vm_factory({"vda": 1 * MiB})
+    vm.start()
+    monkeypatch.setenv("NBDBACKUP_AGENT_TIMEOUT", "3")
+    agent = FakeGuestAgent(tmp_path / "qga1.sock", vm, answer=False)
+    t0 = time.monotonic()
+    proc = cli.run(repo, "full", "vm1", "--qmp", vm.qmp_socket, "--qga", agent.path, "--fsfreeze")
+    elapsed = time.monotonic() - t0
+    assert [c for c, _ in agent.log] == ["guest-sync"], agent.log
+    [line] = agent_lines(proc.stderr)
+    assert "the guest agent did not answer guest-sync within 3s" in line and "crash-consistent" in line, proc.stderr
+    assert "THAW" not in proc.stderr and "QEMU did not answer" not in proc.stderr and "error" not in proc.stderr.lower()
+    assert 3 <= elapsed < 6, f"fallback took {elapsed:.1f}s with a 3s agent timeout"
+
+    before = vm.bitmaps("vda")
+    agent = FakeGuestAgent(tmp_path / "qga2.sock", vm, answer=False)
+    proc = cli.run(repo, "incremental", "vm1", "--qmp", vm.qmp_socket, "--qga", agent.path, "--require-fsfreeze", expect=3)
+    assert [c for c, _ in agent.log] == ["guest-sync"], agent.log
+    [line] = agent_lines(proc.stderr)
+    assert "error:" in line and "the guest agent did not answer guest-sync" in line and "THAW" not in line, proc.stderr
+    assert vm.bitmaps("vda") == before and len(cli.backups(repo)) == 1
+
+
+def test_a_freeze_that_timed_out_is_thawed_and_a_failed_thaw_is_one_error_line(vm_factory, repo, tmp_path, monkeypatch):
+    vm = vm_factory({"vda": 1 * MiB})
+    vm.start()
+    monkeypatch.setenv("NBDBACKUP_AGENT_TIMEOUT", "1")
+    # The freeze times out but may have happened: thawed, and the thaw worked -> one warning.
+    agent = FakeGuestAgent(tmp_path / "qga1.sock", vm, answer=frozenset({"guest-sync", "guest-fsfreeze-thaw"}))
+    proc = cli.run(repo, "full", "vm1", "--qmp", vm.qmp_socket, "--qga", agent.path, "--fsfreeze")
+    assert [c for c, _ in agent.log] == ["guest-sync", "guest-fsfreeze-freeze", "guest-fsfreeze-thaw"], agent.log
+    [line] = agent_lines(proc.stderr)
+    assert "the guest agent did not answer guest-fsfreeze-freeze within 1s" in line and "THAW" not in line, proc.stderr
+    # Neither freeze nor thaw answered: the guest may be frozen -> one error line (the backup goes on).
+    agent = FakeGuestAgent(tmp_path / "qga2.sock", vm, answer=frozenset({"guest-sync"}))
+    proc = cli.run(repo, "incremental", "vm1", "--qmp", vm.qmp_socket, "--qga", agent.path, "--fsfreeze")
+    [line] = agent_lines(proc.stderr)
+    assert "THAW FAILED" in line and "the guest agent did not answer guest-fsfreeze-thaw" in line, proc.stderr
+    assert "QEMU" not in line and len(cli.backups(repo)) == 2
+    # Required: the same, as one error line, exit 3.
+    agent = FakeGuestAgent(tmp_path / "qga3.sock", vm, answer=frozenset({"guest-sync"}))
+    proc = cli.run(repo, "incremental", "vm1", "--qmp", vm.qmp_socket, "--qga", agent.path, "--require-fsfreeze", expect=3)
+    [line] = agent_lines(proc.stderr)
+    assert "error:" in line and "THAW FAILED" in line, proc.stderr
 
 
 def test_prune_all_applies_each_vms_retention_setting(vm_factory, repo, tmp_path, monkeypatch):

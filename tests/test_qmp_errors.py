@@ -11,9 +11,8 @@ import threading
 import time
 from pathlib import Path
 
-import pytest
-
 import cli
+import pytest
 from harness import QEMU_SYSTEM
 
 SOCKETS = ("qmp", "hmp", "qga")

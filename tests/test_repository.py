@@ -10,6 +10,7 @@ from nbdbackup.errors import RepositoryDamaged, RepositoryUnusable
 from nbdbackup.records import CheckpointRecord, DiskBackup, IndexEntry, Manifest
 from nbdbackup.repository import Repository
 
+
 def manifest(repo, vm="vm1", cp="cp1", entries=()):
     digest = repo.write_index(vm, cp, "vda", 1 << 20, list(entries))
     return Manifest(vm=vm, checkpoint=cp, kind="full", since=None, created="2026-01-01T00:00:00Z", chain="c",

@@ -336,7 +336,8 @@ def test_transient_errors_are_retried_a_bounded_number_of_times(s3_repo, failure
             assert backend.read("obj") == b"data" and proxy.refused == failures
         else:
             with pytest.raises(S3Unreachable, match=f"SlowDown.*after {retries} attempts"):
-                backend.write("obj", b"data")
+                backend.write("obj", b"data")  # uploaded in the background: sync() reports its failure
+                backend.sync()
             # as many attempts as configured; the HTTP layer resends once a request whose connection was closed
             assert retries <= proxy.refused <= retries + 1
         assert time.monotonic() - started < 60  # backoff is bounded
@@ -367,3 +368,57 @@ def test_auto_all_jobs_backs_up_vms_at_once_into_s3(vm_factory, s3_repo, tmp_pat
     for vm in vms:
         restore_equal(s3_repo.url, vm, "latest", tmp_path / vm.name, {"vda": vm.expected("vda")})
     cli.run(s3_repo.url, "auto", "--all", "--jobs", "0", expect=2)
+
+
+@pytest.mark.s3
+def test_background_uploads_fail_the_commit_with_the_put_error(s3_repo, monkeypatch):
+    """Chunks and indexes are uploaded in the background; a refused upload fails sync() and so
+    the commit with the error a synchronous PUT gives (same class: same exit code), and no
+    manifest is written.  Other credentials: this bucket belongs to another account for them."""
+    from nbdbackup.errors import S3AccessDenied
+    from nbdbackup.records import DiskBackup, Manifest
+    from nbdbackup.repository import Repository
+    from nbdbackup.repository.location import S3Settings
+    from nbdbackup.repository.s3 import S3Backend
+
+    settings = S3Settings(endpoint=s3_repo.server.endpoint, region="us-east-1", addressing="path", retries=2)
+    where = S3Location(s3_repo.bucket, "repo")
+    good = Repository.open(S3Backend(where, settings))
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", OTHER_KEY)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", OTHER_SECRET)
+    denied = S3Backend(where, settings)
+    with pytest.raises(S3AccessDenied) as sync_put:  # what a synchronous PUT says
+        denied.write("vms/vm1/checkpoints.json", b"[]", durable=True)
+    repo = Repository(denied, good.id)
+    denied.write("chunks/00/" + "00" * 32, b"x" * 1000)  # queued: returns before the PUT is refused
+    digest = repo.write_index("vm1", "cp1", "vda", 1 << 20, [])
+    m = Manifest(vm="vm1", checkpoint="cp1", kind="full", since=None, created="2026-01-01T00:00:00Z", chain="c",
+                 disks=(DiskBackup("vda", 1 << 20, digest, 0, 0, True),))
+    with pytest.raises(S3AccessDenied) as failed:
+        repo.commit(m)
+    assert str(failed.value).startswith("access denied to s3://")
+    assert str(failed.value) == str(sync_put.value)
+    assert failed.value.exit_code == sync_put.value.exit_code
+    assert list(good.backend.list("vms")) == []  # no manifest, no index
+    assert good.manifests("vm1") == []
+    denied.sync()  # the failure was reported once: the backend is usable again (nothing pending)
+
+
+@pytest.mark.s3
+def test_background_uploads_are_bounded_and_read_after_write(s3_repo):
+    """At most UPLOADS + QUEUED uploads pending (memory bounded), every one lands, and a read
+    or listing right after a write sees it."""
+    from nbdbackup.repository import s3 as s3mod
+    from nbdbackup.repository.location import S3Settings
+
+    settings = S3Settings(endpoint=s3_repo.server.endpoint, region="us-east-1", addressing="path", retries=2)
+    backend = s3mod.S3Backend(S3Location(s3_repo.bucket, "bounded"), settings)
+    most = 0
+    for i in range(60):
+        backend.write(f"chunks/{i:02d}", bytes([i]) * (64 * KiB))
+        most = max(most, len(backend._pending))
+    assert 1 <= most <= s3mod.UPLOADS + s3mod.QUEUED
+    assert backend.read("chunks/59") == bytes([59]) * (64 * KiB)  # waits for its pending upload
+    assert sorted(backend.list("chunks")) == [f"chunks/{i:02d}" for i in range(60)]
+    backend.sync()
+    assert not backend._pending

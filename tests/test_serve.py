@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
 import socket
 import subprocess
@@ -11,7 +10,6 @@ import time
 from pathlib import Path
 
 import cli
-import pytest
 from harness import first_difference
 
 from nbdbackup.nbdio import NbdEndpoint

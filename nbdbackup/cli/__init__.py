@@ -15,7 +15,7 @@ import click
 
 from .. import __version__
 from ..errors import exit_status_help
-from . import backup, checkpoints, copy, listing, logs, mount, prune, recover, restore, rollback, serve, verify
+from . import backup, checkpoints, copy, keys, listing, logs, mount, prune, recover, restore, rollback, serve, verify
 from .common import Globals
 
 
@@ -107,6 +107,8 @@ for command in (
     mount.mount,
     mount.umount,
     recover.recover,
+    keys.init,
+    keys.key,
 ):
     cli.add_command(command)
 

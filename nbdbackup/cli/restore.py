@@ -13,7 +13,7 @@ from .common import Globals, interruptible, pass_globals, progress_bar
 @click.option("--output", required=True, metavar="DIR", type=click.Path(file_okay=False), help="Directory for the restored images.")
 @click.option("--format", "fmt", type=click.Choice(["qcow2", "raw"]), default="qcow2", show_default=True, help="Image format.")
 @click.option("--disk", "disks", multiple=True, metavar="ID", help="Restore only this disk (repeatable).")
-@click.option("--force", is_flag=True, help="Overwrite existing images in DIR.")
+@click.option("--force", is_flag=True, help="Overwrite existing images in DIR (never one a running process, such as a VM, writes).")
 @click.option("--json", "as_json", is_flag=True, help="Print the restored images as a JSON array of {disk, path, format}.")
 @pass_globals
 def restore(g: Globals, vm: str, checkpoint: str, output: str, fmt: str, disks: tuple[str, ...], force: bool, as_json: bool) -> None:

@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import json
+import logging
 
 import click
-
-import logging
 
 from . import logs
 from .common import Globals, human_size, pass_globals, plural, progress_bar

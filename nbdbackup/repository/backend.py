@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import ctypes
+import concurrent.futures as cf
 import errno
 import itertools
 import os
@@ -68,6 +68,7 @@ class Backend(Protocol):
 Buffers = bytes | bytearray | memoryview | Sequence[bytes | bytearray | memoryview]
 DIR_MODE = 0o700
 FILE_MODE = 0o600
+SYNC_THREADS = 16  # fsyncs in flight at once: the device sees several, each waits only for its own file
 
 
 class LocalBackend:
@@ -78,7 +79,9 @@ class LocalBackend:
     def __init__(self, root: Path) -> None:
         self.root = Path(root)
         self.location = str(root)
-        self._dirty_dirs: set[Path] = set()
+        self._dirty_files: set[Path] = set()  # written without fsync (or found present) since the last sync()
+        self._dirty_dirs: set[Path] = set()  # entries added or removed since the last sync()
+        self._dirty_lock = threading.Lock()  # chunks are written by several threads
 
     def path(self, key: str) -> Path:
         if key.startswith("/") or ".." in key.split("/"):
@@ -121,11 +124,27 @@ class LocalBackend:
             raise _storage_error(exc, target) from None
         if durable:
             _fsync_dir(target.parent)
+            with self._dirty_lock:  # folders created for it: their entries in their parents
+                created = sorted((d for d in self._dirty_dirs if d in target.parent.parents), reverse=True)
+                self._dirty_dirs.difference_update(created)
+            for d in created:
+                _fsync_dir(d)
         else:
-            self._dirty_dirs.add(target.parent)
+            with self._dirty_lock:
+                self._dirty_files.add(target)
+                self._dirty_dirs.add(target.parent)
 
     def exists(self, key: str) -> bool:
-        return self.path(key).exists()
+        """True if the object is there.  A caller relies on an object it finds (a chunk it then
+        does not write again), which may be another process's write not yet durable (syncfs()
+        used to cover it): the next sync() makes it durable too."""
+        path = self.path(key)
+        if not path.exists():
+            return False
+        with self._dirty_lock:
+            self._dirty_files.add(path)
+            self._dirty_dirs.add(path.parent)
+        return True
 
     def list(self, prefix: str) -> Iterator[str]:
         base = self.path(prefix)
@@ -138,7 +157,11 @@ class LocalBackend:
                     yield name if rel == "." else f"{rel}/{name}"
 
     def delete(self, key: str) -> None:
-        _unlink_quietly(self.path(key))
+        path = self.path(key)
+        _unlink_quietly(path)
+        with self._dirty_lock:
+            self._dirty_files.discard(path)
+            self._dirty_dirs.add(path.parent)
 
     def size(self, key: str) -> int:
         return self.path(key).stat().st_size
@@ -147,11 +170,14 @@ class LocalBackend:
         return max(0.0, time.time() - self.path(key).stat().st_mtime)
 
     def remove_folder(self, prefix: str) -> None:
+        path = self.path(prefix)
         try:
-            self.path(prefix).rmdir()
-            self._dirty_dirs.discard(self.path(prefix))  # gone: nothing to fsync there
+            path.rmdir()
         except OSError:
-            pass  # not empty or already gone
+            return  # not empty or already gone
+        with self._dirty_lock:
+            self._dirty_dirs.discard(path)
+            self._dirty_dirs.add(path.parent)
 
     def delete_partial_writes(self) -> None:
         for dirpath, _dirs, files in os.walk(self.root):
@@ -160,18 +186,21 @@ class LocalBackend:
                     _unlink_quietly(Path(dirpath) / name)
 
     def sync(self) -> None:
-        """syncfs() the repository's filesystem, then fsync the directories we added to."""
+        """fsync every file written since the last sync (in parallel), then the directories
+        that gained or lost entries.  Unlike syncfs(), this never waits for other programs'
+        dirty data on the same filesystem (a host's VM images, say)."""
+        with self._dirty_lock:
+            files, self._dirty_files = self._dirty_files, set()
+            dirs, self._dirty_dirs = self._dirty_dirs, set()
         try:
-            fd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY)
-            try:
-                if _libc_syncfs(fd) != 0:
-                    os.sync()
-            finally:
-                os.close(fd)
-            for d in sorted(self._dirty_dirs):
-                _fsync_dir(d)
-            self._dirty_dirs.clear()
+            if files or dirs:
+                with cf.ThreadPoolExecutor(min(SYNC_THREADS, max(len(files), len(dirs))), "nbdbackup-fsync") as pool:
+                    list(pool.map(_fsync_file, files))  # the files first: their data, then their names
+                    list(pool.map(_fsync_dir_if_any, dirs))
         except OSError as exc:
+            with self._dirty_lock:  # not durable: the next sync tries again
+                self._dirty_files |= files
+                self._dirty_dirs |= dirs
             raise _storage_error(exc, self.root) from None
 
     def _makedirs(self, path: Path) -> None:
@@ -184,6 +213,8 @@ class LocalBackend:
                 path = path.parent
             for d in reversed(missing):  # each level 0700: mkdir(parents=True) would use the umask
                 d.mkdir(mode=DIR_MODE, exist_ok=True)
+                with self._dirty_lock:  # the new folder's entry in its parent must be made durable too
+                    self._dirty_dirs.add(d.parent)
         except OSError as exc:
             raise _storage_error(exc, path) from None
 
@@ -191,12 +222,22 @@ class LocalBackend:
 _serial = itertools.count()
 
 
-def _libc_syncfs(fd: int) -> int:
+def _fsync_file(path: Path) -> None:
     try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        return libc.syncfs(fd)
-    except (OSError, AttributeError):
-        return -1
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        return  # deleted since it was written: nothing to make durable
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_dir_if_any(path: Path) -> None:
+    try:
+        _fsync_dir(path)
+    except FileNotFoundError:
+        pass  # removed since (an empty backup folder): nothing in it to keep
 
 
 def _fsync_dir(path: Path) -> None:

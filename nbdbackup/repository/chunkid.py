@@ -59,7 +59,7 @@ class ChunkIds:
         return cls(BLAKE3_KEYED, lambda data: blake3(data, key=key).digest())
 
     @classmethod
-    def for_config(cls, version: int, config: Mapping[str, Any], where: str) -> ChunkIds:
+    def for_config(cls, version: int, config: Mapping[str, Any], where: str, *, master_key: bytes | None = None) -> ChunkIds:
         """The ids a repository with this config.json uses (version already checked as known)."""
         if version == 1:
             return cls.sha256()
@@ -69,9 +69,10 @@ class ChunkIds:
         algorithm = spec["algorithm"]
         if algorithm == BLAKE3:
             return cls.blake3()
+        if algorithm == BLAKE3_KEYED and master_key is not None:
+            return cls.keyed(master_key)
         if algorithm == BLAKE3_KEYED:
-            raise RepositoryUnusable(f"{where}: this repository is encrypted; this nbdbackup cannot read encrypted repositories",
-                                     hint="upgrade nbdbackup")
+            raise RepositoryDamaged(f"{where} is damaged: keyed chunk ids without an 'encryption' member")
         raise RepositoryUnusable(f"{where}: chunks are named with {algorithm!r}, which this nbdbackup does not know",
                                  hint="upgrade nbdbackup")
 

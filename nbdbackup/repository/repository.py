@@ -9,24 +9,28 @@ Layout (keys of the backend):
     vms/<vm>/backups/<checkpoint>/manifest.json the backup exists iff this does
 
 Write order (crash safety): chunks, indexes, sync, manifest (durable).
+An encrypted repository wraps its backend in crypto.EncryptedBackend: the
+keys above are then logical, the backend below sees encrypted names and objects.
 """
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
+import hmac
 import json
 import logging
 import os
+import threading
 import uuid
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-from ..errors import RepositoryDamaged, RepositoryUnusable
+from ..errors import EncryptionMismatch, RepositoryDamaged, RepositoryUnusable, UsageError
 from ..lock import file_lock, object_lock
 from ..names import check_name, utc_now
 from ..records import CheckpointRecord, IndexEntry, Manifest
-from . import chunks, index, manifest
+from . import chunks, crypto, index, keys, manifest
 from .backend import DIR_MODE, Backend, LocalBackend
 from .chunkid import ChunkIds
 from .location import Location, S3Location, S3Settings, backend_for
@@ -36,7 +40,21 @@ log = logging.getLogger(__name__)
 FORMAT_NAME = "nbdbackup repository"
 FORMAT_VERSION = 2  # what new repositories get; every version from 1 up is read and written
 READABLE_VERSIONS = (1, 2)
+PRESENT_LIMIT = 250_000  # chunk ids put_chunk keeps in memory (~25 MiB) to skip a HEAD per chunk
 LOCAL_CACHE = Path("/var/tmp")  # scratch of repositories that are not local directories
+
+
+CONFIG_MAC_CONTEXT = "nbdbackup 2026-11 config mac v2"
+
+
+def _config_mac(config: dict, master_key: bytes) -> str:
+    """Keyed BLAKE3 of config.json's canonical form without encryption.config_mac (encrypted repositories)."""
+    from blake3 import blake3
+
+    doc = json.loads(json.dumps(config))
+    doc["encryption"].pop("config_mac", None)
+    canonical = json.dumps(doc, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+    return blake3(canonical, key=crypto.derive(master_key, CONFIG_MAC_CONTEXT)).hexdigest()
 
 
 class Repository:
@@ -50,15 +68,29 @@ class Repository:
         self.root = root
         self.version = version
         self.chunk_id = chunk_id or (ChunkIds.sha256() if version == 1 else ChunkIds.blake3())
+        self.cipher: crypto.Cipher | None = None  # set when the repository is encrypted and unlocked
+        self.key_store: keys.KeyStore | None = None
+        self.key_id: str | None = None
         self._held: list = []  # lock objects held through lock()
+        self.new_chunks: set[bytes] = set()  # chunks this process created (a failed run removes them)
+        self._present: set[bytes] | None = None  # chunks known to exist (remote backends): see put_chunk
+        self._present_mutex = threading.Lock()
 
     # -- opening ---------------------------------------------------------
 
     @classmethod
     def open(cls, where: Location | Backend, *, create: bool = True, s3: S3Settings | None = None,
-             like: Repository | None = None) -> Repository:
-        """The repository at a path, an s3:// location or on a ready Backend (tests: MemoryBackend).
-        A repository created here gets like's format version and chunk ids (copy), else the newest."""
+             encryption: str | None = None, passphrase: bytes | None = None,
+             passphrase_source: keys.PassphraseSource = keys.CURRENT, like: Repository | None = None) -> Repository:
+        """The repository at a path, an s3:// location or on a ready Backend (tests: MemoryBackend);
+        with create, made if there is none (with like's format version and chunk ids when like is
+        an unencrypted repository: copy).
+
+        encryption: what the configuration asks for ("repokey", "keyfile", "none" or None = no
+        opinion).  A new repository gets it; an existing unencrypted one is refused when
+        encryption is asked for (a store that dropped the encryption must not get plaintext).
+        An encrypted repository is unlocked here: every command needs its key (the passphrase:
+        given, or asked from passphrase_source only when needed)."""
         backend = backend_for(where, s3) if isinstance(where, (str, Path, S3Location)) else where
         local = backend.root if isinstance(backend, LocalBackend) else None
         here = backend.location
@@ -68,16 +100,23 @@ class Repository:
             occupied = (any(not p.name.startswith(".") for p in local.iterdir()) if local.exists() else False) if local \
                 else any(True for _ in backend.list(""))
             if occupied and backend.exists("config.json"):  # another run created it just now
-                return cls.open(backend, create=False)
+                return cls.open(backend, create=False, encryption=encryption, passphrase=passphrase, passphrase_source=passphrase_source)
             if occupied:
                 raise RepositoryUnusable(f"{here} is not an nbdbackup repository (no config.json)", hint="give an empty or new location with --repo") from None
             if not create:
                 raise RepositoryUnusable(f"there is no repository at {here}", hint="check --repo; the first backup creates it") from None
-            return cls._create(backend, like)
+            return cls._create(backend, encryption or keys.NONE, passphrase, passphrase_source, like)
         except NotADirectoryError:
             raise RepositoryUnusable(f"repository path {here} is not a directory") from None
         except PermissionError:
             raise RepositoryUnusable(f"no permission to read the repository at {here}") from None
+        return cls._from_config(backend, blob, encryption, passphrase, passphrase_source)
+
+    @classmethod
+    def _from_config(cls, backend: Backend, blob: bytes, encryption: str | None, passphrase: bytes | None,
+                     passphrase_source: keys.PassphraseSource = keys.CURRENT) -> Repository:
+        here = backend.location
+        local = backend.root if isinstance(backend, LocalBackend) else None
         try:
             config = json.loads(blob)
             name, version, repo_id = config["format"], config["version"], config["id"]
@@ -92,11 +131,38 @@ class Repository:
                 f"repository {here} has format version {version}; this nbdbackup reads versions 1 to {FORMAT_VERSION}",
                 hint="upgrade nbdbackup",
             )
-        ids = ChunkIds.for_config(version, config, f"{here}/config.json")
-        return cls(backend, repo_id, local, version=version, chunk_id=ids)
+        enc = config.get("encryption")
+        if enc is None:
+            if encryption not in (None, keys.NONE):
+                raise EncryptionMismatch(f"repository {here} is not encrypted, but the configuration asks for encryption ({encryption})",
+                                         hint="back up into a new repository, or remove the 'encryption' setting")
+            ids = ChunkIds.for_config(version, config, f"{here}/config.json")
+            return cls(backend, repo_id, local, version=version, chunk_id=ids)
+        if not isinstance(enc, dict) or enc.get("mode") not in (keys.REPOKEY, keys.KEYFILE) or version < 2:
+            raise RepositoryDamaged(f"{here}/config.json is damaged (bad 'encryption')")
+        if enc.get("cipher") != crypto.CIPHER_NAME:
+            raise RepositoryUnusable(f"{here}: encrypted with {enc.get('cipher')!r}, which this nbdbackup does not know", hint="upgrade nbdbackup")
+        store = keys.KeyStore(enc["mode"], repo_id, backend)
+        unlocked = keys.unlock(store, passphrase_source, passphrase=passphrase)
+        if not hmac.compare_digest(str(enc.get("config_mac", "")), _config_mac(config, unlocked.master_key)):
+            raise RepositoryDamaged(f"{here}/config.json fails authentication (changed since the repository was created)")
+        ids = ChunkIds.for_config(version, config, f"{here}/config.json", master_key=unlocked.master_key)
+        return cls._encrypted(backend, repo_id, version, ids, store, unlocked)
 
     @classmethod
-    def _create(cls, backend: Backend, like: Repository | None = None) -> Repository:
+    def _encrypted(cls, backend: Backend, repo_id: str, version: int, ids: ChunkIds,
+                   store: keys.KeyStore, unlocked: keys.Unlocked) -> Repository:
+        local = backend.root if isinstance(backend, LocalBackend) else None
+        cipher = crypto.Cipher(unlocked.master_key)
+        repo = cls(crypto.EncryptedBackend(backend, cipher), repo_id, local, version=version, chunk_id=ids)
+        repo.cipher, repo.key_store, repo.key_id = cipher, store, unlocked.key_id
+        return repo
+
+    @classmethod
+    def _create(cls, backend: Backend, encryption: str, passphrase: bytes | None,
+                passphrase_source: keys.PassphraseSource = keys.CURRENT, like: Repository | None = None) -> Repository:
+        if encryption not in keys.MODES:
+            raise UsageError(f"unknown encryption {encryption!r}; choose one of {', '.join(keys.MODES)}")
         local = backend.root if isinstance(backend, LocalBackend) else None
         if local is not None:
             try:
@@ -105,20 +171,47 @@ class Repository:
             except OSError as exc:
                 raise RepositoryUnusable(f"cannot create the repository at {local}: {exc.strerror}") from None
         repo_id = uuid.uuid4().hex
-        version, ids = (like.version, like.chunk_id) if like is not None else (FORMAT_VERSION, ChunkIds.blake3())
+        plain_like = like is not None and not like.encrypted and encryption == keys.NONE
+        version, ids = (like.version, like.chunk_id) if plain_like else (FORMAT_VERSION, ChunkIds.blake3())
         config = {"format": FORMAT_NAME, "version": version, "id": repo_id, "created": utc_now()}
-        if version >= 2:
-            config["chunk_id"] = ids.config()
+        store = None
+        if encryption == keys.NONE:
+            if version >= 2:
+                config["chunk_id"] = ids.config()
+        else:
+            secret = passphrase if passphrase is not None else passphrase_source.get(confirm=True)
+            master = keys.new_master_key()
+            config["chunk_id"] = ChunkIds.keyed(master).config()
+            config["encryption"] = {"mode": encryption, "cipher": crypto.CIPHER_NAME}
+            config["encryption"]["config_mac"] = _config_mac(config, master)
+            store = keys.KeyStore(encryption, repo_id, backend)
+            ours = keys.wrap(master, secret, repo_id)
+            store.add(ours, create=True)  # the key first: config.json makes the repository exist
         try:
             backend.write("config.json", json.dumps(config, indent=1).encode() + b"\n", durable=True, exclusive=True)
         except FileExistsError:  # another run created it first: use theirs
-            return cls.open(backend, create=False)
-        return cls(backend, repo_id, local, version=version, chunk_id=ids)
+            if store is not None and store.mode == keys.KEYFILE:
+                store.file.unlink(missing_ok=True)
+            elif store is not None:
+                backend.delete(f"keys/{ours['id']}.json")
+            return cls.open(backend, create=False, encryption=encryption, passphrase=secret if store else passphrase,
+                            passphrase_source=passphrase_source)
+        if store is None:
+            return cls(backend, repo_id, local, version=version, chunk_id=ids)
+        return cls._encrypted(backend, repo_id, FORMAT_VERSION, ChunkIds.keyed(master), store, keys.Unlocked(master, ours["id"]))
+
+    @property
+    def encrypted(self) -> bool:
+        return self.cipher is not None
+
+    def local_name(self, name: str) -> str:
+        """name as it may appear in lock and scratch names: keyed when encrypted."""
+        return self.cipher.local_name(name) if self.cipher is not None else name
 
     @contextlib.contextmanager
     def lock(self, name: str, *, what: str, shared: bool = False, wait: float = 0.0) -> Iterator[None]:
         """Hold the lock called name: flock(2) on a local file for a directory repository,
-        lock objects (docs/FORMAT.md, "Locks") for every other backend."""
+        lock objects (docs/FORMAT.md, "Locks") for every other backend (encrypted like every object)."""
         if self.root is not None:
             with file_lock(self.lock_path(name), what=what, shared=shared, wait=wait):
                 yield
@@ -129,6 +222,7 @@ class Repository:
                 yield
             finally:
                 self._held.remove(held)
+                self._present = None  # only a held lock keeps garbage collection from deleting chunks
 
     def check_locks(self) -> None:
         """Raise LockHeld if a lock object this run holds may have gone stale (see lock.py)."""
@@ -169,17 +263,46 @@ class Repository:
         """Store data under cid (= self.chunk_id(data)) unless it is there already; returns bytes written.
         data may be a view of a buffer the caller reuses as soon as this returns: nothing may keep it."""
         key = self._chunk_key(cid)
-        if self.backend.exists(key):
+        present = self._known_chunks()
+        if cid in present if present is not None else self.backend.exists(key):
             return 0
         parts = chunks.encode(data, level)
         self.backend.write(key, parts)
+        self.new_chunks.add(cid)
+        if present is not None:
+            present.add(cid)
         return sum(len(p) for p in parts)
 
+    def _known_chunks(self) -> set[bytes] | None:
+        """The chunks in a repository that is not a directory, listed once while a lock is held
+        (one request per 1000 chunks instead of a HEAD per chunk); None: ask the backend per chunk
+        (a directory, or more than PRESENT_LIMIT chunks: memory)."""
+        if self.root is not None or not self._held:
+            return None
+        with self._present_mutex:
+            if self._present is None:
+                found: set[bytes] = set()
+                for key in self.backend.list("chunks"):
+                    found.add(bytes.fromhex(key.rsplit("/", 1)[1]))
+                    if len(found) > PRESENT_LIMIT:
+                        break
+                self._present = found
+            return self._present if len(self._present) <= PRESENT_LIMIT else None
+
     def get_chunk(self, cid: bytes, where: str) -> bytes:
+        return self.decode_chunk(self.fetch_chunk(cid, where), cid, where)
+
+    def fetch_chunk(self, cid: bytes, where: str) -> bytes:
+        """The stored chunk file, unchecked (decode_chunk checks it): get_chunk in two steps, so
+        downloads can run ahead of decompression (restore from S3)."""
         try:
-            blob = self.backend.read(self._chunk_key(cid))
+            return self.backend.read(self._chunk_key(cid))
         except FileNotFoundError:
             raise RepositoryDamaged(f"chunk {cid.hex()} is missing ({where})") from None
+        except crypto.ObjectDamaged as exc:
+            raise RepositoryDamaged(f"chunk {cid.hex()} {exc.reason} ({where})") from None
+
+    def decode_chunk(self, blob: bytes, cid: bytes, where: str) -> bytes:
         return chunks.decode(blob, cid, where, self.chunk_id)
 
     def chunk_ids(self) -> set[bytes]:
@@ -207,6 +330,37 @@ class Repository:
                 self.backend.delete(key)
                 freed += 1
         self.backend.delete_partial_writes()
+        self._present = None
+        return freed, size
+
+    def stored_size(self, cids: set[bytes]) -> int:
+        """Bytes the chunks cids take in the repository (those that exist)."""
+        total = 0
+        for cid in cids:
+            try:
+                total += self.backend.size(self._chunk_key(cid))
+            except OSError:
+                pass
+        return total
+
+    def remove_unreferenced(self, candidates: set[bytes]) -> tuple[int, int]:
+        """Delete those of candidates (the chunks a failed run created) that no backup references,
+        and leftovers of interrupted writes.  The same rule as collect_garbage (docs/FORMAT.md):
+        the caller MUST hold the repository lock exclusively.  Returns (chunks, bytes) freed."""
+        if not candidates:
+            return 0, 0
+        unused = candidates - self.referenced_chunks()
+        freed = size = 0
+        for cid in unused:
+            key = self._chunk_key(cid)
+            try:
+                size += self.backend.size(key)
+            except FileNotFoundError:
+                continue
+            self.backend.delete(key)
+            freed += 1
+        self.backend.delete_partial_writes()
+        self._present = None
         return freed, size
 
     # -- backups ---------------------------------------------------------
@@ -232,6 +386,8 @@ class Repository:
             blob = self.backend.read(f"{self._backup_key(m.vm, m.checkpoint)}/{disk_id}.index")
         except FileNotFoundError:
             raise RepositoryDamaged(f"index of {where} is missing") from None
+        except crypto.ObjectDamaged as exc:
+            raise RepositoryDamaged(f"index of {where} {exc.reason}") from None
         if hashlib.sha256(blob).hexdigest() != d.index_sha256:
             raise RepositoryDamaged(f"index of {where} does not match its manifest (truncated or modified)")
         size, entries = index.decode(blob, where)
@@ -251,6 +407,8 @@ class Repository:
             blob = self.backend.read(key)
         except FileNotFoundError:
             return None
+        except crypto.ObjectDamaged as exc:
+            raise RepositoryDamaged(f"manifest of backup {checkpoint} {exc.reason}") from None
         return manifest.manifest_from_bytes(blob, f"manifest of backup {checkpoint}")
 
     def manifests(self, vm: str, *, strict: bool = False) -> list[Manifest]:
@@ -316,6 +474,8 @@ class Repository:
             blob = self.backend.read(f"vms/{vm}/checkpoints.json")
         except FileNotFoundError:
             return []
+        except crypto.ObjectDamaged as exc:
+            raise RepositoryDamaged(f"checkpoint records of {vm} {exc.reason}") from None
         return manifest.checkpoints_from_bytes(blob, f"checkpoint records of {vm}")
 
     def save_checkpoints(self, vm: str, records: Sequence[CheckpointRecord]) -> None:

@@ -7,7 +7,13 @@ Keys of the repository are object keys below the prefix (s3://BUCKET/PREFIX/<key
   object exists -> FileExistsError).  A store that answers 501 to it gets a
   HEAD-then-PUT instead (atomic_exclusive turns False); a store that silently
   ignores the header cannot be detected: docs/FORMAT.md says what that risks.
-- An acknowledged PUT is durable: sync() has nothing to do.
+- An acknowledged PUT is durable.  Plain writes (neither durable nor exclusive:
+  chunks, indexes) are uploaded in the background, UPLOADS at a time with at most
+  QUEUED waiting (write() blocks beyond that: memory stays bounded); sync() waits
+  for all of them and raises the first failure (then forgets it), with the same
+  error a synchronous PUT would have raised; until then plain writes raise it too.  Reading,
+  sizing, listing or deleting a key waits for its pending upload first.
+  durable/exclusive writes (manifests, records, locks) are PUT at once.
 - Transient failures (connection errors, HTTP 500/502/503/504, SlowDown,
   RequestTimeout) are retried by botocore's "standard" retry mode: exponential
   backoff with full jitter, at most [s3] retries attempts, then reported.
@@ -19,11 +25,13 @@ Keys of the repository are object keys below the prefix (s3://BUCKET/PREFIX/<key
 
 from __future__ import annotations
 
+import concurrent.futures as cf
 import configparser
 import email.utils
 import logging
 import os
 import stat
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -52,7 +60,9 @@ CREDENTIAL_CODES = {"InvalidAccessKeyId", "SignatureDoesNotMatch", "InvalidToken
                     "AuthorizationHeaderMalformed", "InvalidSecurity", "InvalidClientTokenId", "MissingSecurityHeader"}
 DENIED_CODES = {"AccessDenied", "AllAccessDisabled", "AccountProblem"}
 TRANSIENT_CODES = {"SlowDown", "InternalError", "ServiceUnavailable", "RequestTimeout", "Throttling", "ThrottlingException"}
-POOL = 32  # HTTP connections; the pipelines bound how many requests are in flight (workers)
+UPLOADS = 8  # background PUTs in flight
+QUEUED = 8  # background PUTs waiting for a slot (each holds its object: QUEUED + UPLOADS objects at most)
+POOL = 32  # HTTP connections: UPLOADS + the pipelines' workers (restore, verify, copy) fit
 
 
 class S3Backend:
@@ -65,10 +75,16 @@ class S3Backend:
         self.bucket = where.bucket
         self.root = f"{where.prefix}/" if where.prefix else ""
         self.client = _client(settings, self.location)
+        self._uploads: cf.ThreadPoolExecutor | None = None  # started by the first background write
+        self._slots = threading.BoundedSemaphore(UPLOADS + QUEUED)
+        self._pending: dict[str, cf.Future] = {}
+        self._mutex = threading.Lock()
+        self._failed: BaseException | None = None
 
     # -- the Backend calls --------------------------------------------------
 
     def read(self, key: str) -> bytes:
+        self._settle(key)
         try:
             resp = self.client.get_object(Bucket=self.bucket, Key=self._key(key))
             return resp["Body"].read()
@@ -81,6 +97,13 @@ class S3Backend:
 
     def write(self, key: str, data: Buffers, *, durable: bool = False, exclusive: bool = False) -> None:
         blob = data if isinstance(data, bytes) else bytes(data) if isinstance(data, (bytearray, memoryview)) else b"".join(data)
+        if durable or exclusive:
+            self._settle(key)
+            self._put(key, blob, exclusive=exclusive)
+        else:
+            self._queue(key, blob)
+
+    def _put(self, key: str, blob: bytes, *, exclusive: bool) -> None:
         args: dict[str, Any] = {"Bucket": self.bucket, "Key": self._key(key), "Body": blob}
         if exclusive and not self.atomic_exclusive:
             if self.exists(key):
@@ -95,7 +118,7 @@ class S3Backend:
                 raise FileExistsError(key) from None
             if exclusive and code == "NotImplemented" and self.atomic_exclusive:
                 self.atomic_exclusive = False  # the store does not do conditional writes
-                return self.write(key, data, durable=durable, exclusive=True)
+                return self._put(key, blob, exclusive=True)
             raise self._error(exc, f"write {key}") from None
         except Exception as exc:  # noqa: BLE001
             raise self._error(exc, f"write {key}") from None
@@ -109,6 +132,7 @@ class S3Backend:
 
     def list(self, prefix: str) -> Iterator[str]:
         folder = self.root + (prefix.rstrip("/") + "/" if prefix else "")
+        self._settle_below(prefix.rstrip("/") + "/" if prefix else "")
         try:
             pages = self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=folder)
             keys = [obj["Key"][len(self.root):] for page in pages for obj in page.get("Contents", ())]
@@ -117,6 +141,7 @@ class S3Backend:
         yield from keys
 
     def delete(self, key: str) -> None:
+        self._settle(key)
         try:
             self.client.delete_object(Bucket=self.bucket, Key=self._key(key))
         except bex.ClientError as exc:
@@ -147,7 +172,51 @@ class S3Backend:
         pass  # a PUT is all or nothing; nbdbackup does not use multipart uploads
 
     def sync(self) -> None:
-        pass  # an acknowledged PUT is durable
+        """Wait for every background upload; an acknowledged PUT is durable."""
+        self._settle_below("")
+        with self._mutex:
+            failed, self._failed = self._failed, None
+        if failed is not None:
+            raise failed
+
+    # -- background uploads ------------------------------------------------------
+
+    def _queue(self, key: str, blob: bytes) -> None:
+        if self._failed is not None:  # stop early: the backup fails with the first upload's error
+            raise self._failed
+        self._key(key)  # a bad key fails here, not in the background
+        self._settle(key)  # two writes of one key land in order
+        self._slots.acquire()  # blocks while UPLOADS + QUEUED are pending: bounded memory
+        try:
+            with self._mutex:
+                if self._uploads is None:
+                    self._uploads = cf.ThreadPoolExecutor(UPLOADS, "s3-upload")
+                fut = self._uploads.submit(self._put, key, blob, exclusive=False)
+                self._pending[key] = fut
+        except BaseException:
+            self._slots.release()
+            raise
+        fut.add_done_callback(lambda f: self._finished(key, f))
+
+    def _finished(self, key: str, fut: cf.Future) -> None:
+        with self._mutex:
+            if self._pending.get(key) is fut:
+                del self._pending[key]
+            exc = fut.exception()
+            if exc is not None and self._failed is None:
+                self._failed = exc
+        self._slots.release()
+
+    def _settle(self, key: str) -> None:
+        with self._mutex:
+            fut = self._pending.get(key)
+        if fut is not None:
+            cf.wait([fut])
+
+    def _settle_below(self, prefix: str) -> None:
+        with self._mutex:
+            futs = [f for k, f in self._pending.items() if k.startswith(prefix)]
+        cf.wait(futs)
 
     # -- opening ---------------------------------------------------------------
 
@@ -168,6 +237,7 @@ class S3Backend:
         return self.root + key
 
     def _head(self, key: str) -> dict[str, Any]:
+        self._settle(key)
         try:
             return self.client.head_object(Bucket=self.bucket, Key=self._key(key))
         except bex.ClientError as exc:

@@ -1,0 +1,286 @@
+"""Encryption of a repository's objects and names (docs/FORMAT.md, "Encryption").
+
+Everything here uses the `cryptography` package (AES-256-GCM, AES-SIV) and
+BLAKE3's key derivation; nothing is hand-written.  From the master key:
+
+    object key   BLAKE3-derive_key("nbdbackup 2026-11 object key v2", master)  32 bytes, AES-256-GCM
+    name key     BLAKE3-derive_key("nbdbackup 2026-11 name key v2", master)    64 bytes, AES-SIV (AES-256)
+    local key    BLAKE3-derive_key("nbdbackup 2026-11 local name key v2", master)  keyed BLAKE3 of local names
+    chunk-id key chunkid.derive_chunk_id_key(master)
+
+An encrypted object is
+
+    offset  size  field
+    0       4     magic b"NBDE"
+    4       1     version (1)
+    5       1     cipher (1 = AES-256-GCM)
+    6       2     reserved, zero
+    8       12    nonce (random)
+    20      ...   ciphertext, then the 16-byte GCM tag
+
+with associated data = the 8 header bytes + the object's logical key (UTF-8),
+so an object moved to another name fails authentication.
+
+EncryptedBackend wraps any Backend: it encrypts what is written, decrypts and
+authenticates what is read, and replaces the VM, checkpoint and disk names in
+keys by their AES-SIV encryption, so the backend below never sees either.
+"""
+
+from __future__ import annotations
+
+import base64
+import logging
+import os
+import struct
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+# The cryptography package is imported only once a repository is encrypted (Cipher), so
+# unencrypted repositories do not pay its memory (about 9 MiB).
+from ..errors import RepositoryDamaged
+from .backend import Backend, Buffers
+
+log = logging.getLogger(__name__)
+
+MAGIC = b"NBDE"
+VERSION = 1
+AES_256_GCM = 1
+CIPHER_NAME = "aes-256-gcm"
+HEADER = struct.Struct("<4sBBH")
+NONCE_SIZE = 12
+TAG_SIZE = 16
+OVERHEAD = HEADER.size + NONCE_SIZE + TAG_SIZE
+NAME_PAD = 64  # names are at most 64 characters (names.py): padded, so the length does not show
+
+OBJECT_CONTEXT = "nbdbackup 2026-11 object key v2"
+NAME_CONTEXT = "nbdbackup 2026-11 name key v2"
+LOCAL_CONTEXT = "nbdbackup 2026-11 local name key v2"
+
+
+def _invalid_tag() -> type[Exception]:
+    from cryptography.exceptions import InvalidTag
+
+    return InvalidTag
+
+
+def derive(master_key: bytes, context: str, length: int = 32) -> bytes:
+    from blake3 import blake3
+
+    return blake3(master_key, derive_key_context=context).digest(length=length)
+
+
+class ObjectDamaged(RepositoryDamaged):
+    """An object failed authentication (changed, truncated, or moved from another name)."""
+
+    def __init__(self, key: str, reason: str) -> None:
+        super().__init__(f"{key} {reason}")
+        self.key = key
+        self.reason = reason
+
+
+_local = threading.local()
+
+
+def _buffer(size: int) -> memoryview:
+    """This thread's output buffer, at least size bytes (grown, never shrunk)."""
+    buf = getattr(_local, "buf", None)
+    if buf is None or len(buf) < size:
+        buf = _local.buf = bytearray(size)
+    return memoryview(buf)
+
+
+def _b32(data: bytes) -> str:
+    return base64.b32encode(data).decode().rstrip("=").lower()
+
+
+def _unb32(text: str) -> bytes:
+    return base64.b32decode(text.upper() + "=" * (-len(text) % 8))
+
+
+@dataclass(frozen=True)
+class Cipher:
+    """The keys of one unlocked repository."""
+
+    master_key: bytes
+    _object_key: bytes = field(init=False, repr=False)
+    _aead: Any = field(init=False, repr=False)  # AESGCM
+    _siv: Any = field(init=False, repr=False)  # AESSIV
+    _local: bytes = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_object_key", derive(self.master_key, OBJECT_CONTEXT))
+        from cryptography.hazmat.primitives.ciphers.aead import AESGCM, AESSIV
+
+        object.__setattr__(self, "_aead", AESGCM(self._object_key))
+        object.__setattr__(self, "_siv", AESSIV(derive(self.master_key, NAME_CONTEXT, 64)))
+        object.__setattr__(self, "_local", derive(self.master_key, LOCAL_CONTEXT))
+
+    # -- objects -----------------------------------------------------------
+
+    def seal(self, key: str, data: Buffers, *, nonce: bytes | None = None) -> bytes:
+        """The encrypted object for key.  nonce: only for test vectors; never reuse one."""
+        return b"".join(self.seal_parts(key, data, nonce=nonce))
+
+    def seal_parts(self, key: str, data: Buffers, *, nonce: bytes | None = None) -> list[bytes | memoryview]:
+        """The encrypted object as parts to write in order: header and nonce, ciphertext, tag.
+
+        The same AES-256-GCM as AESGCM.encrypt, through the streaming interface, so that the
+        parts of data are encrypted straight into a per-thread buffer (no copies: a backup's
+        memory stays as without encryption).  The ciphertext part is valid until this thread's
+        next call: the caller writes it at once (Backend.write returns only when done)."""
+        parts = [data] if isinstance(data, (bytes, bytearray, memoryview)) else list(data)
+        views = [memoryview(p).cast("B") for p in parts]
+        total = sum(len(v) for v in views)
+        header = HEADER.pack(MAGIC, VERSION, AES_256_GCM, 0)
+        nonce = os.urandom(NONCE_SIZE) if nonce is None else nonce
+        from cryptography.hazmat.primitives.ciphers import Cipher as _Cipher
+        from cryptography.hazmat.primitives.ciphers import algorithms, modes
+
+        encryptor = _Cipher(algorithms.AES(self._object_key), modes.GCM(nonce)).encryptor()
+        encryptor.authenticate_additional_data(header + key.encode())
+        buf = _buffer(total + 32)
+        done = 0
+        for v in views:
+            done += encryptor.update_into(v, buf[done:])
+        done += len(encryptor.finalize())
+        return [header + nonce, buf[:done], encryptor.tag]
+
+    def open(self, key: str, blob: bytes) -> bytes:
+        if len(blob) < OVERHEAD:
+            raise ObjectDamaged(key, "is truncated")
+        magic, version, cipher, _ = HEADER.unpack_from(blob)
+        if magic != MAGIC or version != VERSION or cipher != AES_256_GCM:
+            raise ObjectDamaged(key, "is not an encrypted object of this repository (bad header)")
+        nonce = blob[HEADER.size:HEADER.size + NONCE_SIZE]
+        try:
+            return self._aead.decrypt(nonce, memoryview(blob)[HEADER.size + NONCE_SIZE:], blob[:HEADER.size] + key.encode())
+        except _invalid_tag():
+            raise ObjectDamaged(key, "fails authentication (changed, truncated or swapped)") from None
+
+    # -- names ---------------------------------------------------------------
+
+    def encrypt_name(self, role: str, parent: str, name: str) -> str:
+        raw = name.encode()
+        if len(raw) > NAME_PAD:
+            raise ValueError(f"name {name!r} is longer than {NAME_PAD} bytes")
+        return _b32(self._siv.encrypt(raw.ljust(NAME_PAD, b"\0"), [role.encode(), parent.encode()]))
+
+    def decrypt_name(self, role: str, parent: str, text: str) -> str | None:
+        """The name, or None when text is not a name this key wrote in that place."""
+        try:
+            raw = self._siv.decrypt(_unb32(text), [role.encode(), parent.encode()])
+        except (_invalid_tag(), ValueError):
+            return None
+        return raw.rstrip(b"\0").decode(errors="replace")
+
+    def local_name(self, name: str) -> str:
+        """A stable name for local files (locks, scratch) that does not show name."""
+        from blake3 import blake3
+
+        return "k" + blake3(name.encode(), key=self._local).hexdigest(length=12)
+
+
+# Logical key layout (repository.py): which parts are names, and their roles.
+#   vms/<vm>/checkpoints.json
+#   vms/<vm>/backups/<checkpoint>/manifest.json
+#   vms/<vm>/backups/<checkpoint>/<disk>.index
+INDEX_SUFFIX = ".index"
+
+
+class EncryptedBackend:
+    """A Backend that encrypts objects and names on the way to `inner` (any Backend)."""
+
+    def __init__(self, inner: Backend, cipher: Cipher) -> None:
+        self.inner = inner
+        self.cipher = cipher
+
+    # -- names -----------------------------------------------------------
+
+    def physical(self, key: str) -> str:
+        parts = key.split("/")
+        if parts[0] != "vms" or len(parts) < 2:
+            return key
+        c = self.cipher
+        vm = parts[1]
+        out = ["vms", c.encrypt_name("vm", "", vm)]
+        if len(parts) > 2:
+            out.append(parts[2])
+        if len(parts) > 3 and parts[2] == "backups":
+            out.append(c.encrypt_name("checkpoint", vm, parts[3]))
+            if len(parts) > 4:
+                leaf = parts[4]
+                if leaf.endswith(INDEX_SUFFIX):
+                    leaf = c.encrypt_name("disk", f"{vm}/{parts[3]}", leaf[:-len(INDEX_SUFFIX)]) + INDEX_SUFFIX
+                out.append(leaf)
+            out += parts[5:]
+        else:
+            out += parts[3:]
+        return "/".join(out)
+
+    def logical(self, key: str) -> str | None:
+        parts = key.split("/")
+        if parts[0] != "vms" or len(parts) < 2:
+            return key
+        c = self.cipher
+        vm = c.decrypt_name("vm", "", parts[1])
+        if vm is None:
+            return None
+        out = ["vms", vm]
+        if len(parts) > 2:
+            out.append(parts[2])
+        if len(parts) > 3 and parts[2] == "backups":
+            cp = c.decrypt_name("checkpoint", vm, parts[3])
+            if cp is None:
+                return None
+            out.append(cp)
+            if len(parts) > 4:
+                leaf = parts[4]
+                if leaf.endswith(INDEX_SUFFIX):
+                    disk = c.decrypt_name("disk", f"{vm}/{cp}", leaf[:-len(INDEX_SUFFIX)])
+                    if disk is None:
+                        return None
+                    leaf = disk + INDEX_SUFFIX
+                out.append(leaf)
+            out += parts[5:]
+        else:
+            out += parts[3:]
+        return "/".join(out)
+
+    # -- Backend ---------------------------------------------------------
+
+    def read(self, key: str) -> bytes:
+        return self.cipher.open(key, self.inner.read(self.physical(key)))
+
+    def write(self, key: str, data: Buffers, *, durable: bool = False, exclusive: bool = False) -> None:
+        self.inner.write(self.physical(key), self.cipher.seal_parts(key, data), durable=durable, exclusive=exclusive)
+
+    def exists(self, key: str) -> bool:
+        return self.inner.exists(self.physical(key))
+
+    def list(self, prefix: str) -> Iterator[str]:
+        for key in self.inner.list(self.physical(prefix)):
+            name = self.logical(key)
+            if name is None:
+                log.warning("ignoring %s in the repository: not written with this repository's key", key)
+                continue
+            yield name
+
+    def delete(self, key: str) -> None:
+        self.inner.delete(self.physical(key))
+
+    def size(self, key: str) -> int:
+        return self.inner.size(self.physical(key))
+
+    def remove_folder(self, prefix: str) -> None:
+        self.inner.remove_folder(self.physical(prefix))
+
+    def delete_partial_writes(self) -> None:
+        self.inner.delete_partial_writes()
+
+    def sync(self) -> None:
+        self.inner.sync()
+
+    def __getattr__(self, name: str):  # backend-specific extras (e.g. a local root) pass through
+        return getattr(self.inner, name)

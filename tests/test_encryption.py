@@ -1,0 +1,300 @@
+"""Encrypted repositories without QEMU: format test vectors, an independent decryptor, keys, refusals."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import struct
+from pathlib import Path
+
+import cli
+import pytest
+import zstandard
+from blake3 import blake3
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM, AESSIV
+from cryptography.hazmat.primitives.kdf.argon2 import Argon2id
+
+from nbdbackup.errors import EncryptionMismatch, RepositoryDamaged
+from nbdbackup.repository import Repository, crypto, keys
+
+GOLDEN = Path(__file__).parent / "golden" / "v2-encrypted"
+MASTER = bytes(range(32))
+PASSPHRASE = "correct horse battery staple"
+
+
+@pytest.fixture
+def env(tmp_path, monkeypatch):
+    pw = tmp_path / "pw"
+    pw.write_text(PASSPHRASE + "\n")
+    monkeypatch.setenv("NBDBACKUP_PASSWORD_FILE", str(pw))
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "xdg"))
+    monkeypatch.delenv("NBDBACKUP_KEY_FILE", raising=False)
+    return tmp_path
+
+
+def tree(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+# -- test vectors of docs/FORMAT.md, "Encryption" ---------------------------------
+
+def test_vectors():
+    assert crypto.derive(MASTER, crypto.OBJECT_CONTEXT).hex() == "4254ffb8070706697062111e0088c1baa740b109c9550ded14ac94411d42e155"
+    assert crypto.derive(MASTER, crypto.LOCAL_CONTEXT).hex() == "db26f51d0af64877715ed9250bb58cdb3244f349cd38aa42e5d58d614bf91814"
+    c = crypto.Cipher(MASTER)
+    sealed = c.seal("vms/vm1/checkpoints.json", b"nbdbackup", nonce=bytes(range(12)))
+    assert sealed.hex() == "4e42444501010000000102030405060708090a0be7007ac2b3fa45776363e1990250ca589b154dcfd4eddc4c24"
+    assert c.open("vms/vm1/checkpoints.json", sealed) == b"nbdbackup"
+    assert c.encrypt_name("vm", "", "vm1") == ("qx3ype4qaeq6ufdkq4j3kejnopthoykrc3m36eaisg3ccw5i2zsu5nyklaxsasv37zquwiyq2ic6ehltlvqokbk3qr2"
+                                              "mmlmciejuw3bmnp65g6ty4u74mp7kaxh6sehu")
+    assert c.decrypt_name("vm", "", c.encrypt_name("vm", "", "vm1")) == "vm1"
+    assert c.decrypt_name("checkpoint", "vm1", c.encrypt_name("vm", "", "vm1")) is None  # a name moved elsewhere
+    assert c.local_name("vm1") == "k32217fcf00e352662abee983"
+    kdf = {"algorithm": "argon2id", "iterations": 1, "lanes": 1, "memory_cost": 47104, "salt": "AAAAAAAAAAAAAAAAAAAAAA=="}
+    assert keys._kek(b"nbdbackup", kdf).hex() == "266561d9f6854f4508f4947f49ce4aae7b8bfb3961cdda7c8b902a09bb1ae1d6"
+
+
+def test_object_bound_to_its_name_and_content():
+    c = crypto.Cipher(MASTER)
+    sealed = c.seal("vms/a/checkpoints.json", b"x" * 100)
+    with pytest.raises(RepositoryDamaged, match="authentication"):
+        c.open("vms/b/checkpoints.json", sealed)  # moved to another name
+    for i in (0, 10, len(sealed) - 1):
+        flipped = bytearray(sealed)
+        flipped[i] ^= 1
+        with pytest.raises(RepositoryDamaged):
+            c.open("vms/a/checkpoints.json", bytes(flipped))
+    with pytest.raises(RepositoryDamaged, match="truncated"):
+        c.open("vms/a/checkpoints.json", sealed[:20])
+    assert c.seal("k", b"same") != c.seal("k", b"same")  # a fresh nonce each time
+
+
+# -- another program can decrypt a repository from docs/FORMAT.md alone -------------
+
+def independent_read(repo: Path, passphrase: bytes) -> dict[str, dict[str, bytes]]:
+    """Decrypt the golden repository with cryptography, blake3 and zstandard only, as FORMAT.md says."""
+    config = json.loads((repo / "config.json").read_text())
+    master = None
+    for path in (repo / "keys").iterdir():
+        k = json.loads(path.read_text())
+        kek = Argon2id(salt=base64.b64decode(k["kdf"]["salt"]), length=32, iterations=k["kdf"]["iterations"],
+                       lanes=k["kdf"]["lanes"], memory_cost=k["kdf"]["memory_cost"]).derive(passphrase)
+        aad = b"nbdbackup key v1\0" + config["id"].encode() + b"\0" + k["id"].encode()
+        master = AESGCM(kek).decrypt(base64.b64decode(k["nonce"]), base64.b64decode(k["wrapped"]), aad)
+
+    def dk(context, n=32):
+        return blake3(master, derive_key_context=context).digest(length=n)
+
+    aead, siv = AESGCM(dk("nbdbackup 2026-11 object key v2")), AESSIV(dk("nbdbackup 2026-11 name key v2", 64))
+    chunk_key = dk("nbdbackup 2026-11 chunk id key v2")
+
+    def name(text, role, parent):
+        raw = siv.decrypt(base64.b32decode(text.upper() + "=" * (-len(text) % 8)), [role.encode(), parent.encode()])
+        return raw.rstrip(b"\0").decode()
+
+    def obj(path: Path, key: str) -> bytes:
+        blob = path.read_bytes()
+        assert blob[:8] == b"NBDE\x01\x01\x00\x00"
+        return aead.decrypt(blob[8:20], blob[20:], blob[:8] + key.encode())
+
+    disks: dict[str, dict[str, bytes]] = {}
+    for vmdir in (repo / "vms").iterdir():
+        vm = name(vmdir.name, "vm", "")
+        for bdir in (vmdir / "backups").iterdir():
+            cp = name(bdir.name, "checkpoint", vm)
+            manifest = json.loads(obj(bdir / "manifest.json", f"vms/{vm}/backups/{cp}/manifest.json"))
+            assert manifest["vm"] == vm and manifest["checkpoint"] == cp
+            for d in manifest["disks"]:
+                [disk_file] = [p for p in bdir.iterdir() if p.name.endswith(".index") and name(p.name[:-6], "disk", f"{vm}/{cp}") == d["id"]]
+                idx = obj(disk_file, f"vms/{vm}/backups/{cp}/{d['id']}.index")
+                _magic, _ver, _esz, size, count = struct.unpack_from("<8sIIQQ", idx)
+                image = bytearray(size)
+                for i in range(count):
+                    off, length, coff, cid = struct.unpack_from("<QII32s", idx, 32 + 48 * i)
+                    h = cid.hex()
+                    chunk = obj(repo / "chunks" / h[:2] / h, f"chunks/{h[:2]}/{h}")
+                    encoding, clen = chunk[5], struct.unpack_from("<I", chunk, 8)[0]
+                    data = zstandard.ZstdDecompressor().decompress(chunk[12:], max_output_size=clen) if encoding == 1 else chunk[12:]
+                    assert blake3(data, key=chunk_key).digest() == cid
+                    image[off:off + length] = data[coff:coff + length]
+                disks.setdefault(cp, {})[d["id"]] = bytes(image)
+    return disks
+
+
+def test_golden_encrypted_repository_decrypts_without_nbdbackup():
+    import hashlib
+
+    expected = json.loads((GOLDEN / "expected.json").read_text())
+    disks = independent_read(GOLDEN / "repo", (GOLDEN / "passphrase").read_text().strip().encode())
+    assert {cp: {d: hashlib.sha256(b).hexdigest() for d, b in v.items()} for cp, v in disks.items()} == expected
+
+
+# -- the repository API -----------------------------------------------------------
+
+def test_round_trip_dedup_and_no_names(env):
+    repo = Repository.open(env / "r", encryption="repokey")
+    data = os.urandom(1000) * 100
+    cid = repo.chunk_id(data)
+    assert repo.put_chunk(cid, data, 3) > 0 and repo.put_chunk(cid, data, 3) == 0  # same key, same content, one chunk
+    assert cid != blake3(data).digest()  # keyed: the store cannot test a guess
+    repo.save_checkpoints("secretvm", [])
+    assert repo.vms() == ["secretvm"]
+    assert not any("secretvm" in p for p in tree(env / "r"))
+    again = Repository.open(env / "r", create=False)
+    assert again.get_chunk(cid, "t") == data and again.vms() == ["secretvm"]
+    other = Repository.open(env / "r2", encryption="repokey")
+    assert other.chunk_id(data) != cid  # another repository, another key: chunks cannot be linked across them
+
+
+def test_config_tampering_is_detected(env):
+    Repository.open(env / "r", encryption="repokey")
+    conf = env / "r" / "config.json"
+    doc = json.loads(conf.read_text())
+    doc["chunk_id"]["algorithm"] = "blake3"  # a store trying to get unkeyed, guessable ids
+    conf.write_text(json.dumps(doc))
+    with pytest.raises(RepositoryDamaged, match="authentication"):
+        Repository.open(env / "r", create=False)
+
+
+def test_encryption_asked_for_but_repository_is_plain(env):
+    Repository.open(env / "r")
+    with pytest.raises(EncryptionMismatch):
+        Repository.open(env / "r", encryption="repokey")
+
+
+# -- the command line: init, key management, refusals ----------------------------
+
+def test_key_errors_one_line_distinct_codes_nothing_changed(env, monkeypatch):
+    repo = env / "repo"
+    cli.run(repo, "init", "--encryption", "repokey")
+    before = tree(repo)
+    monkeypatch.delenv("NBDBACKUP_PASSWORD_FILE")
+    assert "no passphrase" in cli.run(repo, "list", expect=18).stderr
+    wrong = env / "wrong"
+    wrong.write_text("nope\n")
+    monkeypatch.setenv("NBDBACKUP_PASSWORD_FILE", str(wrong))
+    assert "wrong passphrase" in cli.run(repo, "list", expect=19).stderr
+    monkeypatch.setenv("NBDBACKUP_PASSWORD_FILE", str(env / "pw"))
+    monkeypatch.setenv("NBDBACKUP_PASSWORD_COMMAND", "exit 3")
+    monkeypatch.setenv("NBDBACKUP_KEY_FILE", str(env / "missing.json"))
+    assert "missing" in cli.run(repo, "verify", "vm1", expect=18).stderr
+    monkeypatch.delenv("NBDBACKUP_KEY_FILE")
+    other = env / "other"
+    cli.run(other, "init", "--encryption", "keyfile")
+    [other_key] = (env / "xdg" / "nbdbackup" / "keys").iterdir()
+    monkeypatch.setenv("NBDBACKUP_KEY_FILE", str(other_key))
+    assert "another repository" in cli.run(repo, "list", expect=20).stderr
+    bad = env / "bad.json"
+    bad.write_text("{not json")
+    monkeypatch.setenv("NBDBACKUP_KEY_FILE", str(bad))
+    assert "damaged" in cli.run(repo, "list", expect=21).stderr
+    monkeypatch.delenv("NBDBACKUP_KEY_FILE")
+    monkeypatch.delenv("NBDBACKUP_PASSWORD_FILE")
+    assert "exited with status 3" in cli.run(repo, "list", expect=18).stderr
+    assert tree(repo) == before
+    # A damaged stored key (repokey): exit 21 as well.
+    monkeypatch.setenv("NBDBACKUP_PASSWORD_FILE", str(env / "pw"))
+    [stored] = (repo / "keys").iterdir()
+    stored.write_text(stored.read_text().replace('"wrapped": "', '"wrapped": "!'))
+    cli.run(repo, "list", expect=21)
+
+
+def test_init_twice_and_plain_repository_refusals(env):
+    repo = env / "repo"
+    cli.run(repo, "init")
+    assert "encryption" not in json.loads((repo / "config.json").read_text())
+    cli.run(repo, "init", "--encryption", "repokey", expect=7)
+    cli.run(repo, "key", "list", expect=22)
+    conf = env / "c.toml"
+    conf.write_text('encryption = "keyfile"\n')
+    proc = __import__("subprocess").run(cli.command(repo, "--config", str(conf), "list"), capture_output=True, text=True,
+                                        env=cli.environment())
+    assert proc.returncode == 22 and "not encrypted" in proc.stderr
+
+
+def test_key_add_passwd_remove_export(env, monkeypatch):
+    repo = env / "repo"
+    cli.run(repo, "init", "--encryption", "repokey")
+    data_before = {k: v for k, v in tree(repo).items() if not k.startswith("keys/")}
+    second = env / "second"
+    second.write_text("second passphrase\n")
+    monkeypatch.setenv("NBDBACKUP_NEW_PASSWORD_FILE", str(second))
+    added = cli.run(repo, "key", "add").stdout.split()[-1]
+    rows = json.loads(cli.run(repo, "key", "list", "--json").stdout)
+    assert len(rows) == 2 and [r["id"] for r in rows if not r["current"]] == [added]
+    monkeypatch.setenv("NBDBACKUP_PASSWORD_FILE", str(second))
+    assert json.loads(cli.run(repo, "key", "list", "--json").stdout)[[r["id"] for r in rows].index(added)]["current"]
+
+    # passwd: the key of the current passphrase is replaced; the old passphrase stops working.
+    third = env / "third"
+    third.write_text("third passphrase\n")
+    monkeypatch.setenv("NBDBACKUP_NEW_PASSWORD_FILE", str(third))
+    cli.run(repo, "key", "passwd")
+    cli.run(repo, "list", expect=19)
+    monkeypatch.setenv("NBDBACKUP_PASSWORD_FILE", str(third))
+    cli.run(repo, "list")
+
+    # export, then remove every stored key but one; the exported file still opens the repository.
+    exported = env / "export.json"
+    cli.run(repo, "key", "export", str(exported))
+    ids = [r["id"] for r in json.loads(cli.run(repo, "key", "list", "--json").stdout)]
+    first = next(i for i in ids if not json.loads(cli.run(repo, "key", "list", "--json").stdout)[ids.index(i)]["current"])
+    cli.run(repo, "key", "remove", first)
+    [last] = [r["id"] for r in json.loads(cli.run(repo, "key", "list", "--json").stdout)]
+    assert "last key" in cli.run(repo, "key", "remove", last, expect=22).stderr
+    cli.run(repo, "key", "remove", "0000000000000000", expect=2)
+    # data never re-encrypted: only keys/ changed
+    assert {k: v for k, v in tree(repo).items() if not k.startswith("keys/")} == data_before
+    for p in (repo / "keys").iterdir():
+        p.unlink()
+    monkeypatch.setenv("NBDBACKUP_PASSWORD_FILE", str(env / "pw"))  # the first passphrase is in the export
+    monkeypatch.setenv("NBDBACKUP_KEY_FILE", str(exported))
+    cli.run(repo, "list")
+
+
+def test_keyfile_mode_keeps_the_key_out_of_the_repository(env, monkeypatch):
+    repo = env / "repo"
+    out = cli.run(repo, "init", "--encryption", "keyfile").stdout
+    assert "back it up" in out
+    assert not (repo / "keys").exists()
+    [key_file] = (env / "xdg" / "nbdbackup" / "keys").iterdir()
+    assert key_file.stat().st_mode & 0o077 == 0
+    cli.run(repo, "list")
+    key_file.rename(env / "elsewhere.json")
+    cli.run(repo, "list", expect=18)
+    monkeypatch.setenv("NBDBACKUP_KEY_FILE", str(env / "elsewhere.json"))
+    cli.run(repo, "list")
+
+
+# -- copy between repositories with different keys: re-encrypted for the target -------
+
+@pytest.mark.parametrize("kinds", [("none", "repokey"), ("repokey", "repokey"), ("repokey", "none")])
+def test_copy_reencrypts_for_the_target(kinds, env):
+    from test_repository import manifest
+
+    from nbdbackup.capture import CancelToken
+    from nbdbackup.copy import CopyRequest, copy_backups
+    from nbdbackup.records import IndexEntry
+    from nbdbackup.repository.memory import MemoryBackend
+
+    source = Repository.open(MemoryBackend("s"), encryption=kinds[0], passphrase=b"source passphrase")
+    target = Repository.open(MemoryBackend("t"), encryption=kinds[1], passphrase=b"target passphrase")
+    data = [bytes([i + 1]) * 4096 for i in range(3)]
+    for d in data:
+        source.put_chunk(source.chunk_id(d), d, 3)
+    m = manifest(source, cp="cp1", entries=[IndexEntry(i * 4096, 4096, source.chunk_id(d)) for i, d in enumerate(data)])
+    source.commit(m)
+    report = copy_backups(source, target, CopyRequest("vm1", every=True), cancel=CancelToken())
+    assert [(b.copied, b.chunks_sent) for b in report.backups] == [(True, 3)]
+    [copied] = target.manifests("vm1")
+    size, entries = target.read_index(copied, "vda")
+    assert [target.get_chunk(e.chunk, "t") for e in entries] == data
+    assert {e.chunk for e in entries} == {target.chunk_id(d) for d in data} != {source.chunk_id(d) for d in data}
+    if target.encrypted:  # nothing in the target's store is readable with the source's keys, nor in plain
+        raw = target.backend.inner
+        for key in raw.list("chunks"):
+            with pytest.raises(RepositoryDamaged):
+                (source.cipher or crypto.Cipher(bytes(32))).open(key, raw.read(key))
+    again = copy_backups(source, target, CopyRequest("vm1", every=True), cancel=CancelToken())
+    assert [b.copied for b in again.backups] == [False]
