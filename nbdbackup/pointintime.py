@@ -248,7 +248,7 @@ class ScratchFiles:
         return path
 
     def close(self) -> None:
-        for path, proc in self._procs.values():
+        for _, proc in self._procs.values():
             if proc is not None and proc.poll() is None:
                 proc.kill()
             if proc is not None:
