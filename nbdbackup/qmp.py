@@ -260,7 +260,10 @@ def _readable(sock: socket.socket, timeout: float) -> bool:
 
 
 def _check_greeting(sock: socket.socket, path: Path) -> None:
-    first = sock.recv(256, socket.MSG_PEEK)
+    try:
+        first = sock.recv(256, socket.MSG_PEEK)
+    except OSError as exc:  # reset between connect and greeting: the peer died or refused us
+        raise VMUnreachable(f"{path} closed the connection: {exc.strerror or exc}", hint="is the VM (still) running?") from None
     if first.startswith(b'{"QMP"'):
         return
     if not first:

@@ -105,9 +105,12 @@ class StorageDaemon:
             with QMPSession(self.monitor, connect_timeout=10) as qmp:
                 qmp.execute("quit")
             proc.wait(timeout=60)
-        except (NbdBackupError, subprocess.TimeoutExpired) as err:
-            log.warning("qemu-storage-daemon did not quit cleanly: %s", err)
-            self._kill()
+        except (NbdBackupError, OSError, subprocess.TimeoutExpired) as err:
+            try:
+                proc.wait(timeout=1)  # already dying (killed under us): the run's own error says enough
+            except subprocess.TimeoutExpired:
+                log.warning("qemu-storage-daemon did not quit cleanly: %s", err)
+                self._kill()
         if proc.returncode not in (0, None) and exc[0] is None:
             raise RestoreTargetError(f"qemu-storage-daemon exited with status {proc.returncode}")
 
