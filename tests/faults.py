@@ -323,7 +323,17 @@ def qemu_leftovers(vm: Any) -> dict[str, list[Any]]:
     }
 
 
+# Where a paused run stops: "read" at the second read (the first one's chunk may be stored),
+# "index" before the second disk's index (the first disk's index is written); other points: the first.
+AFTER = {"index": 2, "read": 2}
+
 NOTHING_LEFT = {"exports": [], "jobs": [], "nodes": [], "temporary bitmaps": []}
+
+
+def all_bitmaps(vm: Any) -> dict[str, list[tuple[str, bool, bool, int]]]:
+    """Every bitmap on every disk, twin included: (name, recording, persistent, dirty bytes), sorted."""
+    return {d: sorted((b.get("name", "<unnamed>"), b["recording"], b["persistent"], b["count"]) for b in vm.bitmaps(d))
+            for d in vm.disks}
 
 
 def bitmap_state(vm: Any) -> dict[str, list[tuple[str, bool, bool]]]:

@@ -677,6 +677,18 @@ class TestVM:
         return "QEMU stderr:\n" + "\n".join(text.splitlines()[-lines:])
 
 
+def apply_ops(vm: TestVM, step: Sequence[tuple[str, str, int, int, int]]) -> None:
+    """Guest writes as (disk, op, offset, length, pattern): op "w" writes the pattern, "z" writes
+    zeroes, "d" discards (which must succeed)."""
+    for disk, op, offset, length, pattern in step:
+        if op == "w":
+            vm.write(disk, offset, length, pattern)
+        elif op == "z":
+            vm.write_zeroes(disk, offset, length)
+        elif not vm.discard(disk, offset, length):
+            raise HarnessError(f"discard of {disk} {offset}+{length} had no effect")
+
+
 def _runs(buf: bytearray, start: int, end: int) -> Iterator[tuple[int, int, int]]:
     """Split ``buf[start:end]`` into (offset, length, byte) runs of equal bytes.
 

@@ -22,6 +22,7 @@ import time
 
 import pytest
 from faults import (
+    AFTER,
     NOTHING_LEFT,
     Run,
     assert_no_partial_backups,
@@ -41,10 +42,6 @@ from faults import (
 )
 
 KiB, MiB = 1024, 1024 * 1024
-
-# Where a run pauses: "read" at the second read (the first one's chunk may be stored), "index"
-# before the second disk's index (the first disk's index is written).
-AFTER = {"index": 2, "read": 2}
 
 
 

@@ -18,9 +18,11 @@ from pathlib import Path
 import cli
 import pytest
 from faults import (
+    AFTER,
     NOTHING_LEFT,
     SIZES,
     Run,
+    all_bitmaps,
     assert_no_partial_backups,
     assert_one_line_error,
     assert_recovers,
@@ -38,12 +40,6 @@ from faults import (
 )
 
 KiB, MiB = 1024, 1024 * 1024
-AFTER = {"index": 2, "read": 2}
-
-
-def all_bitmaps(vm) -> dict[str, list[tuple[str, bool, bool, int]]]:
-    """Every bitmap on every disk, twin included: (name, recording, persistent, dirty bytes)."""
-    return {d: sorted((b.get("name", "<unnamed>"), b["recording"], b["persistent"], b["count"]) for b in vm.bitmaps(d)) for d in vm.disks}
 
 
 def chunk_files(repo: Path) -> dict[str, int]:

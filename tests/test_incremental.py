@@ -6,7 +6,7 @@ import json
 import random
 
 import cli
-from harness import BackgroundWriter, assert_image_equals, image_bytes, is_prefix
+from harness import BackgroundWriter, apply_ops, assert_image_equals, image_bytes, is_prefix
 
 KiB, MiB = 1024, 1024 * 1024
 GRANULE = 64 * KiB
@@ -39,22 +39,12 @@ STEPS = [
 ]
 
 
-def apply(vm, step):
-    for disk, op, offset, length, pattern in step:
-        if op == "w":
-            vm.write(disk, offset, length, pattern)
-        elif op == "z":
-            vm.write_zeroes(disk, offset, length)
-        else:
-            assert vm.discard(disk, offset, length)
-
-
 def test_chain_of_checkpoints_restores_every_point(vm_factory, repo, tmp_path):
     vm = vm_factory(SIZES)
     vm.start()
     names, expected = [], {}
     for i, step in enumerate(STEPS):
-        apply(vm, step)
+        apply_ops(vm, step)
         name = backup(repo, vm, "full" if i == 0 else "incremental", "--checkpoint", f"cp{i}")
         names.append(name)
         expected[name] = snapshot(vm)

@@ -17,7 +17,7 @@ from pathlib import Path
 import cli
 import pytest
 from faults import Run, child_pids
-from harness import assert_image_equals, image_bytes
+from harness import apply_ops, assert_image_equals, image_bytes
 
 KiB, MiB = 1024, 1024 * 1024
 GRANULE = 64 * KiB
@@ -32,16 +32,6 @@ STEPS = [
     [("vda", "d", 0, 512 * KiB, 0), ("vdb", "w", 4 * MiB, 4 * KiB, 0x23), ("vda", "w", 6 * MiB + 256 * KiB, 512 * KiB, 0x15)],
     [("vda", "w", 7 * MiB + 512, 3 * 512, 0x16), ("vdb", "w", SIZES["vdb"] - 512, 512, 0x24), ("vdb", "z", 0, 1 * MiB, 0)],
 ]
-
-
-def apply(vm, step):
-    for disk, op, offset, length, pattern in step:
-        if op == "w":
-            vm.write(disk, offset, length, pattern)
-        elif op == "z":
-            vm.write_zeroes(disk, offset, length)
-        else:
-            assert vm.discard(disk, offset, length)
 
 
 def touched(steps, disk):
@@ -68,7 +58,7 @@ def make_chain(vm, repo):
     vm.start()
     expected = {}
     for i, (name, step) in enumerate(zip(NAMES, STEPS, strict=True)):
-        apply(vm, step)
+        apply_ops(vm, step)
         cli.run(repo, "full" if i == 0 else "incremental", "vm1", "--qmp", vm.qmp_socket, "--checkpoint", name)
         expected[name] = {d: vm.expected(d) for d in vm.disks}
     vm.write("vda", 2 * MiB, 128 * KiB, 0x17)  # after E: the active bitmap holds it
