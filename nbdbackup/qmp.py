@@ -8,7 +8,6 @@ stay inside the adapter modules (qmp, vm, pointintime) that speak QMP.
 from __future__ import annotations
 
 import asyncio
-import copy
 import json
 import logging
 import os
@@ -36,11 +35,6 @@ COMMAND_TIMEOUT = 60.0
 PROBE_SECONDS = 1.0
 
 
-# Read-only queries whose answer may serve the same query again while nothing else is sent.
-_REUSABLE = frozenset({"query-named-block-nodes", "query-block"})
-_REUSE_SECONDS = 1.0
-
-
 class QMPSession:
     """One connection to a VM's QMP monitor.  Use as a context manager."""
 
@@ -60,9 +54,6 @@ class QMPSession:
         self._client.register_listener(self._events)
         self._pending: list[dict] = []
         self.lost = False  # the connection broke (QEMU exited?): later commands fail at once
-        # The last answer to a read-only block query, reused by the same query until any other
-        # command or event wait (issue 11: a run asked query-named-block-nodes 4 times in a row).
-        self._query: tuple[str, str, float, Any] | None = None
 
     # -- lifecycle -------------------------------------------------------
 
@@ -131,12 +122,6 @@ class QMPSession:
         """Run one QMP command; QEMU's refusal becomes QEMUCommandFailed."""
         if self.lost:
             raise VMUnreachable(f"cannot send {command}: the QMP connection was lost", hint="did QEMU exit?")
-        key = json.dumps(arguments, sort_keys=True)
-        if command in _REUSABLE and self._query is not None and self._query[:2] == (command, key) \
-                and time.monotonic() - self._query[2] < _REUSE_SECONDS:
-            log.debug("QMP -> %s %s (answered again, nothing sent in between)", command, arguments or "")
-            return copy.deepcopy(self._query[3])
-        self._query = None
         log.debug("QMP -> %s %s", command, arguments or "")
         try:
             result = self._run(self._client.execute(command, arguments), timeout)
@@ -150,8 +135,6 @@ class QMPSession:
             self.lost = True
             raise VMUnreachable(f"lost the QMP connection during {command}: {_describe(exc)}", hint="did QEMU exit?") from None
         log.debug("QMP <- %s", result)
-        if command in _REUSABLE:
-            self._query = (command, key, time.monotonic(), copy.deepcopy(result))
         return result
 
     def peer_user(self) -> tuple[int, int] | None:
@@ -184,7 +167,6 @@ class QMPSession:
 
     def wait_event(self, match: Callable[[dict], bool], timeout: float = COMMAND_TIMEOUT) -> dict:
         """Wait for (or find among those already received) an event that matches."""
-        self._query = None  # something is expected to change
         for i, event in enumerate(self._pending):
             if match(event):
                 return self._pending.pop(i)
