@@ -30,6 +30,7 @@ from .records import Manifest
 from .repository import Repository
 from .repository.location import Location
 from .retention import Policy
+from .units import human_size, plural
 from .vm import qcow2_disks
 from .workdirs import foreign_owner, private_dir, remove_stale_dirs, scratch_base
 
@@ -133,7 +134,7 @@ def discard_new_chunks(repo: Repository) -> None:
     try:
         with repository_lock(repo, exclusive=True, wait=0):
             freed, size = repo.remove_unreferenced(created)
-        log.info("removed the %d chunk%s (%s) this run had stored", freed, "" if freed == 1 else "s", _mib(size))
+        log.info("removed the %s (%s) this run had stored", plural(freed, "chunk"), human_size(size))
     except LockHeld:
         _left(repo, created, "another backup or restore is using the repository")
     except Exception as exc:  # never hide the run's own error
@@ -141,13 +142,9 @@ def discard_new_chunks(repo: Repository) -> None:
 
 
 def _left(repo: Repository, created: set[bytes], why: str) -> None:
-    log.warning("left %d chunk%s (up to %s) that this run stored and no backup uses (%s): "
+    log.warning("left %s (up to %s) that this run stored and no backup uses (%s): "
                 "`nbdbackup prune` or the next failed run removes them",
-                len(created), "" if len(created) == 1 else "s", _mib(repo.stored_size(created)), why)
-
-
-def _mib(n: int) -> str:
-    return f"{n / (1024 * 1024):.1f} MiB"
+                plural(len(created), "chunk"), human_size(repo.stored_size(created)), why)
 
 
 def checkpoint_status(settings: Settings, vmconf: VMConfig) -> list[CheckpointStatus]:

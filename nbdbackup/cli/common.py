@@ -11,6 +11,8 @@ from typing import Any
 
 import click
 
+from ..units import human_size, plural  # noqa: F401  (the commands import them from here)
+
 
 @dataclass(frozen=True)
 class Globals:
@@ -33,19 +35,6 @@ pass_globals = click.make_pass_decorator(Globals)
 
 qmp_option = click.option("--qmp", metavar="SOCKET", help="The VM's QMP socket (default: [vm.NAME] qmp in the config file).")
 
-
-
-def plural(n: int, word: str, words: str | None = None) -> str:
-    """'1 backup', '2 backups', '0 backups' (words: an irregular plural)."""
-    return f"{n} {word if n == 1 else (words or word + 's')}"
-
-
-def human_size(n: int) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if n < 1024 or unit == "TiB":
-            return f"{n:.0f}{unit}" if unit == "B" else f"{n:.1f}{unit}"
-        n /= 1024
-    return str(n)
 
 
 @contextlib.contextmanager
