@@ -55,7 +55,7 @@ class Observer:
 
 def open_repository(settings: Settings, *, create: bool = False) -> Repository:
     """The repository; only backups create it (a typo in --repo must not make a new one)."""
-    return Repository.open(settings.repo, create=create, s3=settings.s3, encryption=settings.encryption)
+    return Repository.open(settings.repo, create=create, s3=settings.s3_for(settings.repo), encryption=settings.encryption)
 
 
 @contextlib.contextmanager
@@ -194,7 +194,7 @@ def copy(settings: Settings, req: CopyRequest, target: Location, *, cancel: Canc
     source = open_repository(settings)
     from .repository.keys import copy_target_source
 
-    dest = Repository.open(target, create=True, s3=settings.s3, like=source, encryption=settings.encryption,
+    dest = Repository.open(target, create=True, s3=settings.s3_for(target), like=source, encryption=settings.encryption,
                            passphrase_source=copy_target_source())
     with repository_lock(source), vm_lock(dest, req.vm), repository_lock(dest):
         return copy_backups(source, dest, req, cancel=cancel, progress=observer.progress)

@@ -30,7 +30,7 @@ def init(settings: Settings, encryption: str | None) -> InitResult:
         raise UsageError(f"unknown encryption {mode!r}; choose one of {', '.join(keymod.MODES)}")
     from .repository.location import backend_for
 
-    backend = backend_for(settings.repo, settings.s3)
+    backend = backend_for(settings.repo, settings.s3_for(settings.repo))
     if backend.exists("config.json"):
         raise RepositoryUnusable(f"{settings.repo} is a repository already", hint="give a new or empty location with --repo")
     repo = Repository.open(backend, create=True, encryption=mode)
@@ -49,7 +49,7 @@ class KeyInfo:
 
 
 def _open(settings: Settings) -> Repository:
-    repo = Repository.open(settings.repo, create=False, s3=settings.s3)
+    repo = Repository.open(settings.repo, create=False, s3=settings.s3_for(settings.repo))
     if not repo.encrypted:
         raise EncryptionMismatch(f"repository {settings.repo} is not encrypted: it has no keys")
     return repo

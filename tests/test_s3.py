@@ -175,6 +175,34 @@ def test_s3_settings_are_parsed_and_checked(tmp_path, monkeypatch):
             config.load(str(conf), None)
 
 
+def test_per_repository_s3_tables_override_s3(tmp_path, monkeypatch):
+    """[s3."s3://BUCKET[/PREFIX]"]: [s3], then every table at or above a repository (bucket first) overrides what it sets."""
+    conf = tmp_path / "c.toml"
+    conf.write_text('[s3]\nendpoint = "http://default:1"\nregion = "r0"\nretries = 3\n'
+                    '[s3."s3://offsite"]\nendpoint = "http://bucket:2"\ncredentials_file = "/etc/offsite.credentials"\n'
+                    '[s3."s3://offsite/a/b/"]\nregion = "r2"\naddressing = "virtual"\n')
+    monkeypatch.delenv("NBDBACKUP_REPO", raising=False)
+    s = config.load(str(conf), "/var/lib/repo")
+    pick = {url: s.s3_for(S3Location(*url[5:].partition("/")[::2])) for url in
+            ("s3://offsite/a/b", "s3://offsite/a/b/c", "s3://offsite/a/bc", "s3://offsite", "s3://elsewhere/a/b")}
+    assert (pick["s3://offsite/a/b"].endpoint, pick["s3://offsite/a/b"].region, pick["s3://offsite/a/b"].addressing) == \
+        ("http://bucket:2", "r2", "virtual")
+    assert pick["s3://offsite/a/b/c"] == pick["s3://offsite/a/b"]
+    for url in ("s3://offsite/a/bc", "s3://offsite"):  # a/bc is not below a/b
+        assert (pick[url].endpoint, pick[url].region, str(pick[url].credentials_file)) == ("http://bucket:2", "r0", "/etc/offsite.credentials")
+    assert pick["s3://elsewhere/a/b"] == s.s3 and s.s3.endpoint == "http://default:1" and s.s3.retries == 3
+    assert s.s3_for(S3Location("offsite", "a/b")).retries == 3  # inherited from [s3]
+    assert s.s3_for(tmp_path) == s.s3  # a directory
+    for text, words in (('[s3."s3://Bad_Bucket"]\nregion = "x"\n', "not a valid bucket name"),
+                        ('[s3."s3://ok-bucket"]\nendpont = "x"\n', "unknown setting"),
+                        ('[s3."s3://ok-bucket"]\nretries = 99\n', "retries"),
+                        ('[s3]\n"s3://ok-bucket" = "x"\n', "must be a table"),
+                        ('[s3."s3://ok-bucket/a"]\n[s3."s3://ok-bucket/a/"]\n', "more than one")):
+        conf.write_text(text)
+        with pytest.raises(UsageError, match=words):
+            config.load(str(conf), None)
+
+
 def test_s3_server_killed_mid_backup(vm_factory, tmp_path, monkeypatch):
     """One clear line, exit 12, QEMU clean, nothing that looks like a backup; after the
     server is back, auto works and the older backup restores identical."""
