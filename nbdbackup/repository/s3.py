@@ -257,7 +257,7 @@ class S3Backend:
         where = self.location
         if isinstance(exc, (bex.NoCredentialsError, bex.PartialCredentialsError)):
             return S3CredentialsRefused(f"no S3 credentials found for {where}",
-                                        hint="set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, AWS_PROFILE, or [s3] credentials_file")
+                                        hint="set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, AWS_PROFILE, or credentials_file in the config file's [s3] table")
         if isinstance(exc, bex.ClientError):
             code, status = _code(exc), _status(exc)
             if code in CREDENTIAL_CODES:
