@@ -6,6 +6,7 @@ from __future__ import annotations
 import http.server
 import json
 import os
+import struct
 import subprocess
 import threading
 import time
@@ -300,12 +301,13 @@ def test_vm_lock_holds_across_hosts(vm_factory, s3_repo, monkeypatch):
 
 class FlakyProxy:
     """A TCP proxy in front of the S3 server whose first `failures` connections get
-    HTTP 503 SlowDown (as a busy S3 answers) and are closed; later ones are passed through."""
+    HTTP 503 SlowDown (as a busy S3 answers) and are closed, or (reset=True) are reset
+    (TCP RST) once the request is in; later ones are passed through."""
 
-    def __init__(self, target_port: int, failures: int) -> None:
+    def __init__(self, target_port: int, failures: int, reset: bool = False) -> None:
         import socket
 
-        self.target_port, self.failures, self.refused = target_port, failures, 0
+        self.target_port, self.failures, self.refused, self.reset = target_port, failures, 0, reset
         self.server = socket.create_server(("127.0.0.1", 0))
         self.port = self.server.getsockname()[1]
         threading.Thread(target=self._accept, daemon=True).start()
@@ -321,6 +323,10 @@ class FlakyProxy:
             if self.refused < self.failures:
                 self.refused += 1
                 conn.recv(65536)
+                if self.reset:
+                    conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                    conn.close()  # with linger 0: a reset, not a clean close
+                    continue
                 body = b"<?xml version='1.0'?><Error><Code>SlowDown</Code><Message>Please reduce your request rate.</Message></Error>"
                 conn.sendall(b"HTTP/1.1 503 Slow Down\r\nContent-Type: application/xml\r\nConnection: close\r\n"
                              b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
@@ -348,13 +354,14 @@ class FlakyProxy:
         self.server.close()
 
 
-@pytest.mark.parametrize("failures, retries, ok", [(2, 4, True), (5, 3, False)])
-def test_transient_errors_are_retried_a_bounded_number_of_times(s3_repo, failures, retries, ok):
+@pytest.mark.parametrize("failures, retries, ok, reset", [(2, 4, True, False), (5, 3, False, False), (2, 4, True, True), (5, 3, False, True)])
+def test_transient_errors_are_retried_a_bounded_number_of_times(s3_repo, failures, retries, ok, reset):
+    """503 SlowDown and connection resets: retried with backoff, `retries` attempts, then one error."""
     from nbdbackup.errors import S3Unreachable
     from nbdbackup.repository.location import S3Settings
     from nbdbackup.repository.s3 import S3Backend
 
-    proxy = FlakyProxy(s3_repo.server.port, failures)
+    proxy = FlakyProxy(s3_repo.server.port, failures, reset)
     try:
         settings = S3Settings(endpoint=f"http://127.0.0.1:{proxy.port}", region="us-east-1", addressing="path", retries=retries)
         backend = S3Backend(S3Location(s3_repo.bucket, "retry"), settings)
@@ -363,7 +370,7 @@ def test_transient_errors_are_retried_a_bounded_number_of_times(s3_repo, failure
             backend.write("obj", b"data")
             assert backend.read("obj") == b"data" and proxy.refused == failures
         else:
-            with pytest.raises(S3Unreachable, match=f"SlowDown.*after {retries} attempts"):
+            with pytest.raises(S3Unreachable, match=f"{'cannot reach' if reset else 'SlowDown'}.*after {retries} attempts"):
                 backend.write("obj", b"data")  # uploaded in the background: sync() reports its failure
                 backend.sync()
             # as many attempts as configured; the HTTP layer resends once a request whose connection was closed
