@@ -176,6 +176,16 @@ def test_s3_settings_are_parsed_and_checked(tmp_path, monkeypatch):
             config.load(str(conf), None)
 
 
+def test_unknown_s3_profile_is_a_usage_error(monkeypatch):
+    from nbdbackup.repository.location import S3Settings
+    from nbdbackup.repository.s3 import S3Backend
+
+    monkeypatch.setenv("AWS_CONFIG_FILE", "/dev/null")
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", "/dev/null")
+    with pytest.raises(UsageError, match="profile 'nope' is not in the AWS config"):
+        S3Backend(S3Location("some-bucket", "x"), S3Settings(endpoint="http://127.0.0.1:1", profile="nope"))
+
+
 def test_per_repository_s3_tables_override_s3(tmp_path, monkeypatch):
     """[s3."s3://BUCKET[/PREFIX]"]: [s3], then every table at or above a repository (bucket first) overrides what it sets."""
     conf = tmp_path / "c.toml"
