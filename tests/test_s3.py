@@ -467,3 +467,77 @@ def test_background_uploads_are_bounded_and_read_after_write(s3_repo):
     assert sorted(backend.list("chunks")) == [f"chunks/{i:02d}" for i in range(60)]
     backend.sync()
     assert not backend._pending
+
+
+class NoConditionalWrites(http.server.BaseHTTPRequestHandler):
+    """An HTTP proxy in front of the S3 server that answers 501 NotImplemented to a PUT with
+    If-None-Match (as stores without conditional writes do) and passes everything else on."""
+
+    protocol_version = "HTTP/1.1"
+    upstream_port = 0
+    refused = 0
+
+    def _forward(self) -> None:
+        import http.client
+
+        length = int(self.headers.get("Content-Length") or 0)
+        body = self.rfile.read(length) if length else None
+        if self.command == "PUT" and "If-None-Match" in self.headers:
+            type(self).refused += 1
+            msg = b"<?xml version='1.0'?><Error><Code>NotImplemented</Code><Message>no conditional writes</Message></Error>"
+            self.send_response(501)
+            self.send_header("Content-Type", "application/xml")
+            self.send_header("Content-Length", str(len(msg)))
+            self.end_headers()
+            self.wfile.write(msg)
+            return
+        up = http.client.HTTPConnection("127.0.0.1", self.upstream_port, timeout=30)
+        up.putrequest(self.command, self.path, skip_host=True, skip_accept_encoding=True)
+        for k, v in self.headers.items():
+            if k.lower() not in ("expect", "connection"):
+                up.putheader(k, v)  # Host too: the signature covers it
+        up.endheaders(body)
+        resp = up.getresponse()
+        data = resp.read()
+        up.close()
+        self.send_response(resp.status, resp.reason)
+        headers = {k.lower(): v for k, v in resp.getheaders() if k.lower() not in ("transfer-encoding", "connection", "date", "server")}
+        headers.setdefault("content-length", str(len(data)))
+        for k, v in headers.items():
+            self.send_header(k, v)
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(data)
+
+    do_GET = do_PUT = do_HEAD = do_DELETE = do_POST = _forward  # noqa: N815
+
+    def log_message(self, *args):
+        pass
+
+
+def test_store_without_conditional_writes_gets_a_check_then_a_put(s3_repo):
+    """A store that answers 501 to If-None-Match: exclusive create falls back to HEAD, then PUT
+    (docs/FORMAT.md says what that risks); an existing object is still not replaced."""
+    from nbdbackup.repository import Repository
+    from nbdbackup.repository.location import S3Settings
+    from nbdbackup.repository.s3 import S3Backend
+
+    NoConditionalWrites.upstream_port = s3_repo.server.port
+    proxy = http.server.ThreadingHTTPServer(("127.0.0.1", 0), NoConditionalWrites)
+    threading.Thread(target=proxy.serve_forever, daemon=True).start()
+    try:
+        settings = S3Settings(endpoint=f"http://127.0.0.1:{proxy.server_address[1]}", region="us-east-1", addressing="path", retries=2)
+        backend = S3Backend(S3Location(s3_repo.bucket, "plain-store"), settings)
+        backend.check()
+        assert backend.atomic_exclusive
+        backend.write("one", b"first", exclusive=True)
+        assert NoConditionalWrites.refused == 1 and not backend.atomic_exclusive  # asked once, then known
+        with pytest.raises(FileExistsError):
+            backend.write("one", b"second", exclusive=True)
+        assert backend.read("one") == b"first" and NoConditionalWrites.refused == 1
+        where = S3Location(s3_repo.bucket, "plain-repo")
+        repo = Repository.open(S3Backend(where, settings), create=True)  # config.json: exclusive create by the fallback
+        assert NoConditionalWrites.refused == 2 and Repository.open(S3Backend(where, settings), create=False).id == repo.id
+    finally:
+        proxy.shutdown()
+        proxy.server_close()
