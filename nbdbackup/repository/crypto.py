@@ -83,11 +83,12 @@ class ObjectDamaged(RepositoryDamaged):
 _local = threading.local()
 
 
-def _buffer(size: int) -> memoryview:
-    """This thread's output buffer, at least size bytes (grown, never shrunk)."""
-    buf = getattr(_local, "buf", None)
+def _buffer(size: int, name: str = "buf") -> memoryview:
+    """This thread's output buffer called name, at least size bytes (grown, never shrunk)."""
+    buf = getattr(_local, name, None)
     if buf is None or len(buf) < size:
-        buf = _local.buf = bytearray(size)
+        buf = bytearray(size)
+        setattr(_local, name, buf)
     return memoryview(buf)
 
 
@@ -148,16 +149,36 @@ class Cipher:
         return [header + nonce, buf[:done], encryptor.tag]
 
     def open(self, key: str, blob: bytes) -> bytes:
+        """The plaintext of the encrypted object blob stored as key; ObjectDamaged if it fails authentication."""
+        nonce, sealed, aad = self._split(key, blob)
+        try:
+            return self._aead.decrypt(nonce, sealed, aad)
+        except _invalid_tag():
+            raise ObjectDamaged(key, "fails authentication (changed, truncated or swapped)") from None
+
+    def open_into(self, key: str, blob: bytes) -> memoryview:
+        """open(), decrypted into this thread's buffer (no new allocation per object: chunks on a
+        restore): valid until this thread's next open_into, so the caller uses it at once."""
+        nonce, sealed, aad = self._split(key, blob)
+        out = _buffer(len(sealed) - TAG_SIZE, "plain")[:len(sealed) - TAG_SIZE]
+        try:
+            if hasattr(self._aead, "decrypt_into"):  # cryptography >= 46
+                self._aead.decrypt_into(nonce, sealed, aad, out)
+            else:
+                out[:] = self._aead.decrypt(nonce, sealed, aad)
+        except _invalid_tag():
+            raise ObjectDamaged(key, "fails authentication (changed, truncated or swapped)") from None
+        return out
+
+    def _split(self, key: str, blob: bytes) -> tuple[bytes, memoryview, bytes]:
+        """(nonce, ciphertext and tag, associated data) of an encrypted object; ObjectDamaged if it is none."""
         if len(blob) < OVERHEAD:
             raise ObjectDamaged(key, "is truncated")
         magic, version, cipher, _ = HEADER.unpack_from(blob)
         if magic != MAGIC or version != VERSION or cipher != AES_256_GCM:
             raise ObjectDamaged(key, "is not an encrypted object of this repository (bad header)")
-        nonce = blob[HEADER.size:HEADER.size + NONCE_SIZE]
-        try:
-            return self._aead.decrypt(nonce, memoryview(blob)[HEADER.size + NONCE_SIZE:], blob[:HEADER.size] + key.encode())
-        except _invalid_tag():
-            raise ObjectDamaged(key, "fails authentication (changed, truncated or swapped)") from None
+        view = memoryview(blob)
+        return bytes(view[HEADER.size:HEADER.size + NONCE_SIZE]), view[HEADER.size + NONCE_SIZE:], bytes(view[:HEADER.size]) + key.encode()
 
     # -- names ---------------------------------------------------------------
 
@@ -252,6 +273,10 @@ class EncryptedBackend:
 
     def read(self, key: str) -> bytes:
         return self.cipher.open(key, self.inner.read(self.physical(key)))
+
+    def read_sealed(self, key: str) -> bytes:
+        """The object as stored, still encrypted (Cipher.open_into decrypts it later, in another thread)."""
+        return self.inner.read(self.physical(key))
 
     def write(self, key: str, data: Buffers, *, durable: bool = False, exclusive: bool = False) -> None:
         self.inner.write(self.physical(key), self.cipher.seal_parts(key, data), durable=durable, exclusive=exclusive)

@@ -295,14 +295,20 @@ class Repository:
     def fetch_chunk(self, cid: bytes, where: str) -> bytes:
         """The stored chunk file, unchecked (decode_chunk checks it): get_chunk in two steps, so
         downloads can run ahead of decompression (restore from S3)."""
+        key = self._chunk_key(cid)
         try:
-            return self.backend.read(self._chunk_key(cid))
+            return self.backend.read_sealed(key) if self.cipher is not None else self.backend.read(key)
         except FileNotFoundError:
             raise RepositoryDamaged(f"chunk {cid.hex()} is missing ({where})") from None
-        except crypto.ObjectDamaged as exc:
-            raise RepositoryDamaged(f"chunk {cid.hex()} {exc.reason} ({where})") from None
 
     def decode_chunk(self, blob: bytes, cid: bytes, where: str) -> bytes:
+        """The content of the chunk file blob (from fetch_chunk): authenticated and decrypted when
+        the repository is encrypted (into this thread's buffer: decode copies out of it), checked."""
+        if self.cipher is not None:
+            try:
+                blob = self.cipher.open_into(self._chunk_key(cid), blob)
+            except crypto.ObjectDamaged as exc:
+                raise RepositoryDamaged(f"chunk {cid.hex()} {exc.reason} ({where})") from None
         return chunks.decode(blob, cid, where, self.chunk_id)
 
     def chunk_ids(self) -> set[bytes]:
