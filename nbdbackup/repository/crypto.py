@@ -40,7 +40,7 @@ from typing import Any
 # The cryptography package is imported only once a repository is encrypted (Cipher), so
 # unencrypted repositories do not pay its memory (about 9 MiB).
 from ..errors import RepositoryDamaged
-from .backend import Backend, Buffers
+from .backend import Backend, Buffers, LocalBackend
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +52,7 @@ HEADER = struct.Struct("<4sBBH")
 NONCE_SIZE = 12
 TAG_SIZE = 16
 OVERHEAD = HEADER.size + NONCE_SIZE + TAG_SIZE
+SEAL_SLICE = 256 * 1024  # seal_stream: ciphertext made and written this much at a time
 NAME_PAD = 64  # names are at most 64 characters (names.py): padded, so the length does not show
 
 OBJECT_CONTEXT = "nbdbackup 2026-11 object key v2"
@@ -147,6 +148,31 @@ class Cipher:
             done += encryptor.update_into(v, buf[done:])
         done += len(encryptor.finalize())
         return [header + nonce, buf[:done], encryptor.tag]
+
+    def seal_stream(self, key: str, data: Buffers) -> Iterator[bytes | memoryview]:
+        """seal() as parts made one at a time: header and nonce, ciphertext in slices of at most
+        SEAL_SLICE bytes, tag.  Each ciphertext slice lives in this thread's small buffer until the
+        next is asked for, so the consumer writes it first (LocalBackend.write with an iterator):
+        a backup's memory does not grow by a chunk-sized buffer per thread."""
+        parts = [data] if isinstance(data, (bytes, bytearray, memoryview)) else list(data)
+        header = HEADER.pack(MAGIC, VERSION, AES_256_GCM, 0)
+        nonce = os.urandom(NONCE_SIZE)
+        from cryptography.hazmat.primitives.ciphers import Cipher as _Cipher
+        from cryptography.hazmat.primitives.ciphers import algorithms, modes
+
+        encryptor = _Cipher(algorithms.AES(self._object_key), modes.GCM(nonce)).encryptor()
+        encryptor.authenticate_additional_data(header + key.encode())
+        yield header + nonce
+        buf = _buffer(SEAL_SLICE + 32, "slice")
+        for part in parts:
+            view = memoryview(part).cast("B")
+            for start in range(0, len(view), SEAL_SLICE):
+                done = encryptor.update_into(view[start:start + SEAL_SLICE], buf)
+                yield buf[:done]
+        rest = encryptor.finalize()
+        if rest:
+            yield rest
+        yield encryptor.tag
 
     def open(self, key: str, blob: bytes) -> bytes:
         """The plaintext of the encrypted object blob stored as key; ObjectDamaged if it fails authentication."""
@@ -279,7 +305,10 @@ class EncryptedBackend:
         return self.inner.read(self.physical(key))
 
     def write(self, key: str, data: Buffers, *, durable: bool = False, exclusive: bool = False) -> None:
-        self.inner.write(self.physical(key), self.cipher.seal_parts(key, data), durable=durable, exclusive=exclusive)
+        # A local directory writes the ciphertext while it is made (a small buffer per thread); other
+        # backends take the whole object at once (S3 sends it in one request).
+        sealed = self.cipher.seal_stream(key, data) if isinstance(self.inner, LocalBackend) else self.cipher.seal_parts(key, data)
+        self.inner.write(self.physical(key), sealed, durable=durable, exclusive=exclusive)
 
     def exists(self, key: str) -> bool:
         return self.inner.exists(self.physical(key))
