@@ -140,3 +140,42 @@ def test_record_file_is_private_and_names_the_repository(env):
     doc = json.loads(record.read_text())
     assert doc["repository"] == repo.id and doc["vms"] == {"vm1": ["a1"]}
     assert record.stat().st_mode & 0o077 == 0 and record.parent.stat().st_mode & 0o077 == 0
+
+
+def test_a_withheld_manifest_is_not_cleaned_up_as_an_unfinished_backup(env):
+    """The start of a backup removes folders without a manifest: not before the check."""
+    repo = Repository.open(env / "r", encryption="repokey")
+    commit(repo, "vm1", "a1")
+    repo.write_index("vm1", "a1", "vda", 0, [])
+    (env / "r" / repo.backend.physical("vms/vm1/backups/a1/manifest.json")).unlink()
+    before = tree(env / "r")
+    with pytest.raises(RepositoryRolledBack):
+        Repository.open(env / "r", create=False).incomplete_backups("vm1")
+    assert tree(env / "r") == before
+
+
+@pytest.mark.s3
+def test_s3_store_withholding_a_backup_is_detected_and_prune_elsewhere_is_not(env, monkeypatch, s3_repo):
+    from nbdbackup.repository.location import S3Location, S3Settings
+    from nbdbackup.repository.s3 import S3Backend
+
+    settings = S3Settings(endpoint=s3_repo.server.endpoint, region="us-east-1", addressing="path", retries=2)
+
+    def open_repo(**kwargs) -> Repository:
+        return Repository.open(S3Backend(S3Location(s3_repo.bucket, "repo"), settings), **kwargs)
+
+    repo = open_repo(encryption="repokey")
+    for cp in ("alpha", "bravo", "charlie"):
+        commit(repo, "vm1", cp)
+    repo.backend.sync()
+    host(monkeypatch, env, "host-b")
+    open_repo(create=False).delete_backup("vm1", "alpha")  # another host deletes: no alarm on this one
+    host(monkeypatch, env, "host-a")
+    assert open_repo(create=False).backup_names("vm1") == ["bravo", "charlie"]
+
+    manifest = "repo/" + repo.backend.physical("vms/vm1/backups/charlie/manifest.json")
+    assert manifest in s3_repo.keys()
+    s3_repo.client().delete_object(Bucket=s3_repo.bucket, Key=manifest)  # the store withholds it
+    with pytest.raises(RepositoryRolledBack, match="charlie"):
+        open_repo(create=False).manifests("vm1")
+    assert not any("vm1" in k or "charlie" in k or "alpha" in k for k in s3_repo.keys())

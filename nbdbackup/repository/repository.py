@@ -481,6 +481,8 @@ class Repository:
             parts = key.split("/")
             if len(parts) == 5:
                 files.setdefault(parts[3], set()).add(parts[4])
+        if self.seen is not None:  # before anything is cleaned up: a withheld manifest is not an unfinished run
+            self.seen.check(vm, (cp for cp, names in files.items() if "manifest.json" in names), lambda: self.removed_backups(vm))
         return sorted(cp for cp, names in files.items() if "manifest.json" not in names)
 
     def delete_backup(self, vm: str, checkpoint: str) -> None:
