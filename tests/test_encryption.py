@@ -320,6 +320,11 @@ def test_key_derivation_in_a_child_process_and_kept_for_the_run(env, monkeypatch
     passphrase is still refused after a right one."""
     params = (bytes(16), 1, 1, 8192)
     assert keys._argon2id_in_child(b"nbdbackup", params) == keys._argon2id(b"nbdbackup", params)
+    with monkeypatch.context() as m:  # a child that does not answer in time is killed; derived here instead
+        m.setattr(keys, "CHILD_TIMEOUT", 0.0)
+        assert keys._argon2id_in_child(b"nbdbackup", (bytes(16), 4, 1, 65536)) is None
+        kdf = {"algorithm": "argon2id", "iterations": 1, "lanes": 1, "memory_cost": 8192, "salt": "AAAAAAAAAAAAAAAAAAAAAA=="}
+        assert keys._kek(b"nbdbackup", kdf) == keys._argon2id(b"nbdbackup", params)
     Repository.open(env / "r", encryption="repokey")
     derivations = []
     real = keys._kek

@@ -19,9 +19,12 @@ import getpass
 import json
 import os
 import secrets
+import select
+import signal
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -130,6 +133,9 @@ def _argon2id(passphrase: bytes, params: tuple[bytes, int, int, int]) -> bytes:
     return Argon2id(salt=salt, length=32, iterations=iterations, lanes=lanes, memory_cost=memory_cost).derive(passphrase)
 
 
+CHILD_TIMEOUT = 120.0  # seconds a key derivation in the child may take before it is derived here instead
+
+
 def _argon2id_in_child(passphrase: bytes, params: tuple[bytes, int, int, int]) -> bytes | None:
     """_argon2id computed by a forked child, which sends the 32 bytes back through a pipe;
     None when that cannot be done (the caller then derives in this process)."""
@@ -152,9 +158,17 @@ def _argon2id_in_child(passphrase: bytes, params: tuple[bytes, int, int, int]) -
             os._exit(status)
     os.close(write_end)
     received = b""
+    deadline = time.monotonic() + CHILD_TIMEOUT
     try:
-        while block := os.read(read_end, 64):
+        # A child forked while another thread held a lock inside OpenSSL could wait forever: bounded.
+        while select.select([read_end], [], [], max(0.0, deadline - time.monotonic()))[0]:
+            block = os.read(read_end, 64)
+            if not block:
+                break
             received += block
+        else:
+            os.kill(pid, signal.SIGKILL)
+            received = b""
     finally:
         os.close(read_end)
         _, status = os.waitpid(pid, 0)
