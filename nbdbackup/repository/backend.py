@@ -8,7 +8,7 @@ import itertools
 import os
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Protocol
 
@@ -91,6 +91,17 @@ class LocalBackend:
     def read(self, key: str) -> bytes:
         with open(self.path(key), "rb") as f:
             return f.read()
+
+    def read_into(self, key: str, buffer: Callable[[int], memoryview]) -> memoryview:
+        """read(), into buffer(size) (a buffer the caller reuses: no allocation per object);
+        the view of what was read."""
+        with open(self.path(key), "rb", buffering=0) as f:
+            size = os.fstat(f.fileno()).st_size  # objects are replaced whole, never changed in place
+            view = buffer(size)[:size]
+            done = 0
+            while done < size and (n := f.readinto(view[done:])):
+                done += n
+        return view[:done]
 
     def write(self, key: str, data: Buffers | Iterator[bytes | bytearray | memoryview], *, durable: bool = False,
               exclusive: bool = False) -> None:

@@ -196,7 +196,29 @@ class Cipher:
             raise ObjectDamaged(key, "fails authentication (changed, truncated or swapped)") from None
         return out
 
-    def _split(self, key: str, blob: bytes) -> tuple[bytes, memoryview, bytes]:
+    def open_in_place(self, key: str, sealed_object: memoryview) -> memoryview:
+        """open(), decrypting the writable buffer sealed_object in place (through a small bounce
+        buffer, as the streaming interface writes elsewhere): a restore holds one buffer per chunk
+        read, as without encryption.  The plaintext is returned only once the tag is checked."""
+        nonce, sealed, aad = self._split(key, sealed_object)
+        n = len(sealed) - TAG_SIZE
+        from cryptography.hazmat.primitives.ciphers import Cipher as _Cipher
+        from cryptography.hazmat.primitives.ciphers import algorithms, modes
+
+        decryptor = _Cipher(algorithms.AES(self._object_key), modes.GCM(nonce, bytes(sealed[n:]))).decryptor()
+        decryptor.authenticate_additional_data(aad)
+        bounce = _buffer(SEAL_SLICE + 32, "bounce")
+        for start in range(0, n, SEAL_SLICE):
+            stop = min(n, start + SEAL_SLICE)
+            done = decryptor.update_into(sealed[start:stop], bounce)
+            sealed[start:start + done] = bounce[:done]  # GCM is a stream: done == stop - start
+        try:
+            decryptor.finalize()
+        except _invalid_tag():
+            raise ObjectDamaged(key, "fails authentication (changed, truncated or swapped)") from None
+        return sealed[:n]
+
+    def _split(self, key: str, blob: bytes | memoryview) -> tuple[bytes, memoryview, bytes]:
         """(nonce, ciphertext and tag, associated data) of an encrypted object; ObjectDamaged if it is none."""
         if len(blob) < OVERHEAD:
             raise ObjectDamaged(key, "is truncated")
@@ -299,6 +321,13 @@ class EncryptedBackend:
 
     def read(self, key: str) -> bytes:
         return self.cipher.open(key, self.inner.read(self.physical(key)))
+
+    def read_plain_view(self, key: str) -> memoryview:
+        """read(), as a view of this thread's buffer (valid until its next call): a local directory
+        reads into it and decrypts in place; other backends decrypt into it."""
+        if isinstance(self.inner, LocalBackend):
+            return self.cipher.open_in_place(key, self.inner.read_into(self.physical(key), lambda size: _buffer(size, "sealed")))
+        return self.cipher.open_into(key, self.inner.read(self.physical(key)))
 
     def read_sealed(self, key: str) -> bytes:
         """The object as stored, still encrypted (Cipher.open_into decrypts it later, in another thread)."""

@@ -293,7 +293,15 @@ class Repository:
             return self._present if len(self._present) <= PRESENT_LIMIT else None
 
     def get_chunk(self, cid: bytes, where: str) -> bytes:
-        return self.decode_chunk(self.fetch_chunk(cid, where), cid, where)
+        if self.cipher is None:
+            return self.decode_chunk(self.fetch_chunk(cid, where), cid, where)
+        try:  # read and decrypted in this thread's buffer (decode copies out of it)
+            plain = self.backend.read_plain_view(self._chunk_key(cid))
+        except FileNotFoundError:
+            raise RepositoryDamaged(f"chunk {cid.hex()} is missing ({where})") from None
+        except crypto.ObjectDamaged as exc:
+            raise RepositoryDamaged(f"chunk {cid.hex()} {exc.reason} ({where})") from None
+        return chunks.decode(plain, cid, where, self.chunk_id)
 
     def fetch_chunk(self, cid: bytes, where: str) -> bytes:
         """The stored chunk file, unchecked (decode_chunk checks it): get_chunk in two steps, so
