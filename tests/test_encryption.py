@@ -337,3 +337,21 @@ def test_key_derivation_in_a_child_process_and_kept_for_the_run(env, monkeypatch
     monkeypatch.setenv("NBDBACKUP_PASSWORD_FILE", str(wrong))
     with pytest.raises(keys.WrongPassphrase):
         Repository.open(env / "r", create=False)
+
+
+def test_rollback_marker_of_an_encrypted_repository_names_nothing(env):
+    """The marker of a rollback under way lives in the repository's directory: keyed name, encrypted content."""
+    from types import SimpleNamespace
+
+    from nbdbackup.rollback import Marker
+
+    repo = Repository.open(env / "r", encryption="repokey")
+    marker = Marker(repo, "secretvm")
+    marker.write(SimpleNamespace(checkpoint="secretcp", disks=[SimpleNamespace(disk="secretdisk")]))
+    assert "secretvm" not in str(marker.path) and marker.path.read_bytes()[:4] == b"NBDE"
+    assert not any(s in marker.path.read_bytes() for s in (b"secretcp", b"secretdisk"))
+    assert Marker(Repository.open(env / "r", create=False), "secretvm").read()["checkpoint"] == "secretcp"
+    assert Marker(repo, "othervm").read() is None
+    plain = Repository.open(env / "p")
+    Marker(plain, "vm1").write(SimpleNamespace(checkpoint="cp", disks=[]))
+    assert json.loads((env / "p" / "rollbacks" / "vm1.json").read_text())["checkpoint"] == "cp"  # unchanged format

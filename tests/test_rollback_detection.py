@@ -179,3 +179,4 @@ def test_s3_store_withholding_a_backup_is_detected_and_prune_elsewhere_is_not(en
     with pytest.raises(RepositoryRolledBack, match="charlie"):
         open_repo(create=False).manifests("vm1")
     assert not any("vm1" in k or "charlie" in k or "alpha" in k for k in s3_repo.keys())
+
