@@ -323,10 +323,12 @@ class EncryptedBackend:
         return self.cipher.open(key, self.inner.read(self.physical(key)))
 
     def read_plain_view(self, key: str) -> memoryview:
-        """read(), as a view of this thread's buffer (valid until its next call): a local directory
-        reads into it and decrypts in place; other backends decrypt into it."""
+        """read(), as a view the caller uses at once: a local directory reads the object into a
+        new buffer and decrypts it there, in place (one buffer per object read, as an unencrypted
+        read; kept per thread instead, the buffers would stay allocated between reads); other
+        backends decrypt into this thread's buffer (valid until its next call)."""
         if isinstance(self.inner, LocalBackend):
-            return self.cipher.open_in_place(key, self.inner.read_into(self.physical(key), lambda size: _buffer(size, "sealed")))
+            return self.cipher.open_in_place(key, self.inner.read_into(self.physical(key), lambda size: memoryview(bytearray(size))))
         return self.cipher.open_into(key, self.inner.read(self.physical(key)))
 
     def read_sealed(self, key: str) -> bytes:
