@@ -270,7 +270,7 @@ def mount(settings: Settings, req, *, cancel: CancelToken):
 
     repo = open_repository(settings)
     with repository_lock(repo):  # nbdkit takes its own shared lock for as long as the mount lives
-        return run_mount(repo, lambda checkpoint, disks: Source(str(settings.repo), settings.config_file, req.vm, checkpoint, disks),
+        return run_mount(repo, lambda checkpoint, disks: Source(str(settings.repo), settings.config_file, req.vm, checkpoint, disks, repo.unlocked_key()),
                          req, cancel)
 
 
@@ -286,7 +286,7 @@ def recover(settings: Settings, req, *, cancel: CancelToken, observer: Observer 
     with vm_lock(repo, req.vm), repository_lock(repo):
         remove_stale_dirs(runtime_base(), prefix=prefix)  # left by a killed run; we hold the VM's lock
         with private_dir(prefix=prefix) as work:
-            return run_recover(repo, lambda checkpoint, disks: Source(str(settings.repo), settings.config_file, req.vm, checkpoint, disks),
+            return run_recover(repo, lambda checkpoint, disks: Source(str(settings.repo), settings.config_file, req.vm, checkpoint, disks, repo.unlocked_key()),
                                req, work, cancel, on_images=on_images, on_wait=on_wait,
                                on_start=observer.on_start, progress=observer.progress)
 

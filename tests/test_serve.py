@@ -52,7 +52,9 @@ def no_nbdkit_left(repo: Path) -> None:
     assert f"repo={repo}" not in ps, ps
 
 
-def test_serve_full_and_incremental_points(vm_factory, repo, tmp_path):
+def test_serve_full_and_incremental_points(vm_factory, any_repo, tmp_path):
+    """On every kind of repository: directory or S3, encrypted or not."""
+    repo = any_repo
     vm = vm_factory(SIZES)
     vm.start()
     vm.write("vda", 0, 1 * MiB, 0x11)
