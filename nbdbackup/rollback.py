@@ -48,6 +48,7 @@ from .pipeline import Pipeline
 from .qmp import QMPSession
 from .records import Disk, DiskBackup, Extent, IndexEntry, Manifest
 from .repository import Repository
+from .repository.crypto import ObjectDamaged
 from .restore import find_backup
 from .storage_daemon import StorageDaemon, TargetImage
 
@@ -117,24 +118,30 @@ class RollbackResult:
 
 
 class Marker:
-    """rollbacks/<vm>.json in the repository's local directory: present while a rollback writes."""
+    """rollbacks/<vm>.json in the repository's local directory: present while a rollback writes.
+    In an encrypted repository the file name is keyed and the content encrypted (it names the
+    checkpoint and the disks), like everything else in it."""
 
     def __init__(self, repo: Repository, vm: str) -> None:
-        self.path = repo.local_dir("rollbacks") / f"{vm}.json"
+        name = repo.local_name(vm)
+        self.path = repo.local_dir("rollbacks") / f"{name}.json"
+        self.cipher = repo.cipher
+        self.key = f"rollbacks/{name}"  # what the encrypted content is bound to
 
     def read(self) -> dict | None:
         try:
-            return json.loads(self.path.read_text())
+            blob = self.path.read_bytes()
+            return json.loads(self.cipher.open(self.key, blob) if self.cipher is not None else blob)
         except FileNotFoundError:
             return None
-        except (OSError, ValueError):
+        except (OSError, ValueError, ObjectDamaged):
             return {"checkpoint": "?"}
 
     def write(self, plan: RollbackPlan) -> None:
         tmp = self.path.with_suffix(".tmp")
-        data = {"checkpoint": plan.checkpoint, "disks": [d.disk for d in plan.disks], "started": utc_now()}
-        with open(tmp, "w") as f:
-            json.dump(data, f)
+        data = json.dumps({"checkpoint": plan.checkpoint, "disks": [d.disk for d in plan.disks], "started": utc_now()}).encode()
+        with open(tmp, "wb") as f:
+            f.write(self.cipher.seal(self.key, data) if self.cipher is not None else data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, self.path)
