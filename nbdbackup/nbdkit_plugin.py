@@ -72,6 +72,14 @@ def get_ready():
     _images.update(images)
 
 
+def cleanup():
+    """nbdkit exits normally (under nbdfuse: at umount): stop reading ahead, release the lock."""
+    for image in _images.values():
+        image.close()
+    while _lock_holder:
+        _lock_holder.pop().__exit__(None, None, None)
+
+
 def list_exports(readonly, is_tls):
     return list(_params["disk"])
 

@@ -54,7 +54,7 @@ def no_nbdkit_left(repo: Path) -> None:
     assert f"repo={repo}" not in ps, ps
 
 
-def test_serve_full_and_incremental_points(vm_factory, any_repo, tmp_path):
+def test_serve_full_and_incremental_points(vm_factory, any_repo, tmp_path, request):
     """On every kind of repository: directory or S3, encrypted or not."""
     repo = any_repo
     vm = vm_factory(SIZES)
@@ -94,6 +94,8 @@ def test_serve_full_and_incremental_points(vm_factory, any_repo, tmp_path):
         assert done.returncode == 0, done.stderr
         assert "stopped serving" in done.stderr
     no_nbdkit_left(repo)
+    if str(repo).startswith("s3://"):  # nbdkit's lock too, though it was killed
+        assert request.getfixturevalue("s3_repo").keys("repo/locks/") == []
 
 
 def test_serve_multi_conn_several_clients_tcp_and_writable(vm_factory, repo, tmp_path):

@@ -27,7 +27,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from ..errors import EncryptionMismatch, RepositoryDamaged, RepositoryUnusable, UsageError
-from ..lock import file_lock, object_lock
+from ..lock import file_lock, object_lock, remove_dead_holders
 from ..names import check_name, utc_now
 from ..records import CheckpointRecord, IndexEntry, Manifest
 from . import chunks, crypto, index, keys, manifest
@@ -234,6 +234,11 @@ class Repository:
             finally:
                 self._held.remove(held)
                 self._present = None  # only a held lock keeps garbage collection from deleting chunks
+
+    def remove_dead_locks(self, name: str) -> None:
+        """Lock objects called name left by processes of this host that died (see lock.py); none for a directory."""
+        if self.root is None:
+            remove_dead_holders(self.backend, name)
 
     def check_locks(self) -> None:
         """Raise LockHeld if a lock object this run holds may have gone stale (see lock.py)."""
