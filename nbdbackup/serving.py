@@ -217,7 +217,7 @@ def plugin_path_param() -> str:
 @contextlib.contextmanager
 def key_pipe(key: Unlocked | None) -> Iterator[int | None]:
     """The key of an encrypted repository for nbdkit: written into a pipe whose read end the
-    server inherits (keyfd=N), then reads once and closes.  The passphrase is asked (and the
+    server inherits (keyfd=N) and reads once, at start.  The passphrase is asked (and the
     key derived) once, by nbdbackup; the key is never on a command line, in the environment,
     in a file or in a log.  Yields None when there is no key to hand over."""
     if key is None:
