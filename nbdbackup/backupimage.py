@@ -13,7 +13,9 @@ each chunk costs a round trip): a reader that moves on to the next chunk
 chunks loaded in the background; reaching one of those continues the window,
 like the kernel's read-ahead marker.  Clients with one request in flight
 (QEMU's block-stream, a booting guest) then wait for S3 once, not per chunk.
-Memory stays bounded: read-ahead fills the same cache, within its limit.
+Memory stays bounded: read-ahead fills the same cache, within its limit,
+and at most LOADS chunks are loaded at once, whatever the number of server
+threads: (CACHE_CHUNKS + 3 x LOADS) x chunk size at most.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from .repository import Repository
 
 CACHE_CHUNKS = 32  # decompressed chunks kept (at most 32 x chunk size of memory, read-ahead included)
 READ_AHEAD = 4  # chunks loaded ahead of a reader moving forward (remote repositories)
+LOADS = 8  # chunks loaded at once (each holds its stored and its decoded form: memory)
 
 
 class BackupImage:
@@ -46,6 +49,7 @@ class BackupImage:
         self._cache: OrderedDict[bytes, bytes] = OrderedDict()
         self._loading: dict[bytes, threading.Event] = {}
         self._lock = threading.Lock()
+        self._load_slots = threading.BoundedSemaphore(LOADS)
         ahead = (READ_AHEAD if repo.root is None else 0) if read_ahead is None else read_ahead
         self._ahead = max(0, min(ahead, cache_chunks // 4))  # never so much that it evicts what readers use
         self._limit = cache_chunks
@@ -181,7 +185,8 @@ class BackupImage:
                     break
             pending.wait()  # another thread loads it; if that failed, try ourselves
         try:
-            data = self.repo.get_chunk(cid, self._where(offset))
+            with self._load_slots:
+                data = self.repo.get_chunk(cid, self._where(offset))
             with self._lock:
                 self.loads += 1
                 self._cache[cid] = data
