@@ -48,7 +48,6 @@ from .pipeline import Pipeline
 from .qmp import QMPSession
 from .records import Disk, DiskBackup, Extent, IndexEntry, Manifest
 from .repository import Repository
-from .repository.crypto import ObjectDamaged
 from .restore import find_backup
 from .storage_daemon import StorageDaemon, TargetImage
 
@@ -119,29 +118,28 @@ class RollbackResult:
 
 class Marker:
     """rollbacks/<vm>.json in the repository's local directory: present while a rollback writes.
-    In an encrypted repository the file name is keyed and the content encrypted (it names the
-    checkpoint and the disks), like everything else in it."""
+    In an encrypted repository the name is keyed and the content an encrypted object (no VM,
+    checkpoint or disk name in the repository's files)."""
 
     def __init__(self, repo: Repository, vm: str) -> None:
-        name = repo.local_name(vm)
-        self.path = repo.local_dir("rollbacks") / f"{name}.json"
+        self.path = repo.local_dir("rollbacks") / f"{repo.local_name(vm)}.json"
         self.cipher = repo.cipher
-        self.key = f"rollbacks/{name}"  # what the encrypted content is bound to
+        self.logical = f"rollbacks/{vm}.json"  # bound to its VM as associated data
 
     def read(self) -> dict | None:
         try:
             blob = self.path.read_bytes()
-            return json.loads(self.cipher.open(self.key, blob) if self.cipher is not None else blob)
+            return json.loads(self.cipher.open(self.logical, blob) if self.cipher is not None else blob)
         except FileNotFoundError:
             return None
-        except (OSError, ValueError, ObjectDamaged):
+        except (OSError, ValueError, NbdBackupError):  # NbdBackupError: fails authentication
             return {"checkpoint": "?"}
 
     def write(self, plan: RollbackPlan) -> None:
         tmp = self.path.with_suffix(".tmp")
         data = json.dumps({"checkpoint": plan.checkpoint, "disks": [d.disk for d in plan.disks], "started": utc_now()}).encode()
         with open(tmp, "wb") as f:
-            f.write(self.cipher.seal(self.key, data) if self.cipher is not None else data)
+            f.write(self.cipher.seal(self.logical, data) if self.cipher is not None else data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, self.path)
@@ -503,7 +501,7 @@ def _rollback_live(repo: Repository, vmconf, qemu: QMPSession, req: RollbackRequ
     try:
         owner = foreign_owner(qemu.peer_user())
         base = scratch_base(vmconf.scratch, lambda: repo.local_dir("tmp"), owner)
-        with private_dir(base, prefix=f"{req.vm}@", owner=owner) as scratch, private_dir(owner=owner) as sockets:
+        with private_dir(base, prefix=f"{repo.local_name(req.vm)}@", owner=owner) as scratch, private_dir(owner=owner) as sockets:
             target = LiveTarget(qemu, disks, block_namespace(repo.id), scratch, sockets, owner)
             with target:
                 result = roll_back(repo, req, m, target, tuning=tuning, cancel=cancel, progress=observer.progress, on_start=observer.on_start)
