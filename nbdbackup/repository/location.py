@@ -67,14 +67,15 @@ def parse_location(text: str) -> Location:
 
 
 def backend_for(where: Location | str, s3: S3Settings | None = None):
-    """The Backend for a location; an S3 one is checked with one request (credentials, bucket, endpoint)."""
+    """The Backend for a location; an S3 one is checked with one request (credentials, bucket, endpoint),
+    sent alongside the backend's first request (S3Backend.start_check)."""
     if isinstance(where, str):
         where = parse_location(where)
     if isinstance(where, S3Location):
         from .s3 import S3Backend  # botocore is imported only for S3 repositories
 
         backend = S3Backend(where, s3 or S3Settings())
-        backend.check()
+        backend.start_check()
         return backend
     from .backend import LocalBackend
 

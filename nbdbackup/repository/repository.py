@@ -23,6 +23,7 @@ import logging
 import os
 import threading
 import uuid
+from concurrent.futures import Future
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -76,6 +77,8 @@ class Repository:
         self.new_chunks: set[bytes] = set()  # chunks this process created (a failed run removes them)
         self._present: set[bytes] | None = None  # chunks known to exist (remote backends): see put_chunk
         self._present_mutex = threading.Lock()
+        self._listing: Future | None = None  # the chunk listing a backup started when its locks were taken
+        self._records: dict[str, bytes] = {}  # checkpoints.json of the VMs whose lock this run holds
         self.seen: seen.SeenBackups | None = None  # encrypted: what this host saw (rollback detection)
 
     # -- opening ---------------------------------------------------------
@@ -232,11 +235,16 @@ class Repository:
             return
         with object_lock(self.backend, name, what=what, shared=shared, wait=wait) as held:
             self._held.append(held)
+            if shared and name == "repository" and len(self._held) > 1:  # a VM's lock too: a backup or copy
+                self._start_listing()
             try:
                 yield
             finally:
                 self._held.remove(held)
                 self._present = None  # only a held lock keeps garbage collection from deleting chunks
+                self._listing = None
+                if name.startswith("vm-"):
+                    self._records.clear()  # another run may change them from now on
 
     def remove_dead_locks(self, name: str) -> None:
         """Lock objects called name left by processes of this host that died (see lock.py); none for a directory."""
@@ -300,13 +308,32 @@ class Repository:
             return None
         with self._present_mutex:
             if self._present is None:
-                found: set[bytes] = set()
-                for key in self.backend.list("chunks"):
-                    found.add(bytes.fromhex(key.rsplit("/", 1)[1]))
-                    if len(found) > PRESENT_LIMIT:
-                        break
-                self._present = found
+                listing = self._listing
+                self._present = listing.result() if listing is not None else self._list_chunks()
             return self._present if len(self._present) <= PRESENT_LIMIT else None
+
+    def _list_chunks(self) -> set[bytes]:
+        found: set[bytes] = set()
+        for key in self.backend.list("chunks"):
+            found.add(bytes.fromhex(key.rsplit("/", 1)[1]))
+            if len(found) > PRESENT_LIMIT:
+                break
+        return found
+
+    def _start_listing(self) -> None:
+        """List the chunks in a thread as soon as a backup holds its locks (garbage collection
+        cannot delete a listed chunk from then on): the listing runs while QEMU prepares the
+        backup instead of before its first chunk (S3: one request per 1000 chunks)."""
+        listing: Future = Future()
+
+        def run() -> None:
+            try:
+                listing.set_result(self._list_chunks())
+            except BaseException as exc:  # noqa: BLE001 - raised by put_chunk, as a listing there would
+                listing.set_exception(exc)
+
+        self._listing = listing
+        threading.Thread(target=run, name="list-chunks", daemon=True).start()
 
     def get_chunk(self, cid: bytes, where: str) -> bytes:
         if self.cipher is None:
@@ -535,8 +562,12 @@ class Repository:
 
     def checkpoints(self, vm: str) -> list[CheckpointRecord]:
         check_name("VM", vm)
+        blob = self._records.get(vm)
         try:
-            blob = self.backend.read(f"vms/{vm}/checkpoints.json")
+            if blob is None:
+                blob = self.backend.read(f"vms/{vm}/checkpoints.json")
+                if self._holds_vm(vm):
+                    self._records[vm] = blob
         except FileNotFoundError:
             return []
         except crypto.ObjectDamaged as exc:
@@ -545,4 +576,14 @@ class Repository:
 
     def save_checkpoints(self, vm: str, records: Sequence[CheckpointRecord]) -> None:
         check_name("VM", vm)
-        self.backend.write(f"vms/{vm}/checkpoints.json", manifest.checkpoints_to_bytes(list(records)), durable=True)
+        self._records.pop(vm, None)
+        blob = manifest.checkpoints_to_bytes(list(records))
+        self.backend.write(f"vms/{vm}/checkpoints.json", blob, durable=True)
+        if self._holds_vm(vm):
+            self._records[vm] = blob
+
+    def _holds_vm(self, vm: str) -> bool:
+        """Whether this run holds vm's lock object: then only this run changes vm's checkpoint
+        records, and checkpoints() answers from what it last read or wrote (a remote store: a
+        request less each time; the lock's refresh guards against losing it, see lock.py)."""
+        return self.root is None and any(h.key.startswith(f"locks/vm-{self.local_name(vm)}/") for h in self._held)

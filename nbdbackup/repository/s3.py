@@ -56,6 +56,7 @@ from .location import S3Location, S3Settings
 # botocore logs request headers (the access key id among them) at DEBUG: keep it quiet even with --debug.
 for _name in ("boto3", "botocore", "urllib3", "s3transfer"):
     logging.getLogger(_name).setLevel(logging.WARNING)
+log = logging.getLogger(__name__)
 
 CREDENTIAL_CODES = {"InvalidAccessKeyId", "SignatureDoesNotMatch", "InvalidToken", "ExpiredToken", "TokenRefreshRequired",
                     "AuthorizationHeaderMalformed", "InvalidSecurity", "InvalidClientTokenId", "MissingSecurityHeader"}
@@ -81,6 +82,7 @@ class S3Backend:
         self._pending: dict[str, cf.Future] = {}
         self._mutex = threading.Lock()
         self._failed: BaseException | None = None
+        self._checking: cf.Future | None = None  # start_check(): the opening check, running alongside the first request
 
     # -- the Backend calls --------------------------------------------------
 
@@ -88,13 +90,17 @@ class S3Backend:
         self._settle(key)
         try:
             resp = self.client.get_object(Bucket=self.bucket, Key=self._key(key))
-            return resp["Body"].read()
+            body = resp["Body"].read()
         except bex.ClientError as exc:
+            self._checked()  # the opening check's error first: it tells the causes apart
             if _code(exc) in ("NoSuchKey", "404"):
                 raise FileNotFoundError(key) from None
             raise self._error(exc, f"read {key}") from None
         except Exception as exc:  # noqa: BLE001 - mapped, or re-raised when not a client error
+            self._checked()
             raise self._error(exc, f"read {key}") from None
+        self._checked()  # an answer counts only from a server that passed the check
+        return body
 
     def write(self, key: str, data: Buffers, *, durable: bool = False, exclusive: bool = False) -> None:
         blob = data if isinstance(data, bytes) else bytes(data) if isinstance(data, (bytearray, memoryview)) else b"".join(data)
@@ -105,6 +111,7 @@ class S3Backend:
             self._queue(key, blob)
 
     def _put(self, key: str, blob: bytes, *, exclusive: bool) -> None:
+        self._checked()
         args: dict[str, Any] = {"Bucket": self.bucket, "Key": self._key(key), "Body": blob}
         if exclusive and not self.atomic_exclusive:
             if self.exists(key):
@@ -134,6 +141,7 @@ class S3Backend:
     def list(self, prefix: str) -> Iterator[str]:
         folder = self.root + (prefix.rstrip("/") + "/" if prefix else "")
         self._settle_below(prefix.rstrip("/") + "/" if prefix else "")
+        self._checked()
         try:
             pages = self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=folder)
             keys = [obj["Key"][len(self.root):] for page in pages for obj in page.get("Contents", ())]
@@ -143,6 +151,7 @@ class S3Backend:
 
     def delete(self, key: str) -> None:
         self._settle(key)
+        self._checked()
         try:
             self.client.delete_object(Bucket=self.bucket, Key=self._key(key))
         except bex.ClientError as exc:
@@ -230,6 +239,28 @@ class S3Backend:
         if resp.get("Name") != self.bucket:
             raise S3Unreachable(f"{self._endpoint()} does not answer like an S3 server", hint="check [s3] endpoint in the config file")
 
+    def start_check(self) -> None:
+        """check() in a thread: the first request (config.json) goes out alongside it, one round
+        trip instead of two.  Every call waits for the check and raises its error before its own,
+        and no answer is returned before the check has passed."""
+        fut: cf.Future = cf.Future()
+
+        def run() -> None:
+            try:
+                self.check()
+                fut.set_result(None)
+            except BaseException as exc:  # noqa: BLE001 - handed to the caller
+                fut.set_exception(exc)
+
+        self._checking = fut
+        threading.Thread(target=run, name="s3-check", daemon=True).start()
+
+    def _checked(self) -> None:
+        fut = self._checking
+        if fut is not None:
+            fut.result()
+            self._checking = None
+
     # -- helpers ---------------------------------------------------------------
 
     def _key(self, key: str) -> str:
@@ -239,6 +270,7 @@ class S3Backend:
 
     def _head(self, key: str) -> dict[str, Any]:
         self._settle(key)
+        self._checked()
         try:
             return self.client.head_object(Bucket=self.bucket, Key=self._key(key))
         except bex.ClientError as exc:
@@ -343,9 +375,17 @@ def _client(settings: S3Settings, where: str) -> Any:
     )
     verify: bool | str = settings.ca_bundle or settings.verify_tls
     try:
-        return session.create_client("s3", endpoint_url=settings.endpoint, config=config, verify=verify,
+        client = session.create_client("s3", endpoint_url=settings.endpoint, config=config, verify=verify,
                                      region_name=settings.region or "us-east-1")
     except bex.ProfileNotFound:
         raise UsageError(f"S3 profile {settings.profile!r} is not in the AWS config or credentials files") from None
     except ValueError as exc:  # a malformed endpoint URL
         raise UsageError(f"[s3] endpoint {settings.endpoint!r} is not a URL ({exc})") from None
+    if log.isEnabledFor(logging.DEBUG):
+        client.meta.events.register("before-parameter-build.s3", _trace)
+    return client
+
+
+def _trace(model: Any, params: dict, **_: Any) -> None:
+    """--debug: one line per S3 request (operation and key: never a header, so no credential)."""
+    log.debug("S3 %s %s", model.name, params.get("Key", params.get("Prefix", "")))
