@@ -23,8 +23,8 @@ import logging
 import os
 import threading
 import uuid
-from concurrent.futures import Future
 from collections.abc import Iterator, Sequence
+from concurrent.futures import Future
 from pathlib import Path
 
 from ..errors import EncryptionMismatch, RepositoryDamaged, RepositoryUnusable, UsageError
