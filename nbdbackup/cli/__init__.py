@@ -81,7 +81,7 @@ Global options may come before or after the command.
              context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.option("--repo", "-r", metavar="PATH|s3://BUCKET/PREFIX", help="Repository: a directory or S3 object storage (settings in [s3]) [env NBDBACKUP_REPO; config 'repository'; default /var/lib/nbdbackup, or $XDG_DATA_HOME/nbdbackup for non-root].")
 @click.option("--config", metavar="FILE", help="TOML config file [env NBDBACKUP_CONFIG; default /etc/nbdbackup/config.toml, then $XDG_CONFIG_HOME/nbdbackup/config.toml].")
-@click.option("--debug", is_flag=True, help="Log every QMP exchange; show tracebacks.")
+@click.option("--debug", is_flag=True, help="Log every QMP exchange and S3 request; show tracebacks.")
 @click.option("--log-file", metavar="FILE", help="Also log to FILE (appended). Syslog gets the log too when stderr is not a terminal.")
 @click.option("--metrics-file", metavar="FILE", help="Prometheus textfile updated by every backup run (node_exporter's textfile collector).")
 @click.version_option(__version__, prog_name="nbdbackup")
