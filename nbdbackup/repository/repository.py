@@ -308,8 +308,8 @@ class Repository:
             return None
         with self._present_mutex:
             if self._present is None:
-                listing = self._listing
-                self._present = listing.result() if listing is not None else self._list_chunks()
+                first = self._listing.result() if self._listing is not None else None
+                self._present = first if first is not None else self._list_chunks()
             return self._present if len(self._present) <= PRESENT_LIMIT else None
 
     def _list_chunks(self) -> set[bytes]:
@@ -321,16 +321,22 @@ class Repository:
         return found
 
     def _start_listing(self) -> None:
-        """List the chunks in a thread as soon as a backup holds its locks (garbage collection
-        cannot delete a listed chunk from then on): the listing runs while QEMU prepares the
-        backup instead of before its first chunk (S3: one request per 1000 chunks)."""
+        """Start the chunk listing in a thread as soon as a backup holds its locks (garbage
+        collection cannot delete a listed chunk from then on): it runs while QEMU prepares the
+        backup instead of before its first chunk.  Only its first request (S3: up to 1000 chunks),
+        so that runs that take these locks without storing chunks (copy, recover) waste one
+        request at most; put_chunk lists the rest of a larger repository as before."""
+        list_first = getattr(self.backend, "list_first", None)
+        if list_first is None:
+            return
         listing: Future = Future()
 
         def run() -> None:
             try:
-                listing.set_result(self._list_chunks())
-            except BaseException as exc:  # noqa: BLE001 - raised by put_chunk, as a listing there would
-                listing.set_exception(exc)
+                keys, complete = list_first("chunks")
+                listing.set_result({bytes.fromhex(k.rsplit("/", 1)[1]) for k in keys} if complete else None)
+            except BaseException:  # noqa: BLE001 - put_chunk lists again and reports what goes wrong
+                listing.set_result(None)
 
         self._listing = listing
         threading.Thread(target=run, name="list-chunks", daemon=True).start()

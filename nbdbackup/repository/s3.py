@@ -156,6 +156,17 @@ class S3Backend:
             raise self._error(exc, f"list {prefix or 'the repository'}") from None
         yield from keys
 
+    def list_first(self, prefix: str) -> tuple[list[str], bool]:
+        """The keys of list(prefix) that one request returns (up to 1000), and whether that was all."""
+        folder = self.root + (prefix.rstrip("/") + "/" if prefix else "")
+        self._settle_below(prefix.rstrip("/") + "/" if prefix else "")
+        self._checked()
+        try:
+            resp = self.client.list_objects_v2(Bucket=self.bucket, Prefix=folder)
+        except Exception as exc:  # noqa: BLE001
+            raise self._error(exc, f"list {prefix or 'the repository'}") from None
+        return [obj["Key"][len(self.root):] for obj in resp.get("Contents", ())], not resp.get("IsTruncated")
+
     def delete(self, key: str) -> None:
         self._settle(key)
         self._checked()
@@ -384,7 +395,6 @@ def _loader(data_path: str | None) -> botocore.loaders.Loader:
 def _client(settings: S3Settings, where: str) -> Any:
     keys = _credentials(settings)
     session = botocore.session.Session(profile=None if keys else settings.profile)
-    session.register_component("data_loader", _loader(session.get_config_variable("data_path")))
     if keys:
         session.set_credentials(keys["aws_access_key_id"], keys["aws_secret_access_key"], keys.get("aws_session_token"))
     config = botocore.config.Config(
@@ -399,6 +409,7 @@ def _client(settings: S3Settings, where: str) -> Any:
     )
     verify: bool | str = settings.ca_bundle or settings.verify_tls
     try:
+        session.register_component("data_loader", _loader(session.get_config_variable("data_path")))
         client = session.create_client("s3", endpoint_url=settings.endpoint, config=config, verify=verify,
                                      region_name=settings.region or "us-east-1")
     except bex.ProfileNotFound:
