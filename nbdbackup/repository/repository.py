@@ -305,6 +305,10 @@ class Repository:
     def decode_chunk(self, blob: bytes, cid: bytes, where: str) -> bytes:
         return chunks.decode(blob, cid, where, self.chunk_id)
 
+    def decode_chunk_into(self, blob: bytes, cid: bytes, where: str, out: memoryview) -> memoryview:
+        """decode_chunk into a buffer the caller reuses (restore); out must hold chunks.decoded_length(blob)."""
+        return chunks.decode_into(blob, cid, where, self.chunk_id, out)
+
     def chunk_ids(self) -> set[bytes]:
         return {bytes.fromhex(k.rsplit("/", 1)[1]) for k in self.backend.list("chunks")}
 
