@@ -34,6 +34,15 @@ def create_raw(path: Path, size: int) -> None:
         raise RestoreTargetError(f"cannot create {path}: {exc.strerror}") from None
 
 
+def direct_io_works(path: Path) -> bool:
+    """Whether the file's filesystem takes O_DIRECT (tmpfs before Linux 6.6 does not)."""
+    try:
+        os.close(os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_DIRECT))
+        return True
+    except (OSError, AttributeError):
+        return False
+
+
 def aligned_buffer(size: int) -> memoryview:
     """A writable, page-aligned buffer (anonymous memory) of at least size bytes."""
     return memoryview(mmap.mmap(-1, max(size, 1)))

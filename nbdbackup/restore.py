@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import contextlib
+import dataclasses
 import functools
 import logging
 import os
@@ -26,7 +27,7 @@ from .errors import CheckpointUnknown, RepositoryDamaged, RestoreTargetError, Us
 from .inuse import in_use
 from .nbdio import MAX_REQUEST, NbdEndpoint, NbdIOError, is_zero
 from .pipeline import Pipeline
-from .rawimage import ALIGN, RawImage, aligned_buffer, create_raw
+from .rawimage import ALIGN, RawImage, aligned_buffer, create_raw, direct_io_works
 from .records import IndexEntry, Manifest
 from .repository import Repository, chunks
 from .storage_daemon import StorageDaemon, TargetImage, create_image
@@ -103,6 +104,7 @@ def run_restore(
     try:
         for img in images:
             create_raw(img.path, img.size) if img.format == "raw" else create_image(img)
+        images = [dataclasses.replace(img, direct=direct_io_works(img.path)) for img in images]
         on_start(sum(e.length for entries in indexes.values() for e in entries))
         if req.format == "raw":  # a plain file: the workers write it themselves
             for img in images:

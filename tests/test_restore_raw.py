@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import os
 import random
+import signal
 
 import pytest
 from test_backupimage import make
 
 from nbdbackup.errors import RepositoryDamaged, RestoreTargetError
 from nbdbackup.rawimage import ALIGN, RawImage, aligned_buffer, create_raw
+from nbdbackup.records import DiskBackup, IndexEntry, Manifest
 from nbdbackup.repository import Repository, chunks
 from nbdbackup.restore import RestoreRequest, run_restore
 
@@ -117,3 +119,39 @@ def test_decode_into_a_reused_buffer_checks_like_decode(tmp_path):
     with pytest.raises(ValueError):
         repo.decode_chunk_into(blob, cid, "here", aligned_buffer(4096))
 
+
+
+# -- faults: the CLI on the hand-made backup (tests/faults.py) --------------------------------
+
+def test_sigterm_while_writing_a_raw_image_leaves_nothing(tmp_path):
+    from faults import Run, assert_one_line_error
+
+    make(tmp_path)
+    out = tmp_path / "out"
+    with Run(tmp_path / "repo", "restore", "vm1", "--to", "cp1", "--output", out, "--format", "raw",
+             pause="write", after=2) as run:
+        run.wait_paused()
+        run.signal(signal.SIGTERM)
+        result = run.finish()
+    assert_one_line_error(result, 143)
+    assert sorted(p.name for p in out.iterdir()) == []
+
+
+def test_a_full_target_filesystem_is_a_restore_target_error(tmp_path):
+    from faults import Run, assert_one_line_error, small_filesystem
+
+    repo = Repository.open(tmp_path / "repo")
+    data = os.urandom(4 * MiB)  # incompressible: 3 chunks x 4 MiB into a 8 MiB tmpfs
+    cid = repo.chunk_id(data)
+    repo.put_chunk(cid, data, 2)
+    size = 16 * MiB
+    entries = [IndexEntry(i * 4 * MiB, 4 * MiB, cid) for i in range(3)]
+    sha = repo.write_index("vm1", "cp1", "vda", size, entries)
+    repo.commit(Manifest(vm="vm1", checkpoint="cp1", kind="full", since=None, created="2026-01-01T00:00:00Z",
+                         chain="c" * 32, disks=(DiskBackup("vda", size, sha, 12 * MiB, 0, True),)))
+    with small_filesystem(tmp_path / "small", 8) as small:
+        with Run(tmp_path / "repo", "restore", "vm1", "--to", "cp1", "--output", small / "out", "--format", "raw") as run:
+            result = run.finish()
+        line = assert_one_line_error(result, 8)
+        assert "No space left" in line and "disk vda" in line, line
+        assert sorted(p.name for p in (small / "out").iterdir()) == []
