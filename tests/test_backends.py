@@ -178,7 +178,7 @@ def test_shared_locks_coexist_exclusive_waits(object_backend):
     with object_lock(object_backend, "repository", what="R", shared=True):
         with object_lock(object_backend, "repository", what="R", shared=True):
             with pytest.raises(LockHeld, match="holds R"):
-                with object_lock(object_backend, "repository", what="R", wait=0.5):
+                with object_lock(object_backend, "repository", what="R", wait=0.2):
                     pass
     with object_lock(object_backend, "repository", what="R"):  # all released: exclusive is free
         with pytest.raises(LockHeld):
@@ -245,7 +245,7 @@ def test_held_lock_is_refreshed_and_checked(object_backend, monkeypatch):
     monkeypatch.setenv("NBDBACKUP_LOCK_STALE", "30")
     with object_lock(object_backend, "repository", what="R", shared=True) as held:
         first = held.refreshed
-        time.sleep(0.5)
+        time.sleep(0.3)
         assert held.refreshed > first  # rewritten in the background
         held.check()
         held.refreshed -= 60  # as if refreshes had failed for a minute
