@@ -14,7 +14,7 @@ from pathlib import Path
 
 import nbd
 
-from .errors import NbdBackupError, VMUnreachable
+from .errors import NbdIOError, VMUnreachable
 from .records import Extent
 
 log = logging.getLogger(__name__)
@@ -28,10 +28,6 @@ DIRTY = 1
 
 def dirty_bitmap_context(bitmap: str) -> str:
     return f"qemu:dirty-bitmap:{bitmap}"
-
-
-class NbdIOError(NbdBackupError):
-    """An NBD request failed or the connection dropped."""
 
 
 class NbdEndpoint:

@@ -25,7 +25,7 @@ from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
 from pathlib import Path
 
-from .errors import NbdBackupError, QEMUCommandFailed, VMUnsuitable
+from .errors import NbdBackupError, QEMUCommandFailed, QEMUFailed, VMUnsuitable
 from .names import EXPORT_BITMAP, GRANULARITY, BlockNames, nbd_export_name
 from .qmp import QMPSession
 from .records import Disk
@@ -266,7 +266,7 @@ def _start_create(path: Path, size: int) -> subprocess.Popen[str]:
 
 def _created(path: Path, returncode: int, stderr: str, owner: tuple[int, int] | None) -> None:
     if returncode != 0:
-        raise NbdBackupError(f"cannot create scratch file {path}: {stderr.strip()}", hint="check the scratch directory")
+        raise QEMUFailed(f"cannot create scratch file {path}: {stderr.strip()}", hint="check the scratch directory")
     path.chmod(0o600)
     if owner:
         os.chown(path, *owner)

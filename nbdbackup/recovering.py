@@ -43,6 +43,7 @@ from .errors import (
     Interrupted,
     NbdBackupError,
     QEMUCommandFailed,
+    QEMUFailed,
     RestoreTargetError,
     ServeAddressError,
     UsageError,
@@ -302,7 +303,7 @@ def _wait_for_jobs(session: QMPSession, running: dict, cancel: CancelToken, prog
                     # local stays local, so a new job continues where it stopped
                     retries[j["id"]] = retries.get(j["id"], 0) + 1
                     if retries[j["id"]] > STREAM_RETRIES:
-                        raise NbdBackupError(f"copying disk {img.disk} failed: {j['error']}",
+                        raise QEMUFailed(f"copying disk {img.disk} failed: {j['error']}",
                                              hint="run the same `nbdbackup recover` again to resume")
                     log.info("copying disk %s failed (%s); starting again", img.disk, j["error"])
                     _start_stream(session, j["id"], node, speed)

@@ -26,7 +26,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from .capture import CancelToken
-from .errors import ImageInUse, NbdBackupError
+from .errors import ImageInUse, NbdBackupError, QEMUFailed
 from .pointintime import delete_export, start_nbd_server
 from .qmp import QMPSession
 from .records import Disk
@@ -103,13 +103,13 @@ class LiveTarget:
             event = self.session.wait_event(lambda e, job=job: e["event"] in ("BLOCK_JOB_READY", "BLOCK_JOB_COMPLETED", "BLOCK_JOB_ERROR")
                                             and e["data"].get("device") == job, timeout=COMMIT_TIMEOUT)
             if event["event"] != "BLOCK_JOB_READY":
-                raise NbdBackupError(f"committing the rollback of disk {d.id} failed: {event['data'].get('error', event['event'])}",
+                raise QEMUFailed(f"committing the rollback of disk {d.id} failed: {event['data'].get('error', event['event'])}",
                                      hint=f"the VM's device may still use the overlay {path}; see docs/CHAIN.md")
             self.session.execute("block-job-complete", {"device": job})
             event = self.session.wait_event(lambda e, job=job: e["event"] in ("BLOCK_JOB_COMPLETED", "BLOCK_JOB_ERROR")
                                             and e["data"].get("device") == job, timeout=COMMIT_TIMEOUT)
             if event["data"].get("error"):
-                raise NbdBackupError(f"committing the rollback of disk {d.id} failed: {event['data']['error']}")
+                raise QEMUFailed(f"committing the rollback of disk {d.id} failed: {event['data']['error']}")
             self.session.execute("blockdev-del", {"node-name": node})
             del self._overlays[d.id]
             path.unlink(missing_ok=True)
