@@ -22,7 +22,7 @@ log = logging.getLogger(__name__)
 MAX_REQUEST = 32 * 1024 * 1024  # QEMU's advertised maximum: a larger pwrite kills the connection
 STATUS_STEP = 1024 * 1024 * 1024  # one block-status query covers at most this much
 BASE_ALLOCATION = "base:allocation"
-STATE_HOLE, STATE_ZERO = 1, 2
+STATE_ZERO = 2  # base:allocation's flag for a range that reads as zeros
 DIRTY = 1
 
 

@@ -100,7 +100,6 @@ def node_bitmaps(session: QMPSession) -> dict[str, list[Bitmap]]:
                 Bitmap(
                     node=node["node-name"],
                     name=b["name"],
-                    granularity=b["granularity"],
                     count=b["count"],
                     recording=b.get("recording", True),
                     persistent=b.get("persistent", False),
