@@ -148,7 +148,8 @@ def _left(repo: Repository, created: set[bytes], why: str) -> None:
 
 
 def checkpoint_status(settings: Settings, vmconf: VMConfig) -> list[CheckpointStatus]:
-    """Read-only: the chain as QEMU and the repository see it."""
+    """The chain as QEMU and the repository see it.  Changes nothing lasting: checking the active
+    bitmap against its twin copies both into temporary bitmaps, removed at once (checkpoints.py)."""
     with vm_session(settings, vmconf) as (repo, session):
         disks = qcow2_disks(session, vmconf.disks, vmconf.exclude)
         records = repo.checkpoints(vmconf.name)
@@ -227,7 +228,7 @@ def collect_garbage(settings: Settings, *, wait: float = 60.0) -> GarbageReport:
     repo = open_repository(settings)
     try:
         with repository_lock(repo, exclusive=True, wait=wait):
-            return pruning.collect_garbage(repo)
+            return pruning.free_unreferenced(repo)
     except LockHeld:
         return GarbageReport(False, note="chunks were not freed: backups or restores are running; the next prune frees them")
 

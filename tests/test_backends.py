@@ -157,7 +157,7 @@ def test_repository_logic_on_the_backend(backend):
     """The repository format on top of any backend: create, reopen, commit visibility, GC."""
     from test_repository import manifest
 
-    repo = Repository.open(backend)
+    repo = Repository.open(backend, create=True)
     assert Repository.open(backend, create=False).id == repo.id
     data = os.urandom(1000)
     cid = repo.chunk_id(data)
@@ -166,7 +166,7 @@ def test_repository_logic_on_the_backend(backend):
     assert repo.manifests("vm1") == [] and repo.incomplete_backups("vm1") == ["cp1"]
     repo.commit(m)
     assert repo.manifests("vm1") == [m] and repo.vms() == ["vm1"]
-    assert repo.collect_garbage()[0] == 1  # nothing references the chunk
+    assert repo.remove_unreferenced()[0] == 1  # nothing references the chunk
     repo.delete_backup("vm1", "cp1")
     assert repo.manifests("vm1") == [] and repo.incomplete_backups("vm1") == []
 

@@ -18,7 +18,7 @@ DISK = 4 * MiB + 512
 
 
 def make(tmp_path):
-    repo = Repository.open(tmp_path / "repo")
+    repo = Repository.open(tmp_path / "repo", create=True)
     a = os.urandom(256 * KiB)
     b = bytes(range(256)) * 256  # 64 KiB
     ids = {}

@@ -133,7 +133,7 @@ def test_golden_encrypted_repository_decrypts_without_nbdbackup():
 # -- the repository API -----------------------------------------------------------
 
 def test_round_trip_dedup_and_no_names(env):
-    repo = Repository.open(env / "r", encryption="repokey")
+    repo = Repository.open(env / "r", create=True, encryption="repokey")
     data = os.urandom(1000) * 100
     cid = repo.chunk_id(data)
     assert repo.put_chunk(cid, data, 3) > 0 and repo.put_chunk(cid, data, 3) == 0  # same key, same content, one chunk
@@ -143,12 +143,12 @@ def test_round_trip_dedup_and_no_names(env):
     assert not any("secretvm" in p for p in tree(env / "r"))
     again = Repository.open(env / "r", create=False)
     assert again.get_chunk(cid, "t") == data and again.vms() == ["secretvm"]
-    other = Repository.open(env / "r2", encryption="repokey")
+    other = Repository.open(env / "r2", create=True, encryption="repokey")
     assert other.chunk_id(data) != cid  # another repository, another key: chunks cannot be linked across them
 
 
 def test_config_tampering_is_detected(env):
-    Repository.open(env / "r", encryption="repokey")
+    Repository.open(env / "r", create=True, encryption="repokey")
     conf = env / "r" / "config.json"
     doc = json.loads(conf.read_text())
     doc["chunk_id"]["algorithm"] = "blake3"  # a store trying to get unkeyed, guessable ids
@@ -158,7 +158,7 @@ def test_config_tampering_is_detected(env):
 
 
 def test_encryption_asked_for_but_repository_is_plain(env):
-    Repository.open(env / "r")
+    Repository.open(env / "r", create=True)
     with pytest.raises(EncryptionMismatch):
         Repository.open(env / "r", encryption="repokey")
 
@@ -278,8 +278,8 @@ def test_copy_reencrypts_for_the_target(kinds, env):
     from nbdbackup.records import IndexEntry
     from nbdbackup.repository.memory import MemoryBackend
 
-    source = Repository.open(MemoryBackend("s"), encryption=kinds[0], passphrase=b"source passphrase")
-    target = Repository.open(MemoryBackend("t"), encryption=kinds[1], passphrase=b"target passphrase")
+    source = Repository.open(MemoryBackend("s"), create=True, encryption=kinds[0], passphrase=b"source passphrase")
+    target = Repository.open(MemoryBackend("t"), create=True, encryption=kinds[1], passphrase=b"target passphrase")
     data = [bytes([i + 1]) * 4096 for i in range(3)]
     for d in data:
         source.put_chunk(source.chunk_id(d), d, 3)

@@ -8,11 +8,16 @@ import json
 import logging
 import time
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import click
 
 from . import logs
 from .common import Globals, human_size, interruptible, pass_globals, plural, progress_bar, qmp_option
+
+if TYPE_CHECKING:  # imported by the commands that run: --help does without them
+    from ..backup import BackupResult
+    from ..errors import NbdBackupError
 
 
 @dataclass(frozen=True)
@@ -30,8 +35,8 @@ class BackupOptions:
 @dataclass(frozen=True)
 class Outcome:
     vm: str
-    result: object | None = None  # BackupResult on success
-    failure: Exception | None = None  # the NbdBackupError on failure
+    result: BackupResult | None = None  # on success
+    failure: NbdBackupError | None = None  # on failure
 
     @property
     def exit_code(self) -> int:

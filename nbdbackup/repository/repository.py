@@ -79,12 +79,13 @@ class Repository:
     # -- opening ---------------------------------------------------------
 
     @classmethod
-    def open(cls, where: Location | Backend, *, create: bool = True, s3: S3Settings | None = None,
+    def open(cls, where: Location | Backend, *, create: bool = False, s3: S3Settings | None = None,
              encryption: str | None = None, passphrase: bytes | None = None,
              passphrase_source: keys.PassphraseSource = keys.CURRENT, like: Repository | None = None) -> Repository:
         """The repository at a path, an s3:// location or on a ready Backend (tests: MemoryBackend);
-        with create, made if there is none (with like's format version and chunk ids when like is
-        an unencrypted repository: copy).
+        RepositoryUnusable if there is none, unless create (only backups, copy's target and init
+        create one: a typo in --repo must not make a new repository); a new one gets like's format
+        version and chunk ids when like is an unencrypted repository (copy).
 
         encryption: what the configuration asks for ("repokey", "keyfile", "none" or None = no
         opinion).  A new repository gets it; an existing unencrypted one is refused when
@@ -305,9 +306,6 @@ class Repository:
     def decode_chunk(self, blob: bytes, cid: bytes, where: str) -> bytes:
         return chunks.decode(blob, cid, where, self.chunk_id)
 
-    def chunk_ids(self) -> set[bytes]:
-        return {bytes.fromhex(k.rsplit("/", 1)[1]) for k in self.backend.list("chunks")}
-
     def referenced_chunks(self) -> set[bytes]:
         """Every chunk that a complete backup of any VM references."""
         used: set[bytes] = set()
@@ -316,22 +314,6 @@ class Repository:
                 for d in m.disks:
                     used.update(e.chunk for e in self.read_index(m, d.id)[1])
         return used
-
-    def collect_garbage(self) -> tuple[int, int]:
-        """Delete chunks no backup references, and leftovers of interrupted writes.
-        The caller MUST hold the repository lock exclusively.  Returns (chunks, bytes) freed."""
-        used = self.referenced_chunks()
-        freed = size = 0
-        for key in list(self.backend.list("chunks")):
-            if bytes.fromhex(key.rsplit("/", 1)[1]) not in used:
-                if freed % 256 == 0:
-                    self.check_locks()
-                size += self.backend.size(key)
-                self.backend.delete(key)
-                freed += 1
-        self.backend.delete_partial_writes()
-        self._present = None
-        return freed, size
 
     def stored_size(self, cids: set[bytes]) -> int:
         """Bytes the chunks cids take in the repository (those that exist)."""
@@ -343,16 +325,22 @@ class Repository:
                 pass
         return total
 
-    def remove_unreferenced(self, candidates: set[bytes]) -> tuple[int, int]:
-        """Delete those of candidates (the chunks a failed run created) that no backup references,
-        and leftovers of interrupted writes.  The same rule as collect_garbage (docs/FORMAT.md):
-        the caller MUST hold the repository lock exclusively.  Returns (chunks, bytes) freed."""
-        if not candidates:
+    def remove_unreferenced(self, candidates: set[bytes] | None = None) -> tuple[int, int]:
+        """Delete the chunks that no backup references (garbage collection), or only those of
+        candidates (the chunks a failed run created); and leftovers of interrupted writes.
+        The caller MUST hold the repository lock exclusively (docs/FORMAT.md, "Deleting chunks").
+        Returns (chunks, bytes) freed."""
+        if candidates is not None and not candidates:
             return 0, 0
-        unused = candidates - self.referenced_chunks()
+        used = self.referenced_chunks()
+        if candidates is None:
+            keys = [k for k in self.backend.list("chunks") if bytes.fromhex(k.rsplit("/", 1)[1]) not in used]
+        else:
+            keys = [self._chunk_key(cid) for cid in candidates - used]
         freed = size = 0
-        for cid in unused:
-            key = self._chunk_key(cid)
+        for key in keys:
+            if freed % 256 == 0:
+                self.check_locks()  # still ours: deleting many chunks takes a while
             try:
                 size += self.backend.size(key)
             except FileNotFoundError:
