@@ -21,7 +21,7 @@ import contextlib
 import logging
 import os
 import subprocess
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from contextlib import AbstractContextManager
 from pathlib import Path
 
@@ -41,7 +41,7 @@ class PointInTime:
         disks: Sequence[Disk],
         *,
         checkpoint_actions: list[tuple[str, dict]],
-        merges: dict[str, list[str]],
+        merges: Mapping[str, Sequence[str]],
         scratch_dir: Path,
         socket_dir: Path,
         names: BlockNames,

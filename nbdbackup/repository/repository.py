@@ -25,6 +25,7 @@ import threading
 import uuid
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 from ..errors import EncryptionMismatch, RepositoryDamaged, RepositoryUnusable, UsageError
 from ..lock import file_lock, object_lock
@@ -172,9 +173,11 @@ class Repository:
             except OSError as exc:
                 raise RepositoryUnusable(f"cannot create the repository at {local}: {exc.strerror}") from None
         repo_id = uuid.uuid4().hex
-        plain_like = like is not None and not like.encrypted and encryption == keys.NONE
-        version, ids = (like.version, like.chunk_id) if plain_like else (FORMAT_VERSION, ChunkIds.blake3())
-        config = {"format": FORMAT_NAME, "version": version, "id": repo_id, "created": utc_now()}
+        if like is not None and not like.encrypted and encryption == keys.NONE:
+            version, ids = like.version, like.chunk_id
+        else:
+            version, ids = FORMAT_VERSION, ChunkIds.blake3()
+        config: dict[str, Any] = {"format": FORMAT_NAME, "version": version, "id": repo_id, "created": utc_now()}
         store = None
         if encryption == keys.NONE:
             if version >= 2:
