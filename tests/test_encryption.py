@@ -211,9 +211,7 @@ def test_init_twice_and_plain_repository_refusals(env):
     cli.run(repo, "key", "list", expect=22)
     conf = env / "c.toml"
     conf.write_text('encryption = "keyfile"\n')
-    proc = __import__("subprocess").run(cli.command(repo, "--config", str(conf), "list"), capture_output=True, text=True,
-                                        env=cli.environment())
-    assert proc.returncode == 22 and "not encrypted" in proc.stderr
+    assert "not encrypted" in cli.run(repo, "--config", str(conf), "list", expect=22).stderr
 
 
 def test_key_add_passwd_remove_export(env, monkeypatch):
