@@ -332,8 +332,9 @@ EXIT_STATUS: tuple[ExitStatus, ...] = (
                "Encryption was asked for (configuration `encryption`, `init --encryption`) but the repository is not "
                "encrypted, or exists already; or a key change was refused (removing the last key). Nothing was changed."),
     ExitStatus((QEMUFailed.exit_code,), "QEMU or NBD failed",
-               "QEMU refused a QMP command or a block job of it failed, a QEMU tool (`qemu-img`, `qemu-storage-daemon`) "
-               "or an NBD server (nbdkit, `nbdfuse`) failed, or an NBD read or write failed; the message says which."),
+               "QEMU refused a QMP command or one of its block jobs failed; a QEMU tool (`qemu-img`, `qemu-storage-daemon`) "
+               "or an NBD server (nbdkit, `nbdfuse`) failed, other than for a restore target (exit 8); or reading over NBD "
+               "failed. The message says which."),
     ExitStatus((128 + signal.SIGINT, 128 + signal.SIGTERM), "interrupted",
                "Interrupted by SIGINT or SIGTERM. The run cleaned up after itself in QEMU, and no backup was recorded; "
                "the chunks it stored are removed too, unless another run holds the repository (then it says how much "
