@@ -5,7 +5,8 @@ runner, with the environment, stdin, stdout and stderr a subprocess would have:
 that saves a Python start and the imports (a quarter of a second) per command.
 `run(..., process=True)` and `start` run it in a real subprocess, as cron would:
 for what only a process shows (signals, the entry point, output of children);
-tests/test_cli_usage.py keeps a few such runs so that path stays tested.
+tests/test_cli_usage.py keeps a few such runs so that path stays tested. A test's other
+threads always get a real process (an in-process run swaps process-wide state).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import logging
 import os
 import subprocess
 import sys
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -66,6 +68,8 @@ def in_process(argv: list[str], env: dict[str, str]) -> subprocess.CompletedProc
 def run(repo: Path, *args: str, expect: int = 0, timeout: float = 300, process: bool = False) -> subprocess.CompletedProcess[str]:
     """Run nbdbackup (in this process unless process=True); assert its exit status; errors must
     be one line, without traceback."""
+    if not process and threading.current_thread() is not threading.main_thread():
+        process = True  # in this process it would swap the environment, stdio and signal handlers under other threads
     if process:
         proc = subprocess.run(command(repo, *args), capture_output=True, text=True, timeout=timeout, env=environment())
     else:
