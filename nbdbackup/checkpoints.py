@@ -154,8 +154,8 @@ class Checkpoints:
                  f"start a new chain with `nbdbackup full --force-new-chain {self.vm}`",
         )
 
-    def reconcile(self) -> None:
-        """Bring records and bitmaps back in step after a crash; each step done is logged as a warning.
+    def reconcile(self) -> list[str]:
+        """Bring records and bitmaps back in step after a crash; returns what was done.
         First of all ChainOfAnotherVM if the QEMU holds another VM name's chain."""
         done: list[str] = []
         records = self.records()
@@ -197,6 +197,7 @@ class Checkpoints:
             done.append(f"removed checkpoints of an older chain: {', '.join(r.name for r in stale)}")
         for line in done:
             log.warning("%s", line)
+        return done
 
     def add_pending(self, record: CheckpointRecord) -> None:
         self.repo.save_checkpoints(self.vm, [*self.records(), record])

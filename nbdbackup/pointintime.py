@@ -181,9 +181,8 @@ def start_nbd_server(session: QMPSession, socket: Path) -> None:
         session.execute("nbd-server-start", args)
 
 
-def clear_leftovers(session: QMPSession, names: BlockNames) -> None:
-    """Remove exports, jobs and nodes that an interrupted run (SIGKILL) of this repository left in QEMU;
-    each one removed is logged as a warning."""
+def clear_leftovers(session: QMPSession, names: BlockNames) -> list[str]:
+    """Remove exports, jobs and nodes that an interrupted run (SIGKILL) of this repository left in QEMU."""
     done = []
     exports = session.execute("query-block-exports")
     ours = [e["id"] for e in exports if names.owns(e["id"])]
@@ -209,6 +208,7 @@ def clear_leftovers(session: QMPSession, names: BlockNames) -> None:
                 log.warning("cleanup: node %s: %s", node["node-name"], exc)
     for line in done:
         log.warning("removed %s left by an interrupted run", line)
+    return done
 
 
 def scratch_path(scratch_dir: Path, disk: Disk) -> Path:
