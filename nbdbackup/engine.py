@@ -150,8 +150,7 @@ def _left(repo: Repository, created: set[bytes], why: str) -> None:
 
 
 def checkpoint_status(settings: Settings, vmconf: VMConfig) -> list[CheckpointStatus]:
-    """The chain as QEMU and the repository see it.  Changes nothing lasting: checking the active
-    bitmap against its twin copies both into temporary bitmaps, removed at once (checkpoints.py)."""
+    """Read-only: the chain as QEMU and the repository see it."""
     with vm_session(settings, vmconf) as (repo, session):
         disks = qcow2_disks(session, vmconf.disks, vmconf.exclude)
         records = repo.checkpoints(vmconf.name)
