@@ -31,7 +31,7 @@ def init(settings: Settings, encryption: str | None) -> InitResult:
         raise UsageError(f"unknown encryption {mode!r}; choose one of {', '.join(keymod.MODES)}")
     from .repository.location import backend_for
 
-    backend = backend_for(settings.repo, settings.s3)
+    backend = backend_for(settings.repo, settings.s3_for(settings.repo))
     if backend.exists("config.json"):
         raise RepositoryUnusable(f"{settings.repo} is a repository already", hint="give a new or empty location with --repo")
     repo = Repository.open(backend, create=True, encryption=mode)
@@ -60,7 +60,7 @@ class _Unlocked:
 
 
 def _open(settings: Settings) -> _Unlocked:
-    repo = Repository.open(settings.repo, create=False, s3=settings.s3)
+    repo = Repository.open(settings.repo, create=False, s3=settings.s3_for(settings.repo))
     if repo.cipher is None or repo.key_store is None or repo.key_id is None:
         raise EncryptionMismatch(f"repository {settings.repo} is not encrypted: it has no keys")
     return _Unlocked(repo.id, repo.key_store, repo.cipher.master_key, repo.key_id)

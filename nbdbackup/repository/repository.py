@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import EncryptionMismatch, RepositoryDamaged, RepositoryUnusable, UsageError
-from ..lock import file_lock, object_lock
+from ..lock import file_lock, object_lock, remove_dead_holders
 from ..names import check_name, utc_now
 from ..records import CheckpointRecord, IndexEntry, Manifest
 from . import chunks, crypto, index, keys, manifest, seen
@@ -84,7 +84,8 @@ class Repository:
     @classmethod
     def open(cls, where: Location | Backend, *, create: bool = False, s3: S3Settings | None = None,
              encryption: str | None = None, passphrase: bytes | None = None,
-             passphrase_source: keys.PassphraseSource = keys.CURRENT, like: Repository | None = None) -> Repository:
+             passphrase_source: keys.PassphraseSource = keys.CURRENT, like: Repository | None = None,
+             unlocked: keys.Unlocked | None = None) -> Repository:
         """The repository at a path, an s3:// location or on a ready Backend (tests: MemoryBackend);
         RepositoryUnusable if there is none, unless create (only backups, copy's target and init
         create one: a typo in --repo must not make a new repository); a new one gets like's format
@@ -94,7 +95,8 @@ class Repository:
         opinion).  A new repository gets it; an existing unencrypted one is refused when
         encryption is asked for (a store that dropped the encryption must not get plaintext).
         An encrypted repository is unlocked here: every command needs its key (the passphrase:
-        given, or asked from passphrase_source only when needed)."""
+        given, or asked from passphrase_source only when needed), or unlocked is the key already
+        opened by the process that started this one (serving.py: nbdkit's plugin)."""
         backend = backend_for(where, s3) if isinstance(where, (str, Path, S3Location)) else where
         local = backend.root if isinstance(backend, LocalBackend) else None
         here = backend.location
@@ -114,11 +116,11 @@ class Repository:
             raise RepositoryUnusable(f"repository path {here} is not a directory") from None
         except PermissionError:
             raise RepositoryUnusable(f"no permission to read the repository at {here}") from None
-        return cls._from_config(backend, blob, encryption, passphrase, passphrase_source)
+        return cls._from_config(backend, blob, encryption, passphrase, passphrase_source, unlocked)
 
     @classmethod
     def _from_config(cls, backend: Backend, blob: bytes, encryption: str | None, passphrase: bytes | None,
-                     passphrase_source: keys.PassphraseSource = keys.CURRENT) -> Repository:
+                     passphrase_source: keys.PassphraseSource = keys.CURRENT, given: keys.Unlocked | None = None) -> Repository:
         here = backend.location
         local = backend.root if isinstance(backend, LocalBackend) else None
         try:
@@ -140,6 +142,8 @@ class Repository:
             if encryption not in (None, keys.NONE):
                 raise EncryptionMismatch(f"repository {here} is not encrypted, but the configuration asks for encryption ({encryption})",
                                          hint="back up into a new repository, or remove the 'encryption' setting")
+            if given is not None:  # it was encrypted when the parent process opened it
+                raise EncryptionMismatch(f"repository {here} is not encrypted any more", hint="check who changed the repository")
             ids = ChunkIds.for_config(version, config, f"{here}/config.json")
             return cls(backend, repo_id, local, version=version, chunk_id=ids)
         if not isinstance(enc, dict) or enc.get("mode") not in (keys.REPOKEY, keys.KEYFILE) or version < 2:
@@ -147,7 +151,7 @@ class Repository:
         if enc.get("cipher") != crypto.CIPHER_NAME:
             raise RepositoryUnusable(f"{here}: encrypted with {enc.get('cipher')!r}, which this nbdbackup does not know", hint="upgrade nbdbackup")
         store = keys.KeyStore(enc["mode"], repo_id, backend)
-        unlocked = keys.unlock(store, passphrase_source, passphrase=passphrase)
+        unlocked = given if given is not None else keys.unlock(store, passphrase_source, passphrase=passphrase)
         if not hmac.compare_digest(str(enc.get("config_mac", "")), _config_mac(config, unlocked.master_key)):
             raise RepositoryDamaged(f"{here}/config.json fails authentication (changed since the repository was created)")
         ids = ChunkIds.for_config(version, config, f"{here}/config.json", master_key=unlocked.master_key)
@@ -165,7 +169,8 @@ class Repository:
 
     @classmethod
     def _create(cls, backend: Backend, encryption: str, passphrase: bytes | None,
-                passphrase_source: keys.PassphraseSource = keys.CURRENT, like: Repository | None = None) -> Repository:
+                passphrase_source: keys.PassphraseSource = keys.CURRENT, like: Repository | None = None,
+             unlocked: keys.Unlocked | None = None) -> Repository:
         if encryption not in keys.MODES:
             raise UsageError(f"unknown encryption {encryption!r}; choose one of {', '.join(keys.MODES)}")
         local = backend.root if isinstance(backend, LocalBackend) else None
@@ -211,6 +216,12 @@ class Repository:
     def encrypted(self) -> bool:
         return self.cipher is not None
 
+    def unlocked_key(self) -> keys.Unlocked | None:
+        """The opened key of an encrypted repository (None: not encrypted), for a serving child process."""
+        if self.cipher is None or self.key_id is None:
+            return None
+        return keys.Unlocked(self.cipher.master_key, self.key_id)
+
     def local_name(self, name: str) -> str:
         """name as it may appear in lock and scratch names: keyed when encrypted."""
         return self.cipher.local_name(name) if self.cipher is not None else name
@@ -230,6 +241,11 @@ class Repository:
             finally:
                 self._held.remove(held)
                 self._present = None  # only a held lock keeps garbage collection from deleting chunks
+
+    def remove_dead_locks(self, name: str) -> None:
+        """Lock objects called name left by processes of this host that died (see lock.py); none for a directory."""
+        if self.root is None:
+            remove_dead_holders(self.backend, name)
 
     def check_locks(self) -> None:
         """Raise LockHeld if a lock object this run holds may have gone stale (see lock.py)."""
