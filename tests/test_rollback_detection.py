@@ -12,7 +12,7 @@ import pytest
 
 from nbdbackup.errors import RepositoryRolledBack
 from nbdbackup.records import Manifest
-from nbdbackup.repository import Repository, seen
+from nbdbackup.repository import Repository, keys, seen
 
 PASSPHRASE = "rollback passphrase"
 
@@ -25,6 +25,8 @@ def env(tmp_path, monkeypatch):
     monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "xdg"))
     monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "host-a"))
     monkeypatch.delenv("NBDBACKUP_KEY_FILE", raising=False)
+    # Keys made here cost Argon2id's minimum (as in test_encryption.py): these tests are about rollbacks.
+    monkeypatch.setattr(keys, "DEFAULT_KDF", {"algorithm": "argon2id", "iterations": 1, "lanes": 1, "memory_cost": 8})
     return tmp_path
 
 
