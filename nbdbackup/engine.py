@@ -55,7 +55,7 @@ class Observer:
 
 def open_repository(settings: Settings, *, create: bool = False) -> Repository:
     """The repository; only backups create it (a typo in --repo must not make a new one)."""
-    return Repository.open(settings.repo, create=create, s3=settings.s3, encryption=settings.encryption)
+    return Repository.open(settings.repo, create=create, s3=settings.s3_for(settings.repo), encryption=settings.encryption)
 
 
 @contextlib.contextmanager
@@ -89,6 +89,8 @@ def tuning_for(vmconf: VMConfig, base: Tuning = Tuning()) -> Tuning:
 @contextlib.contextmanager
 def vm_session(settings: Settings, vmconf: VMConfig, *, create: bool = False) -> Iterator[tuple[Repository, QMPSession]]:
     """The repository, the VM's lock, then its QMP session: what every VM command needs."""
+    if vmconf.qmp is None:  # Settings.vm(name) says so, with where it looked
+        raise VMUnreachable(f"no QMP socket known for VM {vmconf.name!r}", hint="pass --qmp SOCKET")
     repo = open_repository(settings, create=create)
     with vm_lock(repo, vmconf.name), repository_lock(repo), QMPSession(vmconf.qmp) as session:
         yield repo, session
@@ -194,7 +196,7 @@ def copy(settings: Settings, req: CopyRequest, target: Location, *, cancel: Canc
     source = open_repository(settings)
     from .repository.keys import copy_target_source
 
-    dest = Repository.open(target, create=True, s3=settings.s3, like=source, encryption=settings.encryption,
+    dest = Repository.open(target, create=True, s3=settings.s3_for(target), like=source, encryption=settings.encryption,
                            passphrase_source=copy_target_source())
     with repository_lock(source), vm_lock(dest, req.vm), repository_lock(dest):
         return copy_backups(source, dest, req, cancel=cancel, progress=observer.progress)
@@ -227,7 +229,7 @@ def collect_garbage(settings: Settings, *, wait: float = 60.0) -> GarbageReport:
     repo = open_repository(settings)
     try:
         with repository_lock(repo, exclusive=True, wait=wait):
-            return pruning.collect_garbage(repo)
+            return pruning.free_unreferenced(repo)
     except LockHeld:
         return GarbageReport(False, note="chunks were not freed: backups or restores are running; the next prune frees them")
 
@@ -252,7 +254,7 @@ def serve(settings: Settings, req, *, cancel: CancelToken, on_ready: Callable) -
 
     repo = open_repository(settings)
     remove_dead_server_dirs(runtime_base(), "nbdbackup-serve-")  # left by killed runs
-    with repository_lock(repo), private_dir(prefix="nbdbackup-serve-") as work:
+    with repository_lock(repo), private_dir(prefix="nbdbackup-serve-") as work, _forget_server_locks(repo):
         with serving(repo, str(settings.repo), settings.config_file, req, work) as (m, exports, servers):
             cancel.check()
             on_ready(m, exports)
@@ -270,7 +272,7 @@ def mount(settings: Settings, req, *, cancel: CancelToken):
 
     repo = open_repository(settings)
     with repository_lock(repo):  # nbdkit takes its own shared lock for as long as the mount lives
-        return run_mount(repo, lambda checkpoint, disks: Source(str(settings.repo), settings.config_file, req.vm, checkpoint, disks),
+        return run_mount(repo, lambda checkpoint, disks: Source(str(settings.repo), settings.config_file, req.vm, checkpoint, disks, repo.unlocked_key()),
                          req, cancel)
 
 
@@ -285,10 +287,20 @@ def recover(settings: Settings, req, *, cancel: CancelToken, observer: Observer 
     prefix = f"nbdbackup-recover-{repo.id[:8]}-{req.vm}@"
     with vm_lock(repo, req.vm), repository_lock(repo):
         remove_stale_dirs(runtime_base(), prefix=prefix)  # left by a killed run; we hold the VM's lock
-        with private_dir(prefix=prefix) as work:
-            return run_recover(repo, lambda checkpoint, disks: Source(str(settings.repo), settings.config_file, req.vm, checkpoint, disks),
+        with private_dir(prefix=prefix) as work, _forget_server_locks(repo):
+            return run_recover(repo, lambda checkpoint, disks: Source(str(settings.repo), settings.config_file, req.vm, checkpoint, disks, repo.unlocked_key()),
                                req, work, cancel, on_images=on_images, on_wait=on_wait,
                                on_start=observer.on_start, progress=observer.progress)
+
+
+@contextlib.contextmanager
+def _forget_server_locks(repo: Repository) -> Iterator[None]:
+    """On the way out: the lock objects of the nbdkit we killed (it cannot release them)."""
+    try:
+        yield
+    finally:
+        with contextlib.suppress(Exception):  # never hide the run's own error
+            repo.remove_dead_locks("repository")
 
 
 # verify --boot restores here unless the VM's scratch directory is configured: large, not tmpfs.

@@ -23,13 +23,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .capture import CancelToken, Tuning
-from .errors import CheckpointUnknown, RepositoryDamaged, RestoreTargetError, UsageError
+from .errors import CheckpointUnknown, NbdIOError, RepositoryDamaged, RestoreTargetError, UsageError
 from .inuse import in_use
-from .nbdio import MAX_REQUEST, NbdEndpoint, NbdIOError, is_zero
+from .nbdio import MAX_REQUEST, NbdEndpoint, is_zero
 from .pipeline import Pipeline
 from .rawimage import ALIGN, RawImage, aligned_buffer, create_raw, direct_io_works
 from .records import IndexEntry, Manifest
-from .repository import Repository, chunks
+from .repository import Repository
 from .storage_daemon import StorageDaemon, TargetImage, create_image
 
 log = logging.getLogger(__name__)
@@ -164,11 +164,13 @@ def _write_disk(repo: Repository, m: Manifest, disk_id: str, entries: list[Index
             return cache[cid][1]
         where = f"backup {m.checkpoint}, disk {disk_id}, offset {offset}"
         blob = fut.result() if fut is not None else repo.fetch_chunk(cid, where)
-        length = chunks.decoded_length(blob, cid, where)
-        buf = cache.popitem(last=False)[1][0] if len(cache) >= CHUNK_CACHE else None
-        if buf is None or len(buf) < length:
-            buf = aligned_buffer(max(length, tuning.chunk_size))
-        data = repo.decode_chunk_into(blob, cid, where, buf)
+        spare = cache.popitem(last=False)[1][0] if len(cache) >= CHUNK_CACHE else None
+
+        def buffer(length: int) -> memoryview:
+            return spare if spare is not None and len(spare) >= length else aligned_buffer(max(length, tuning.chunk_size))
+
+        data = repo.decode_chunk_into(blob, cid, where, buffer)
+        buf = memoryview(data.obj)  # type: ignore[arg-type]  # the whole buffer the view lies in
         cache[cid] = (buf, data)
         return data
 

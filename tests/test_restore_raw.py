@@ -99,25 +99,26 @@ def test_write_errors_are_restore_target_errors(tmp_path):
 
 
 def test_decode_into_a_reused_buffer_checks_like_decode(tmp_path):
-    repo = Repository.open(tmp_path / "repo")
+    repo = Repository.open(tmp_path / "repo", create=True)
     text = (b"restore me " * 500_000)[:4 * MiB]
     noise = os.urandom(1 * MiB)  # stored as is
     buf = aligned_buffer(4 * MiB)
     for data in (text, noise):
         cid = repo.chunk_id(data)
         blob = b"".join(bytes(p) for p in chunks.encode(data, 2))
-        assert chunks.decoded_length(blob, cid, "here") == len(data)
-        view = repo.decode_chunk_into(blob, cid, "here", buf)
+        asked: list[int] = []
+        view = repo.decode_chunk_into(blob, cid, "here", lambda n, asked=asked: asked.append(n) or buf)
+        assert asked == [len(data)]
         assert view == data and view.obj is buf.obj
         assert repo.decode_chunk(blob, cid, "here") == data
         damaged = bytearray(blob)
         damaged[len(blob) // 2] ^= 1
         with pytest.raises(RepositoryDamaged, match="fails its checksum|does not decompress"):
-            repo.decode_chunk_into(bytes(damaged), cid, "here", buf)
+            repo.decode_chunk_into(bytes(damaged), cid, "here", lambda n: buf)
         with pytest.raises(RepositoryDamaged, match="fails its checksum|truncated|does not decompress"):
-            repo.decode_chunk_into(blob[:-5], cid, "here", buf)
+            repo.decode_chunk_into(blob[:-5], cid, "here", lambda n: buf)
     with pytest.raises(ValueError):
-        repo.decode_chunk_into(blob, cid, "here", aligned_buffer(4096))
+        repo.decode_chunk_into(blob, cid, "here", lambda n: aligned_buffer(4096))
 
 
 
@@ -140,7 +141,7 @@ def test_sigterm_while_writing_a_raw_image_leaves_nothing(tmp_path):
 def test_a_full_target_filesystem_is_a_restore_target_error(tmp_path):
     from faults import Run, assert_one_line_error, small_filesystem
 
-    repo = Repository.open(tmp_path / "repo")
+    repo = Repository.open(tmp_path / "repo", create=True)
     data = os.urandom(4 * MiB)  # incompressible: 3 chunks x 4 MiB into a 8 MiB tmpfs
     cid = repo.chunk_id(data)
     repo.put_chunk(cid, data, 2)

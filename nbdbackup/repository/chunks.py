@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import struct
 import threading
+from collections.abc import Callable
 
 import zstandard
 
@@ -63,7 +64,7 @@ def encode(data: bytes | bytearray | memoryview, level: int) -> list[bytes | byt
     return [_HEADER.pack(MAGIC, VERSION, STORED, 0, len(data)), data]
 
 
-def decode(blob: bytes, expected_id: bytes, where: str, chunk_id: ChunkIds) -> bytes:
+def decode(blob: bytes | memoryview, expected_id: bytes, where: str, chunk_id: ChunkIds) -> bytes:
     """The chunk's content, checked against its name; RepositoryDamaged otherwise."""
     encoding, length, payload = _parse(blob, expected_id, where)
     if encoding == ZSTD:
@@ -78,16 +79,14 @@ def decode(blob: bytes, expected_id: bytes, where: str, chunk_id: ChunkIds) -> b
     return data
 
 
-def decoded_length(blob: bytes, expected_id: bytes, where: str) -> int:
-    """The content length the chunk's header announces (how large decode_into's buffer must be)."""
-    return _parse(blob, expected_id, where)[1]
-
-
-def decode_into(blob: bytes, expected_id: bytes, where: str, chunk_id: ChunkIds, out: memoryview) -> memoryview:
-    """decode() into the caller's buffer (at least decoded_length() bytes): the view of out that
-    holds the checked content.  Restore reuses its (page-aligned) buffers this way: no new
-    4 MiB object per chunk, and the content can go to disk with O_DIRECT."""
+def decode_into(blob: bytes | memoryview, expected_id: bytes, where: str, chunk_id: ChunkIds,
+                buffer: Callable[[int], memoryview]) -> memoryview:
+    """decode() into a caller's buffer: buffer(length) returns one of at least the content's
+    length; the result is the view of it that holds the checked content.  Restore reuses its
+    (page-aligned) buffers this way: no new 4 MiB object per chunk, and the content can go to
+    disk with O_DIRECT."""
     encoding, length, payload = _parse(blob, expected_id, where)
+    out = buffer(length)
     if len(out) < length:
         raise ValueError(f"buffer of {len(out)} bytes for a chunk of {length}")
     view = out[:length]
@@ -111,7 +110,7 @@ def decode_into(blob: bytes, expected_id: bytes, where: str, chunk_id: ChunkIds,
     return view
 
 
-def _parse(blob: bytes, expected_id: bytes, where: str) -> tuple[int, int, memoryview]:
+def _parse(blob: bytes | memoryview, expected_id: bytes, where: str) -> tuple[int, int, memoryview]:
     """(encoding, content length, payload) from a chunk file's header."""
     if len(blob) < HEADER_SIZE:
         raise RepositoryDamaged(f"chunk {expected_id.hex()} is truncated ({where})")
