@@ -13,7 +13,6 @@ from __future__ import annotations
 import concurrent.futures as cf
 import contextlib
 import dataclasses
-import functools
 import logging
 import os
 import secrets
@@ -170,7 +169,7 @@ def _write_disk(repo: Repository, m: Manifest, disk_id: str, entries: list[Index
             return spare if spare is not None and len(spare) >= length else aligned_buffer(max(length, tuning.chunk_size))
 
         data = repo.decode_chunk_into(blob, cid, where, buffer)
-        buf = memoryview(data.obj)  # type: ignore[arg-type]  # the whole buffer the view lies in
+        buf = memoryview(data.obj)  # the whole buffer the view lies in
         cache[cid] = (buf, data)
         return data
 
@@ -195,7 +194,10 @@ def _write_disk(repo: Repository, m: Manifest, disk_id: str, entries: list[Index
                 raise RestoreTargetError(f"writing disk {disk_id}: {exc}") from None
         return sum(e.length for e in batch)
 
-    connect = functools.partial(NbdEndpoint, target, disk_id, writable=True)
+    def connect() -> NbdEndpoint:  # a worker's own connection (qcow2 targets: raw images take no NBD)
+        assert not isinstance(target, RawImage)
+        return NbdEndpoint(target, disk_id, writable=True)
+
     # Downloads from a remote store (S3) run ahead: a batch's chunks are requested when the batch is
     # queued (at most DOWNLOADS not yet taken by a writer: memory), while the writers decompress and write.
     remote = repo.root is None
