@@ -57,7 +57,7 @@ VM_KEYS = {"qmp": str, "qga": str, "disks": list, "exclude": list, "compression"
            "boot": list, "verify_boot": bool, "boot_timeout": int}
 TOP_KEYS = {"repository", "encryption", "vm", "s3"}
 ENCRYPTION_MODES = ("repokey", "keyfile", "none")
-S3_KEYS = {"endpoint": str, "region": str, "addressing": str, "verify_tls": bool, "ca_bundle": str, "profile": str,
+S3_KEYS: dict[str, type | tuple[type, ...]] = {"endpoint": str, "region": str, "addressing": str, "verify_tls": bool, "ca_bundle": str, "profile": str,
            "credentials_file": str, "retries": int, "connect_timeout": (int, float), "read_timeout": (int, float)}
 RETENTION_KEYS = ("last", "hourly", "daily", "weekly", "monthly", "yearly")
 
@@ -164,8 +164,9 @@ def load(config_opt: str | None, repo_opt: str | None, *, needs_config: bool = T
 
 def _load(config_opt: str | None, repo_opt: str | None) -> Settings:
     explicit = config_opt or os.environ.get("NBDBACKUP_CONFIG")
+    path: Path | None
     if explicit:
-        path: Path | None = Path(explicit)
+        path = Path(explicit)
         data = _read(path)
         searched: tuple[Path, ...] = ()
     else:

@@ -89,6 +89,8 @@ def tuning_for(vmconf: VMConfig, base: Tuning = Tuning()) -> Tuning:
 @contextlib.contextmanager
 def vm_session(settings: Settings, vmconf: VMConfig, *, create: bool = False) -> Iterator[tuple[Repository, QMPSession]]:
     """The repository, the VM's lock, then its QMP session: what every VM command needs."""
+    if vmconf.qmp is None:  # Settings.vm(name) says so, with where it looked
+        raise VMUnreachable(f"no QMP socket known for VM {vmconf.name!r}", hint="pass --qmp SOCKET")
     repo = open_repository(settings, create=create)
     with vm_lock(repo, vmconf.name), repository_lock(repo), QMPSession(vmconf.qmp) as session:
         yield repo, session
@@ -227,7 +229,7 @@ def collect_garbage(settings: Settings, *, wait: float = 60.0) -> GarbageReport:
     repo = open_repository(settings)
     try:
         with repository_lock(repo, exclusive=True, wait=wait):
-            return pruning.collect_garbage(repo)
+            return pruning.free_unreferenced(repo)
     except LockHeld:
         return GarbageReport(False, note="chunks were not freed: backups or restores are running; the next prune frees them")
 

@@ -43,6 +43,7 @@ from .errors import (
     Interrupted,
     NbdBackupError,
     QEMUCommandFailed,
+    QEMUFailed,
     RestoreTargetError,
     ServeAddressError,
     UsageError,
@@ -275,8 +276,8 @@ def _settle_jobs(session: QMPSession, cancel: CancelToken) -> set[str]:
         if not moving:
             return finished
         if time.monotonic() > deadline:
-            raise NbdBackupError(f"the copy job {moving[0]} of an earlier recover neither pauses nor ends",
-                                 hint="run the same `nbdbackup recover` again")
+            raise QEMUFailed(f"the copy job {moving[0]} of an earlier recover neither pauses nor ends",
+                             hint="run the same `nbdbackup recover` again")
         cancel.check()
         time.sleep(POLL / 5)
 
@@ -332,8 +333,8 @@ def _wait_for_jobs(session: QMPSession, running: dict, cancel: CancelToken, prog
                     # local stays local, so a new job continues where it stopped
                     retries[j["id"]] = retries.get(j["id"], 0) + 1
                     if retries[j["id"]] > STREAM_RETRIES:
-                        raise NbdBackupError(f"copying disk {img.disk} failed: {j['error']}",
-                                             hint="run the same `nbdbackup recover` again to resume")
+                        raise QEMUFailed(f"copying disk {img.disk} failed: {j['error']}",
+                                         hint="run the same `nbdbackup recover` again to resume")
                     log.info("copying disk %s failed (%s); starting again", img.disk, j["error"])
                     _start_stream(session, j["id"], node, speed)
                     continue

@@ -26,7 +26,7 @@ def test_copy_logic_on_memory_backends():
     from test_repository import manifest
 
     from nbdbackup.records import IndexEntry
-    source, target = Repository.open(MemoryBackend("s")), Repository.open(MemoryBackend("t"))
+    source, target = Repository.open(MemoryBackend("s"), create=True), Repository.open(MemoryBackend("t"), create=True)
     data = [bytes([i]) * 4096 for i in range(3)]
     for d in data:
         source.put_chunk(source.chunk_id(d), d, 3)

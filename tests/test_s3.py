@@ -428,7 +428,7 @@ def test_background_uploads_fail_the_commit_with_the_put_error(s3_repo, monkeypa
 
     settings = S3Settings(endpoint=s3_repo.server.endpoint, region="us-east-1", addressing="path", retries=2)
     where = S3Location(s3_repo.bucket, "repo")
-    good = Repository.open(S3Backend(where, settings))
+    good = Repository.open(S3Backend(where, settings), create=True)
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", OTHER_KEY)
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", OTHER_SECRET)
     denied = S3Backend(where, settings)

@@ -8,16 +8,22 @@ import json
 import logging
 import time
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import click
 
 from . import logs
 from .common import Globals, human_size, interruptible, pass_globals, plural, progress_bar, qmp_option
 
+if TYPE_CHECKING:  # imported by the commands that run: --help does without them
+    from ..backup import BackupResult, Mode
+    from ..errors import NbdBackupError
+    from ..records import Manifest
+
 
 @dataclass(frozen=True)
 class BackupOptions:
-    mode: str
+    mode: Mode
     checkpoint: str | None = None
     since: str | None = None
     qmp: str | None = None
@@ -30,12 +36,19 @@ class BackupOptions:
 @dataclass(frozen=True)
 class Outcome:
     vm: str
-    result: object | None = None  # BackupResult on success
-    failure: Exception | None = None  # the NbdBackupError on failure
+    result: BackupResult | None = None  # on success
+    failure: NbdBackupError | None = None  # on failure
 
     @property
     def exit_code(self) -> int:
         return self.failure.exit_code if self.failure else 0
+
+    @property
+    def manifest(self) -> Manifest:
+        """The new backup's (of a successful outcome)."""
+        if self.result is None:
+            raise ValueError(f"the backup of {self.vm} failed: it has no manifest")
+        return self.result.manifest
 
 
 def backup_options(f):
@@ -127,7 +140,7 @@ def _single(g: Globals, vm: str, opts: BackupOptions, as_json: bool) -> Outcome:
     outcome = run_one(g, g.settings(), vm, opts)
     if outcome.failure:
         raise outcome.failure
-    click.echo(json.dumps(_as_dict(outcome), indent=2) if as_json else outcome.result.manifest.checkpoint)
+    click.echo(json.dumps(_as_dict(outcome), indent=2) if as_json else outcome.manifest.checkpoint)
     return outcome
 
 
@@ -178,7 +191,7 @@ def auto(g: Globals, vm: str | None, all_vms: bool, jobs: int, as_json: bool, ve
 
     if all_vms == (vm is not None):
         raise UsageError("give either a VM or --all")
-    if not all_vms:
+    if vm is not None:  # not --all
         outcome = _single(g, vm, BackupOptions(mode="auto", **opts), as_json)
         settings = g.settings()
         if verify_boot or settings.vm(vm, required=False).verify_boot:
@@ -206,7 +219,7 @@ def auto(g: Globals, vm: str | None, all_vms: bool, jobs: int, as_json: bool, ve
         click.echo(json.dumps([_as_dict(o) for o in outcomes], indent=2))
     else:
         for o in outcomes:
-            click.echo(f"{o.vm:<20} ok      {o.result.manifest.kind:<12} {o.result.manifest.checkpoint}" if not o.exit_code
+            click.echo(f"{o.vm:<20} ok      {o.manifest.kind:<12} {o.manifest.checkpoint}" if not o.exit_code
                        else f"{o.vm:<20} FAILED  exit {o.exit_code}: {o.failure}")
     worst = max(o.exit_code for o in outcomes)
     failed = [o.vm for o in outcomes if o.exit_code]
@@ -226,7 +239,7 @@ def _boot_new_backup(g: Globals, settings, outcome: Outcome, as_json: bool, *, k
     from .bootcheck import boot
 
     try:
-        boot(g, settings, outcome.vm, outcome.result.manifest.checkpoint, None, None, None, False, to_stderr=as_json or keep_going)
+        boot(g, settings, outcome.vm, outcome.manifest.checkpoint, None, None, None, False, to_stderr=as_json or keep_going)
     except NbdBackupError as exc:
         if not keep_going:
             raise

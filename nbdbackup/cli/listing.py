@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from typing import Any
 
 import click
 
@@ -22,7 +23,7 @@ def list_(g: Globals, vm: str | None, as_json: bool) -> None:
         _list_vms(settings, as_json)
         return
     manifests = engine.list_backups(settings, vm)
-    rows = [
+    rows: list[dict[str, Any]] = [
         {
             "checkpoint": m.checkpoint,
             "kind": m.kind,
@@ -49,7 +50,7 @@ def list_(g: Globals, vm: str | None, as_json: bool) -> None:
 def _list_vms(settings, as_json: bool) -> None:
     from .. import engine
 
-    rows = []
+    rows: list[dict[str, Any]] = []
     for name in engine.open_repository(settings).vms():
         manifests = engine.list_backups(settings, name)
         newest = manifests[-1] if manifests else None

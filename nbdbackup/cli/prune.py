@@ -44,7 +44,7 @@ def prune(g: Globals, vm: str | None, all_vms: bool, qmp: str | None, dry_run: b
         raise UsageError("give either a VM or --all")
     settings = g.settings()
     given = {k: v for k, v in keep.items() if v is not None}
-    if not all_vms:
+    if vm is not None:  # not --all
         report = _prune_one(settings, settings.vm(vm, qmp, required=False), given, dry_run, collect=True)
         _print(vm, report, dry_run, as_json)
         _finish(report.garbage)

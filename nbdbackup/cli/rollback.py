@@ -43,8 +43,8 @@ def rollback(g: Globals, vm: str, checkpoint: str, disks: tuple[str, ...], image
         if not sep or not path:
             raise UsageError(f"--image {item!r} is not ID=PATH")
         paths[check_name("disk", disk)] = Path(path)
-    for d in disks:
-        check_name("disk", d)
+    for disk_id in disks:
+        check_name("disk", disk_id)
     req = RollbackRequest(vm=vm, checkpoint=checkpoint, images=paths, disks=disks, full=full, dry_run=dry_run)
     with interruptible() as cancel, progress_bar("rollback") as observer:
         result = run(settings, vmconf, req, cancel=cancel, observer=observer, pause=pause, reset=not no_reset)
