@@ -26,6 +26,7 @@ Keys of the repository are object keys below the prefix (s3://BUCKET/PREFIX/<key
 
 from __future__ import annotations
 
+import builtins
 import concurrent.futures as cf
 import configparser
 import email.utils
@@ -156,7 +157,7 @@ class S3Backend:
             raise self._error(exc, f"list {prefix or 'the repository'}") from None
         yield from keys
 
-    def list_first(self, prefix: str) -> tuple[list[str], bool]:
+    def list_first(self, prefix: str) -> tuple[builtins.list[str], bool]:
         """The keys of list(prefix) that one request returns (up to 1000), and whether that was all."""
         folder = self.root + (prefix.rstrip("/") + "/" if prefix else "")
         self._settle_below(prefix.rstrip("/") + "/" if prefix else "")
