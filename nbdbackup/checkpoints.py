@@ -30,9 +30,10 @@ from .vm import Action, bitmap_add, bitmap_clear, bitmap_disable, bitmap_enable,
 log = logging.getLogger(__name__)
 
 
-def disk_bitmaps(session: QMPSession, disks: Sequence[Disk]) -> dict[str, dict[str, Bitmap]]:
-    """disk id -> bitmap name -> Bitmap, for nbdbackup's bitmaps only (any repository's)."""
-    per_node = node_bitmaps(session)
+def disk_bitmaps(session: QMPSession, disks: Sequence[Disk], nodes: list[dict] | None = None) -> dict[str, dict[str, Bitmap]]:
+    """disk id -> bitmap name -> Bitmap, for nbdbackup's bitmaps only (any repository's).
+    nodes: an answer of query-named-block-nodes the caller already has."""
+    per_node = node_bitmaps(session, nodes)
     return {d.id: {b.name: b for b in per_node.get(d.node, []) if is_nbdbackup_bitmap(b.name)} for d in disks}
 
 
@@ -233,12 +234,18 @@ class Checkpoints:
         """After our merge into plan.merge_into: its new final counts, or none if it records again."""
         return [replace(r, counts={} if plan.enable else _counts(r, bitmaps)) if r.bitmap == plan.merge_into else r for r in records]
 
-    def verify_active(self, active: CheckpointRecord) -> None:
-        """ChainBroken unless the active bitmap equals its twin on every disk (one atomic snapshot)."""
-        bitmaps = self.bitmaps()
+    def verify_active(self, active: CheckpointRecord, bitmaps: dict[str, dict[str, Bitmap]] | None = None, *,
+                      quiescent: bool = False) -> None:
+        """ChainBroken unless the active bitmap equals its twin on every disk (one atomic snapshot).
+        quiescent: nothing writes to the disks (images opened by nbdbackup alone), so the counts
+        in `bitmaps` (the bitmaps now) are already one instant's."""
+        bitmaps = self.bitmaps() if bitmaps is None else bitmaps
         sound = [d for d in self.disks if active.bitmap in bitmaps[d.id] and not bitmaps[d.id][active.bitmap].inconsistent
                  and self.twin in bitmaps[d.id] and not bitmaps[d.id][self.twin].inconsistent]
-        counts = self._snapshot_counts(sound, active.bitmap, bitmaps) if sound else {}
+        if quiescent:
+            counts = {d.id: (bitmaps[d.id][active.bitmap].count, bitmaps[d.id][self.twin].count) for d in sound}
+        else:
+            counts = self._snapshot_counts(sound, active.bitmap, bitmaps) if sound else {}
         for d in self.disks:
             if d.id in active.disks:
                 problem = chain.twin_problem(active, d.id, bitmaps[d.id].get(self.twin), counts.get(d.id))

@@ -96,6 +96,19 @@ class StorageDaemon:
         """A QMP session on the daemon's monitor (a context manager)."""
         return QMPSession(self.monitor, connect_timeout=10)
 
+    def quit(self, session: QMPSession) -> None:
+        """Quit now, through an open session on its monitor (no second connection): the daemon
+        flushes the images and stores their bitmaps; RestoreTargetError unless it exits cleanly."""
+        assert self._proc is not None
+        session.execute("quit")
+        try:
+            status = self._proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            self._kill()
+            raise RestoreTargetError("qemu-storage-daemon did not quit within 60s") from None
+        if status != 0:
+            raise RestoreTargetError(f"qemu-storage-daemon exited with status {status}")
+
     def __exit__(self, *exc: object) -> None:
         """Ask the daemon to quit (it flushes and closes the images), else kill it."""
         proc = self._proc

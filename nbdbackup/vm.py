@@ -88,10 +88,11 @@ def qemu_identity(session: QMPSession) -> str:
     return f"QEMU ({', '.join(parts)})" if parts else "QEMU"
 
 
-def node_bitmaps(session: QMPSession) -> dict[str, list[Bitmap]]:
-    """Named dirty bitmaps per node.  A running job's own bitmap has no name and is left out."""
+def node_bitmaps(session: QMPSession, nodes: list[dict] | None = None) -> dict[str, list[Bitmap]]:
+    """Named dirty bitmaps per node.  A running job's own bitmap has no name and is left out.
+    nodes: an answer of query-named-block-nodes (flat) the caller already has, instead of asking."""
     result: dict[str, list[Bitmap]] = {}
-    for node in session.execute("query-named-block-nodes", {"flat": True}):
+    for node in session.execute("query-named-block-nodes", {"flat": True}) if nodes is None else nodes:
         bitmaps = []
         for b in node.get("dirty-bitmaps", []):
             if "name" not in b:
