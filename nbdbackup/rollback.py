@@ -61,6 +61,7 @@ from .records import Bitmap, Disk, DiskBackup, Extent, IndexEntry, Manifest
 from .repository import Repository
 from .restore import find_backup
 from .storage_daemon import StorageDaemon, TargetImage
+from .units import human_size
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +79,8 @@ class RollbackRequest:
     disks: tuple[str, ...] = ()  # only these disks (default: every disk of the backup)
     full: bool = False  # rewrite whole disks instead of the changed blocks
     dry_run: bool = False
+    # asked (a terminal's user) when the chain cannot tell what changed: True rewrites whole disks as --full does
+    confirm_full: Callable[[str], bool] | None = None
 
 
 @dataclass(frozen=True)
@@ -306,12 +309,25 @@ def make_plan(repo: Repository, target: RollbackTarget, req: RollbackRequest, m:
     bitmaps = target.bitmaps()
     # disks holding another VM name's checkpoints are another VM's (wrong images?): refused, even with --full
     Checkpoints(repo, target.session, req.vm, disks).check_owner(bitmaps)
-    if req.full:
+
+    def full(reason: str) -> RollbackPlan:
         return RollbackPlan(req.vm, m.checkpoint, tuple(
             DiskRollback(d.id, p, FULL, (Extent(0, at[d.id].size),) if at[d.id].size else (), d.size, at[d.id].size,
-                         "--full: the whole disk" + (f"; resized from {d.size} back to {at[d.id].size} bytes" if d.size != at[d.id].size else ""))
+                         reason + (f"; resized from {d.size} back to {at[d.id].size} bytes" if d.size != at[d.id].size else ""))
             for d, p in zip(disks, paths, strict=True)))
-    merges = validate(repo, target.session, req.vm, m, disks, bitmaps, quiescent=target.quiescent)
+
+    if req.full:
+        return full("--full: the whole disk")
+    try:
+        merges = validate(repo, target.session, req.vm, m, disks, bitmaps, quiescent=target.quiescent)
+    except ChainBroken as exc:
+        if req.confirm_full is None or req.dry_run:
+            raise
+        size = human_size(sum(at[d.id].size for d in disks))
+        if not req.confirm_full(f"{exc.message}: what changed since {m.checkpoint} is unknown. Rewrite the whole of "
+                                f"{', '.join(d.id for d in disks)} ({size}) from the backup at {m.checkpoint} instead?"):
+            raise
+        return full(f"confirmed full rewrite: {exc.message}")
     plans = []
     for d, p in zip(disks, paths, strict=True):
         name = target.export_changed(d, merges, writable=not req.dry_run)
