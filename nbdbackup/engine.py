@@ -30,6 +30,7 @@ from .records import Manifest
 from .repository import Repository
 from .repository.location import Location
 from .retention import Policy
+from .runs import GC_WAIT, Observer, Progress, Start, open_repository, repository_lock, vm_lock  # noqa: F401 (re-exported)
 from .units import human_size, plural
 from .vm import qcow2_disks
 from .workdirs import foreign_owner, private_dir, remove_stale_dirs, scratch_base
@@ -40,39 +41,6 @@ if TYPE_CHECKING:  # imported where used: a backup's start-up does without them 
     from .bootcheck import BootRequest, BootResult
     from .copy import CopyReport, CopyRequest
     from .restore import RestoreRequest
-
-Progress = Callable[[int], None]
-Start = Callable[[int], None]
-
-
-@dataclasses.dataclass(frozen=True)
-class Observer:
-    """How the engine reports progress; the CLI picks a bar or nothing."""
-
-    on_start: Start = lambda total: None
-    progress: Progress = lambda n: None
-
-
-def open_repository(settings: Settings, *, create: bool = False) -> Repository:
-    """The repository; only backups create it (a typo in --repo must not make a new one)."""
-    return Repository.open(settings.repo, create=create, s3=settings.s3, encryption=settings.encryption)
-
-
-@contextlib.contextmanager
-def vm_lock(repo: Repository, vm: str) -> Iterator[None]:
-    with repo.lock(f"vm-{repo.local_name(vm)}", what=f"VM {vm}"):  # keyed name in an encrypted repository
-        yield
-
-
-# Garbage collection takes seconds; runs that need chunks wait that long for it.
-GC_WAIT = 600.0
-
-
-def repository_lock(repo: Repository, *, exclusive: bool = False, wait: float = GC_WAIT) -> contextlib.AbstractContextManager[None]:
-    """Shared by every run that reads or writes chunks; exclusive while chunks are deleted."""
-    what = "the repository for garbage collection" if not exclusive else "the repository (a backup or restore is running)"
-    return repo.lock("repository", what=what, shared=not exclusive, wait=wait)
-
 
 def tuning_for(vmconf: VMConfig, base: Tuning = Tuning()) -> Tuning:
     changes = {}

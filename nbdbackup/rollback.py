@@ -37,11 +37,10 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from . import chain
 from .capture import CancelToken, Tuning
-from .checkpoints import Checkpoints, disk_bitmaps
 from .errors import (
     ChainBroken,
     ImageInUse,
@@ -56,12 +55,14 @@ from .errors import (
 from .names import GRANULARITY, check_name, utc_now
 from .nbdio import MAX_REQUEST, NbdEndpoint, dirty_bitmap_context, dirty_extents
 from .pipeline import Pipeline
-from .qmp import QMPSession
 from .records import Bitmap, Disk, DiskBackup, Extent, IndexEntry, Manifest
 from .repository import Repository
 from .restore import find_backup
 from .storage_daemon import StorageDaemon, TargetImage
 from .units import human_size
+
+if TYPE_CHECKING:
+    from .qmp import QMPSession
 
 log = logging.getLogger(__name__)
 
@@ -205,6 +206,8 @@ class ImageTarget:
                                    format=node.get("drv", "qcow2"), filename=str(img.path)))
 
     def bitmaps(self) -> dict[str, dict[str, Bitmap]]:
+        from .checkpoints import disk_bitmaps
+
         return disk_bitmaps(self.session, self.disks, self._nodes)
 
     def export_changed(self, disk: Disk, merges: Sequence[str], *, writable: bool) -> str:
@@ -237,8 +240,13 @@ def run_rollback(
     m = find_backup(repo, req.vm, req.checkpoint)
     chosen = choose_disks(m, req)
     images = [TargetImage(d.id, path, "qcow2", d.size) for d, path in chosen]
-    with StorageDaemon(images, socket_dir, exports=False, read_only=req.dry_run) as daemon, daemon.session() as session:
+    with StorageDaemon(images, socket_dir, exports=False, read_only=req.dry_run, meanwhile=_load_qmp) as daemon, daemon.session() as session:
         return roll_back(repo, req, m, ImageTarget(daemon, session, images), tuning=tuning, cancel=cancel, progress=progress, on_start=on_start)
+
+
+def _load_qmp() -> None:
+    """While the storage daemon starts: the modules that speak QMP to it (asyncio and all)."""
+    from . import checkpoints, qmp  # noqa: F401
 
 
 def roll_back(repo: Repository, req: RollbackRequest, m: Manifest, target: RollbackTarget, *, tuning: Tuning, cancel: CancelToken,
@@ -303,6 +311,8 @@ def choose_disks(m: Manifest, req: RollbackRequest) -> list[tuple[DiskBackup, Pa
 
 def make_plan(repo: Repository, target: RollbackTarget, req: RollbackRequest, m: Manifest) -> RollbackPlan:
     """Validate every disk, then find what to write on each.  Changes nothing on the disks."""
+    from .checkpoints import Checkpoints
+
     at = {d.id: d for d in m.disks}
     disks = target.disks
     paths = [Path(d.filename) for d in disks]
@@ -342,6 +352,8 @@ def validate(repo: Repository, session: QMPSession, vm: str, m: Manifest, disks:
     """The bitmaps that together hold every change since m's checkpoint, after the same checks
     as an incremental since it; ChainBroken (exit 4, pointing at --full) otherwise.
     bitmaps: the disks' bitmaps now; quiescent: nothing else writes to the disks."""
+    from .checkpoints import Checkpoints
+
     hint = f"`--full` rewrites the whole disk from the backup at {m.checkpoint} instead"
     records = repo.checkpoints(vm)
     record = next((r for r in records if r.name == m.checkpoint), None)
@@ -506,7 +518,7 @@ def rollback(settings, vmconf, req: RollbackRequest, *, cancel: CancelToken, obs
              reset: bool = True, tuning: Tuning = Tuning()) -> RollbackResult:
     """Under the VM's lock (no backup of it meanwhile): the shut-down VM's images through
     qemu-storage-daemon, or the paused VM's disks through its QEMU."""
-    from .engine import Observer, open_repository, repository_lock, vm_lock
+    from .runs import Observer, open_repository, repository_lock, vm_lock
     from .workdirs import private_dir
 
     observer = observer or Observer()
@@ -574,6 +586,8 @@ def _running_qemu(vmconf) -> Iterator[QMPSession | None]:
     if vmconf.qmp is None:
         yield None
         return
+    from .qmp import QMPSession
+
     try:
         session = QMPSession(vmconf.qmp)
         session.connect()

@@ -9,12 +9,15 @@ import signal
 import socket
 import subprocess
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .errors import ImageInUse, NbdBackupError, RestoreTargetError
-from .qmp import QMPSession
+
+if TYPE_CHECKING:
+    from .qmp import QMPSession
 
 log = logging.getLogger(__name__)
 
@@ -41,12 +44,16 @@ class StorageDaemon:
     """Start qemu-storage-daemon with one writable export per image; stop it on exit.
 
     exports=False: only the nodes (`node(i)`) and the NBD server; the caller adds exports over
-    QMP (`session()`).  read_only: open the images read-only (nothing can change them)."""
+    QMP (`session()`).  read_only: open the images read-only (nothing can change them).
+    meanwhile: called once the daemon is launched, before waiting for it to be ready (work
+    that overlaps its start-up, such as imports)."""
 
-    def __init__(self, images: Sequence[TargetImage], socket_dir: Path, *, exports: bool = True, read_only: bool = False) -> None:
+    def __init__(self, images: Sequence[TargetImage], socket_dir: Path, *, exports: bool = True, read_only: bool = False,
+                 meanwhile: Callable[[], None] = lambda: None) -> None:
         self.images = list(images)
         self.exports = exports
         self.read_only = read_only
+        self.meanwhile = meanwhile
         self.socket = socket_dir / "restore.sock"
         self.monitor = socket_dir / "restore-qmp.sock"
         self.log = socket_dir / "qemu-storage-daemon.log"
@@ -71,6 +78,11 @@ class StorageDaemon:
         with open(self.log, "wb") as output:
             self._proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=output, stderr=subprocess.STDOUT,
                                           start_new_session=True, preexec_fn=_die_with_parent)
+        try:
+            self.meanwhile()
+        except BaseException:
+            self._kill()
+            raise
         deadline = time.monotonic() + 30
         # Ready when both sockets exist and the NBD server accepts connections (a socket file
         # exists from bind(), a moment before listen(); a daemon that died leaves it behind).
@@ -94,6 +106,8 @@ class StorageDaemon:
 
     def session(self) -> QMPSession:
         """A QMP session on the daemon's monitor (a context manager)."""
+        from .qmp import QMPSession
+
         return QMPSession(self.monitor, connect_timeout=10)
 
     def quit(self, session: QMPSession) -> None:
@@ -115,7 +129,7 @@ class StorageDaemon:
         if proc is None or proc.poll() is not None:
             return
         try:
-            with QMPSession(self.monitor, connect_timeout=10) as qmp:
+            with self.session() as qmp:
                 qmp.execute("quit")
             proc.wait(timeout=60)
         except (NbdBackupError, OSError, subprocess.TimeoutExpired) as err:

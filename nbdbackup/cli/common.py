@@ -65,7 +65,7 @@ def interruptible() -> Iterator[Any]:
 
 @contextlib.contextmanager
 def progress_bar(what: str) -> Iterator[Any]:
-    from ..engine import Observer
+    from ..runs import Observer
 
     if not sys.stderr.isatty():
         yield Observer()
