@@ -479,7 +479,8 @@ def write_disk(repo: Repository, m: Manifest, p: DiskRollback, entries: list[Ind
             pipe.endpoint().write_batch([(offset, length, None) for offset, _, length in job.copies])
             return 0, sum(length for _, _, length in job.copies)
         first = job.copies[0][0]
-        data = memoryview(repo.get_chunk(job.chunk, f"backup {m.checkpoint}, disk {p.disk}, offset {first}"))
+        buffer = pipe.local().__dict__.setdefault("buffer", bytearray(tuning.chunk_size))  # this writer's, reused
+        data = repo.get_chunk_into(job.chunk, f"backup {m.checkpoint}, disk {p.disk}, offset {first}", buffer)
         requests: list[tuple[int, int, memoryview | None]] = []
         written = zeroed = 0
         for offset, at, length in job.copies:

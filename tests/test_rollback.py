@@ -353,3 +353,29 @@ def test_images_of_another_vm_name_are_refused_even_with_full(vm_factory, repo):
     proc = cli.run(repo, "rollback", "vm1", "--to", "C", "--full", "--disk", "vda", f"--image=vda={other.disks['vda'].path}", expect=4)
     assert "'vm2'" in proc.stderr
     assert image_bytes(other.disks["vda"].path) == before
+
+
+def test_chunks_decode_into_a_reused_buffer_checks_like_decode():
+    """The rollback's writers decode each chunk into their own reused buffer: the same content
+    and the same refusals as chunks.decode (zstd and stored chunks, a grown buffer, damage)."""
+    from nbdbackup.errors import RepositoryDamaged
+    from nbdbackup.repository import chunks
+    from nbdbackup.repository.chunkid import ChunkIds
+
+    ids = ChunkIds.blake3()
+    text = b"rollback " * 50000
+    noise = os.urandom(300000)  # does not compress: stored as it is
+    buffer = bytearray(1000)  # too small: grown
+    for data in (text, noise, text[:70000]):
+        blob = b"".join(chunks.encode(data, 2))
+        got = chunks.decode_into(blob, ids(data), "test", ids, buffer)
+        assert bytes(got) == data == chunks.decode(blob, ids(data), "test", ids)
+    assert len(buffer) >= len(text)
+    blob = bytearray(b"".join(chunks.encode(text, 2)))
+    blob[len(blob) // 2] ^= 0xFF
+    with pytest.raises(RepositoryDamaged):
+        chunks.decode_into(bytes(blob), ids(text), "test", ids, buffer)
+    with pytest.raises(RepositoryDamaged):
+        chunks.decode_into(b"".join(chunks.encode(text, 2))[:-100], ids(text), "test", ids, buffer)
+    with pytest.raises(RepositoryDamaged, match="fails its checksum"):
+        chunks.decode_into(b"".join(chunks.encode(noise, 2)), ids(text), "test", ids, buffer)

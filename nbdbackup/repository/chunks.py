@@ -83,3 +83,38 @@ def decode(blob: bytes, expected_id: bytes, where: str, chunk_id: ChunkIds) -> b
     if len(data) != length or chunk_id(data) != expected_id:
         raise RepositoryDamaged(f"chunk {expected_id.hex()} fails its checksum ({where})")
     return data
+
+
+def decode_into(blob: bytes, expected_id: bytes, where: str, chunk_id: ChunkIds, out: bytearray) -> memoryview:
+    """decode() without a new buffer for the content: a zstd chunk is decompressed into out
+    (grown if too small; reused by the caller, e.g. one per writer thread, so no fresh pages
+    are faulted in for every chunk), a stored one is a view of blob.  The same checks."""
+    if len(blob) < HEADER_SIZE:
+        raise RepositoryDamaged(f"chunk {expected_id.hex()} is truncated ({where})")
+    magic, version, encoding, _reserved, length = _HEADER.unpack_from(blob)
+    if magic != MAGIC or version != VERSION:
+        raise RepositoryDamaged(f"chunk {expected_id.hex()} has a bad header ({where})")
+    payload = memoryview(blob)[HEADER_SIZE:]
+    if encoding == ZSTD:
+        if len(out) < length:
+            out.extend(bytes(length - len(out)))
+        data = memoryview(out)[:length]
+        done = 0
+        try:
+            reader = _decompressor().stream_reader(payload)
+            while done < length:
+                n = reader.readinto(data[done:])
+                if not n:
+                    break
+                done += n
+        except zstandard.ZstdError as exc:
+            raise RepositoryDamaged(f"chunk {expected_id.hex()} is damaged: it does not decompress ({exc}) ({where})") from None
+        if done != length:
+            raise RepositoryDamaged(f"chunk {expected_id.hex()} fails its checksum ({where})")
+    elif encoding == STORED:
+        data = payload
+    else:
+        raise RepositoryDamaged(f"chunk {expected_id.hex()} has unknown encoding {encoding} ({where})")
+    if len(data) != length or chunk_id(data) != expected_id:
+        raise RepositoryDamaged(f"chunk {expected_id.hex()} fails its checksum ({where})")
+    return data

@@ -292,6 +292,10 @@ class Repository:
     def get_chunk(self, cid: bytes, where: str) -> bytes:
         return self.decode_chunk(self.fetch_chunk(cid, where), cid, where)
 
+    def get_chunk_into(self, cid: bytes, where: str, out: bytearray) -> memoryview:
+        """get_chunk, decompressing into out (a buffer the caller reuses; see chunks.decode_into)."""
+        return chunks.decode_into(self.fetch_chunk(cid, where), cid, where, self.chunk_id, out)
+
     def fetch_chunk(self, cid: bytes, where: str) -> bytes:
         """The stored chunk file, unchecked (decode_chunk checks it): get_chunk in two steps, so
         downloads can run ahead of decompression (restore from S3)."""
