@@ -248,6 +248,8 @@ def test_interrupted_rollback_completes_when_run_again(vm_factory, repo, signum)
     # at the first write: the writers of vda's first jobs wait there, vdb's turn has not come
     with Run(repo, *args, pause="write", after=1) as run:
         run.wait_paused()
+        # the rollback holds the VM's lock: no backup of the VM meanwhile (refused before QMP is tried)
+        assert "holds VM vm1" in cli.run(repo, "incremental", "vm1", "--qmp", vm.qmp_socket, expect=5).stderr
         daemons = child_pids(run.pid)
         if signum == signal.SIGKILL:
             run.kill()
