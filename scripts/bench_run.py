@@ -8,8 +8,8 @@ the VM, `nbdcopy | zstd -3 -T2`), then `nbdbackup full`; the reference restore
 (`zstd -d | nbdcopy` into a new qcow2 served by qemu-storage-daemon), then `nbdbackup
 restore`; write 1% of the disk through the guest's device and time `nbdbackup incremental`
 and the restore of that point; shut the VM down and time `nbdbackup rollback` to the full point
-against the restore of that point; check every restore byte for byte; optionally the same on
-large sparse disks. Prints a table (or JSON with --json) on stdout, progress on stderr.
+against the restore of that point (--rollback-only: just that, after a full backup and the
+guest writes); check every restore byte for byte; optionally the same on large sparse disks. Prints a table (or JSON with --json) on stdout, progress on stderr.
 `scripts/bench commit` instead measures the commit's sync with other dirty data pending
 (scripts/bench_commit.py).
 """
