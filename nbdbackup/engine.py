@@ -220,7 +220,7 @@ def serve(settings: Settings, req, *, cancel: CancelToken, on_ready: Callable) -
 
     repo = open_repository(settings)
     remove_dead_server_dirs(runtime_base(), "nbdbackup-serve-")  # left by killed runs
-    with repository_lock(repo), private_dir(prefix="nbdbackup-serve-") as work:
+    with repository_lock(repo), private_dir(prefix="nbdbackup-serve-") as work, _forget_server_locks(repo):
         with serving(repo, str(settings.repo), settings.config_file, req, work) as (m, exports, servers):
             cancel.check()
             on_ready(m, exports)
@@ -238,7 +238,7 @@ def mount(settings: Settings, req, *, cancel: CancelToken):
 
     repo = open_repository(settings)
     with repository_lock(repo):  # nbdkit takes its own shared lock for as long as the mount lives
-        return run_mount(repo, lambda checkpoint, disks: Source(str(settings.repo), settings.config_file, req.vm, checkpoint, disks),
+        return run_mount(repo, lambda checkpoint, disks: Source(str(settings.repo), settings.config_file, req.vm, checkpoint, disks, repo.unlocked_key()),
                          req, cancel)
 
 
@@ -253,10 +253,20 @@ def recover(settings: Settings, req, *, cancel: CancelToken, observer: Observer 
     prefix = f"nbdbackup-recover-{repo.id[:8]}-{req.vm}@"
     with vm_lock(repo, req.vm), repository_lock(repo):
         remove_stale_dirs(runtime_base(), prefix=prefix)  # left by a killed run; we hold the VM's lock
-        with private_dir(prefix=prefix) as work:
-            return run_recover(repo, lambda checkpoint, disks: Source(str(settings.repo), settings.config_file, req.vm, checkpoint, disks),
+        with private_dir(prefix=prefix) as work, _forget_server_locks(repo):
+            return run_recover(repo, lambda checkpoint, disks: Source(str(settings.repo), settings.config_file, req.vm, checkpoint, disks, repo.unlocked_key()),
                                req, work, cancel, on_images=on_images, on_wait=on_wait,
                                on_start=observer.on_start, progress=observer.progress)
+
+
+@contextlib.contextmanager
+def _forget_server_locks(repo: Repository) -> Iterator[None]:
+    """On the way out: the lock objects of the nbdkit we killed (it cannot release them)."""
+    try:
+        yield
+    finally:
+        with contextlib.suppress(Exception):  # never hide the run's own error
+            repo.remove_dead_locks("repository")
 
 
 # verify --boot restores here unless the VM's scratch directory is configured: large, not tmpfs.

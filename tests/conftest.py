@@ -26,6 +26,9 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
             item.add_marker(pytest.mark.qemu)
         if "s3_server" in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.s3)
+        callspec = getattr(item, "callspec", None)  # any_repo of an S3 kind: known before the fixture runs
+        if callspec is not None and str(callspec.params.get("any_repo", "")).startswith("s3"):
+            item.add_marker(pytest.mark.s3)
 
 
 @pytest.fixture
@@ -112,6 +115,30 @@ def s3_repo(s3_server: SeaweedFS, tmp_path: Path, monkeypatch: pytest.MonkeyPatc
     return S3Repo(s3_server, bucket, f"s3://{bucket}/repo", config)
 
 
+REPO_KINDS = ("directory", "encrypted", "s3", "s3-encrypted")
+PASSPHRASE = "correct horse battery staple"
+
+
+@pytest.fixture(params=REPO_KINDS)
+def any_repo(request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path | str:
+    """A new repository of each kind, as `--repo` takes it: a directory, an encrypted directory (repokey,
+    passphrase in $NBDBACKUP_PASSWORD_FILE), an S3 bucket (the real SeaweedFS) and an encrypted S3 bucket.
+    A test takes a subset with @pytest.mark.parametrize("any_repo", [...], indirect=True)."""
+    import cli
+
+    kind = request.param
+    location: Path | str = tmp_path / "repo"
+    if kind.startswith("s3"):
+        location = request.getfixturevalue("s3_repo").url
+    if kind.endswith("encrypted"):
+        pw = tmp_path / "passphrase"
+        pw.write_text(PASSPHRASE + "\n")
+        monkeypatch.setenv("NBDBACKUP_PASSWORD_FILE", str(pw))
+        monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "xdg"))
+        cli.run(location, "init", "--encryption", "repokey")
+    return location
+
+
 @pytest.fixture(scope="session")
 def guest_image():
     """The real-guest tier's Debian image (scripts/guest-image), built once and cached."""
@@ -121,3 +148,10 @@ def guest_image():
     if image.build_seconds:
         print(f"\nguest image built in {image.build_seconds:.0f} s: {image.directory}")
     return image
+
+
+@pytest.fixture(autouse=True)
+def _own_state_dir(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each test keeps its own record of the backups seen in encrypted repositories (XDG_STATE_HOME):
+    a repository copied again from tests/golden must not look rolled back to a later test."""
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path_factory.mktemp("state")))

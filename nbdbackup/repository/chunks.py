@@ -63,7 +63,7 @@ def encode(data: bytes | bytearray | memoryview, level: int) -> list[bytes | byt
     return [_HEADER.pack(MAGIC, VERSION, STORED, 0, len(data)), data]
 
 
-def decode(blob: bytes, expected_id: bytes, where: str, chunk_id: ChunkIds) -> bytes:
+def decode(blob: bytes | memoryview, expected_id: bytes, where: str, chunk_id: ChunkIds) -> bytes:
     """The chunk's content, checked against its name; RepositoryDamaged otherwise."""
     if len(blob) < HEADER_SIZE:
         raise RepositoryDamaged(f"chunk {expected_id.hex()} is truncated ({where})")
@@ -86,19 +86,19 @@ def decode(blob: bytes, expected_id: bytes, where: str, chunk_id: ChunkIds) -> b
 
 
 def decode_into(blob: bytes, expected_id: bytes, where: str, chunk_id: ChunkIds, out: bytearray) -> memoryview:
-    """decode() without a new buffer for the content: a zstd chunk is decompressed into out
+    """decode() without a new buffer for the content: the chunk's content is put into out
     (grown if too small; reused by the caller, e.g. one per writer thread, so no fresh pages
-    are faulted in for every chunk), a stored one is a view of blob.  The same checks."""
+    are faulted in for every chunk) and a view of it returned.  The same checks."""
     if len(blob) < HEADER_SIZE:
         raise RepositoryDamaged(f"chunk {expected_id.hex()} is truncated ({where})")
     magic, version, encoding, _reserved, length = _HEADER.unpack_from(blob)
     if magic != MAGIC or version != VERSION:
         raise RepositoryDamaged(f"chunk {expected_id.hex()} has a bad header ({where})")
     payload = memoryview(blob)[HEADER_SIZE:]
+    if len(out) < length:
+        out.extend(bytes(length - len(out)))
+    data = memoryview(out)[:length]
     if encoding == ZSTD:
-        if len(out) < length:
-            out.extend(bytes(length - len(out)))
-        data = memoryview(out)[:length]
         done = 0
         try:
             reader = _decompressor().stream_reader(payload)
@@ -112,9 +112,11 @@ def decode_into(blob: bytes, expected_id: bytes, where: str, chunk_id: ChunkIds,
         if done != length:
             raise RepositoryDamaged(f"chunk {expected_id.hex()} fails its checksum ({where})")
     elif encoding == STORED:
-        data = payload
+        if len(payload) != length:
+            raise RepositoryDamaged(f"chunk {expected_id.hex()} fails its checksum ({where})")
+        data[:] = payload  # blob may be a reused decryption buffer: the content goes where the caller keeps it
     else:
         raise RepositoryDamaged(f"chunk {expected_id.hex()} has unknown encoding {encoding} ({where})")
-    if len(data) != length or chunk_id(data) != expected_id:
+    if chunk_id(data) != expected_id:
         raise RepositoryDamaged(f"chunk {expected_id.hex()} fails its checksum ({where})")
     return data

@@ -27,10 +27,10 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from ..errors import EncryptionMismatch, RepositoryDamaged, RepositoryUnusable, UsageError
-from ..lock import file_lock, object_lock
+from ..lock import file_lock, object_lock, remove_dead_holders
 from ..names import check_name, utc_now
 from ..records import CheckpointRecord, IndexEntry, Manifest
-from . import chunks, crypto, index, keys, manifest
+from . import chunks, crypto, index, keys, manifest, seen
 from .backend import DIR_MODE, Backend, LocalBackend
 from .chunkid import ChunkIds
 from .location import Location, S3Location, S3Settings, backend_for
@@ -41,6 +41,7 @@ FORMAT_NAME = "nbdbackup repository"
 FORMAT_VERSION = 2  # what new repositories get; every version from 1 up is read and written
 READABLE_VERSIONS = (1, 2)
 PRESENT_LIMIT = 250_000  # chunk ids put_chunk keeps in memory (~25 MiB) to skip a HEAD per chunk
+REMOVAL_FORMAT = "nbdbackup removal"  # vms/<vm>/removed/<random>.json (encrypted repositories)
 LOCAL_CACHE = Path("/var/tmp")  # scratch of repositories that are not local directories
 
 
@@ -75,13 +76,15 @@ class Repository:
         self.new_chunks: set[bytes] = set()  # chunks this process created (a failed run removes them)
         self._present: set[bytes] | None = None  # chunks known to exist (remote backends): see put_chunk
         self._present_mutex = threading.Lock()
+        self.seen: seen.SeenBackups | None = None  # encrypted: what this host saw (rollback detection)
 
     # -- opening ---------------------------------------------------------
 
     @classmethod
     def open(cls, where: Location | Backend, *, create: bool = True, s3: S3Settings | None = None,
              encryption: str | None = None, passphrase: bytes | None = None,
-             passphrase_source: keys.PassphraseSource = keys.CURRENT, like: Repository | None = None) -> Repository:
+             passphrase_source: keys.PassphraseSource = keys.CURRENT, like: Repository | None = None,
+             unlocked: keys.Unlocked | None = None) -> Repository:
         """The repository at a path, an s3:// location or on a ready Backend (tests: MemoryBackend);
         with create, made if there is none (with like's format version and chunk ids when like is
         an unencrypted repository: copy).
@@ -90,7 +93,8 @@ class Repository:
         opinion).  A new repository gets it; an existing unencrypted one is refused when
         encryption is asked for (a store that dropped the encryption must not get plaintext).
         An encrypted repository is unlocked here: every command needs its key (the passphrase:
-        given, or asked from passphrase_source only when needed)."""
+        given, or asked from passphrase_source only when needed), or unlocked is the key already
+        opened by the process that started this one (serving.py: nbdkit's plugin)."""
         backend = backend_for(where, s3) if isinstance(where, (str, Path, S3Location)) else where
         local = backend.root if isinstance(backend, LocalBackend) else None
         here = backend.location
@@ -110,11 +114,11 @@ class Repository:
             raise RepositoryUnusable(f"repository path {here} is not a directory") from None
         except PermissionError:
             raise RepositoryUnusable(f"no permission to read the repository at {here}") from None
-        return cls._from_config(backend, blob, encryption, passphrase, passphrase_source)
+        return cls._from_config(backend, blob, encryption, passphrase, passphrase_source, unlocked)
 
     @classmethod
     def _from_config(cls, backend: Backend, blob: bytes, encryption: str | None, passphrase: bytes | None,
-                     passphrase_source: keys.PassphraseSource = keys.CURRENT) -> Repository:
+                     passphrase_source: keys.PassphraseSource = keys.CURRENT, given: keys.Unlocked | None = None) -> Repository:
         here = backend.location
         local = backend.root if isinstance(backend, LocalBackend) else None
         try:
@@ -136,6 +140,8 @@ class Repository:
             if encryption not in (None, keys.NONE):
                 raise EncryptionMismatch(f"repository {here} is not encrypted, but the configuration asks for encryption ({encryption})",
                                          hint="back up into a new repository, or remove the 'encryption' setting")
+            if given is not None:  # it was encrypted when the parent process opened it
+                raise EncryptionMismatch(f"repository {here} is not encrypted any more", hint="check who changed the repository")
             ids = ChunkIds.for_config(version, config, f"{here}/config.json")
             return cls(backend, repo_id, local, version=version, chunk_id=ids)
         if not isinstance(enc, dict) or enc.get("mode") not in (keys.REPOKEY, keys.KEYFILE) or version < 2:
@@ -143,7 +149,7 @@ class Repository:
         if enc.get("cipher") != crypto.CIPHER_NAME:
             raise RepositoryUnusable(f"{here}: encrypted with {enc.get('cipher')!r}, which this nbdbackup does not know", hint="upgrade nbdbackup")
         store = keys.KeyStore(enc["mode"], repo_id, backend)
-        unlocked = keys.unlock(store, passphrase_source, passphrase=passphrase)
+        unlocked = given if given is not None else keys.unlock(store, passphrase_source, passphrase=passphrase)
         if not hmac.compare_digest(str(enc.get("config_mac", "")), _config_mac(config, unlocked.master_key)):
             raise RepositoryDamaged(f"{here}/config.json fails authentication (changed since the repository was created)")
         ids = ChunkIds.for_config(version, config, f"{here}/config.json", master_key=unlocked.master_key)
@@ -156,11 +162,13 @@ class Repository:
         cipher = crypto.Cipher(unlocked.master_key)
         repo = cls(crypto.EncryptedBackend(backend, cipher), repo_id, local, version=version, chunk_id=ids)
         repo.cipher, repo.key_store, repo.key_id = cipher, store, unlocked.key_id
+        repo.seen = seen.SeenBackups(repo_id, backend.location)
         return repo
 
     @classmethod
     def _create(cls, backend: Backend, encryption: str, passphrase: bytes | None,
-                passphrase_source: keys.PassphraseSource = keys.CURRENT, like: Repository | None = None) -> Repository:
+                passphrase_source: keys.PassphraseSource = keys.CURRENT, like: Repository | None = None,
+             unlocked: keys.Unlocked | None = None) -> Repository:
         if encryption not in keys.MODES:
             raise UsageError(f"unknown encryption {encryption!r}; choose one of {', '.join(keys.MODES)}")
         local = backend.root if isinstance(backend, LocalBackend) else None
@@ -204,6 +212,12 @@ class Repository:
     def encrypted(self) -> bool:
         return self.cipher is not None
 
+    def unlocked_key(self) -> keys.Unlocked | None:
+        """The opened key of an encrypted repository (None: not encrypted), for a serving child process."""
+        if self.cipher is None or self.key_id is None:
+            return None
+        return keys.Unlocked(self.cipher.master_key, self.key_id)
+
     def local_name(self, name: str) -> str:
         """name as it may appear in lock and scratch names: keyed when encrypted."""
         return self.cipher.local_name(name) if self.cipher is not None else name
@@ -223,6 +237,11 @@ class Repository:
             finally:
                 self._held.remove(held)
                 self._present = None  # only a held lock keeps garbage collection from deleting chunks
+
+    def remove_dead_locks(self, name: str) -> None:
+        """Lock objects called name left by processes of this host that died (see lock.py); none for a directory."""
+        if self.root is None:
+            remove_dead_holders(self.backend, name)
 
     def check_locks(self) -> None:
         """Raise LockHeld if a lock object this run holds may have gone stale (see lock.py)."""
@@ -290,23 +309,46 @@ class Repository:
             return self._present if len(self._present) <= PRESENT_LIMIT else None
 
     def get_chunk(self, cid: bytes, where: str) -> bytes:
-        return self.decode_chunk(self.fetch_chunk(cid, where), cid, where)
-
-    def get_chunk_into(self, cid: bytes, where: str, out: bytearray) -> memoryview:
-        """get_chunk, decompressing into out (a buffer the caller reuses; see chunks.decode_into)."""
-        return chunks.decode_into(self.fetch_chunk(cid, where), cid, where, self.chunk_id, out)
-
-    def fetch_chunk(self, cid: bytes, where: str) -> bytes:
-        """The stored chunk file, unchecked (decode_chunk checks it): get_chunk in two steps, so
-        downloads can run ahead of decompression (restore from S3)."""
-        try:
-            return self.backend.read(self._chunk_key(cid))
+        if self.cipher is None:
+            return self.decode_chunk(self.fetch_chunk(cid, where), cid, where)
+        try:  # read and decrypted in this thread's buffer (decode copies out of it)
+            plain = self.backend.read_plain_view(self._chunk_key(cid))
         except FileNotFoundError:
             raise RepositoryDamaged(f"chunk {cid.hex()} is missing ({where})") from None
         except crypto.ObjectDamaged as exc:
             raise RepositoryDamaged(f"chunk {cid.hex()} {exc.reason} ({where})") from None
+        return chunks.decode(plain, cid, where, self.chunk_id)
+
+    def get_chunk_into(self, cid: bytes, where: str, out: bytearray) -> memoryview:
+        """get_chunk, the content put into out (grown if needed): a buffer the caller reuses,
+        e.g. one per writer thread, so no fresh memory is touched per chunk (chunks.decode_into)."""
+        if self.cipher is None:
+            return chunks.decode_into(self.fetch_chunk(cid, where), cid, where, self.chunk_id, out)
+        try:  # read and decrypted in this thread's buffer; decode_into copies out of it
+            plain = self.backend.read_plain_view(self._chunk_key(cid))
+        except FileNotFoundError:
+            raise RepositoryDamaged(f"chunk {cid.hex()} is missing ({where})") from None
+        except crypto.ObjectDamaged as exc:
+            raise RepositoryDamaged(f"chunk {cid.hex()} {exc.reason} ({where})") from None
+        return chunks.decode_into(plain, cid, where, self.chunk_id, out)
+
+    def fetch_chunk(self, cid: bytes, where: str) -> bytes:
+        """The stored chunk file, unchecked (decode_chunk checks it): get_chunk in two steps, so
+        downloads can run ahead of decompression (restore from S3)."""
+        key = self._chunk_key(cid)
+        try:
+            return self.backend.read_sealed(key) if self.cipher is not None else self.backend.read(key)
+        except FileNotFoundError:
+            raise RepositoryDamaged(f"chunk {cid.hex()} is missing ({where})") from None
 
     def decode_chunk(self, blob: bytes, cid: bytes, where: str) -> bytes:
+        """The content of the chunk file blob (from fetch_chunk): authenticated and decrypted when
+        the repository is encrypted (into this thread's buffer: decode copies out of it), checked."""
+        if self.cipher is not None:
+            try:
+                blob = self.cipher.open_into(self._chunk_key(cid), blob)
+            except crypto.ObjectDamaged as exc:
+                raise RepositoryDamaged(f"chunk {cid.hex()} {exc.reason} ({where})") from None
         return chunks.decode(blob, cid, where, self.chunk_id)
 
     def chunk_ids(self) -> set[bytes]:
@@ -404,6 +446,8 @@ class Repository:
         self.backend.sync()
         self.check_locks()  # a lock gone stale may no longer protect the chunks from garbage collection
         self.backend.write(f"{self._backup_key(m.vm, m.checkpoint)}/manifest.json", manifest.manifest_to_bytes(m), durable=True)
+        if self.seen is not None:
+            self.seen.add(m.vm, m.checkpoint)
 
     def manifest(self, vm: str, checkpoint: str) -> Manifest | None:
         key = f"{self._backup_key(vm, checkpoint)}/manifest.json"
@@ -446,7 +490,25 @@ class Repository:
             parts = key.split("/")
             if len(parts) == 5 and parts[4] == "manifest.json":
                 names.add(parts[3])
+        if self.seen is not None:  # encrypted: a backup this host saw must not vanish unrecorded
+            self.seen.check(vm, names, lambda: self.removed_backups(vm))
         return sorted(names)
+
+    def removed_backups(self, vm: str) -> set[str]:
+        """Backups of vm that removal records name (encrypted repositories: see seen.py).
+        A record failing authentication is ignored (the store cannot excuse a deletion)."""
+        names: set[str] = set()
+        for key in self.backend.list(f"vms/{vm}/removed"):
+            try:
+                doc = json.loads(self.backend.read(key))
+                if doc.get("format") != REMOVAL_FORMAT or doc.get("vm") != vm:
+                    raise ValueError
+                names.update(str(n) for n in doc["backups"])
+            except FileNotFoundError:
+                continue
+            except (crypto.ObjectDamaged, ValueError, KeyError, TypeError, AttributeError):
+                log.warning("ignoring the damaged removal record %s of %s", key.rsplit("/", 1)[-1], vm)
+        return names
 
     def incomplete_backups(self, vm: str) -> list[str]:
         """Backup folders without a manifest: left by a run that did not finish."""
@@ -456,19 +518,31 @@ class Repository:
             parts = key.split("/")
             if len(parts) == 5:
                 files.setdefault(parts[3], set()).add(parts[4])
+        if self.seen is not None:  # before anything is cleaned up: a withheld manifest is not an unfinished run
+            self.seen.check(vm, (cp for cp, names in files.items() if "manifest.json" in names), lambda: self.removed_backups(vm))
         return sorted(cp for cp, names in files.items() if "manifest.json" not in names)
 
     def delete_backup(self, vm: str, checkpoint: str) -> None:
-        """Manifest first (the backup stops existing), then its indexes."""
+        """Manifest first (the backup stops existing), then its indexes.  Encrypted: a removal
+        record before anything (durable), so that no host takes the deletion for a rollback."""
         base = self._backup_key(vm, checkpoint)
+        if self.seen is not None and self.backend.exists(f"{base}/manifest.json"):  # else never complete, never seen
+            record = {"format": REMOVAL_FORMAT, "version": 1, "vm": vm, "backups": [checkpoint], "removed": utc_now()}
+            self.backend.write(f"vms/{vm}/removed/{uuid.uuid4().hex}.json", json.dumps(record).encode(), durable=True)
         self.backend.delete(f"{base}/manifest.json")
         self.backend.sync()
         for key in list(self.backend.list(base)):
             self.backend.delete(key)
         self.backend.remove_folder(base)
+        if self.seen is not None:
+            self.seen.forget(vm, checkpoint)
 
     def vms(self) -> list[str]:
-        return sorted({k.split("/")[1] for k in self.backend.list("vms")})
+        found = sorted({k.split("/")[1] for k in self.backend.list("vms")})
+        if self.seen is not None:
+            for vm in set(self.seen.vms()) - set(found):  # a VM whose every object is gone
+                self.backup_names(vm)
+        return found
 
     # -- checkpoint records ----------------------------------------------
 
