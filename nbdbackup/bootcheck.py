@@ -49,8 +49,8 @@ class BootRequest:
     checkpoint: str = "latest"
     check: str | None = None  # shell command run in the guest through the agent
     console_line: str | None = None  # wait for this text on the serial console instead of the agent
-    timeout: float = DEFAULT_TIMEOUT
-    qemu_args: tuple[str, ...] = ()  # [vm.NAME] boot
+    timeout: float | None = None  # seconds (None: [vm.NAME] boot_timeout, else DEFAULT_TIMEOUT; the engine fills it in)
+    qemu_args: tuple[str, ...] = ()  # [vm.NAME] boot (the engine fills it in)
 
 
 @dataclass(frozen=True)

@@ -85,6 +85,7 @@ class Settings:
     config_searched: tuple[Path, ...] = ()  # where a config file was looked for, when none was given
     s3: S3Settings = S3Settings()
     encryption: str | None = None  # what a new repository gets; an encrypted choice refuses an unencrypted repository
+    metrics_file: Path | None = None  # --metrics-file: the Prometheus textfile every backup run updates
 
     def vm(self, name: str, qmp: str | None = None, *, required: bool = True) -> VMConfig:
         """The VM's settings, with --qmp taking precedence over the config file.

@@ -12,6 +12,7 @@ import contextlib
 import dataclasses
 import functools
 import logging
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -22,7 +23,7 @@ from .capture import CancelToken, Tuning, default_workers
 from .chain import CheckpointStatus, assess, resolve
 from .checkpoints import Checkpoints, disk_bitmaps
 from .config import Settings, VMConfig
-from .errors import ChainBroken, LockHeld, VMUnreachable
+from .errors import ChainBroken, Interrupted, LockHeld, NbdBackupError, SomeRunsFailed, UsageError, VMUnreachable
 from .names import bitmap_namespace, check_name
 from .prune import GarbageReport, PruneReport, decide_for, remove_backups
 from .qmp import QMPSession
@@ -40,6 +41,7 @@ if TYPE_CHECKING:  # imported where used: a backup's start-up does without them 
     from .bootcheck import BootRequest, BootResult
     from .copy import CopyReport, CopyRequest
     from .restore import RestoreRequest
+    from .verify import VerifyReport, VerifyRequest
 
 Progress = Callable[[int], None]
 Start = Callable[[int], None]
@@ -51,6 +53,8 @@ class Observer:
 
     on_start: Start = lambda total: None
     progress: Progress = lambda n: None
+    on_stage: Callable[[str], None] = lambda what: None  # a new step (another VM, a boot check's restore) begins
+    on_phase: Callable[[str], None] = lambda text: None  # what a boot check is doing (for --debug)
 
 
 def open_repository(settings: Settings, *, create: bool = False) -> Repository:
@@ -94,14 +98,144 @@ def vm_session(settings: Settings, vmconf: VMConfig, *, create: bool = False) ->
         yield repo, session
 
 
-def backup(settings: Settings, vmconf: VMConfig, req: BackupRequest, *, cancel: CancelToken, observer: Observer = Observer(),
-           fsfreeze: bool = False, require_fsfreeze: bool = False) -> BackupResult:
-    """Back up one VM.  fsfreeze: freeze the guest's filesystems through its agent around the point in time."""
+def backup(settings: Settings, req: BackupRequest, *, cancel: CancelToken, observer: Observer = Observer(),
+           on_backup: Callable[[BackupOutcome], None] = lambda outcome: None) -> BackupOutcome:
+    """Back up one VM; then, for `auto` with verify_boot (the request's or the config file's), boot the new backup.
+
+    Failures are the outcome's (an interruption is raised); on_backup(outcome) as soon as the backup
+    itself is done, before any boot.  The metrics file, if any, is updated (not for a dry run)."""
+    started = time.monotonic()
+    try:
+        result = _backup(settings, req, cancel=cancel, observer=observer)
+    except Interrupted as exc:
+        _record(settings, req.vm, exc.exit_code, time.monotonic() - started)
+        raise
+    except NbdBackupError as exc:
+        _record(settings, req.vm, exc.exit_code, time.monotonic() - started)
+        outcome = BackupOutcome(req.vm, req.mode, failure=exc)
+        on_backup(outcome)
+        return outcome
+    m = result.manifest
+    if m is not None:
+        _record(settings, req.vm, 0, m.duration, m.read_bytes, m.stored_bytes)
+    outcome = BackupOutcome(req.vm, req.mode, result=result)
+    on_backup(outcome)
+    if m is not None and req.mode == "auto" and (req.verify_boot or settings.vm(req.vm, required=False).verify_boot):
+        from .bootcheck import BootRequest
+
+        try:
+            boot = verify_boot(settings, BootRequest(vm=req.vm, checkpoint=m.checkpoint), cancel=cancel, observer=observer)
+        except Interrupted:
+            raise
+        except NbdBackupError as exc:
+            return dataclasses.replace(outcome, failure=exc, failed_step="verify --boot")
+        return dataclasses.replace(outcome, boot=boot)
+    return outcome
+
+
+def backup_all(settings: Settings, req: BackupRequest, *, jobs: int = 1, cancel: CancelToken, observer: Observer = Observer(),
+               on_backup: Callable[[BackupOutcome], None] = lambda outcome: None) -> BatchOutcome:
+    """`auto --all`: every VM of the config file (jobs at once); one VM's failure does not stop the others.
+    req: the options for each VM (its vm field is ignored).  Boot checks follow all backups."""
+    if req.qmp or req.qga or req.checkpoint:
+        raise UsageError("--qmp, --qga and --checkpoint name one VM; with --all they come from the config file")
+    if settings.config_file is None:
+        raise UsageError(f"--all: there is no config file (looked for {' and '.join(map(str, settings.config_searched))})",
+                         hint="create one with a [vm.NAME] table per VM, or pass --config FILE")
+    if not settings.vms:
+        raise UsageError(f"--all: the config file {settings.config_file} names no VM", hint="add a [vm.NAME] table per VM")
+    one = dataclasses.replace(req, verify_boot=False)
+
+    def run(name: str) -> BackupOutcome:
+        cancel.check()
+        observer.on_stage(name)
+        return backup(settings, dataclasses.replace(one, vm=name), cancel=cancel, observer=observer, on_backup=on_backup)
+
+    names = sorted(settings.vms)
+    if jobs == 1:
+        outcomes = [run(name) for name in names]
+    else:
+        import concurrent.futures as cf
+
+        with cf.ThreadPoolExecutor(jobs, "auto") as pool:
+            outcomes = list(pool.map(run, names))
+    booted = []
+    for o in outcomes:
+        if not o.exit_code and o.result is not None and o.result.manifest is not None and (req.verify_boot or settings.vms[o.vm].verify_boot):
+            from .bootcheck import BootRequest
+
+            try:
+                o = dataclasses.replace(o, boot=verify_boot(settings, BootRequest(vm=o.vm, checkpoint=o.result.manifest.checkpoint),
+                                                             cancel=cancel, observer=observer))
+            except Interrupted:
+                raise
+            except NbdBackupError as exc:
+                o = dataclasses.replace(o, failure=exc, failed_step="verify --boot")
+        booted.append(o)
+    return BatchOutcome(tuple(booted))
+
+
+@dataclasses.dataclass(frozen=True)
+class BackupOutcome:
+    """One VM's backup run: its result, and the failure of the backup or of the boot check after it."""
+
+    vm: str
+    mode: str
+    result: BackupResult | None = None  # the backup, if it was made
+    failure: NbdBackupError | None = None
+    failed_step: str = ""  # "verify --boot" when the backup was made but did not boot; else the backup failed
+    boot: BootResult | None = None
+
+    @property
+    def exit_code(self) -> int:
+        return self.failure.exit_code if self.failure else 0
+
+
+@dataclasses.dataclass(frozen=True)
+class BatchOutcome:
+    """`auto --all`: each VM's outcome; the exit code is the worst one."""
+
+    outcomes: tuple[BackupOutcome, ...]
+
+    @property
+    def failed(self) -> list[str]:
+        return [o.vm for o in self.outcomes if o.exit_code]
+
+    @property
+    def error(self) -> SomeRunsFailed | None:
+        """The run's error (worst exit code), or None when every VM succeeded."""
+        worst = max((o.exit_code for o in self.outcomes), default=0)
+        if not worst:
+            return None
+        return SomeRunsFailed(f"{len(self.failed)} of {plural(len(self.outcomes), 'VM')} failed: {', '.join(self.failed)}", worst)
+
+
+def _record(settings: Settings, vm: str, code: int, duration: float, read: int = 0, stored: int = 0) -> None:
+    """Update the metrics file; a metrics problem is a warning, never a failed backup."""
+    if settings.metrics_file is None:
+        return
+    from .metrics import RunMetrics, update
+
+    try:
+        update(settings.metrics_file, RunMetrics(vm, code, duration, read, stored))
+    except (OSError, NbdBackupError) as exc:
+        log.warning("cannot update metrics file %s: %s", settings.metrics_file, exc)
+
+
+def _backup(settings: Settings, req: BackupRequest, *, cancel: CancelToken, observer: Observer) -> BackupResult:
+    vmconf = settings.vm(req.vm, str(req.qmp) if req.qmp else None)
+    for value in (req.checkpoint, req.since):
+        if value is not None and value != "latest":
+            check_name("checkpoint", value)  # before touching the VM
+    req = dataclasses.replace(req, disks=vmconf.disks, exclude=vmconf.exclude, tuning=tuning_for(vmconf))
     quiesce: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
-    if fsfreeze:
+    if (req.fsfreeze or req.require_fsfreeze) and not req.dry_run:
         from .guestagent import fsfreeze as freeze_guest
 
-        quiesce = functools.partial(freeze_guest, vmconf.qga, required=require_fsfreeze)
+        quiesce = functools.partial(freeze_guest, req.qga or vmconf.qga, required=req.require_fsfreeze)
+    if req.dry_run:  # no repository is created, no scratch or socket directory made or cleared
+        with vm_session(settings, vmconf) as (repo, session):
+            return run_backup(repo, session, req, scratch_dir=Path("/nonexistent"), socket_dir=Path("/nonexistent"), cancel=cancel)
     repo: Repository | None = None
     try:
         with contextlib.ExitStack() as stack:
@@ -200,6 +334,15 @@ def copy(settings: Settings, req: CopyRequest, target: Location, *, cancel: Canc
         return copy_backups(source, dest, req, cancel=cancel, progress=observer.progress)
 
 
+def verify(settings: Settings, req: VerifyRequest, *, observer: Observer = Observer()) -> VerifyReport:
+    """Read back the backups of req.vm and check every byte they reference (report.error: what to exit with)."""
+    from .verify import run_verify
+    repo = open_repository(settings)
+    # Shared, as backups and restores hold it: garbage collection must not delete chunks under us.
+    with repository_lock(repo):
+        return run_verify(repo, req, on_start=observer.on_start, progress=observer.progress)
+
+
 def list_backups(settings: Settings, vm: str) -> list[Manifest]:
     check_name("VM", vm)
     return open_repository(settings).manifests(vm)
@@ -295,15 +438,18 @@ def recover(settings: Settings, req, *, cancel: CancelToken, observer: Observer 
 BOOT_SCRATCH = Path("/var/tmp")
 
 
-def verify_boot(settings: Settings, vmconf: VMConfig, req: BootRequest, *, cancel: CancelToken,
-                observer: Observer = Observer(), on_phase: Callable[[str], None] = lambda text: None) -> BootResult:
+def verify_boot(settings: Settings, req: BootRequest, *, cancel: CancelToken, observer: Observer = Observer()) -> BootResult:
     """Restore a backup point into a private temporary directory and boot it (the repository is only read,
-    and only locked while the point is restored: the boot may take minutes)."""
-    from .bootcheck import boot_point, restore_point
+    and only locked while the point is restored: the boot may take minutes).  The VM's settings give the
+    QEMU arguments, the timeout (unless the request has one) and where to restore."""
+    from .bootcheck import DEFAULT_TIMEOUT, boot_point, restore_point
+    vmconf = settings.vm(req.vm, required=False)
+    req = dataclasses.replace(req, timeout=req.timeout or vmconf.boot_timeout or DEFAULT_TIMEOUT, qemu_args=vmconf.boot)
     repo = open_repository(settings)
     base = vmconf.scratch or BOOT_SCRATCH
+    observer.on_stage("restore for boot")
     with private_dir(base, prefix=f"{vmconf.name}-boot-") as workdir:
         with repository_lock(repo):
             checkpoint, images = restore_point(repo, req, workdir, tuning=tuning_for(vmconf), cancel=cancel,
                                                on_start=observer.on_start, progress=observer.progress)
-        return boot_point(req, checkpoint, images, workdir, cancel=cancel, on_phase=on_phase)
+        return boot_point(req, checkpoint, images, workdir, cancel=cancel, on_phase=observer.on_phase)
