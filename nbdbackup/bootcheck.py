@@ -104,7 +104,7 @@ def restore_point(repo: Repository, req: BootRequest, workdir: Path, *, tuning: 
     m = find_backup(repo, req.vm, req.checkpoint)
     images = run_restore(repo, RestoreRequest(vm=req.vm, checkpoint=m.checkpoint, output=workdir / "restored"),
                          socket_dir=workdir, tuning=tuning, cancel=cancel, progress=progress, on_start=on_start)
-    return m.checkpoint, list(zip((d.id for d in m.disks), images, strict=True))
+    return m.checkpoint, [(i.disk, i.path) for i in images]
 
 
 def boot_point(req: BootRequest, checkpoint: str, images: list[tuple[str, Path]], workdir: Path, *,

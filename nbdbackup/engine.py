@@ -21,18 +21,17 @@ from . import prune as pruning
 from .backup import BackupRequest, BackupResult, run_backup
 from .capture import CancelToken, Tuning, default_workers
 from .chain import CheckpointStatus, assess, resolve
-from .checkpoints import Checkpoints, disk_bitmaps
+from .checkpoints import Checkpoints
 from .config import Settings, VMConfig
-from .errors import ChainBroken, Interrupted, LockHeld, NbdBackupError, SomeRunsFailed, UsageError, VMUnreachable
+from .errors import Interrupted, LockHeld, NbdBackupError, SomeRunsFailed, UsageError, VMUnreachable
 from .names import bitmap_namespace, check_name
-from .prune import GarbageReport, PruneReport, decide_for, remove_backups
+from .prune import GarbageReport, PruneOutcome, PruneReport, PruneRequest, decide_for, remove_backups
 from .qmp import QMPSession
 from .records import Manifest
 from .repository import Repository
-from .repository.location import Location
 from .retention import Policy
 from .units import human_size, plural
-from .vm import qcow2_disks
+from .vm import block_nodes, qcow2_disks
 from .workdirs import foreign_owner, private_dir, remove_stale_dirs, scratch_base
 
 log = logging.getLogger(__name__)
@@ -40,7 +39,10 @@ log = logging.getLogger(__name__)
 if TYPE_CHECKING:  # imported where used: a backup's start-up does without them (issue 11)
     from .bootcheck import BootRequest, BootResult
     from .copy import CopyReport, CopyRequest
-    from .restore import RestoreRequest
+    from .keyring import InitResult, KeyInfo
+    from .recovering import RecoverRequest, RecoverResult
+    from .restore import RestoredImage, RestoreRequest
+    from .rollback import RollbackRequest, RollbackResult
     from .verify import VerifyReport, VerifyRequest
 
 Progress = Callable[[int], None]
@@ -281,53 +283,90 @@ def _left(repo: Repository, created: set[bytes], why: str) -> None:
                 plural(len(created), "chunk"), human_size(repo.stored_size(created)), why)
 
 
-def checkpoint_status(settings: Settings, vmconf: VMConfig) -> list[CheckpointStatus]:
-    """Read-only: the chain as QEMU and the repository see it."""
+@dataclasses.dataclass(frozen=True)
+class CheckpointsRequest:
+    vm: str
+    qmp: Path | None = None  # the VM's QMP socket (default: the config file's)
+
+
+@dataclasses.dataclass(frozen=True)
+class DeleteRequest:
+    vm: str
+    checkpoint: str
+    keep_backup: bool = False  # keep the backup made at the checkpoint
+    qmp: Path | None = None
+
+
+def checkpoint_status(settings: Settings, req: CheckpointsRequest) -> list[CheckpointStatus]:
+    """The chain as QEMU and the repository see it.  Changes nothing that lasts: the twin check
+    of the active checkpoint copies two bitmaps per disk into temporary ones, removed at once."""
+    vmconf = settings.vm(req.vm, str(req.qmp) if req.qmp else None)
     with vm_session(settings, vmconf) as (repo, session):
-        disks = qcow2_disks(session, vmconf.disks, vmconf.exclude)
-        records = repo.checkpoints(vmconf.name)
-        bitmaps = disk_bitmaps(session, disks)
-        others = Checkpoints(repo, session, vmconf.name, disks).other_owners(bitmaps)
-        rows = assess(records, bitmaps, bitmap_namespace(repo.id), others)
+        snapshot = block_nodes(session)
+        disks = qcow2_disks(session, vmconf.disks, vmconf.exclude, snapshot)
+        checkpoints = Checkpoints(repo, session, vmconf.name, disks, snapshot=snapshot)
+        records, bitmaps = checkpoints.records(), checkpoints.bitmaps()
+        rows = assess(records, bitmaps, bitmap_namespace(repo.id), checkpoints.other_owners(bitmaps))
         active = next((r for r in rows if r.active), None)
-        if active is not None:
-            try:  # the active bitmap against its twin: a snapshot in QEMU, removed at once
-                Checkpoints(repo, session, vmconf.name, disks).verify_active(records[-1])
-            except ChainBroken as exc:
-                rows = [dataclasses.replace(r, state="altered", active=False, problems=(*r.problems, exc.message)) if r is active else r
-                        for r in rows]
-                rows = [dataclasses.replace(r, usable=False) for r in rows]
+        problem = checkpoints.twin_check(records[-1]) if active is not None else None
+        if problem:
+            rows = [dataclasses.replace(r, state="altered", active=False, problems=(*r.problems, problem)) if r is active else r
+                    for r in rows]
+            rows = [dataclasses.replace(r, usable=False) for r in rows]
         return rows
 
 
-def delete_checkpoint(settings: Settings, vmconf: VMConfig, name: str, *, keep_backup: bool) -> None:
+def delete_checkpoint(settings: Settings, req: DeleteRequest) -> None:
     """Delete a checkpoint the seed's way (bitmaps first, record after), and its backup unless kept."""
-    check_name("checkpoint", name)
+    check_name("checkpoint", req.checkpoint)
+    vmconf = settings.vm(req.vm, str(req.qmp) if req.qmp else None)
     with vm_session(settings, vmconf) as (repo, session):
-        checkpoints = Checkpoints(repo, session, vmconf.name, qcow2_disks(session, vmconf.disks, vmconf.exclude))
+        snapshot = block_nodes(session)
+        checkpoints = Checkpoints(repo, session, vmconf.name, qcow2_disks(session, vmconf.disks, vmconf.exclude, snapshot), snapshot=snapshot)
         checkpoints.reconcile()
-        record = resolve(checkpoints.records(), name)
+        record = resolve(checkpoints.records(), req.checkpoint)
         checkpoints.delete(record.name)
-        if not keep_backup:
+        if not req.keep_backup:
             repo.delete_backup(vmconf.name, record.name)
 
 
-def restore(settings: Settings, req: RestoreRequest, *, tuning: Tuning, cancel: CancelToken, observer: Observer = Observer()) -> list[Path]:
+def restore(settings: Settings, req: RestoreRequest, *, cancel: CancelToken, observer: Observer = Observer()) -> list[RestoredImage]:
+    """Write the images of a backup point (with the VM's data-path settings from the config file, if any)."""
     from .restore import run_restore
+    check_name("VM", req.vm)
+    for d in req.disks:
+        check_name("disk", d)
+    tuning = restore_tuning(settings.vm(req.vm, required=False))
     repo = open_repository(settings)
     with repository_lock(repo), private_dir() as sockets:
         return run_restore(repo, req, socket_dir=sockets, tuning=tuning, cancel=cancel,
                            progress=observer.progress, on_start=observer.on_start)
 
 
-def copy(settings: Settings, req: CopyRequest, target: Location, *, cancel: CancelToken, observer: Observer = Observer()) -> CopyReport:
-    """Copy backups of req.vm to the repository at target (created if new, like a backup creates one).
+def restore_tuning(vmconf: VMConfig) -> Tuning:
+    """A restore's data path: what the VM's settings configure (workers, queue depth, chunk size), else the defaults."""
+    changes = {}
+    if vmconf.workers is not None:
+        changes["workers"] = vmconf.workers
+    if vmconf.chunk_mib is not None:
+        changes["chunk_size"] = vmconf.chunk_mib * 1024 * 1024
+    if vmconf.queue_depth is not None:
+        changes["depth"] = vmconf.queue_depth
+    return dataclasses.replace(Tuning(), **changes)
+
+
+def copy(settings: Settings, req: CopyRequest, *, cancel: CancelToken, observer: Observer = Observer()) -> CopyReport:
+    """Copy backups of req.vm to the repository req.target (created if new, like a backup creates one).
     Source: shared lock (no garbage collection meanwhile); target: the VM's lock and a shared lock."""
     from .copy import copy_backups
-    check_name("VM", req.vm)
-    source = open_repository(settings)
     from .repository.keys import copy_target_source
+    from .repository.location import parse_location
 
+    check_name("VM", req.vm)
+    if req.every and req.checkpoint:
+        raise UsageError("give --checkpoint or --all, not both")
+    target = parse_location(req.target)
+    source = open_repository(settings)
     dest = Repository.open(target, create=True, s3=settings.s3, like=source, encryption=settings.encryption,
                            passphrase_source=copy_target_source())
     with repository_lock(source), vm_lock(dest, req.vm), repository_lock(dest):
@@ -348,14 +387,60 @@ def list_backups(settings: Settings, vm: str) -> list[Manifest]:
     return open_repository(settings).manifests(vm)
 
 
-def prune(settings: Settings, vmconf: VMConfig, policy: Policy, *, dry_run: bool, collect: bool = True) -> PruneReport:
+@dataclasses.dataclass(frozen=True)
+class VMSummary:
+    """One VM of the repository, as `nbdbackup list` shows it."""
+
+    vm: str
+    backups: int
+    newest: Manifest | None
+    stored_bytes: int
+
+
+def list_vms(settings: Settings) -> list[VMSummary]:
+    """The VMs that have backups in the repository."""
+    repo = open_repository(settings)
+    rows = []
+    for name in repo.vms():
+        manifests = repo.manifests(name)
+        rows.append(VMSummary(name, len(manifests), manifests[-1] if manifests else None, sum(m.stored_bytes for m in manifests)))
+    return rows
+
+
+def prune(settings: Settings, req: PruneRequest) -> PruneOutcome:
+    """Apply the retention policy (--keep-* or each VM's retention setting) to one VM, or with
+    all_vms to every VM of the config file that has one (a VM's failure does not stop the
+    others); then free the chunks no backup references, once.  outcome.error: what to exit with."""
+    if req.all_vms == (req.vm is not None):
+        raise UsageError("give either a VM or --all")
+    if not req.all_vms:
+        report = prune_vm(settings, settings.vm(req.vm, str(req.qmp) if req.qmp else None, required=False), req, collect=True)
+        return PruneOutcome({req.vm: report}, garbage=report.garbage)
+    if req.qmp:
+        raise UsageError("--qmp names one VM; with --all the sockets come from the config file")
+    names = [n for n, c in sorted(settings.vms.items()) if req.keep or c.retention]
+    if not names:
+        raise UsageError("--all: no VM of the config file has a retention setting", hint="add retention = { daily = 7 } to [vm.NAME]")
+    reports: dict[str, PruneReport] = {}
+    failures: dict[str, NbdBackupError] = {}
+    for name in names:
+        try:
+            reports[name] = prune_vm(settings, settings.vm(name, required=False), req, collect=False)
+        except NbdBackupError as exc:
+            failures[name] = exc
+    garbage = None if req.dry_run else collect_garbage(settings)  # once, after every VM
+    return PruneOutcome(reports, failures, garbage)
+
+
+def prune_vm(settings: Settings, vmconf: VMConfig, req: PruneRequest, *, collect: bool = True) -> PruneReport:
     """Remove the backups outside the policy and their checkpoints in QEMU (the seed's way,
     when the VM is reachable); then, if collect, the chunks no backup references any more."""
+    policy = Policy(**(req.keep or vmconf.retention))
     repo = open_repository(settings)
     notes: list[str] = []
     with vm_lock(repo, vmconf.name):
         decisions = decide_for(repo, vmconf.name, policy)
-        if dry_run:
+        if req.dry_run:
             return PruneReport(decisions, dry_run=True)
         with contextlib.ExitStack() as stack:
             session = _try_session(stack, vmconf, notes)
@@ -417,21 +502,94 @@ def mount(settings: Settings, req, *, cancel: CancelToken):
                          req, cancel)
 
 
-def recover(settings: Settings, req, *, cancel: CancelToken, observer: Observer = Observer(),
-            on_images: Callable = lambda result: None, on_wait: Callable = lambda: None):
-    """Instant recovery (see recovering.py): images backed by the served backup, streamed home."""
+def recover(settings: Settings, req: RecoverRequest, *, cancel: CancelToken, observer: Observer = Observer(),
+            on_images: Callable = lambda result: None, on_wait: Callable[[Path], None] = lambda socket: None) -> RecoverResult:
+    """Instant recovery (see recovering.py): images backed by the served backup, streamed home.
+    The VM's QMP socket: the request's, else the config file's; on_wait(socket) while waiting for it."""
     from .recovering import run_recover
     from .serving import Source
     from .workdirs import runtime_base
 
+    req = dataclasses.replace(req, qmp=settings.vm(req.vm, str(req.qmp) if req.qmp else None).qmp)
+    for d in req.disks:
+        check_name("disk", d)
     repo = open_repository(settings)
     prefix = f"nbdbackup-recover-{repo.id[:8]}-{req.vm}@"
     with vm_lock(repo, req.vm), repository_lock(repo):
         remove_stale_dirs(runtime_base(), prefix=prefix)  # left by a killed run; we hold the VM's lock
         with private_dir(prefix=prefix) as work:
             return run_recover(repo, lambda checkpoint, disks: Source(str(settings.repo), settings.config_file, req.vm, checkpoint, disks),
-                               req, work, cancel, on_images=on_images, on_wait=on_wait,
+                               req, work, cancel, on_images=on_images, on_wait=lambda: on_wait(req.qmp),
                                on_start=observer.on_start, progress=observer.progress)
+
+
+def umount(directory: Path) -> None:
+    """Unmount what `mount` set up at directory and stop its servers."""
+    from .mounting import run_umount
+
+    run_umount(directory)
+
+
+def rollback(settings: Settings, req: RollbackRequest, *, cancel: CancelToken, observer: Observer = Observer()) -> RollbackResult:
+    """Under the VM's lock (no backup of it meanwhile): the shut-down VM's images through
+    qemu-storage-daemon, or the paused VM's disks through its QEMU.  The images: the request's
+    (--image), over the config file's; the QMP socket likewise."""
+    from .rollback import rollback_live, run_rollback, running_qemu
+
+    check_name("VM", req.vm)
+    for d in req.disks:
+        check_name("disk", d)
+    vmconf = settings.vm(req.vm, str(req.qmp) if req.qmp else None, required=False)
+    req = dataclasses.replace(req, images={**vmconf.images, **req.images})
+    tuning = restore_tuning(vmconf)
+    repo = open_repository(settings)
+    with vm_lock(repo, req.vm), repository_lock(repo):
+        with running_qemu(vmconf) as qemu:
+            if qemu is not None:
+                return rollback_live(repo, vmconf, qemu, req, cancel=cancel, observer=observer, pause=req.pause, reset=req.reset,
+                                     tuning=tuning)
+        with private_dir() as sockets:
+            return run_rollback(repo, req, socket_dir=sockets, tuning=tuning, cancel=cancel,
+                                progress=observer.progress, on_start=observer.on_start)
+
+
+# -- repositories and their keys (keyring.py does the work) -----------------------------
+
+
+def init_repository(settings: Settings, encryption: str | None) -> InitResult:
+    from .keyring import init
+
+    return init(settings, encryption)
+
+
+def list_keys(settings: Settings) -> list[KeyInfo]:
+    from .keyring import list_keys
+
+    return list_keys(settings)
+
+
+def add_key(settings: Settings) -> str:
+    from .keyring import add_key
+
+    return add_key(settings)
+
+
+def remove_key(settings: Settings, key_id: str) -> None:
+    from .keyring import remove_key
+
+    remove_key(settings, key_id)
+
+
+def change_passphrase(settings: Settings) -> str:
+    from .keyring import change_passphrase
+
+    return change_passphrase(settings)
+
+
+def export_key(settings: Settings, target: Path | None) -> bytes:
+    from .keyring import export_key
+
+    return export_key(settings, target)
 
 
 # verify --boot restores here unless the VM's scratch directory is configured: large, not tmpfs.

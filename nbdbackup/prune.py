@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 
 from .checkpoints import Checkpoints
-from .errors import RepositoryDamaged
+from .errors import NbdBackupError, RepositoryDamaged, SomeRunsFailed
 from .qmp import QMPSession
 from .records import Disk
 from .repository import Repository
@@ -33,6 +34,34 @@ class PruneReport:
     checkpoints_deleted: tuple[str, ...] = ()
     notes: tuple[str, ...] = ()
     garbage: GarbageReport | None = None
+
+
+@dataclass(frozen=True)
+class PruneRequest:
+    vm: str | None  # None: every VM of the config file that has a retention setting (all_vms)
+    all_vms: bool = False
+    keep: dict[str, int] = field(default_factory=dict)  # --keep-* given; else each VM's retention setting
+    qmp: Path | None = None  # the VM's QMP socket (default: the config file's)
+    dry_run: bool = False
+
+
+@dataclass(frozen=True)
+class PruneOutcome:
+    """A prune run: each VM's report (or failure, with --all), then the chunks freed once for all."""
+
+    reports: dict[str, PruneReport]
+    failures: dict[str, NbdBackupError] = field(default_factory=dict)
+    garbage: GarbageReport | None = None
+
+    @property
+    def error(self) -> NbdBackupError | None:
+        """What the run exits with once the reports are shown: damage (6) first, then the worst failure."""
+        if self.garbage is not None and self.garbage.damaged:
+            return RepositoryDamaged("the repository has damage: backups were pruned but no chunk was freed",
+                                     hint="run `nbdbackup verify VM` for each VM")
+        if self.failures:
+            return SomeRunsFailed(f"prune failed for {', '.join(self.failures)}", max(e.exit_code for e in self.failures.values()))
+        return None
 
 
 def decide_for(repo: Repository, vm: str, policy: Policy) -> tuple[Decision, ...]:

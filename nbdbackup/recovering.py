@@ -70,7 +70,7 @@ class RecoverRequest:
     vm: str
     checkpoint: str
     output: Path
-    qmp: Path
+    qmp: Path | None = None  # the VM's QMP socket (None: the config file's; the engine fills it in)
     disks: tuple[str, ...] = ()
     speed: int = 0  # bytes/s per disk, 0: unlimited
 

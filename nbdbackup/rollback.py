@@ -42,7 +42,7 @@ from . import chain
 from .capture import CancelToken, Tuning, pieces
 from .checkpoints import Checkpoints, disk_bitmaps
 from .errors import ChainBroken, ImageInUse, Interrupted, NbdBackupError, RestoreTargetError, RollbackIncomplete, UsageError, VMUnreachable
-from .names import GRANULARITY, check_name, utc_now
+from .names import GRANULARITY, utc_now
 from .nbdio import MAX_REQUEST, NbdEndpoint, dirty_bitmap_context, dirty_extents
 from .pipeline import Pipeline
 from .qmp import QMPSession
@@ -63,10 +63,13 @@ CHUNK_CACHE = 4
 class RollbackRequest:
     vm: str
     checkpoint: str
-    images: dict[str, Path]  # disk id -> image file
+    images: dict[str, Path]  # disk id -> image file (the engine adds the config file's for disks not given)
     disks: tuple[str, ...] = ()  # only these disks (default: every disk of the backup)
     full: bool = False  # rewrite whole disks instead of the changed blocks
     dry_run: bool = False
+    qmp: Path | None = None  # the VM's QMP socket (default: the config file's)
+    pause: bool = False  # pause a running guest first
+    reset: bool = True  # reset a paused guest afterwards (its cache holds the old content)
 
 
 @dataclass(frozen=True)
@@ -440,29 +443,10 @@ def write_disk(repo: Repository, m: Manifest, p: DiskRollback, entries: list[Ind
     return totals[0], totals[1]
 
 
-# -- entry point: the resources a rollback needs ----------------------------------------------
+# -- the VM's QEMU, when it runs (engine.rollback gathers the resources) ----------------------------
 
 
-def rollback(settings, vmconf, req: RollbackRequest, *, cancel: CancelToken, observer=None, pause: bool = False,
-             reset: bool = True, tuning: Tuning = Tuning()) -> RollbackResult:
-    """Under the VM's lock (no backup of it meanwhile): the shut-down VM's images through
-    qemu-storage-daemon, or the paused VM's disks through its QEMU."""
-    from .engine import Observer, open_repository, repository_lock, vm_lock
-    from .workdirs import private_dir
-
-    observer = observer or Observer()
-    check_name("VM", req.vm)
-    repo = open_repository(settings)
-    with vm_lock(repo, req.vm), repository_lock(repo):
-        with _running_qemu(vmconf) as qemu:
-            if qemu is not None:
-                return _rollback_live(repo, vmconf, qemu, req, cancel=cancel, observer=observer, pause=pause, reset=reset, tuning=tuning)
-        with private_dir() as sockets:
-            return run_rollback(repo, req, socket_dir=sockets, tuning=tuning, cancel=cancel,
-                                progress=observer.progress, on_start=observer.on_start)
-
-
-def _rollback_live(repo: Repository, vmconf, qemu: QMPSession, req: RollbackRequest, *, cancel: CancelToken, observer,
+def rollback_live(repo: Repository, vmconf, qemu: QMPSession, req: RollbackRequest, *, cancel: CancelToken, observer,
                    pause: bool, reset: bool, tuning: Tuning) -> RollbackResult:
     """The VM's QEMU runs: only with the guest paused (--pause pauses it); afterwards the guest
     is reset (its page cache holds the old content) unless reset is False, and resumed if we paused it."""
@@ -510,7 +494,7 @@ def _rollback_live(repo: Repository, vmconf, qemu: QMPSession, req: RollbackRequ
 
 
 @contextlib.contextmanager
-def _running_qemu(vmconf) -> Iterator[QMPSession | None]:
+def running_qemu(vmconf) -> Iterator[QMPSession | None]:
     """A session with the VM's QEMU if it answers on its QMP socket; None if it does not (shut down)."""
     if vmconf.qmp is None:
         yield None

@@ -47,6 +47,6 @@ def umount(directory: str) -> None:
     """Unmount what `nbdbackup mount` set up at DIR and stop its servers."""
     from pathlib import Path
 
-    from ..mounting import run_umount
+    from .. import engine
 
-    run_umount(Path(directory))
+    engine.umount(Path(directory))
