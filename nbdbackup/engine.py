@@ -1,6 +1,12 @@
-"""Entry points for the CLI: each takes settings and a request, gathers the
+"""The only orchestration API: the entry points of the CLI (and of the nbdkit plugin).
+
+Each takes the settings and ONE request object (what the user asked; the VM's
+settings in the config file are resolved here, not by the caller), gathers the
 resources the command needs (repository, VM lock, QMP session, private
-directories) in the right order, and makes one orchestration call.
+directories) in the right order, makes one orchestration call and returns a
+typed result.  Where a run goes on after a failure (auto --all, prune --all)
+the result holds every failure and the error to exit with (worst exit code);
+the CLI prints the result, then raises that error.
 
 The VM lock is taken before connecting to QMP: a VM's backup monitor serves
 one client at a time, so a second run must learn of the lock, not hang on QMP.
@@ -13,7 +19,7 @@ import dataclasses
 import functools
 import logging
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -110,16 +116,16 @@ def backup(settings: Settings, req: BackupRequest, *, cancel: CancelToken, obser
     try:
         result = _backup(settings, req, cancel=cancel, observer=observer)
     except Interrupted as exc:
-        _record(settings, req.vm, exc.exit_code, time.monotonic() - started)
+        _record(settings, req, exc.exit_code, time.monotonic() - started)
         raise
     except NbdBackupError as exc:
-        _record(settings, req.vm, exc.exit_code, time.monotonic() - started)
+        _record(settings, req, exc.exit_code, time.monotonic() - started)
         outcome = BackupOutcome(req.vm, req.mode, failure=exc)
         on_backup(outcome)
         return outcome
     m = result.manifest
     if m is not None:
-        _record(settings, req.vm, 0, m.duration, m.read_bytes, m.stored_bytes)
+        _record(settings, req, 0, m.duration, m.read_bytes, m.stored_bytes)
     outcome = BackupOutcome(req.vm, req.mode, result=result)
     on_backup(outcome)
     if m is not None and req.mode == "auto" and (req.verify_boot or settings.vm(req.vm, required=False).verify_boot):
@@ -212,14 +218,14 @@ class BatchOutcome:
         return SomeRunsFailed(f"{len(self.failed)} of {plural(len(self.outcomes), 'VM')} failed: {', '.join(self.failed)}", worst)
 
 
-def _record(settings: Settings, vm: str, code: int, duration: float, read: int = 0, stored: int = 0) -> None:
-    """Update the metrics file; a metrics problem is a warning, never a failed backup."""
-    if settings.metrics_file is None:
+def _record(settings: Settings, req: BackupRequest, code: int, duration: float, read: int = 0, stored: int = 0) -> None:
+    """Update the metrics file (not for a dry run); a metrics problem is a warning, never a failed backup."""
+    if settings.metrics_file is None or req.dry_run:
         return
     from .metrics import RunMetrics, update
 
     try:
-        update(settings.metrics_file, RunMetrics(vm, code, duration, read, stored))
+        update(settings.metrics_file, RunMetrics(req.vm, code, duration, read, stored))
     except (OSError, NbdBackupError) as exc:
         log.warning("cannot update metrics file %s: %s", settings.metrics_file, exc)
 
@@ -489,6 +495,20 @@ def serve(settings: Settings, req, *, cancel: CancelToken, on_ready: Callable) -
                     if not server.alive():
                         server.failed()
                 time.sleep(0.2)
+
+
+def open_backup(repo_location: str, config_file: str | None, vm: str, checkpoint: str, disks: Sequence[str]):
+    """The nbdkit plugin's entry point (nbdkit_plugin.py, in nbdkit's process): the repository, its
+    shared lock (held while serving; the caller releases it) and a BackupImage per disk."""
+    from .backupimage import BackupImage
+    from .config import load
+    from .restore import find_backup
+
+    repo = open_repository(load(config_file, repo_location))
+    lock = repository_lock(repo)
+    lock.__enter__()
+    m = find_backup(repo, vm, checkpoint)
+    return repo, lock, {d: BackupImage(repo, m, d) for d in disks}
 
 
 def mount(settings: Settings, req, *, cancel: CancelToken):

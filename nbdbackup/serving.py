@@ -359,24 +359,6 @@ def overlay_server(source: Source, backing: Listen, listen: Listen, sizes: dict[
         yield server
 
 
-# -- for the plugin ---------------------------------------------------------
-
-
-def open_backup(repo_location: str, config_file: str | None, vm: str, checkpoint: str, disks: Sequence[str]):
-    """In nbdkit: the repository, its shared lock (held while serving) and a BackupImage per disk."""
-    from .backupimage import BackupImage
-    from .config import load
-    from .engine import open_repository, repository_lock
-    from .restore import find_backup
-
-    settings = load(config_file, repo_location)
-    repo = open_repository(settings)
-    lock = repository_lock(repo)
-    lock.__enter__()
-    m = find_backup(repo, vm, checkpoint)
-    return repo, lock, {d: BackupImage(repo, m, d) for d in disks}
-
-
 # -- orchestration ----------------------------------------------------------
 
 
