@@ -119,3 +119,21 @@ def test_a_dry_run_lists_the_repairs_that_the_real_run_makes_first(vm_factory, r
 
     cli.run(repo, "incremental", vm.name, "--qmp", vm.qmp_socket, "--checkpoint", "two")
     assert stray not in [b["name"] for b in vm.bitmaps("vda")]
+
+
+def test_auto_all_dry_run_plans_every_vm_and_exits_with_the_worst_code(vm_factory, repo, tmp_path):
+    vm = vm_factory(SIZES)
+    vm.start()
+    cli.run(repo, "full", vm.name, "--qmp", vm.qmp_socket, "--checkpoint", "one")
+    vm.write("vdb", 0, 64 * KiB, 0x21)
+    conf = tmp_path / "c.toml"
+    conf.write_text(f'[vm.{vm.name}]\nqmp = "{vm.qmp_socket}"\n[vm.zz]\nqmp = "{tmp_path / "gone.sock"}"\n')
+    before = (qemu_state(vm), tree(repo))
+    proc = cli.run(repo, "--config", conf, "auto", "--all", "--dry-run", "--json", expect=3)
+    assert (qemu_state(vm), tree(repo)) == before and locks_held(repo) == []
+    rows = {r["vm"]: r for r in json.loads(proc.stdout)}
+    assert rows["zz"]["exit_code"] == 3 and "gone.sock" in rows["zz"]["error"]
+    plan = rows[vm.name]["plan"]
+    assert (plan["kind"], plan["since"]) == ("incremental", "one")
+    assert {d["id"]: d["at_most_bytes"] for d in plan["disks"]} == {"vda": 0, "vdb": 64 * KiB}
+    assert cli.backups(repo, vm.name)[-1]["checkpoint"] == "one"  # no backup was made
