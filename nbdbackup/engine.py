@@ -242,8 +242,8 @@ def _backup(settings: Settings, req: BackupRequest, *, cancel: CancelToken, obse
 
         quiesce = functools.partial(freeze_guest, req.qga or vmconf.qga, required=req.require_fsfreeze)
     if req.dry_run:  # no repository is created, no scratch or socket directory made or cleared
-        with vm_session(settings, vmconf) as (repo, session):
-            return run_backup(repo, session, req, scratch_dir=Path("/nonexistent"), socket_dir=Path("/nonexistent"), cancel=cancel)
+        with vm_session(settings, vmconf) as (repository, session):
+            return run_backup(repository, session, req, scratch_dir=Path("/nonexistent"), socket_dir=Path("/nonexistent"), cancel=cancel)
     repo: Repository | None = None
     try:
         with contextlib.ExitStack() as stack:
@@ -419,7 +419,7 @@ def prune(settings: Settings, req: PruneRequest) -> PruneOutcome:
     others); then free the chunks no backup references, once.  outcome.error: what to exit with."""
     if req.all_vms == (req.vm is not None):
         raise UsageError("give either a VM or --all")
-    if not req.all_vms:
+    if req.vm is not None:  # not all_vms
         report = prune_vm(settings, settings.vm(req.vm, str(req.qmp) if req.qmp else None, required=False), req, collect=True)
         return PruneOutcome({req.vm: report}, garbage=report.garbage)
     if req.qmp:
@@ -530,7 +530,10 @@ def recover(settings: Settings, req: RecoverRequest, *, cancel: CancelToken, obs
     from .serving import Source
     from .workdirs import runtime_base
 
-    req = dataclasses.replace(req, qmp=settings.vm(req.vm, str(req.qmp) if req.qmp else None).qmp)
+    qmp = settings.vm(req.vm, str(req.qmp) if req.qmp else None).qmp
+    if qmp is None:  # Settings.vm says so first, with where it looked
+        raise VMUnreachable(f"no QMP socket known for VM {req.vm!r}", hint="pass --qmp SOCKET")
+    req = dataclasses.replace(req, qmp=qmp)
     for d in req.disks:
         check_name("disk", d)
     repo = open_repository(settings)
@@ -539,7 +542,7 @@ def recover(settings: Settings, req: RecoverRequest, *, cancel: CancelToken, obs
         remove_stale_dirs(runtime_base(), prefix=prefix)  # left by a killed run; we hold the VM's lock
         with private_dir(prefix=prefix) as work:
             return run_recover(repo, lambda checkpoint, disks: Source(str(settings.repo), settings.config_file, req.vm, checkpoint, disks),
-                               req, work, cancel, on_images=on_images, on_wait=lambda: on_wait(req.qmp),
+                               req, work, cancel, on_images=on_images, on_wait=lambda: on_wait(qmp),
                                on_start=observer.on_start, progress=observer.progress)
 
 

@@ -3,13 +3,19 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
+from typing import TYPE_CHECKING
 
 import click
 
 from . import logs
 from .common import Globals, human_size, interruptible, pass_globals, plural, progress_bar, qmp_option
+
+if TYPE_CHECKING:  # imported by the commands that run: --help does without them
+    from ..backup import BackupPlan, BackupRequest, Mode
+    from ..engine import BackupOutcome
 
 
 def backup_options(f):
@@ -27,7 +33,7 @@ def backup_options(f):
     return f
 
 
-def _request(mode: str, vm: str | None, opts: dict):
+def _request(mode: Mode, vm: str | None, opts: dict) -> BackupRequest:
     from pathlib import Path
 
     from ..backup import BackupRequest
@@ -39,7 +45,7 @@ def _request(mode: str, vm: str | None, opts: dict):
                          verify_boot=opts.get("verify_boot", False))
 
 
-def _log_outcome(outcome, *, one_of_many: bool) -> None:
+def _log_outcome(outcome: BackupOutcome, *, one_of_many: bool) -> None:
     """A VM's summary line as soon as its backup is done (log file, syslog; a failure's also on stderr
     with one_of_many: auto --all, whose final error line only names the VMs)."""
     vm = outcome.vm
@@ -49,9 +55,9 @@ def _log_outcome(outcome, *, one_of_many: bool) -> None:
         logs.mark_logged(exc)
         return
     result = outcome.result
-    for note in result.notes:
+    for note in result.notes if result else ():
         logs.warning(f"{vm}: {note}")
-    m = result.manifest
+    m = result.manifest if result else None
     if m is None:  # a dry run
         return
     ratio = f"{m.read_bytes / m.stored_bytes:.1f}x" if m.stored_bytes else ("all deduplicated" if m.read_bytes else "nothing changed")
@@ -59,18 +65,21 @@ def _log_outcome(outcome, *, one_of_many: bool) -> None:
                  f"(reduction {ratio}) in {m.duration:.1f}s")
 
 
-def _as_dict(outcome) -> dict:
-    if outcome.result is None or (outcome.failure is not None and outcome.failed_step):
+def _as_dict(outcome: BackupOutcome) -> dict:
+    result = outcome.result
+    if result is None or outcome.failure is not None:
         return {"vm": outcome.vm, "exit_code": outcome.exit_code, "error": str(outcome.failure)}
-    if outcome.result.manifest is None:
-        return {"vm": outcome.vm, "exit_code": 0, "plan": _plan_dict(outcome.result.plan)}
-    m = outcome.result.manifest
+    if result.manifest is None:
+        return {"vm": outcome.vm, "exit_code": 0, "plan": _plan_dict(result.plan)}
+    m = result.manifest
     return {"vm": m.vm, "exit_code": 0, "checkpoint": m.checkpoint, "kind": m.kind, "since": m.since, "created": m.created,
             "disks": [{"id": d.id, "size": d.size, "read_bytes": d.read_bytes} for d in m.disks],
-            "read_bytes": m.read_bytes, "stored_bytes": m.stored_bytes, "duration": round(m.duration, 3), "notes": list(outcome.result.notes)}
+            "read_bytes": m.read_bytes, "stored_bytes": m.stored_bytes, "duration": round(m.duration, 3), "notes": list(result.notes)}
 
 
-def _plan_dict(plan) -> dict:
+def _plan_dict(plan: BackupPlan | None) -> dict:
+    if plan is None:
+        return {}
     return {"vm": plan.vm, "dry_run": True, "kind": plan.kind, "checkpoint": plan.checkpoint, "since": plan.since.name if plan.since else None,
             "disks": [{"id": p.disk.id, "size": p.disk.size, "read": "all" if p.merges is None else "changed",
                        "bitmaps": list(p.merges or ()), "at_most_bytes": p.estimate, "reason": p.reason} for p in plan.disks],
@@ -78,7 +87,9 @@ def _plan_dict(plan) -> dict:
             "notes": list(plan.notes)}
 
 
-def _print_plan(plan) -> None:
+def _print_plan(plan: BackupPlan | None) -> None:
+    if plan is None:
+        return
     since = f" since {plan.since.name}" if plan.since else ""
     article = "an" if plan.kind == "incremental" else "a"
     click.echo(f"{plan.vm}: would make {article} {plan.kind} backup{since}, checkpoint {plan.checkpoint} (dry run: nothing changed)")
@@ -95,10 +106,13 @@ def _print_plan(plan) -> None:
         click.echo(f"  note: {note}")
 
 
-def _print_single(outcome, as_json: bool) -> None:
+def _print_single(outcome: BackupOutcome, as_json: bool) -> None:
     result = outcome.result
+    if result is None:
+        return
     if as_json:
-        click.echo(json.dumps(_plan_dict(result.plan) if result.manifest is None else _as_dict(outcome), indent=2))
+        click.echo(json.dumps(_plan_dict(result.plan) if result.manifest is None else _as_dict(dataclasses.replace(outcome, failure=None)),
+                              indent=2))
     elif result.manifest is None:
         _print_plan(result.plan)
     else:
@@ -113,7 +127,7 @@ def _print_boot(result, *, to_stderr: bool) -> None:
     print_boot(result, as_json=False, to_stderr=to_stderr)
 
 
-def _single(g: Globals, req, as_json: bool) -> None:
+def _single(g: Globals, req: BackupRequest, as_json: bool) -> None:
     from .. import engine
 
     with interruptible() as cancel, progress_bar(req.vm) as observer:
@@ -192,12 +206,13 @@ def auto(g: Globals, vm: str | None, all_vms: bool, jobs: int, as_json: bool, **
         click.echo(json.dumps([_as_dict(o) for o in outcomes], indent=2))
     else:
         for o in outcomes:
-            if o.exit_code:
+            m = o.result.manifest if o.result else None
+            if o.exit_code or o.result is None:
                 click.echo(f"{o.vm:<20} FAILED  exit {o.exit_code}: {o.failure}")
-            elif o.result.manifest is None:
+            elif m is None:
                 _print_plan(o.result.plan)
             else:
-                click.echo(f"{o.vm:<20} ok      {o.result.manifest.kind:<12} {o.result.manifest.checkpoint}")
+                click.echo(f"{o.vm:<20} ok      {m.kind:<12} {m.checkpoint}")
     error = batch.error
     if error:
         # The final error line (stderr) says the same as the summary: log it once.

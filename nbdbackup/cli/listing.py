@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from typing import Any
 
 import click
 
@@ -49,7 +50,7 @@ def list_(g: Globals, vm: str | None, as_json: bool) -> None:
 def _list_vms(settings, as_json: bool) -> None:
     from .. import engine
 
-    rows = [{"vm": r.vm, "backups": r.backups, "newest": r.newest.checkpoint if r.newest else None,
+    rows: list[dict[str, Any]] = [{"vm": r.vm, "backups": r.backups, "newest": r.newest.checkpoint if r.newest else None,
              "newest_created": r.newest.created if r.newest else None, "stored_bytes": r.stored_bytes} for r in engine.list_vms(settings)]
     if as_json:
         click.echo(json.dumps(rows, indent=2))

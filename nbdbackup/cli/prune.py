@@ -48,7 +48,7 @@ def prune(g: Globals, vm: str | None, all_vms: bool, qmp: str | None, dry_run: b
     req = PruneRequest(vm=vm, all_vms=all_vms, keep={k: v for k, v in keep.items() if v is not None},
                        qmp=Path(qmp) if qmp else None, dry_run=dry_run)
     outcome = engine.prune(g.settings(), req)
-    if not all_vms:
+    if vm is not None:  # not --all
         _print(vm, outcome.reports[vm], dry_run, as_json)
         _finish(outcome)
         return
