@@ -290,20 +290,27 @@ class Checkpoints:
         """After our merge into plan.merge_into: its new final counts, or none if it records again."""
         return [replace(r, counts={} if plan.enable else _counts(r, bitmaps)) if r.bitmap == plan.merge_into else r for r in records]
 
-    def verify_active(self, active: CheckpointRecord) -> None:
+    def verify_active(self, active: CheckpointRecord, bitmaps: dict[str, dict[str, Bitmap]] | None = None, *,
+                      quiescent: bool = False) -> None:
         """ChainBroken unless the active bitmap equals its twin on every disk (one atomic snapshot)."""
-        problem = self.twin_check(active)
+        problem = self.twin_check(active, bitmaps, quiescent=quiescent)
         if problem:
             raise ChainBroken(problem, hint="the chain cannot be trusted: run `nbdbackup full` (or `auto`)")
 
-    def twin_check(self, active: CheckpointRecord) -> str | None:
+    def twin_check(self, active: CheckpointRecord, bitmaps: dict[str, dict[str, Bitmap]] | None = None, *,
+                   quiescent: bool = False) -> str | None:
         """Why the active bitmap cannot be trusted, judged by its twin, or None (docs/CHAIN.md).
 
         Not read-only: QEMU copies both, at one instant, into two temporary bitmaps
-        per disk (not persistent), which are removed at once; QEMU ends as it was."""
-        bitmaps = self.bitmaps()
+        per disk (not persistent), which are removed at once; QEMU ends as it was.
+        quiescent: nothing writes to the disks (images opened by nbdbackup alone), so the
+        counts in bitmaps (the bitmaps now) are already one instant's: no temporary bitmaps."""
+        bitmaps = self.bitmaps() if bitmaps is None else bitmaps
         sound = [d for d in self.disks if _usable(bitmaps[d.id].get(active.bitmap)) and _usable(bitmaps[d.id].get(self.twin))]
-        counts = self._snapshot_counts(sound, active.bitmap, bitmaps) if sound else {}
+        if quiescent:
+            counts = {d.id: (bitmaps[d.id][active.bitmap].count, bitmaps[d.id][self.twin].count) for d in sound}
+        else:
+            counts = self._snapshot_counts(sound, active.bitmap, bitmaps) if sound else {}
         for d in self.disks:
             if d.id in active.disks:
                 problem = chain.twin_problem(active, d.id, bitmaps[d.id].get(self.twin), counts.get(d.id))
