@@ -243,7 +243,8 @@ def _backup(settings: Settings, req: BackupRequest, *, cancel: CancelToken, obse
         quiesce = functools.partial(freeze_guest, req.qga or vmconf.qga, required=req.require_fsfreeze)
     if req.dry_run:  # no repository is created, no scratch or socket directory made or cleared
         with vm_session(settings, vmconf) as (repository, session):
-            return run_backup(repository, session, req, scratch_dir=Path("/nonexistent"), socket_dir=Path("/nonexistent"), cancel=cancel)
+            return run_backup(repository, session, req, scratch_dir=Path("/nonexistent"), socket_dir=Path("/nonexistent"),  # unused by a dry run
+                              cancel=cancel)
     repo: Repository | None = None
     try:
         with contextlib.ExitStack() as stack:
