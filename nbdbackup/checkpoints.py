@@ -120,6 +120,7 @@ class Checkpoints:
     snapshot: BlockNodes | None = None  # the block nodes, if the caller read them already
     _records: list[CheckpointRecord] | None = field(default=None, init=False, repr=False)
     _bitmaps: dict[str, dict[str, Bitmap]] | None = field(default=None, init=False, repr=False)
+    reconciled: dict[str, dict[str, Bitmap]] | None = field(default=None, init=False, repr=False)  # the bitmaps as reconcile() leaves them
 
     @property
     def namespace(self) -> str:
@@ -193,8 +194,9 @@ class Checkpoints:
     def reconcile(self, *, dry_run: bool = False) -> list[str]:
         """Bring records and bitmaps back in step after a crash; returns what was done.
         First of all ChainOfAnotherVM if the QEMU holds another VM name's chain.
-        dry_run: change nothing; return what would be done (the records are then those
-        it would leave, records() included; the bitmaps are left as they are)."""
+        dry_run: change nothing; return what would be done (records() then gives the records
+        it would leave; QEMU's bitmaps stay as they are: the plan sees them as the steps would
+        leave them, the dirty counts of merges excepted)."""
         done: list[str] = []
         records = self.records()
         bitmaps = self.bitmaps()
@@ -204,13 +206,22 @@ class Checkpoints:
             if change is not None and not dry_run:
                 change()
 
+        def without(names, disks=None) -> dict[str, dict[str, Bitmap]]:
+            """The bitmaps as a step that removes names (on disks, default all) leaves them:
+            read again, or (dry run) assumed."""
+            if not dry_run:
+                return self.bitmaps()
+            gone = set(names)
+            return {d: {n: b for n, b in have.items() if n not in gone or (disks is not None and d not in disks)}
+                    for d, have in bitmaps.items()}
+
         taken = self.check_owner(bitmaps)
         if taken:
             others = " and ".join(repr(v) for v in sorted(set(taken.values())))
             step(f"started a new chain for VM {self.vm!r}: removed the checkpoints of VM {others} from this QEMU",
                  f"remove the checkpoints of VM {others} from this QEMU (a new chain for VM {self.vm!r})",
                  lambda: self._apply(remove_actions(self.disks, taken, bitmaps)))
-            bitmaps = self.bitmaps()
+            bitmaps = without(taken)
         for r in [r for r in records if r.state == "pending"]:
             present = any(r.bitmap in b for b in bitmaps.values())
             if present and self.repo.manifest(self.vm, r.name) is not None:
@@ -222,6 +233,10 @@ class Checkpoints:
                     self._apply(delete_actions(plan, self.disks, bitmaps, self.twin))
                     bitmaps = self.bitmaps()
                     records = self._recount(records, plan, bitmaps)
+                elif present:  # a dry run: its bitmap would be merged into the previous one and removed
+                    plan = chain.plan_delete(records, r.name)
+                    bitmaps = _after_delete(without([r.bitmap]), plan)
+                    records = [replace(x, counts={}) if x.bitmap == plan.merge_into else x for x in records]  # counts: not known yet
                 records = [x for x in records if x.name != r.name]
                 step(f"rolled back checkpoint {r.name}: its backup never completed", f"roll back checkpoint {r.name}: its backup never completed")
             if not dry_run:
@@ -232,7 +247,7 @@ class Checkpoints:
             which = ", ".join(d for d, _ in broken_twins)
             step(f"removed the unusable twin bitmap on disk {which}", f"remove the unusable twin bitmap on disk {which}",
                  lambda: self._apply([bitmap_remove(t.node, t.name) for _, t in broken_twins]))
-            bitmaps = self.bitmaps()
+            bitmaps = without([self.twin], {d for d, _ in broken_twins})
         known = {r.bitmap for r in records} | {self.twin}
         orphans = sorted({n for b in bitmaps.values() for n in b if n.startswith(self.namespace)} - known)
         if orphans:
@@ -247,6 +262,7 @@ class Checkpoints:
             records = [r for r in records if r not in stale]
         if dry_run:
             self._records = records  # what the run would plan with
+        self.reconciled = bitmaps if dry_run else self.bitmaps()
         for line in done:
             if not dry_run:
                 log.warning("%s", line)
@@ -350,6 +366,14 @@ class Checkpoints:
         if actions:
             self.refresh()  # also when it fails: QEMU's answer is what counts
             self.session.transaction(actions)
+
+
+def _after_delete(bitmaps: dict[str, dict[str, Bitmap]], plan: chain.DeletePlan) -> dict[str, dict[str, Bitmap]]:
+    """The bitmaps as deleting plan.remove leaves them, as far as a plan needs them (a dry run's
+    view): the bitmap merged into records again if it becomes the active one."""
+    if not plan.merge_into or not plan.enable:
+        return bitmaps
+    return {d: {n: replace(b, recording=True) if n == plan.merge_into else b for n, b in have.items()} for d, have in bitmaps.items()}
 
 
 def _usable(bitmap: Bitmap | None) -> bool:

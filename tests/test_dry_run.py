@@ -9,7 +9,7 @@ import hashlib
 import json
 
 import cli
-from faults import all_bitmaps
+from faults import AFTER, NOTHING_LEFT, Run, all_bitmaps, prepare, qemu_leftovers
 
 KiB, MiB = 1024, 1024 * 1024
 SIZES = {"vda": 4 * MiB, "vdb": 2 * MiB}
@@ -137,3 +137,26 @@ def test_auto_all_dry_run_plans_every_vm_and_exits_with_the_worst_code(vm_factor
     assert (plan["kind"], plan["since"]) == ("incremental", "one")
     assert {d["id"]: d["at_most_bytes"] for d in plan["disks"]} == {"vda": 0, "vdb": 64 * KiB}
     assert cli.backups(repo, vm.name)[-1]["checkpoint"] == "one"  # no backup was made
+
+
+def test_after_a_killed_run_the_dry_run_lists_the_repairs_and_plans_as_the_real_run_then_does(vm_factory, repo, tmp_path):
+    """nbdbackup killed while it read the disks: its exports, nodes and pending checkpoint are
+    still there.  The dry run lists their removal, leaves them, and plans the
+    incremental since the last good checkpoint that the real run then makes."""
+    vm, _ = prepare(vm_factory, repo)
+    with Run(repo, "incremental", "vm1", "--qmp", vm.qmp_socket, "--checkpoint", "hung", pause="read", after=AFTER["read"]) as run:
+        run.wait_paused()
+        run.kill()
+    assert qemu_leftovers(vm) != NOTHING_LEFT
+
+    plan = dry_run(repo, vm, "incremental", "--checkpoint", "two")
+    repairs = plan["repairs_first"]
+    assert "roll back checkpoint hung: its backup never completed" in repairs, repairs
+    assert any(r.startswith("remove the export ") and r.endswith(" left by an interrupted run") for r in repairs), repairs
+    assert any(r.startswith("remove the node ") for r in repairs), repairs
+    assert (plan["kind"], plan["since"]) == ("incremental", "one")
+    assert not plan["twin_checked"] and plan["notes"] == ["the active bitmap is compared with its twin after the repairs, by the real run"]
+
+    done = json.loads(cli.run(repo, "incremental", vm.name, "--qmp", vm.qmp_socket, "--json", "--checkpoint", "two").stdout)
+    assert (done["kind"], done["since"]) == ("incremental", "one")
+    assert qemu_leftovers(vm) == NOTHING_LEFT
