@@ -46,9 +46,11 @@ if TYPE_CHECKING:  # imported where used: a backup's start-up does without them 
     from .bootcheck import BootRequest, BootResult
     from .copy import CopyReport, CopyRequest
     from .keyring import InitResult, KeyInfo
+    from .mounting import MountRequest, MountResult
     from .recovering import RecoverRequest, RecoverResult
     from .restore import RestoredImage, RestoreRequest
     from .rollback import RollbackRequest, RollbackResult
+    from .serving import ServeRequest
     from .verify import VerifyReport, VerifyRequest
 
 Progress = Callable[[int], None]
@@ -63,6 +65,13 @@ class Observer:
     progress: Progress = lambda n: None
     on_stage: Callable[[str], None] = lambda what: None  # a new step (another VM, a boot check's restore) begins
     on_phase: Callable[[str], None] = lambda text: None  # what a boot check is doing (for --debug)
+
+
+def _check_names(vm: str, disks: Sequence[str] = ()) -> None:
+    """Names from the command line, checked before anything is opened."""
+    check_name("VM", vm)
+    for d in disks:
+        check_name("disk", d)
 
 
 def open_repository(settings: Settings, *, create: bool = False) -> Repository:
@@ -340,9 +349,7 @@ def delete_checkpoint(settings: Settings, req: DeleteRequest) -> None:
 def restore(settings: Settings, req: RestoreRequest, *, cancel: CancelToken, observer: Observer = Observer()) -> list[RestoredImage]:
     """Write the images of a backup point (with the VM's data-path settings from the config file, if any)."""
     from .restore import run_restore
-    check_name("VM", req.vm)
-    for d in req.disks:
-        check_name("disk", d)
+    _check_names(req.vm, req.disks)
     tuning = restore_tuning(settings.vm(req.vm, required=False))
     repo = open_repository(settings)
     with repository_lock(repo), private_dir() as sockets:
@@ -478,13 +485,14 @@ def _try_session(stack: contextlib.ExitStack, vmconf: VMConfig, notes: list[str]
         return None
 
 
-def serve(settings: Settings, req, *, cancel: CancelToken, on_ready: Callable) -> None:
+def serve(settings: Settings, req: ServeRequest, *, cancel: CancelToken, on_ready: Callable) -> None:
     """Serve a backup point over NBD until cancelled (a signal); on_ready(manifest, exports) once serving."""
     import time
 
     from .serving import remove_dead_server_dirs, serving
     from .workdirs import runtime_base
 
+    _check_names(req.vm, req.disks)
     repo = open_repository(settings)
     remove_dead_server_dirs(runtime_base(), "nbdbackup-serve-")  # left by killed runs
     with repository_lock(repo), private_dir(prefix="nbdbackup-serve-") as work:
@@ -512,11 +520,12 @@ def open_backup(repo_location: str, config_file: str | None, vm: str, checkpoint
     return repo, lock, {d: BackupImage(repo, m, d) for d in disks}
 
 
-def mount(settings: Settings, req, *, cancel: CancelToken):
+def mount(settings: Settings, req: MountRequest, *, cancel: CancelToken) -> MountResult:
     """Mount the guest filesystems of a backup point read-only (see mounting.py)."""
     from .mounting import run_mount
     from .serving import Source
 
+    _check_names(req.vm, req.disks)
     repo = open_repository(settings)
     with repository_lock(repo):  # nbdkit takes its own shared lock for as long as the mount lives
         return run_mount(repo, lambda checkpoint, disks: Source(str(settings.repo), settings.config_file, req.vm, checkpoint, disks),
@@ -560,9 +569,7 @@ def rollback(settings: Settings, req: RollbackRequest, *, cancel: CancelToken, o
     (--image), over the config file's; the QMP socket likewise."""
     from .rollback import rollback_live, run_rollback, running_qemu
 
-    check_name("VM", req.vm)
-    for d in req.disks:
-        check_name("disk", d)
+    _check_names(req.vm, req.disks)
     vmconf = settings.vm(req.vm, str(req.qmp) if req.qmp else None, required=False)
     req = dataclasses.replace(req, images={**vmconf.images, **req.images})
     tuning = restore_tuning(vmconf)
