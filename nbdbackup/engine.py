@@ -458,8 +458,9 @@ def prune_vm(settings: Settings, vmconf: VMConfig, req: PruneRequest, *, collect
             return PruneReport(decisions, dry_run=True)
         with contextlib.ExitStack() as stack:
             session = _try_session(stack, vmconf, notes)
-            disks = qcow2_disks(session, vmconf.disks, vmconf.exclude) if session else []
-            deleted = remove_backups(repo, vmconf.name, decisions, session, disks)
+            snapshot = block_nodes(session) if session else None
+            disks = qcow2_disks(session, vmconf.disks, vmconf.exclude, snapshot) if session else []
+            deleted = remove_backups(repo, vmconf.name, decisions, session, disks, snapshot)
     garbage = collect_garbage(settings) if collect else None
     return PruneReport(decisions, False, deleted, tuple(notes), garbage)
 

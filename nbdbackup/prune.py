@@ -14,6 +14,7 @@ from .qmp import QMPSession
 from .records import Disk
 from .repository import Repository
 from .retention import Decision, Policy, decide
+from .vm import BlockNodes
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +73,7 @@ def decide_for(repo: Repository, vm: str, policy: Policy) -> tuple[Decision, ...
 
 
 def remove_backups(repo: Repository, vm: str, decisions: Sequence[Decision], session: QMPSession | None,
-                   disks: Sequence[Disk]) -> tuple[str, ...]:
+                   disks: Sequence[Disk], snapshot: BlockNodes | None = None) -> tuple[str, ...]:
     """Delete the checkpoints (in QEMU, when there is a session) and the backups the decisions drop.
 
     Checkpoints whose backup is gone (now, or pruned earlier while the VM was
@@ -81,7 +82,7 @@ def remove_backups(repo: Repository, vm: str, decisions: Sequence[Decision], ses
     """
     deleted: list[str] = []
     if session is not None:
-        checkpoints = Checkpoints(repo, session, vm, disks)
+        checkpoints = Checkpoints(repo, session, vm, disks, snapshot=snapshot)
         checkpoints.reconcile()
         kept = {d.manifest.checkpoint for d in decisions if d.keep}
         for r in checkpoints.records()[:-1]:
