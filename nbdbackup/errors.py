@@ -27,6 +27,7 @@
      +-- ForeignKey                exit 20 the key file belongs to another repository
      +-- KeyFileDamaged            exit 21 the key file or a stored key is unreadable
      +-- EncryptionMismatch        exit 22 encryption asked for, repository disagrees; key refused
+     +-- RepositoryRolledBack      exit 27 encrypted repository: backups this host saw are gone unrecorded
      +-- SomeRunsFailed            the worst exit code of the VMs of `auto --all`
      +-- Interrupted               exit 130 (SIGINT) / 143 (SIGTERM)
  +-- ImageInUse                exit 16 rollback: the VM's images are in use (its QEMU runs)
@@ -159,6 +160,13 @@ class EncryptionMismatch(NbdBackupError):
     exit_code = 22
 
 
+class RepositoryRolledBack(NbdBackupError):
+    """An encrypted repository lacks backups this host saw in it, with no record of their deletion:
+    the store serves an older state (rolled back, restored from an old copy) or withholds objects."""
+
+    exit_code = 27
+
+
 class SomeRunsFailed(NbdBackupError):
     """auto --all: at least one VM failed; the exit code is the worst of theirs."""
 
@@ -235,6 +243,7 @@ class ToolUnavailable(NbdBackupError):
 
 EXIT_CODES.update({"address": ServeAddressError.exit_code, "mount-point": MountPointError.exit_code,
                    "tool": ToolUnavailable.exit_code})
+EXIT_CODES.update({"rolled-back": RepositoryRolledBack.exit_code})
 
 
 @dataclass(frozen=True)
@@ -318,6 +327,11 @@ EXIT_STATUS: tuple[ExitStatus, ...] = (
     ExitStatus((EncryptionMismatch.exit_code,), "encryption setting refused",
                "Encryption was asked for (configuration `encryption`, `init --encryption`) but the repository is not "
                "encrypted, or exists already; or a key change was refused (removing the last key). Nothing was changed."),
+    ExitStatus((RepositoryRolledBack.exit_code,), "encrypted repository rolled back",
+               "An encrypted repository no longer holds backups that this host saw in it, and holds no record of their "
+               "deletion (which `prune` and `delete` write, on any host): the storage serves an older state of the "
+               "repository (rolled back, restored from an old copy) or withholds objects. Nothing was changed. If you "
+               "restored the storage from an older copy on purpose, remove the file the message names to accept it."),
     ExitStatus((128 + signal.SIGINT, 128 + signal.SIGTERM), "interrupted",
                "Interrupted by SIGINT or SIGTERM. The run cleaned up after itself in QEMU, and no backup was recorded; "
                "the chunks it stored are removed too, unless another run holds the repository (then it says how much "

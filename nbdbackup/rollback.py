@@ -120,24 +120,29 @@ class RollbackResult:
 
 
 class Marker:
-    """rollbacks/<vm>.json in the repository's local directory: present while a rollback writes."""
+    """rollbacks/<vm>.json in the repository's local directory: present while a rollback writes.
+    In an encrypted repository the name is keyed and the content an encrypted object (no VM,
+    checkpoint or disk name in the repository's files)."""
 
     def __init__(self, repo: Repository, vm: str) -> None:
-        self.path = repo.local_dir("rollbacks") / f"{vm}.json"
+        self.path = repo.local_dir("rollbacks") / f"{repo.local_name(vm)}.json"
+        self.cipher = repo.cipher
+        self.logical = f"rollbacks/{vm}.json"  # bound to its VM as associated data
 
     def read(self) -> dict | None:
         try:
-            return json.loads(self.path.read_text())
+            blob = self.path.read_bytes()
+            return json.loads(self.cipher.open(self.logical, blob) if self.cipher is not None else blob)
         except FileNotFoundError:
             return None
-        except (OSError, ValueError):
+        except (OSError, ValueError, NbdBackupError):  # NbdBackupError: fails authentication
             return {"checkpoint": "?"}
 
     def write(self, plan: RollbackPlan) -> None:
         tmp = self.path.with_suffix(".tmp")
-        data = {"checkpoint": plan.checkpoint, "disks": [d.disk for d in plan.disks], "started": utc_now()}
-        with open(tmp, "w") as f:
-            json.dump(data, f)
+        data = json.dumps({"checkpoint": plan.checkpoint, "disks": [d.disk for d in plan.disks], "started": utc_now()}).encode()
+        with open(tmp, "wb") as f:
+            f.write(self.cipher.seal(self.logical, data) if self.cipher is not None else data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, self.path)
@@ -480,7 +485,7 @@ def rollback_live(repo: Repository, vmconf, qemu: QMPSession, req: RollbackReque
     try:
         owner = foreign_owner(qemu.peer_user())
         base = scratch_base(vmconf.scratch, lambda: repo.local_dir("tmp"), owner)
-        with private_dir(base, prefix=f"{req.vm}@", owner=owner) as scratch, private_dir(owner=owner) as sockets:
+        with private_dir(base, prefix=f"{repo.local_name(req.vm)}@", owner=owner) as scratch, private_dir(owner=owner) as sockets:
             target = LiveTarget(qemu, disks, block_namespace(repo.id), scratch, sockets, owner)
             with target:
                 result = roll_back(repo, req, m, target, tuning=tuning, cancel=cancel, progress=observer.progress, on_start=observer.on_start)

@@ -278,6 +278,7 @@ class Timed:
     cpu: list[float] = field(default_factory=list)  # per process: wait4's user+system CPU seconds (with reaped descendants)
     stdout: str = ""
     stderr: str = ""
+    anon_kib: list[int] = field(default_factory=list)  # per process: polled peak of RssAnon (private memory, no mapped files)
     extra: dict[str, Any] = field(default_factory=dict)  # filled in by the caller
 
     @property
@@ -285,27 +286,32 @@ class Timed:
         return all(rc == 0 for rc in self.returncodes)
 
 
-def _hwm(pid: int) -> int:
+def _hwm(pid: int) -> tuple[int, int]:
+    """(VmHWM, RssAnon) of pid in KiB; zeroes once it is gone."""
+    found = {"VmHWM:": 0, "RssAnon:": 0}
     try:
         with open(f"/proc/{pid}/status") as f:
             for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1])
+                name = line.split(None, 1)[0]
+                if name in found:
+                    found[name] = int(line.split()[1])
     except OSError:
         pass
-    return 0
+    return found["VmHWM:"], found["RssAnon:"]
 
 
-def _wait_all(procs: Sequence[subprocess.Popen], t0: float) -> tuple[float, list[int], list[int], list[int], list[float]]:
-    """wait4 every process (for its rusage), polling VmHWM meanwhile; seconds until the last exits."""
+def _wait_all(procs: Sequence[subprocess.Popen], t0: float) -> tuple[float, list[int], list[int], list[int], list[float], list[int]]:
+    """wait4 every process (for its rusage), polling VmHWM and RssAnon meanwhile; seconds until the last exits."""
     hwm = [0] * len(procs)
+    anon = [0] * len(procs)
     stop = threading.Event()
 
     def poll() -> None:
         while not stop.is_set():
             for i, p in enumerate(procs):
                 if p.returncode is None:
-                    hwm[i] = max(hwm[i], _hwm(p.pid))
+                    peak, private = _hwm(p.pid)
+                    hwm[i], anon[i] = max(hwm[i], peak), max(anon[i], private)
             stop.wait(0.01)
 
     poller = threading.Thread(target=poll, daemon=True)
@@ -322,7 +328,7 @@ def _wait_all(procs: Sequence[subprocess.Popen], t0: float) -> tuple[float, list
     finally:
         stop.set()
         poller.join()
-    return end - t0, rcs, rss, hwm, cpu
+    return end - t0, rcs, rss, hwm, cpu, anon
 
 
 def run_timed(argv: Sequence[str], *, env: dict[str, str] | None = None, cwd: Path | None = None) -> Timed:
@@ -331,10 +337,10 @@ def run_timed(argv: Sequence[str], *, env: dict[str, str] | None = None, cwd: Pa
         t0 = time.monotonic()
         proc = _register(subprocess.Popen(list(argv), stdin=subprocess.DEVNULL, stdout=out, stderr=err,
                                           env=env, cwd=cwd))
-        seconds, rcs, rss, hwm, cpu = _wait_all([proc], t0)
+        seconds, rcs, rss, hwm, cpu, anon = _wait_all([proc], t0)
         out.seek(0)
         err.seek(0)
-        return Timed(seconds, rcs, rss, hwm, cpu, out.read().decode(errors="replace"), err.read().decode(errors="replace"))
+        return Timed(seconds, rcs, rss, hwm, cpu, out.read().decode(errors="replace"), err.read().decode(errors="replace"), anon)
 
 
 def run_pipeline(first: Sequence[str], second: Sequence[str]) -> Timed:
@@ -347,11 +353,11 @@ def run_pipeline(first: Sequence[str], second: Sequence[str]) -> Timed:
         finally:
             assert p1.stdout is not None
             p1.stdout.close()
-        seconds, rcs, rss, hwm, cpu = _wait_all([p1, p2], t0)
+        seconds, rcs, rss, hwm, cpu, anon = _wait_all([p1, p2], t0)
         err1.seek(0)
         err2.seek(0)
         return Timed(seconds, rcs, rss, hwm, cpu, "",
-                     err1.read().decode(errors="replace") + err2.read().decode(errors="replace"))
+                     err1.read().decode(errors="replace") + err2.read().decode(errors="replace"), anon)
 
 
 def children_maxrss_kib() -> int:

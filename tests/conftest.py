@@ -121,3 +121,10 @@ def guest_image():
     if image.build_seconds:
         print(f"\nguest image built in {image.build_seconds:.0f} s: {image.directory}")
     return image
+
+
+@pytest.fixture(autouse=True)
+def _own_state_dir(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each test keeps its own record of the backups seen in encrypted repositories (XDG_STATE_HOME):
+    a repository copied again from tests/golden must not look rolled back to a later test."""
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path_factory.mktemp("state")))

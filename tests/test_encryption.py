@@ -298,3 +298,60 @@ def test_copy_reencrypts_for_the_target(kinds, env):
                 (source.cipher or crypto.Cipher(bytes(32))).open(key, raw.read(key))
     again = copy_backups(source, target, CopyRequest("vm1", every=True), cancel=CancelToken())
     assert [b.copied for b in again.backups] == [False]
+
+
+def test_swapped_chunk_fails_authentication(env):
+    """A chunk file put in another chunk's place is caught on read: its name is authenticated."""
+    repo = Repository.open(env / "r", encryption="repokey")
+    a, b = os.urandom(5000), os.urandom(7000)
+    ca, cb = repo.chunk_id(a), repo.chunk_id(b)
+    repo.put_chunk(ca, a, 3)
+    repo.put_chunk(cb, b, 3)
+    pa, pb = (env / "r" / repo._chunk_key(c) for c in (ca, cb))
+    pa.write_bytes(pb.read_bytes())
+    with pytest.raises(RepositoryDamaged, match="authentication"):
+        repo.get_chunk(ca, "backup x, disk vda, offset 0")
+    assert repo.get_chunk(cb, "t") == b
+
+
+def test_key_derivation_in_a_child_process_and_kept_for_the_run(env, monkeypatch):
+    """Argon2id runs in a forked child (its memory never counts in the backup's), with the
+    same result; a run that opens the repository again reuses the master key, and a wrong
+    passphrase is still refused after a right one."""
+    params = (bytes(16), 1, 1, 8192)
+    assert keys._argon2id_in_child(b"nbdbackup", params) == keys._argon2id(b"nbdbackup", params)
+    with monkeypatch.context() as m:  # a child that does not answer in time is killed; derived here instead
+        m.setattr(keys, "CHILD_TIMEOUT", 0.0)
+        assert keys._argon2id_in_child(b"nbdbackup", (bytes(16), 4, 1, 65536)) is None
+        kdf = {"algorithm": "argon2id", "iterations": 1, "lanes": 1, "memory_cost": 8192, "salt": "AAAAAAAAAAAAAAAAAAAAAA=="}
+        assert keys._kek(b"nbdbackup", kdf) == keys._argon2id(b"nbdbackup", params)
+    Repository.open(env / "r", encryption="repokey")
+    derivations = []
+    real = keys._kek
+    monkeypatch.setattr(keys, "_kek", lambda *args: derivations.append(1) or real(*args))
+    first = Repository.open(env / "r", create=False)
+    second = Repository.open(env / "r", create=False)
+    assert len(derivations) == 1 and first.cipher.master_key == second.cipher.master_key
+    wrong = env / "wrong"
+    wrong.write_text("not it\n")
+    monkeypatch.setenv("NBDBACKUP_PASSWORD_FILE", str(wrong))
+    with pytest.raises(keys.WrongPassphrase):
+        Repository.open(env / "r", create=False)
+
+
+def test_rollback_marker_of_an_encrypted_repository_names_nothing(env):
+    """The marker of a rollback under way lives in the repository's directory: keyed name, encrypted content."""
+    from types import SimpleNamespace
+
+    from nbdbackup.rollback import Marker
+
+    repo = Repository.open(env / "r", encryption="repokey")
+    marker = Marker(repo, "secretvm")
+    marker.write(SimpleNamespace(checkpoint="secretcp", disks=[SimpleNamespace(disk="secretdisk")]))
+    assert "secretvm" not in str(marker.path) and marker.path.read_bytes()[:4] == b"NBDE"
+    assert not any(s in marker.path.read_bytes() for s in (b"secretcp", b"secretdisk"))
+    assert Marker(Repository.open(env / "r", create=False), "secretvm").read()["checkpoint"] == "secretcp"
+    assert Marker(repo, "othervm").read() is None
+    plain = Repository.open(env / "p")
+    Marker(plain, "vm1").write(SimpleNamespace(checkpoint="cp", disks=[]))
+    assert json.loads((env / "p" / "rollbacks" / "vm1.json").read_text())["checkpoint"] == "cp"  # unchanged format

@@ -25,7 +25,7 @@ def test_generated_checkpoint_names_are_safe_unique_and_sortable():
 
 def test_exit_codes_are_pinned():
     """Scripts and cron jobs depend on these numbers: changing one is a breaking change."""
-    assert {k: v for k, v in errors.EXIT_CODES.items() if k not in ("address", "mount-point", "tool")} == {
+    assert {k: v for k, v in errors.EXIT_CODES.items() if k not in ("address", "mount-point", "tool", "rolled-back")} == {
         "success": 0, "unexpected": 1, "usage": 2, "vm": 3, "chain": 4, "locked": 5,
         "damaged": 6, "repository": 7, "restore-target": 8, "sigint": 130, "sigterm": 143,
         "s3-credentials": 9, "s3-bucket-missing": 10, "s3-access-denied": 11, "s3-unreachable": 12,
@@ -33,6 +33,7 @@ def test_exit_codes_are_pinned():
         "no-key": 18, "wrong-passphrase": 19, "foreign-key": 20, "key-damaged": 21, "encryption-mismatch": 22,
     }
     assert {k: errors.EXIT_CODES[k] for k in ("address", "mount-point", "tool")} == {"address": 13, "mount-point": 14, "tool": 15}
+    assert errors.EXIT_CODES["rolled-back"] == 27
     assert errors.Interrupted(signal.SIGTERM).exit_code == 143
     assert errors.VMUnsuitable("x").exit_code == 3
     assert errors.ChainBroken("x").exit_code == 4

@@ -8,7 +8,7 @@ import itertools
 import os
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Protocol
 
@@ -92,14 +92,34 @@ class LocalBackend:
         with open(self.path(key), "rb") as f:
             return f.read()
 
-    def write(self, key: str, data: Buffers, *, durable: bool = False, exclusive: bool = False) -> None:
+    def read_into(self, key: str, buffer: Callable[[int], memoryview]) -> memoryview:
+        """read(), into buffer(size) (a buffer the caller reuses: no allocation per object);
+        the view of what was read."""
+        with open(self.path(key), "rb", buffering=0) as f:
+            size = os.fstat(f.fileno()).st_size  # objects are replaced whole, never changed in place
+            view = buffer(size)[:size]
+            done = 0
+            while done < size and (n := f.readinto(view[done:])):
+                done += n
+        return view[:done]
+
+    def write(self, key: str, data: Buffers | Iterator[bytes | bytearray | memoryview], *, durable: bool = False,
+              exclusive: bool = False) -> None:
+        """Backend.write; data may also be an iterator of buffers, each written before the next is
+        asked for (so its producer may reuse one buffer: EncryptedBackend's encryption)."""
         target = self.path(key)
         tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}-{threading.get_ident()}-{next(_serial)}")
         self._makedirs(target.parent)
-        parts = [memoryview(data).cast("B")] if isinstance(data, (bytes, bytearray, memoryview)) else [memoryview(p).cast("B") for p in data]
+        stream = data if isinstance(data, Iterator) else None  # EncryptedBackend: parts made while written
+        parts = [] if stream is not None else [memoryview(data).cast("B")] if isinstance(data, (bytes, bytearray, memoryview)) \
+            else [memoryview(p).cast("B") for p in data]
         try:
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, FILE_MODE)
             try:
+                for part in stream or ():  # each written before the next is made (it may reuse the buffer)
+                    view = memoryview(part).cast("B")
+                    while view:
+                        view = view[os.write(fd, view):]
                 while parts:
                     written = os.writev(fd, parts)
                     while parts and written >= len(parts[0]):

@@ -63,7 +63,7 @@ def encode(data: bytes | bytearray | memoryview, level: int) -> list[bytes | byt
     return [_HEADER.pack(MAGIC, VERSION, STORED, 0, len(data)), data]
 
 
-def decode(blob: bytes, expected_id: bytes, where: str, chunk_id: ChunkIds) -> bytes:
+def decode(blob: bytes | memoryview, expected_id: bytes, where: str, chunk_id: ChunkIds) -> bytes:
     """The chunk's content, checked against its name; RepositoryDamaged otherwise."""
     if len(blob) < HEADER_SIZE:
         raise RepositoryDamaged(f"chunk {expected_id.hex()} is truncated ({where})")

@@ -40,7 +40,7 @@ from typing import Any
 # The cryptography package is imported only once a repository is encrypted (Cipher), so
 # unencrypted repositories do not pay its memory (about 9 MiB).
 from ..errors import RepositoryDamaged
-from .backend import Backend, Buffers
+from .backend import Backend, Buffers, LocalBackend
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +52,7 @@ HEADER = struct.Struct("<4sBBH")
 NONCE_SIZE = 12
 TAG_SIZE = 16
 OVERHEAD = HEADER.size + NONCE_SIZE + TAG_SIZE
+SEAL_SLICE = 256 * 1024  # seal_stream: ciphertext made and written this much at a time
 NAME_PAD = 64  # names are at most 64 characters (names.py): padded, so the length does not show
 
 OBJECT_CONTEXT = "nbdbackup 2026-11 object key v2"
@@ -83,11 +84,12 @@ class ObjectDamaged(RepositoryDamaged):
 _local = threading.local()
 
 
-def _buffer(size: int) -> memoryview:
-    """This thread's output buffer, at least size bytes (grown, never shrunk)."""
-    buf = getattr(_local, "buf", None)
+def _buffer(size: int, name: str = "buf") -> memoryview:
+    """This thread's output buffer called name, at least size bytes (grown, never shrunk)."""
+    buf = getattr(_local, name, None)
     if buf is None or len(buf) < size:
-        buf = _local.buf = bytearray(size)
+        buf = bytearray(size)
+        setattr(_local, name, buf)
     return memoryview(buf)
 
 
@@ -147,17 +149,84 @@ class Cipher:
         done += len(encryptor.finalize())
         return [header + nonce, buf[:done], encryptor.tag]
 
+    def seal_stream(self, key: str, data: Buffers) -> Iterator[bytes | memoryview]:
+        """seal() as parts made one at a time: header and nonce, ciphertext in slices of at most
+        SEAL_SLICE bytes, tag.  Each ciphertext slice lives in this thread's small buffer until the
+        next is asked for, so the consumer writes it first (LocalBackend.write with an iterator):
+        a backup's memory does not grow by a chunk-sized buffer per thread."""
+        parts = [data] if isinstance(data, (bytes, bytearray, memoryview)) else list(data)
+        header = HEADER.pack(MAGIC, VERSION, AES_256_GCM, 0)
+        nonce = os.urandom(NONCE_SIZE)
+        from cryptography.hazmat.primitives.ciphers import Cipher as _Cipher
+        from cryptography.hazmat.primitives.ciphers import algorithms, modes
+
+        encryptor = _Cipher(algorithms.AES(self._object_key), modes.GCM(nonce)).encryptor()
+        encryptor.authenticate_additional_data(header + key.encode())
+        yield header + nonce
+        buf = _buffer(SEAL_SLICE + 32, "slice")
+        for part in parts:
+            view = memoryview(part).cast("B")
+            for start in range(0, len(view), SEAL_SLICE):
+                done = encryptor.update_into(view[start:start + SEAL_SLICE], buf)
+                yield buf[:done]
+        rest = encryptor.finalize()
+        if rest:
+            yield rest
+        yield encryptor.tag
+
     def open(self, key: str, blob: bytes) -> bytes:
+        """The plaintext of the encrypted object blob stored as key; ObjectDamaged if it fails authentication."""
+        nonce, sealed, aad = self._split(key, blob)
+        try:
+            return self._aead.decrypt(nonce, sealed, aad)
+        except _invalid_tag():
+            raise ObjectDamaged(key, "fails authentication (changed, truncated or swapped)") from None
+
+    def open_into(self, key: str, blob: bytes) -> memoryview:
+        """open(), decrypted into this thread's buffer (no new allocation per object: chunks on a
+        restore): valid until this thread's next open_into, so the caller uses it at once."""
+        nonce, sealed, aad = self._split(key, blob)
+        out = _buffer(len(sealed) - TAG_SIZE, "plain")[:len(sealed) - TAG_SIZE]
+        try:
+            if hasattr(self._aead, "decrypt_into"):  # cryptography >= 46
+                self._aead.decrypt_into(nonce, sealed, aad, out)
+            else:
+                out[:] = self._aead.decrypt(nonce, sealed, aad)
+        except _invalid_tag():
+            raise ObjectDamaged(key, "fails authentication (changed, truncated or swapped)") from None
+        return out
+
+    def open_in_place(self, key: str, sealed_object: memoryview) -> memoryview:
+        """open(), decrypting the writable buffer sealed_object in place (through a small bounce
+        buffer, as the streaming interface writes elsewhere): a restore holds one buffer per chunk
+        read, as without encryption.  The plaintext is returned only once the tag is checked."""
+        nonce, sealed, aad = self._split(key, sealed_object)
+        n = len(sealed) - TAG_SIZE
+        from cryptography.hazmat.primitives.ciphers import Cipher as _Cipher
+        from cryptography.hazmat.primitives.ciphers import algorithms, modes
+
+        decryptor = _Cipher(algorithms.AES(self._object_key), modes.GCM(nonce, bytes(sealed[n:]))).decryptor()
+        decryptor.authenticate_additional_data(aad)
+        bounce = _buffer(SEAL_SLICE + 32, "bounce")
+        for start in range(0, n, SEAL_SLICE):
+            stop = min(n, start + SEAL_SLICE)
+            done = decryptor.update_into(sealed[start:stop], bounce)
+            sealed[start:start + done] = bounce[:done]  # GCM is a stream: done == stop - start
+        try:
+            decryptor.finalize()
+        except _invalid_tag():
+            raise ObjectDamaged(key, "fails authentication (changed, truncated or swapped)") from None
+        return sealed[:n]
+
+    def _split(self, key: str, blob: bytes | memoryview) -> tuple[bytes, memoryview, bytes]:
+        """(nonce, ciphertext and tag, associated data) of an encrypted object; ObjectDamaged if it is none."""
         if len(blob) < OVERHEAD:
             raise ObjectDamaged(key, "is truncated")
         magic, version, cipher, _ = HEADER.unpack_from(blob)
         if magic != MAGIC or version != VERSION or cipher != AES_256_GCM:
             raise ObjectDamaged(key, "is not an encrypted object of this repository (bad header)")
-        nonce = blob[HEADER.size:HEADER.size + NONCE_SIZE]
-        try:
-            return self._aead.decrypt(nonce, memoryview(blob)[HEADER.size + NONCE_SIZE:], blob[:HEADER.size] + key.encode())
-        except _invalid_tag():
-            raise ObjectDamaged(key, "fails authentication (changed, truncated or swapped)") from None
+        view = memoryview(blob)
+        return bytes(view[HEADER.size:HEADER.size + NONCE_SIZE]), view[HEADER.size + NONCE_SIZE:], bytes(view[:HEADER.size]) + key.encode()
 
     # -- names ---------------------------------------------------------------
 
@@ -253,8 +322,24 @@ class EncryptedBackend:
     def read(self, key: str) -> bytes:
         return self.cipher.open(key, self.inner.read(self.physical(key)))
 
+    def read_plain_view(self, key: str) -> memoryview:
+        """read(), as a view the caller uses at once: a local directory reads the object into a
+        new buffer and decrypts it there, in place (one buffer per object read, as an unencrypted
+        read; kept per thread instead, the buffers would stay allocated between reads); other
+        backends decrypt into this thread's buffer (valid until its next call)."""
+        if isinstance(self.inner, LocalBackend):
+            return self.cipher.open_in_place(key, self.inner.read_into(self.physical(key), lambda size: memoryview(bytearray(size))))
+        return self.cipher.open_into(key, self.inner.read(self.physical(key)))
+
+    def read_sealed(self, key: str) -> bytes:
+        """The object as stored, still encrypted (Cipher.open_into decrypts it later, in another thread)."""
+        return self.inner.read(self.physical(key))
+
     def write(self, key: str, data: Buffers, *, durable: bool = False, exclusive: bool = False) -> None:
-        self.inner.write(self.physical(key), self.cipher.seal_parts(key, data), durable=durable, exclusive=exclusive)
+        # A local directory writes the ciphertext while it is made (a small buffer per thread); other
+        # backends take the whole object at once (S3 sends it in one request).
+        sealed = self.cipher.seal_stream(key, data) if isinstance(self.inner, LocalBackend) else self.cipher.seal_parts(key, data)
+        self.inner.write(self.physical(key), sealed, durable=durable, exclusive=exclusive)
 
     def exists(self, key: str) -> bool:
         return self.inner.exists(self.physical(key))

@@ -19,8 +19,12 @@ import getpass
 import json
 import os
 import secrets
+import select
+import signal
 import subprocess
 import sys
+import threading
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -112,12 +116,63 @@ def _unb64(s: Any) -> bytes:
 
 
 def _kek(passphrase: bytes, kdf: dict[str, Any]) -> bytes:
+    """Argon2id of passphrase with kdf's parameters: in a short-lived child process where fork() is
+    possible, so that its memory (memory_cost KiB, freed at once) never counts in the long-running
+    backup's peak memory nor raises its allocator's thresholds (docs/FORMAT.md, "Keys")."""
     if kdf.get("algorithm") != "argon2id":
         raise KeyFileDamaged(f"unknown key derivation {kdf.get('algorithm')!r}")
+    params = (_unb64(kdf["salt"]), int(kdf["iterations"]), int(kdf["lanes"]), int(kdf["memory_cost"]))
+    derived = _argon2id_in_child(passphrase, params)
+    return derived if derived is not None else _argon2id(passphrase, params)
+
+
+def _argon2id(passphrase: bytes, params: tuple[bytes, int, int, int]) -> bytes:
     from cryptography.hazmat.primitives.kdf.argon2 import Argon2id  # only for encrypted repositories
 
-    return Argon2id(salt=_unb64(kdf["salt"]), length=32, iterations=int(kdf["iterations"]), lanes=int(kdf["lanes"]),
-                    memory_cost=int(kdf["memory_cost"])).derive(passphrase)
+    salt, iterations, lanes, memory_cost = params
+    return Argon2id(salt=salt, length=32, iterations=iterations, lanes=lanes, memory_cost=memory_cost).derive(passphrase)
+
+
+CHILD_TIMEOUT = 120.0  # seconds a key derivation in the child may take before it is derived here instead
+
+
+def _argon2id_in_child(passphrase: bytes, params: tuple[bytes, int, int, int]) -> bytes | None:
+    """_argon2id computed by a forked child, which sends the 32 bytes back through a pipe;
+    None when that cannot be done (the caller then derives in this process)."""
+    if not hasattr(os, "fork"):
+        return None
+    read_end, write_end = os.pipe()
+    try:
+        pid = os.fork()
+    except OSError:
+        os.close(read_end)
+        os.close(write_end)
+        return None
+    if pid == 0:  # the child: derive, send, leave without running any of the parent's clean-ups
+        status = 1
+        try:
+            os.close(read_end)
+            os.write(write_end, _argon2id(passphrase, params))  # 32 bytes: one atomic pipe write
+            status = 0
+        finally:
+            os._exit(status)
+    os.close(write_end)
+    received = b""
+    deadline = time.monotonic() + CHILD_TIMEOUT
+    try:
+        # A child forked while another thread held a lock inside OpenSSL could wait forever: bounded.
+        while select.select([read_end], [], [], max(0.0, deadline - time.monotonic()))[0]:
+            block = os.read(read_end, 64)
+            if not block:
+                break
+            received += block
+        else:
+            os.kill(pid, signal.SIGKILL)
+            received = b""
+    finally:
+        os.close(read_end)
+        _, status = os.waitpid(pid, 0)
+    return received if status == 0 and len(received) == 32 else None
 
 
 def _aad(repo_id: str, key_id: str) -> bytes:
@@ -282,14 +337,24 @@ class Unlocked:
     key_id: str  # the key the passphrase opened
 
 
+# Master keys this process has unwrapped, by (repository, key document, passphrase): a
+# run that opens the repository again (`auto --all`, one VM after another) skips the key derivation.
+# In memory only, for this process's life; the passphrase must still open the key.
+_unwrapped: dict[tuple[str, str, bytes], bytes] = {}
+_unwrapping = threading.Lock()  # concurrent opens (`auto --all --jobs`) derive once
+
+
 def unlock(store: KeyStore, source: PassphraseSource = CURRENT, *, passphrase: bytes | None = None) -> Unlocked:
     """Find the key the passphrase opens; WrongPassphrase if none does."""
     keys = store.keys()  # before asking: a missing or foreign key file fails without a prompt
     secret = passphrase if passphrase is not None else source.get()
-    for doc in keys:
-        master = unwrap(doc, secret, store.repo_id)
-        if master is not None:
-            return Unlocked(master, doc["id"])
+    with _unwrapping:
+        for doc in keys:
+            seen = (store.repo_id, json.dumps(doc, sort_keys=True), secret)
+            master = _unwrapped.get(seen) or unwrap(doc, secret, store.repo_id)
+            if master is not None:
+                _unwrapped[seen] = master
+                return Unlocked(master, doc["id"])
     where = f"the key file {store.file}" if store.use_file else "the repository's keys"
     raise WrongPassphrase(f"wrong passphrase: it opens none of {where}")
 

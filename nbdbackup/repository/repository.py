@@ -30,7 +30,7 @@ from ..errors import EncryptionMismatch, RepositoryDamaged, RepositoryUnusable, 
 from ..lock import file_lock, object_lock
 from ..names import check_name, utc_now
 from ..records import CheckpointRecord, IndexEntry, Manifest
-from . import chunks, crypto, index, keys, manifest
+from . import chunks, crypto, index, keys, manifest, seen
 from .backend import DIR_MODE, Backend, LocalBackend
 from .chunkid import ChunkIds
 from .location import Location, S3Location, S3Settings, backend_for
@@ -41,6 +41,7 @@ FORMAT_NAME = "nbdbackup repository"
 FORMAT_VERSION = 2  # what new repositories get; every version from 1 up is read and written
 READABLE_VERSIONS = (1, 2)
 PRESENT_LIMIT = 250_000  # chunk ids put_chunk keeps in memory (~25 MiB) to skip a HEAD per chunk
+REMOVAL_FORMAT = "nbdbackup removal"  # vms/<vm>/removed/<random>.json (encrypted repositories)
 LOCAL_CACHE = Path("/var/tmp")  # scratch of repositories that are not local directories
 
 
@@ -75,6 +76,7 @@ class Repository:
         self.new_chunks: set[bytes] = set()  # chunks this process created (a failed run removes them)
         self._present: set[bytes] | None = None  # chunks known to exist (remote backends): see put_chunk
         self._present_mutex = threading.Lock()
+        self.seen: seen.SeenBackups | None = None  # encrypted: what this host saw (rollback detection)
 
     # -- opening ---------------------------------------------------------
 
@@ -156,6 +158,7 @@ class Repository:
         cipher = crypto.Cipher(unlocked.master_key)
         repo = cls(crypto.EncryptedBackend(backend, cipher), repo_id, local, version=version, chunk_id=ids)
         repo.cipher, repo.key_store, repo.key_id = cipher, store, unlocked.key_id
+        repo.seen = seen.SeenBackups(repo_id, backend.location)
         return repo
 
     @classmethod
@@ -290,19 +293,33 @@ class Repository:
             return self._present if len(self._present) <= PRESENT_LIMIT else None
 
     def get_chunk(self, cid: bytes, where: str) -> bytes:
-        return self.decode_chunk(self.fetch_chunk(cid, where), cid, where)
-
-    def fetch_chunk(self, cid: bytes, where: str) -> bytes:
-        """The stored chunk file, unchecked (decode_chunk checks it): get_chunk in two steps, so
-        downloads can run ahead of decompression (restore from S3)."""
-        try:
-            return self.backend.read(self._chunk_key(cid))
+        if self.cipher is None:
+            return self.decode_chunk(self.fetch_chunk(cid, where), cid, where)
+        try:  # read and decrypted in this thread's buffer (decode copies out of it)
+            plain = self.backend.read_plain_view(self._chunk_key(cid))
         except FileNotFoundError:
             raise RepositoryDamaged(f"chunk {cid.hex()} is missing ({where})") from None
         except crypto.ObjectDamaged as exc:
             raise RepositoryDamaged(f"chunk {cid.hex()} {exc.reason} ({where})") from None
+        return chunks.decode(plain, cid, where, self.chunk_id)
+
+    def fetch_chunk(self, cid: bytes, where: str) -> bytes:
+        """The stored chunk file, unchecked (decode_chunk checks it): get_chunk in two steps, so
+        downloads can run ahead of decompression (restore from S3)."""
+        key = self._chunk_key(cid)
+        try:
+            return self.backend.read_sealed(key) if self.cipher is not None else self.backend.read(key)
+        except FileNotFoundError:
+            raise RepositoryDamaged(f"chunk {cid.hex()} is missing ({where})") from None
 
     def decode_chunk(self, blob: bytes, cid: bytes, where: str) -> bytes:
+        """The content of the chunk file blob (from fetch_chunk): authenticated and decrypted when
+        the repository is encrypted (into this thread's buffer: decode copies out of it), checked."""
+        if self.cipher is not None:
+            try:
+                blob = self.cipher.open_into(self._chunk_key(cid), blob)
+            except crypto.ObjectDamaged as exc:
+                raise RepositoryDamaged(f"chunk {cid.hex()} {exc.reason} ({where})") from None
         return chunks.decode(blob, cid, where, self.chunk_id)
 
     def chunk_ids(self) -> set[bytes]:
@@ -400,6 +417,8 @@ class Repository:
         self.backend.sync()
         self.check_locks()  # a lock gone stale may no longer protect the chunks from garbage collection
         self.backend.write(f"{self._backup_key(m.vm, m.checkpoint)}/manifest.json", manifest.manifest_to_bytes(m), durable=True)
+        if self.seen is not None:
+            self.seen.add(m.vm, m.checkpoint)
 
     def manifest(self, vm: str, checkpoint: str) -> Manifest | None:
         key = f"{self._backup_key(vm, checkpoint)}/manifest.json"
@@ -442,7 +461,25 @@ class Repository:
             parts = key.split("/")
             if len(parts) == 5 and parts[4] == "manifest.json":
                 names.add(parts[3])
+        if self.seen is not None:  # encrypted: a backup this host saw must not vanish unrecorded
+            self.seen.check(vm, names, lambda: self.removed_backups(vm))
         return sorted(names)
+
+    def removed_backups(self, vm: str) -> set[str]:
+        """Backups of vm that removal records name (encrypted repositories: see seen.py).
+        A record failing authentication is ignored (the store cannot excuse a deletion)."""
+        names: set[str] = set()
+        for key in self.backend.list(f"vms/{vm}/removed"):
+            try:
+                doc = json.loads(self.backend.read(key))
+                if doc.get("format") != REMOVAL_FORMAT or doc.get("vm") != vm:
+                    raise ValueError
+                names.update(str(n) for n in doc["backups"])
+            except FileNotFoundError:
+                continue
+            except (crypto.ObjectDamaged, ValueError, KeyError, TypeError, AttributeError):
+                log.warning("ignoring the damaged removal record %s of %s", key.rsplit("/", 1)[-1], vm)
+        return names
 
     def incomplete_backups(self, vm: str) -> list[str]:
         """Backup folders without a manifest: left by a run that did not finish."""
@@ -452,19 +489,31 @@ class Repository:
             parts = key.split("/")
             if len(parts) == 5:
                 files.setdefault(parts[3], set()).add(parts[4])
+        if self.seen is not None:  # before anything is cleaned up: a withheld manifest is not an unfinished run
+            self.seen.check(vm, (cp for cp, names in files.items() if "manifest.json" in names), lambda: self.removed_backups(vm))
         return sorted(cp for cp, names in files.items() if "manifest.json" not in names)
 
     def delete_backup(self, vm: str, checkpoint: str) -> None:
-        """Manifest first (the backup stops existing), then its indexes."""
+        """Manifest first (the backup stops existing), then its indexes.  Encrypted: a removal
+        record before anything (durable), so that no host takes the deletion for a rollback."""
         base = self._backup_key(vm, checkpoint)
+        if self.seen is not None and self.backend.exists(f"{base}/manifest.json"):  # else never complete, never seen
+            record = {"format": REMOVAL_FORMAT, "version": 1, "vm": vm, "backups": [checkpoint], "removed": utc_now()}
+            self.backend.write(f"vms/{vm}/removed/{uuid.uuid4().hex}.json", json.dumps(record).encode(), durable=True)
         self.backend.delete(f"{base}/manifest.json")
         self.backend.sync()
         for key in list(self.backend.list(base)):
             self.backend.delete(key)
         self.backend.remove_folder(base)
+        if self.seen is not None:
+            self.seen.forget(vm, checkpoint)
 
     def vms(self) -> list[str]:
-        return sorted({k.split("/")[1] for k in self.backend.list("vms")})
+        found = sorted({k.split("/")[1] for k in self.backend.list("vms")})
+        if self.seen is not None:
+            for vm in set(self.seen.vms()) - set(found):  # a VM whose every object is gone
+                self.backup_names(vm)
+        return found
 
     # -- checkpoint records ----------------------------------------------
 
