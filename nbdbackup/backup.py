@@ -353,9 +353,9 @@ def _incremental_plan(repo: Repository, req: BackupRequest, name: str, facts: Fa
 def _regions(p: DiskPlan, pit: PointInTime) -> list[Extent]:
     """What to read from disk p: all of it, or what its export bitmap marks (plus any grown area)."""
     size = p.disk.size
-    if p.merges is None:
+    bitmap = pit.export_bitmap(p.disk)  # None when p.merges is None: exported without a bitmap
+    if bitmap is None:
         return [Extent(0, size)] if size else []
-    bitmap = pit.export_bitmap(p.disk)
     with NbdEndpoint(pit.socket, pit.export_name(p.disk), contexts=(BASE_ALLOCATION, dirty_bitmap_context(bitmap))) as ep:
         dirty = [Extent(e.offset, min(e.end, p.base_size) - e.offset) for e in dirty_extents(ep, bitmap, size) if e.offset < p.base_size]
     if size > p.base_size:

@@ -6,6 +6,16 @@ through the Repository API (which checks each against its id), decompressed
 once and kept in a small shared cache: NBD clients read in requests much
 smaller than a chunk.  Ranges no index entry covers read as zeroes and are
 reported as holes, so clients stay sparse.
+
+Read-ahead (repositories that are not local directories, such as S3, where
+each chunk costs a round trip): a reader that moves on to the next chunk
+(the previous entry's chunk is still cached) gets the following READ_AHEAD
+chunks loaded in the background; reaching one of those continues the window,
+like the kernel's read-ahead marker.  Clients with one request in flight
+(QEMU's block-stream, a booting guest) then wait for S3 once, not per chunk.
+Memory stays bounded: read-ahead fills the same cache, within its limit,
+and at most LOADS chunks are loaded at once, whatever the number of server
+threads: (CACHE_CHUNKS + 3 x LOADS) x chunk size at most.
 """
 
 from __future__ import annotations
@@ -14,18 +24,23 @@ import bisect
 import threading
 from collections import OrderedDict
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 
 from .errors import RepositoryDamaged
 from .records import IndexEntry, Manifest
 from .repository import Repository
 
-CACHE_CHUNKS = 32  # decompressed chunks kept (at most 32 x chunk size of memory)
+CACHE_CHUNKS = 32  # decompressed chunks kept (at most 32 x chunk size of memory, read-ahead included)
+READ_AHEAD = 4  # chunks loaded ahead of a reader moving forward (remote repositories)
+LOADS = 8  # chunks loaded at once (each holds its stored and its decoded form: memory)
 
 
 class BackupImage:
     """Thread-safe reads of disk `disk_id` of backup `manifest`."""
 
-    def __init__(self, repo: Repository, manifest: Manifest, disk_id: str, cache_chunks: int = CACHE_CHUNKS) -> None:
+    def __init__(self, repo: Repository, manifest: Manifest, disk_id: str, cache_chunks: int = CACHE_CHUNKS,
+                 read_ahead: int | None = None) -> None:
+        """read_ahead: chunks to load ahead (None: READ_AHEAD for a remote repository, 0 for a directory)."""
         self.repo = repo
         self.manifest = manifest
         self.disk_id = disk_id
@@ -34,16 +49,27 @@ class BackupImage:
         self._cache: OrderedDict[bytes, bytes] = OrderedDict()
         self._loading: dict[bytes, threading.Event] = {}
         self._lock = threading.Lock()
+        self._load_slots = threading.BoundedSemaphore(LOADS)
+        ahead = (READ_AHEAD if repo.root is None else 0) if read_ahead is None else read_ahead
+        self._ahead = max(0, min(ahead, cache_chunks // 4))  # never so much that it evicts what readers use
         self._limit = cache_chunks
+        self._marks: set[bytes] = set()  # read-ahead chunks no reader has used yet
+        self._queued = 0  # read-ahead loads not yet done
+        self._pool = ThreadPoolExecutor(self._ahead, f"read-ahead-{disk_id}") if self._ahead else None
+        self.loads = 0  # chunks loaded from the repository (tests, statistics)
 
     def entries_in(self, offset: int, length: int) -> Iterator[IndexEntry]:
         """The index entries overlapping [offset, offset+length), in order."""
+        for _, e in self._numbered_entries_in(offset, length):
+            yield e
+
+    def _numbered_entries_in(self, offset: int, length: int) -> Iterator[tuple[int, IndexEntry]]:
         end = offset + length
         i = max(bisect.bisect_right(self._starts, offset) - 1, 0)
         while i < len(self.entries) and self.entries[i].offset < end:
             e = self.entries[i]
             if e.end > offset:
-                yield e
+                yield i, e
             i += 1
 
     def read_into(self, buf: memoryview, offset: int) -> None:
@@ -53,12 +79,14 @@ class BackupImage:
         if offset < 0 or offset + length > self.size:
             raise ValueError(f"read of {length} bytes at {offset} lies outside the disk ({self.size} bytes)")
         pos = offset
-        for e in self.entries_in(offset, length):
+        for i, e in self._numbered_entries_in(offset, length):
             if e.offset > pos:
                 buf[pos - offset:e.offset - offset] = bytes(e.offset - pos)
                 pos = e.offset
             stop = min(e.end, offset + length)
             data = self._chunk(e.chunk, pos)
+            if self._pool is not None:
+                self._read_ahead(i)
             start_in_chunk = e.chunk_offset + (pos - e.offset)
             piece = memoryview(data)[start_in_chunk:start_in_chunk + (stop - pos)]
             if len(piece) != stop - pos:
@@ -96,6 +124,52 @@ class BackupImage:
         for start, stop, data in runs:
             yield start, stop - start, data
 
+    def close(self) -> None:
+        """Stop reading ahead (loads under way finish; nothing new starts)."""
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+
+    # -- read-ahead ------------------------------------------------------
+
+    def _read_ahead(self, i: int) -> None:
+        """Entry i was just read: load the chunks after it if the reader moves forward."""
+        cid, pool = self.entries[i].chunk, self._pool
+        if pool is None:
+            return
+        with self._lock:
+            if cid in self._marks:
+                self._marks.discard(cid)  # a reader reached the window: move it on
+            elif not (i > 0 and self.entries[i - 1].chunk in self._cache and self.entries[i - 1].chunk != cid):
+                return  # not a reader moving on from the previous chunk: random access, no read-ahead
+            wanted: list[tuple[bytes, int]] = []
+            seen = {cid}
+            j = i + 1
+            while j < len(self.entries) and len(seen) <= self._ahead:
+                e = self.entries[j]
+                if e.chunk not in seen:
+                    seen.add(e.chunk)
+                    if e.chunk not in self._cache and e.chunk not in self._loading and self._queued < 2 * self._ahead:
+                        wanted.append((e.chunk, e.offset))
+                        self._marks.add(e.chunk)
+                        self._queued += 1
+                j += 1
+        for chunk, at in wanted:
+            try:
+                pool.submit(self._load_ahead, chunk, at)
+            except RuntimeError:  # closed
+                with self._lock:
+                    self._queued -= 1
+
+    def _load_ahead(self, cid: bytes, offset: int) -> None:
+        try:
+            self._chunk(cid, offset)
+        except Exception:  # noqa: BLE001 - a reader that needs it loads it again and reports the error
+            with self._lock:
+                self._marks.discard(cid)
+        finally:
+            with self._lock:
+                self._queued -= 1
+
     def _where(self, offset: int) -> str:
         return f"backup {self.manifest.checkpoint}, disk {self.disk_id}, offset {offset}"
 
@@ -113,11 +187,14 @@ class BackupImage:
                     break
             pending.wait()  # another thread loads it; if that failed, try ourselves
         try:
-            data = self.repo.get_chunk(cid, self._where(offset))
+            with self._load_slots:
+                data = self.repo.get_chunk(cid, self._where(offset))
             with self._lock:
+                self.loads += 1
                 self._cache[cid] = data
                 while len(self._cache) > self._limit:
-                    self._cache.popitem(last=False)
+                    old, _ = self._cache.popitem(last=False)
+                    self._marks.discard(old)
             return data
         finally:
             with self._lock:

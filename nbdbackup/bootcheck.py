@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .capture import CancelToken, Tuning
-from .errors import BackupDoesNotBoot, NbdBackupError, UsageError
+from .errors import BackupDoesNotBoot, NbdBackupError, QEMUFailed, UsageError
 from .qmp import QMPSession
 from .repository import Repository
 from .restore import RestoreRequest, find_backup, run_restore
@@ -142,7 +142,7 @@ def _qemu(plan: BootPlan, logfile: Path) -> Iterator[tuple[subprocess.Popen, QMP
             proc = subprocess.Popen(plan.command, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
                                     start_new_session=True, preexec_fn=_die_with_parent)
         except OSError as exc:
-            raise NbdBackupError(f"cannot start QEMU for the boot test: {exc.strerror or exc}") from None
+            raise QEMUFailed(f"cannot start QEMU for the boot test: {exc.strerror or exc}") from None
     qmp = QMPSession(plan.qmp, connect_timeout=30)
     try:
         deadline = time.monotonic() + 30
@@ -151,7 +151,7 @@ def _qemu(plan: BootPlan, logfile: Path) -> Iterator[tuple[subprocess.Popen, QMP
                 raise UsageError(f"QEMU refused the boot test's command line: {_last_line(logfile)}",
                                  hint="check [vm.NAME] boot in the config file")
             if time.monotonic() > deadline:
-                raise NbdBackupError("QEMU did not start within 30 s for the boot test")
+                raise QEMUFailed("QEMU did not start within 30 s for the boot test")
             time.sleep(0.05)
         try:
             qmp.connect()
@@ -249,7 +249,7 @@ def _run_check(socket: Path, command: str, timeout: float, checkpoint: str) -> s
 def _qemu_img(*args: str) -> None:
     proc = subprocess.run(["qemu-img", *args], capture_output=True, text=True, start_new_session=True)
     if proc.returncode != 0:
-        raise NbdBackupError(f"qemu-img {args[0]} failed: {proc.stderr.strip()}")
+        raise QEMUFailed(f"qemu-img {args[0]} failed: {proc.stderr.strip()}")
 
 
 def _read(path: Path) -> str:

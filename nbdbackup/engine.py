@@ -48,6 +48,7 @@ if TYPE_CHECKING:  # imported where used: a backup's start-up does without them 
     from .keyring import InitResult, KeyInfo
     from .mounting import MountRequest, MountResult
     from .recovering import RecoverRequest, RecoverResult
+    from .repository.keys import Unlocked
     from .restore import RestoredImage, RestoreRequest
     from .rollback import RollbackRequest, RollbackResult
     from .serving import ServeRequest
@@ -76,7 +77,7 @@ def _check_names(vm: str, disks: Sequence[str] = ()) -> None:
 
 def open_repository(settings: Settings, *, create: bool = False) -> Repository:
     """The repository; only backups create it (a typo in --repo must not make a new one)."""
-    return Repository.open(settings.repo, create=create, s3=settings.s3, encryption=settings.encryption)
+    return Repository.open(settings.repo, create=create, s3=settings.s3_for(settings.repo), encryption=settings.encryption)
 
 
 @contextlib.contextmanager
@@ -110,6 +111,8 @@ def tuning_for(vmconf: VMConfig, base: Tuning = Tuning()) -> Tuning:
 @contextlib.contextmanager
 def vm_session(settings: Settings, vmconf: VMConfig, *, create: bool = False) -> Iterator[tuple[Repository, QMPSession]]:
     """The repository, the VM's lock, then its QMP session: what every VM command needs."""
+    if vmconf.qmp is None:  # Settings.vm(name) says so, with where it looked
+        raise VMUnreachable(f"no QMP socket known for VM {vmconf.name!r}", hint="pass --qmp SOCKET")
     repo = open_repository(settings, create=create)
     with vm_lock(repo, vmconf.name), repository_lock(repo), QMPSession(vmconf.qmp) as session:
         yield repo, session
@@ -381,7 +384,7 @@ def copy(settings: Settings, req: CopyRequest, *, cancel: CancelToken, observer:
         raise UsageError("give --checkpoint or --all, not both")
     target = parse_location(req.target)
     source = open_repository(settings)
-    dest = Repository.open(target, create=True, s3=settings.s3, like=source, encryption=settings.encryption,
+    dest = Repository.open(target, create=True, s3=settings.s3_for(target), like=source, encryption=settings.encryption,
                            passphrase_source=copy_target_source())
     with repository_lock(source), vm_lock(dest, req.vm), repository_lock(dest):
         return copy_backups(source, dest, req, cancel=cancel, progress=observer.progress)
@@ -470,7 +473,7 @@ def collect_garbage(settings: Settings, *, wait: float = 60.0) -> GarbageReport:
     repo = open_repository(settings)
     try:
         with repository_lock(repo, exclusive=True, wait=wait):
-            return pruning.collect_garbage(repo)
+            return pruning.free_unreferenced(repo)
     except LockHeld:
         return GarbageReport(False, note="chunks were not freed: backups or restores are running; the next prune frees them")
 
@@ -496,7 +499,7 @@ def serve(settings: Settings, req: ServeRequest, *, cancel: CancelToken, on_read
     _check_names(req.vm, req.disks)
     repo = open_repository(settings)
     remove_dead_server_dirs(runtime_base(), "nbdbackup-serve-")  # left by killed runs
-    with repository_lock(repo), private_dir(prefix="nbdbackup-serve-") as work:
+    with repository_lock(repo), private_dir(prefix="nbdbackup-serve-") as work, _forget_server_locks(repo):
         with serving(repo, str(settings.repo), settings.config_file, req, work) as (m, exports, servers):
             cancel.check()
             on_ready(m, exports)
@@ -507,14 +510,17 @@ def serve(settings: Settings, req: ServeRequest, *, cancel: CancelToken, on_read
                 time.sleep(0.2)
 
 
-def open_backup(repo_location: str, config_file: str | None, vm: str, checkpoint: str, disks: Sequence[str]):
-    """The nbdkit plugin's entry point (nbdkit_plugin.py, in nbdkit's process): the repository, its
-    shared lock (held while serving; the caller releases it) and a BackupImage per disk."""
+def open_backup(repo_location: str, config_file: str | None, vm: str, checkpoint: str, disks: Sequence[str],
+                key: Unlocked | None = None):
+    """The nbdkit plugin's entry point (nbdkit_plugin.py, in nbdkit's process): the repository
+    (opened with the key nbdbackup handed over), its shared lock (held while serving; the
+    caller releases it) and a BackupImage per disk."""
     from .backupimage import BackupImage
     from .config import load
     from .restore import find_backup
 
-    repo = open_repository(load(config_file, repo_location))
+    settings = load(config_file, repo_location)
+    repo = Repository.open(settings.repo, create=False, s3=settings.s3_for(settings.repo), encryption=settings.encryption, unlocked=key)
     lock = repository_lock(repo)
     lock.__enter__()
     m = find_backup(repo, vm, checkpoint)
@@ -529,7 +535,7 @@ def mount(settings: Settings, req: MountRequest, *, cancel: CancelToken) -> Moun
     _check_names(req.vm, req.disks)
     repo = open_repository(settings)
     with repository_lock(repo):  # nbdkit takes its own shared lock for as long as the mount lives
-        return run_mount(repo, lambda checkpoint, disks: Source(str(settings.repo), settings.config_file, req.vm, checkpoint, disks),
+        return run_mount(repo, lambda checkpoint, disks: Source(str(settings.repo), settings.config_file, req.vm, checkpoint, disks, repo.unlocked_key()),
                          req, cancel)
 
 
@@ -551,10 +557,20 @@ def recover(settings: Settings, req: RecoverRequest, *, cancel: CancelToken, obs
     prefix = f"nbdbackup-recover-{repo.id[:8]}-{req.vm}@"
     with vm_lock(repo, req.vm), repository_lock(repo):
         remove_stale_dirs(runtime_base(), prefix=prefix)  # left by a killed run; we hold the VM's lock
-        with private_dir(prefix=prefix) as work:
-            return run_recover(repo, lambda checkpoint, disks: Source(str(settings.repo), settings.config_file, req.vm, checkpoint, disks),
+        with private_dir(prefix=prefix) as work, _forget_server_locks(repo):
+            return run_recover(repo, lambda checkpoint, disks: Source(str(settings.repo), settings.config_file, req.vm, checkpoint, disks, repo.unlocked_key()),
                                req, work, cancel, on_images=on_images, on_wait=lambda: on_wait(qmp),
                                on_start=observer.on_start, progress=observer.progress)
+
+
+@contextlib.contextmanager
+def _forget_server_locks(repo: Repository) -> Iterator[None]:
+    """On the way out: the lock objects of the nbdkit we killed (it cannot release them)."""
+    try:
+        yield
+    finally:
+        with contextlib.suppress(Exception):  # never hide the run's own error
+            repo.remove_dead_locks("repository")
 
 
 def umount(directory: Path) -> None:

@@ -141,11 +141,29 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+def _dead_here(doc: dict) -> bool:
+    """A lock object of a process of this host that is gone."""
+    return doc.get("host") == host_id() and isinstance(doc.get("pid"), int) and not _pid_alive(doc["pid"])
+
+
+def remove_dead_holders(backend, name: str) -> None:
+    """Delete the lock objects called name that processes of this host left when they died (a
+    killed nbdkit of `serve` or `recover`), at once rather than when another run meets them."""
+    import json
+
+    for key in list(backend.list(f"locks/{name}")):
+        try:
+            doc = json.loads(backend.read(key))
+        except (FileNotFoundError, ValueError):
+            continue
+        if isinstance(doc, dict) and _dead_here(doc):
+            backend.delete(key)
+
+
 def _conflict(backend, name: str, mine: str, shared: bool, stale: float) -> dict | None:
     """The first other lock object that conflicts with ours; stale ones are removed."""
     import json
 
-    me = host_id()
     for key in list(backend.list(f"locks/{name}")):
         if key == mine:
             continue
@@ -160,8 +178,7 @@ def _conflict(backend, name: str, mine: str, shared: bool, stale: float) -> dict
             doc = {}
         if not isinstance(doc, dict):
             doc = {}  # unreadable: a conflict until it goes stale
-        dead = doc.get("host") == me and isinstance(doc.get("pid"), int) and not _pid_alive(doc["pid"])
-        if age > stale or dead:
+        if age > stale or _dead_here(doc):
             backend.delete(key)
             continue
         if not shared or doc.get("exclusive", True):

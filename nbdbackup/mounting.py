@@ -32,8 +32,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .capture import CancelToken
-from .errors import MountPointError, NbdBackupError, ToolUnavailable
-from .serving import Source, nbdkit_command, resolve
+from .errors import MountPointError, NbdBackupError, QEMUFailed, ToolUnavailable
+from .serving import Source, key_pipe, nbdkit_command, resolve
 from .workdirs import runtime_base
 
 log = logging.getLogger(__name__)
@@ -210,20 +210,19 @@ def _fuse_disk(state: State, source: Source, disk: str) -> Path:
     where = state.path / disk
     where.mkdir()
     pidfile = state.path / f"{disk}.nbdfuse.pid"
-    server = nbdkit_command(Source(source.repo, source.config, source.vm, source.checkpoint, (disk,)),
-                            filters=("cow",), readonly=False, stdio=True)
     env = dict(os.environ, TMPDIR=str(state.path))
     log_file = open(state.path / f"{disk}.log", "wb")
-    with log_file:
+    with log_file, key_pipe(source.key) as keyfd:  # nbdfuse passes the pipe on to the nbdkit it runs
+        server = nbdkit_command(source.for_disks((disk,)), filters=("cow",), readonly=False, stdio=True, keyfd=keyfd)
         proc = subprocess.Popen(["nbdfuse", "-P", str(pidfile), str(where), "--command", *server],
                                 stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT,
-                                start_new_session=True, env=env)
+                                start_new_session=True, env=env, pass_fds=() if keyfd is None else (keyfd,))
     state.add(kind="fuse", path=str(where), pid=proc.pid)
     deadline = time.monotonic() + READY_TIMEOUT
     while not pidfile.exists():
         if proc.poll() is not None or time.monotonic() > deadline:
             text = (state.path / f"{disk}.log").read_text(errors="replace").strip().splitlines()
-            raise NbdBackupError(f"nbdfuse failed for disk {disk}: {text[-1] if text else proc.returncode}")
+            raise QEMUFailed(f"nbdfuse failed for disk {disk}: {text[-1] if text else proc.returncode}")
         time.sleep(0.05)
     return where / "nbd"
 

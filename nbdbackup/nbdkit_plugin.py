@@ -10,11 +10,14 @@ Parameters (serving.py builds them):
     config=FILE       nbdbackup configuration file ("" for none)
     vm=NAME checkpoint=NAME
     disk=ID           one export per disk (repeatable); the first is the default export
+    keyfd=N           encrypted repositories: an inherited pipe holding the key nbdbackup
+                      opened (serving.key_pipe); read once, here, and closed
 """
 
 import errno
 import os
 import site
+import sys
 
 import nbdkit
 
@@ -31,11 +34,20 @@ def thread_model():
 
 def config(key, value):
     if key == "path":
-        for p in reversed(value.split(os.pathsep)):
+        # nbdbackup's own sys.path, in its order and AHEAD of the embedded Python's: the system's
+        # dist-packages may hold older versions of the same packages (cryptography, for one)
+        before = list(sys.path)
+        for p in value.split(os.pathsep):
             if p:
-                site.addsitedir(p)
+                site.addsitedir(p)  # also runs the .pth files there (an editable install)
+        ours = [p for p in sys.path if p not in before]
+        sys.path[:] = ours + before
     elif key == "disk":
         _params["disk"].append(value)
+    elif key == "keyfd":
+        from nbdbackup.serving import read_key
+
+        _params["key"] = read_key(int(value))
     elif key in ("repo", "config", "vm", "checkpoint"):
         _params[key] = value
     else:
@@ -55,9 +67,17 @@ def get_ready():
     from nbdbackup.engine import open_backup
 
     repo, lock, images = open_backup(_params["repo"], _params.get("config") or None, _params["vm"],
-                                     _params["checkpoint"], _params["disk"])
+                                     _params["checkpoint"], _params["disk"], _params.pop("key", None))
     _lock_holder.append(lock)  # the shared repository lock: no garbage collection while we serve
     _images.update(images)
+
+
+def cleanup():
+    """nbdkit exits normally (under nbdfuse: at umount): stop reading ahead, release the lock."""
+    for image in _images.values():
+        image.close()
+    while _lock_holder:
+        _lock_holder.pop().__exit__(None, None, None)
 
 
 def list_exports(readonly, is_tls):

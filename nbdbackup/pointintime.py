@@ -21,11 +21,11 @@ import contextlib
 import logging
 import os
 import subprocess
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from contextlib import AbstractContextManager
 from pathlib import Path
 
-from .errors import NbdBackupError, QEMUCommandFailed, VMUnsuitable
+from .errors import NbdBackupError, QEMUCommandFailed, QEMUFailed, VMUnsuitable
 from .names import EXPORT_BITMAP, GRANULARITY, BlockNames, nbd_export_name
 from .qmp import QMPSession
 from .records import Disk
@@ -41,7 +41,7 @@ class PointInTime:
         disks: Sequence[Disk],
         *,
         checkpoint_actions: list[tuple[str, dict]],
-        merges: dict[str, list[str]],
+        merges: Mapping[str, Sequence[str]],
         scratch_dir: Path,
         socket_dir: Path,
         names: BlockNames,
@@ -272,7 +272,7 @@ def _start_create(path: Path, size: int) -> subprocess.Popen[str]:
 
 def _created(path: Path, returncode: int, stderr: str, owner: tuple[int, int] | None) -> None:
     if returncode != 0:
-        raise NbdBackupError(f"cannot create scratch file {path}: {stderr.strip()}", hint="check the scratch directory")
+        raise QEMUFailed(f"cannot create scratch file {path}: {stderr.strip()}", hint="check the scratch directory")
     path.chmod(0o600)
     if owner:
         os.chown(path, *owner)

@@ -95,10 +95,10 @@ def remove_backups(repo: Repository, vm: str, decisions: Sequence[Decision], ses
     return tuple(deleted)
 
 
-def collect_garbage(repo: Repository) -> GarbageReport:
+def free_unreferenced(repo: Repository) -> GarbageReport:
     """Free the chunks no backup of any VM references.  The caller holds the repository lock exclusively."""
     try:
-        freed, size = repo.collect_garbage()
+        freed, size = repo.remove_unreferenced()
     except RepositoryDamaged as exc:
         return GarbageReport(False, note=f"chunks were not freed: {exc}; run `nbdbackup verify`", damaged=True)
     return GarbageReport(True, freed, size)

@@ -43,6 +43,7 @@ from .errors import (
     Interrupted,
     NbdBackupError,
     QEMUCommandFailed,
+    QEMUFailed,
     RestoreTargetError,
     ServeAddressError,
     UsageError,
@@ -63,6 +64,8 @@ CLUSTER = 65536  # of the new images
 ZERO_STEP = 1 << 30  # largest qemu-io write -z
 STREAM_RETRIES = 3
 SERVER_GONE = 10.0  # seconds to wait for the server of a killed run to exit
+PAUSE_WAIT = 5.0  # seconds a stopping run waits for its copy jobs to pause
+SETTLE_TIMEOUT = 4 * RECONNECT_DELAY + 10  # for a job with a read in flight to pause or end (see _settle_jobs)
 
 
 @dataclass(frozen=True)
@@ -208,14 +211,7 @@ def stream(session: QMPSession, images: list[RecoverImage], speed: int, cancel: 
            on_start: Callable[[int], None], progress: Callable[[int], None], paused_by_us: bool = False,
            on_paused: Callable[[], None] = lambda: None) -> None:
     """block-stream every image that still has its backing file; wait until all are local."""
-    # Jobs an earlier run left concluded go first: QEMU 7.2 was seen to crash (SIGSEGV) in
-    # query-named-block-nodes while a concluded stream job was not yet dismissed.
-    finished = set()
-    for j in session.execute("query-jobs"):
-        if j["id"].startswith("nbdbackup-recover-") and j["status"] == "concluded":
-            session.execute("job-dismiss", {"id": j["id"]})
-            if "error" not in j:
-                finished.add(j["id"])
+    finished = _settle_jobs(session, cancel)
     deadline = time.monotonic() + 60
     while True:  # the VM may still be opening its disks
         nodes = _nodes_by_file(session)
@@ -255,6 +251,37 @@ def stream(session: QMPSession, images: list[RecoverImage], speed: int, cancel: 
         raise
 
 
+def _settle_jobs(session: QMPSession, cancel: CancelToken) -> set[str]:
+    """The jobs an earlier run left: each paused or dismissed (the ids of those that had finished
+    without error), so that none can conclude while the nodes are queried.  QEMU 7.2 crashes
+    (SIGSEGV in bdrv_refresh_filename, which query-named-block-nodes calls on every node) while a
+    concluded stream job is not yet dismissed: its implicit copy-on-read node has lost its child.
+    A job that had a read in flight when the earlier run's server went away pauses, or fails and
+    concludes, only once that read ends (QEMU's reconnect delay): it is waited for."""
+    finished: set[str] = set()
+    deadline = time.monotonic() + SETTLE_TIMEOUT
+    while True:
+        moving = []
+        for j in session.execute("query-jobs"):
+            if not j["id"].startswith("nbdbackup-recover-"):
+                continue
+            if j["status"] == "concluded":
+                session.execute("job-dismiss", {"id": j["id"]})
+                if "error" not in j:
+                    finished.add(j["id"])
+            elif j["status"] not in ("paused", "standby", "null"):
+                moving.append(j["id"])
+                with contextlib.suppress(QEMUCommandFailed):  # paused already, on its way to its pause point
+                    session.execute("job-pause", {"id": j["id"]})
+        if not moving:
+            return finished
+        if time.monotonic() > deadline:
+            raise QEMUFailed(f"the copy job {moving[0]} of an earlier recover neither pauses nor ends",
+                             hint="run the same `nbdbackup recover` again")
+        cancel.check()
+        time.sleep(POLL / 5)
+
+
 def _start_stream(session: QMPSession, job_id: str, node: str, speed: int) -> None:
     args = {"job-id": job_id, "device": node, "auto-dismiss": False}
     if speed:
@@ -276,9 +303,13 @@ def _pause(session: QMPSession, running: dict) -> bool:
                 continue
             with contextlib.suppress(QEMUCommandFailed):
                 if j["status"] == "concluded":
-                    session.execute("job-dismiss", {"id": j["id"]})  # see stream()
+                    session.execute("job-dismiss", {"id": j["id"]})  # see _settle_jobs
                 else:
                     session.execute("job-pause", {"id": j["id"]})
+        deadline = time.monotonic() + PAUSE_WAIT  # a job pauses once its read in flight is answered, while the server is up
+        while time.monotonic() < deadline and any(j["id"] in running and j["status"] not in ("paused", "concluded")
+                                                  for j in session.execute("query-jobs")):
+            time.sleep(POLL / 5)
     except NbdBackupError as exc:
         log.warning("could not pause the VM before stopping the server: %s", exc)
     return stopped
@@ -302,8 +333,8 @@ def _wait_for_jobs(session: QMPSession, running: dict, cancel: CancelToken, prog
                     # local stays local, so a new job continues where it stopped
                     retries[j["id"]] = retries.get(j["id"], 0) + 1
                     if retries[j["id"]] > STREAM_RETRIES:
-                        raise NbdBackupError(f"copying disk {img.disk} failed: {j['error']}",
-                                             hint="run the same `nbdbackup recover` again to resume")
+                        raise QEMUFailed(f"copying disk {img.disk} failed: {j['error']}",
+                                         hint="run the same `nbdbackup recover` again to resume")
                     log.info("copying disk %s failed (%s); starting again", img.disk, j["error"])
                     _start_stream(session, j["id"], node, speed)
                     continue

@@ -20,9 +20,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .capture import CancelToken, Tuning
-from .errors import CheckpointUnknown, RepositoryDamaged, RestoreTargetError, UsageError
+from .errors import CheckpointUnknown, NbdIOError, RepositoryDamaged, RestoreTargetError, UsageError
 from .inuse import in_use
-from .nbdio import MAX_REQUEST, NbdEndpoint, NbdIOError
+from .nbdio import MAX_REQUEST, NbdEndpoint
 from .pipeline import Pipeline
 from .records import IndexEntry, Manifest
 from .repository import Repository

@@ -312,7 +312,10 @@ def validate(repo: Repository, session: QMPSession, vm: str, m: Manifest, disks:
     for d in disks:
         if d.id not in record.disks:
             raise ChainBroken(f"disk {d.id} has no bitmap of checkpoint {m.checkpoint}", hint=hint)
-        size = m.disk(d.id).size
+        backed = m.disk(d.id)
+        if backed is None:  # the disks to roll back are chosen among the backup's: not seen
+            raise ChainBroken(f"the backup at {m.checkpoint} has no disk {d.id}", hint=hint)
+        size = backed.size
         if d.size != size:
             raise ChainBroken(f"disk {d.id} was resized since checkpoint {m.checkpoint} (from {size} to {d.size} bytes)", hint=hint)
     checkpoints = Checkpoints(repo, session, vm, disks)

@@ -29,12 +29,13 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from .errors import NbdBackupError, ServeAddressError, ToolUnavailable, UsageError
+from .errors import QEMUFailed, ServeAddressError, ToolUnavailable, UsageError
 from .records import Manifest
 from .repository import Repository
+from .repository.keys import Unlocked
 
 log = logging.getLogger(__name__)
 
@@ -90,13 +91,19 @@ class Export:
 
 @dataclass(frozen=True)
 class Source:
-    """What nbdkit must serve: the repository (as the CLI names it), a backup, its disks."""
+    """What nbdkit must serve: the repository (as the CLI names it), a backup, its disks;
+    key: the opened key of an encrypted repository (handed to nbdkit by key_pipe, never
+    on its command line)."""
 
     repo: str
     config: Path | None
     vm: str
     checkpoint: str
     disks: tuple[str, ...]
+    key: Unlocked | None = field(default=None, repr=False)
+
+    def for_disks(self, disks: tuple[str, ...]) -> Source:
+        return replace(self, disks=disks)
 
 
 # -- deciding ---------------------------------------------------------------
@@ -207,8 +214,30 @@ def plugin_path_param() -> str:
     return os.pathsep.join(p for p in sys.path if p and Path(p).is_dir())
 
 
-def nbdkit_command(source: Source, *, filters: Sequence[str] = (), readonly: bool = True, stdio: bool = False) -> list[str]:
-    """The nbdkit command line serving source (listening options are added by the caller)."""
+@contextlib.contextmanager
+def key_pipe(key: Unlocked | None) -> Iterator[int | None]:
+    """The key of an encrypted repository for nbdkit: written into a pipe whose read end the
+    server inherits (keyfd=N) and reads once, at start.  The passphrase is asked (and the
+    key derived) once, by nbdbackup; the key is never on a command line, in the environment,
+    in a file or in a log.  Yields None when there is no key to hand over."""
+    if key is None:
+        yield None
+        return
+    r, w = os.pipe()
+    try:
+        os.write(w, key.to_bytes())  # ~100 bytes, far below the pipe's capacity: written at once
+    finally:
+        os.close(w)
+    try:
+        yield r
+    finally:
+        os.close(r)  # the server has its own copy (or died): nothing stays readable here
+
+
+def nbdkit_command(source: Source, *, filters: Sequence[str] = (), readonly: bool = True, stdio: bool = False,
+                   keyfd: int | None = None) -> list[str]:
+    """The nbdkit command line serving source (listening options are added by the caller);
+    keyfd: the inherited pipe holding source's key (key_pipe)."""
     cmd = [need_program("nbdkit", "nbdkit"), "--threads", str(THREADS)]
     if stdio:
         cmd += ["--single", "--exit-with-parent"]  # under nbdfuse, which unmounts (disconnects) first
@@ -220,6 +249,8 @@ def nbdkit_command(source: Source, *, filters: Sequence[str] = (), readonly: boo
     cmd += ["python", str(PLUGIN), f"path={plugin_path_param()}", f"repo={source.repo}",
             f"config={source.config or ''}", f"vm={source.vm}", f"checkpoint={source.checkpoint}"]
     cmd += [f"disk={d}" for d in source.disks]
+    if keyfd is not None:
+        cmd.append(f"keyfd={keyfd}")
     return cmd
 
 
@@ -233,7 +264,7 @@ class Process:
     """A server process started in its own session, ready once its pidfile exists; stopped on exit."""
 
     def __init__(self, name: str, cmd: Sequence[str], workdir: Path, *, env: dict[str, str] | None = None,
-                 die_with_parent: bool = False, kill: bool = False) -> None:
+                 die_with_parent: bool = False, kill: bool = False, pass_fds: Sequence[int] = ()) -> None:
         """die_with_parent: SIGTERM (kill: SIGKILL) when nbdbackup dies, even by SIGKILL.
         kill: stop with SIGKILL at once.  For nbdkit: on SIGTERM it keeps its connections open
         and answers every request with ESHUTDOWN until the clients leave, so a connected VM
@@ -247,13 +278,14 @@ class Process:
         self.env = env
         self.die_with_parent = die_with_parent
         self.kill = kill
+        self.pass_fds = tuple(pass_fds)
         self.proc: subprocess.Popen | None = None
 
     def start(self, ready: Callable[[], bool] | None = None, timeout: float = START_TIMEOUT) -> Process:
         log.debug("starting %s", self.cmd)
         with open(self.logfile, "wb") as out:
             self.proc = subprocess.Popen(self.cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-                                         start_new_session=True, env=self.env,
+                                         start_new_session=True, env=self.env, pass_fds=self.pass_fds,
                                          preexec_fn=(_die_with_parent_kill if self.kill else _die_with_parent) if self.die_with_parent else None)
         ready = ready or self.pidfile.exists
         deadline = time.monotonic() + timeout
@@ -262,7 +294,7 @@ class Process:
                 if self.proc.poll() is not None:
                     self.failed()
                 if time.monotonic() > deadline:
-                    raise NbdBackupError(f"{self.name} did not start within {timeout:.0f}s")
+                    raise QEMUFailed(f"{self.name} did not start within {timeout:.0f}s")
                 time.sleep(0.02)
         except BaseException:
             self.stop()
@@ -284,7 +316,7 @@ class Process:
         words = self.last_words()
         if "Address already in use" in words:
             raise ServeAddressError(f"{self.name}: address in use ({words})")
-        raise NbdBackupError(f"{self.name} failed: {words}")
+        raise QEMUFailed(f"{self.name} failed: {words}")
 
     def stop(self) -> None:
         proc = self.proc
@@ -333,10 +365,12 @@ def backup_server(source: Source, listen: Listen, workdir: Path, *, block_status
     block_status=False: no structured replies, so clients cannot ask which ranges are holes
     (QEMU then answers "data" itself, without asking the server; see recovering.py)."""
     _plugin_available()
-    cmd = nbdkit_command(source)
-    cmd[1:1] = [*listen.server_args(), "--pidfile", str(workdir / "nbdkit.pid"), *([] if block_status else ["--no-sr"])]
-    with Process("nbdkit", cmd, workdir, die_with_parent=True, kill=True) as server:
-        server.start()
+    with Process("nbdkit", [], workdir, die_with_parent=True, kill=True) as server:
+        with key_pipe(source.key) as keyfd:
+            cmd = nbdkit_command(source, keyfd=keyfd)
+            cmd[1:1] = [*listen.server_args(), "--pidfile", str(workdir / "nbdkit.pid"), *([] if block_status else ["--no-sr"])]
+            server.cmd, server.pass_fds = cmd, (() if keyfd is None else (keyfd,))
+            server.start()
         yield server
 
 
@@ -351,12 +385,26 @@ def overlay_server(source: Source, backing: Listen, listen: Listen, sizes: dict[
         proc = subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-u", "-F", "raw", "-b", backing.uri(disk),
                                str(overlay), str(sizes[disk])], capture_output=True, text=True)
         if proc.returncode != 0:
-            raise NbdBackupError(f"cannot create the overlay for disk {disk}: {proc.stderr.strip()}")
+            raise QEMUFailed(f"cannot create the overlay for disk {disk}: {proc.stderr.strip()}")
         cmd += ["--blockdev", f"driver=qcow2,node-name=o{i},file.driver=file,file.filename={_escape(overlay)}",
                 "--export", f"type=nbd,id=e{i},node-name=o{i},name={disk},writable=on"]
     with Process("qemu-storage-daemon", cmd, workdir, die_with_parent=True) as server:
         server.start()
         yield server
+
+
+# -- for the plugin ---------------------------------------------------------
+
+
+def read_key(fd: int) -> Unlocked:
+    """In nbdkit: the key nbdbackup wrote into the pipe fd (key_pipe); the pipe is closed after."""
+    parts = []
+    try:
+        while chunk := os.read(fd, 4096):
+            parts.append(chunk)
+    finally:
+        os.close(fd)
+    return Unlocked.from_bytes(b"".join(parts))
 
 
 # -- orchestration ----------------------------------------------------------
@@ -384,7 +432,7 @@ def serving(repo: Repository, repo_location: str, config: Path | None, req: Serv
         check_socket_path(listen.path)
     else:
         check_tcp_free(listen)
-    source = Source(repo_location, config, req.vm, m.checkpoint, tuple(d.id for d in chosen))
+    source = Source(repo_location, config, req.vm, m.checkpoint, tuple(d.id for d in chosen), repo.unlocked_key())
     with contextlib.ExitStack() as stack:
         if req.writable:
             inner = Listen(path=workdir / "backup.sock")

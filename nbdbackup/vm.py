@@ -4,6 +4,7 @@ and the QMP vocabulary that changes those bitmaps (transaction actions)."""
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from .errors import NbdBackupError, UsageError, VMUnsuitable
@@ -118,7 +119,7 @@ def node_bitmaps(session: QMPSession) -> dict[str, list[Bitmap]]:
 
 
 def _bitmap(node: str, b: dict) -> Bitmap:
-    return Bitmap(node=node, name=b["name"], granularity=b["granularity"], count=b["count"], recording=b.get("recording", True),
+    return Bitmap(node=node, name=b["name"], count=b["count"], recording=b.get("recording", True),
                   persistent=b.get("persistent", False), busy=b.get("busy", False), inconsistent=b.get("inconsistent", False))
 
 
@@ -167,7 +168,7 @@ def bitmap_disable(node: str, name: str) -> Action:
     return ("block-dirty-bitmap-disable", {"node": node, "name": name})
 
 
-def bitmap_merge(node: str, target: str, sources: list[str] | list[tuple[str, str]]) -> Action:
+def bitmap_merge(node: str, target: str, sources: Sequence[str] | Sequence[tuple[str, str]]) -> Action:
     """Merge sources (names on node, or (node, name) pairs elsewhere) into target on node."""
     bitmaps = [s if isinstance(s, str) else {"node": s[0], "name": s[1]} for s in sources]
     return ("block-dirty-bitmap-merge", {"node": node, "target": target, "bitmaps": bitmaps})

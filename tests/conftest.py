@@ -26,6 +26,9 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
             item.add_marker(pytest.mark.qemu)
         if "s3_server" in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.s3)
+        callspec = getattr(item, "callspec", None)  # any_repo of an S3 kind: known before the fixture runs
+        if callspec is not None and str(callspec.params.get("any_repo", "")).startswith("s3"):
+            item.add_marker(pytest.mark.s3)
 
 
 @pytest.fixture
@@ -110,6 +113,30 @@ def s3_repo(s3_server: SeaweedFS, tmp_path: Path, monkeypatch: pytest.MonkeyPatc
     monkeypatch.setenv("AWS_CONFIG_FILE", "/dev/null")
     monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", "/dev/null")
     return S3Repo(s3_server, bucket, f"s3://{bucket}/repo", config)
+
+
+REPO_KINDS = ("directory", "encrypted", "s3", "s3-encrypted")
+PASSPHRASE = "correct horse battery staple"
+
+
+@pytest.fixture(params=REPO_KINDS)
+def any_repo(request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path | str:
+    """A new repository of each kind, as `--repo` takes it: a directory, an encrypted directory (repokey,
+    passphrase in $NBDBACKUP_PASSWORD_FILE), an S3 bucket (the real SeaweedFS) and an encrypted S3 bucket.
+    A test takes a subset with @pytest.mark.parametrize("any_repo", [...], indirect=True)."""
+    import cli
+
+    kind = request.param
+    location: Path | str = tmp_path / "repo"
+    if kind.startswith("s3"):
+        location = request.getfixturevalue("s3_repo").url
+    if kind.endswith("encrypted"):
+        pw = tmp_path / "passphrase"
+        pw.write_text(PASSPHRASE + "\n")
+        monkeypatch.setenv("NBDBACKUP_PASSWORD_FILE", str(pw))
+        monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "xdg"))
+        cli.run(location, "init", "--encryption", "repokey")
+    return location
 
 
 @pytest.fixture(scope="session")

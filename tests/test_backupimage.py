@@ -18,7 +18,7 @@ DISK = 4 * MiB + 512
 
 
 def make(tmp_path):
-    repo = Repository.open(tmp_path / "repo")
+    repo = Repository.open(tmp_path / "repo", create=True)
     a = os.urandom(256 * KiB)
     b = bytes(range(256)) * 256  # 64 KiB
     ids = {}
@@ -88,3 +88,53 @@ def test_a_damaged_chunk_is_an_error_not_data(tmp_path):
     with pytest.raises(RepositoryDamaged):
         image.read(64 * KiB, 4 * KiB)
     assert image.read(2 * MiB, 4 * KiB)  # other chunks still read
+
+
+def test_read_ahead_loads_the_next_chunks_of_a_reader_moving_forward(tmp_path):
+    """One request at a time, front to back (like QEMU's block-stream): after the first two chunks,
+    each chunk is loaded before the reader asks for it; random reads start no read-ahead."""
+    import threading
+    import time
+
+    repo = Repository.open(tmp_path / "repo", create=True)
+    chunks = [os.urandom(64 * KiB) for _ in range(12)]
+    entries = []
+    for i, data in enumerate(chunks):
+        cid = repo.chunk_id(data)
+        repo.put_chunk(cid, data, 3)
+        entries.append(IndexEntry(i * 64 * KiB, 64 * KiB, cid))
+    size = len(chunks) * 64 * KiB
+    sha = repo.write_index("vm1", "cp1", "vda", size, entries)
+    m = Manifest(vm="vm1", checkpoint="cp1", kind="full", since=None, created="2026-01-01T00:00:00Z", chain="c" * 32,
+                 disks=(DiskBackup("vda", size, sha, size, 0, True),))
+    repo.commit(m)
+    expected = b"".join(chunks)
+
+    image = BackupImage(repo, m, "vda", cache_chunks=16, read_ahead=3)
+    waited, by_reader = [], []
+    real_get = repo.get_chunk
+
+    def slow_get(cid, where):  # a remote store: every load takes a while
+        waited.append(cid)
+        if threading.current_thread() is threading.main_thread():
+            by_reader.append(cid)
+        time.sleep(0.05)
+        return real_get(cid, where)
+
+    repo.get_chunk = slow_get
+    got = bytearray()
+    for off in range(0, size, 16 * KiB):
+        got += image.read(off, 16 * KiB)
+        time.sleep(0.01)  # the reader's own work: read-ahead runs meanwhile
+    image.close()
+    assert bytes(got) == expected
+    assert image.loads == len(chunks)  # every chunk loaded once
+    assert sorted(waited) == sorted(e.chunk for e in entries)
+    assert len(by_reader) < 6, f"the reader itself loaded {len(by_reader)} of {len(chunks)} chunks"  # 12 without read-ahead
+
+    # random access: nothing is loaded that nobody asked for
+    image = BackupImage(repo, m, "vda", cache_chunks=16, read_ahead=3)
+    for i in (7, 2, 10, 5):
+        assert image.read(i * 64 * KiB, 4 * KiB) == expected[i * 64 * KiB:i * 64 * KiB + 4 * KiB]
+    image.close()
+    assert image.loads == 4

@@ -17,7 +17,7 @@ DISKS = (Disk("vda", "vda-fmt", 4 * MiB, "qcow2", ""), Disk("vdb", "vdb-fmt", 2 
 def chain_of_one(count: int = 65536):
     """Checkpoint one, confirmed and active, with sound bitmaps on both disks (no backup in the repository)."""
     record = CheckpointRecord("one", "2026-11-30T00:00:00.000Z", "c1", ("vda", "vdb"), "nbdbackup.ns.one", state="confirmed")
-    bitmaps = {d.id: {record.bitmap: Bitmap(d.node, record.bitmap, 65536, count, True, True, False, False)} for d in DISKS}
+    bitmaps = {d.id: {record.bitmap: Bitmap(d.node, record.bitmap, count, True, True, False, False)} for d in DISKS}
     return (record,), bitmaps
 
 

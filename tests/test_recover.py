@@ -130,3 +130,38 @@ def test_recover_bad_input(vm_factory, repo, tmp_path):
     assert "Traceback" not in err
     ps = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
     assert f"repo={repo}" not in ps
+
+
+@pytest.mark.parametrize("any_repo", ["encrypted", "s3", "s3-encrypted"], indirect=True)
+def test_recover_from_encrypted_and_s3_repositories(vm_factory, any_repo, tmp_path, request):
+    """The same recovery from every other kind of repository: stopped half-way (SIGTERM), resumed
+    (a new server, handed the key again), completed; the images equal the backup plus the guest's writes."""
+    repo = any_repo
+    _, name, expected = backed_up_vm(vm_factory, repo)
+    out = tmp_path / "recovered"
+    lost = recovered_vm(vm_factory, out, expected)
+    proc = start_recover(repo, name, out, lost, "--speed", "2")
+    lost.start()
+    lost.qmp("cont")
+    lost.verify("vda", 8 * MiB, 4 * MiB)  # read through the server at once
+    lost.write("vda", 3 * MiB, 64 * KiB, 0xB1)
+    time.sleep(1)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 143, err
+    assert backing(out / "vda.qcow2") is not None
+    proc = start_recover(repo, name, out, lost)
+    lost.write("vdb", 5 * MiB, 64 * KiB, 0xB2)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+    assert lost.qmp("query-status")["status"] == "running"
+    lost.verify("vda")
+    lost.verify("vdb")
+    lost.stop()
+    for disk in SIZES:
+        path = out / f"{disk}.qcow2"
+        assert backing(path) is None, f"{disk} still needs the backup"
+        assert_image_equals(path, lost.expected(disk), "qcow2")
+    assert sorted(p.name for p in out.iterdir()) == ["vda.qcow2", "vdb.qcow2"]
+    if str(repo).startswith("s3://"):  # nbdkit's lock too, though it was killed
+        assert request.getfixturevalue("s3_repo").keys("repo/locks/") == []

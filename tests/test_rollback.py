@@ -212,6 +212,32 @@ def test_interrupted_rollback_completes_when_run_again(vm_factory, repo, signum)
     assert not (repo / "rollbacks" / "vm1.json").exists()
 
 
+@pytest.mark.parametrize("any_repo", ["encrypted"], indirect=True)
+def test_rollback_from_an_encrypted_repository(vm_factory, any_repo):
+    """Interrupted, completed, then to another point: the images equal the model each time; the
+    marker of the unfinished rollback names nothing and is encrypted like the rest of the repository."""
+    repo = any_repo
+    vm = vm_factory(SIZES)
+    expected = make_chain(vm, repo)
+    vm.stop()
+    args = ("rollback", "vm1", "--to", "B", *images(vm))
+    with Run(repo, *args, pause="write", after=3) as run:
+        run.wait_paused()
+        run.signal(signal.SIGTERM)
+        assert run.finish().returncode == 143
+    [marker] = (repo / "rollbacks").iterdir()
+    assert "vm1" not in marker.name and marker.read_bytes()[:4] == b"NBDE", marker
+    assert b"vda" not in marker.read_bytes()
+    out = cli.run(repo, *args)
+    assert "completing an interrupted rollback" in out.stdout
+    assert_images(vm, expected["B"])
+    assert list((repo / "rollbacks").iterdir()) == []
+    rollback(repo, vm, "D")
+    assert_images(vm, expected["D"])
+    stems = {p.name.split(".")[0] for p in repo.rglob("*")}  # whole names: keyed ones are random letters
+    assert not stems & {"vm1", "vda", "vdb", *NAMES, "vm-vm1"}, stems
+
+
 @pytest.mark.parametrize("new_size", [SIZES["vdb"] + 3 * MiB, 3 * MiB])
 def test_resized_disk_is_refused_unless_full(vm_factory, repo, new_size):
     from faults import resize

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import socket
 import subprocess
@@ -10,6 +11,7 @@ import time
 from pathlib import Path
 
 import cli
+import pytest
 from harness import first_difference
 
 from nbdbackup.nbdio import NbdEndpoint
@@ -52,7 +54,9 @@ def no_nbdkit_left(repo: Path) -> None:
     assert f"repo={repo}" not in ps, ps
 
 
-def test_serve_full_and_incremental_points(vm_factory, repo, tmp_path):
+def test_serve_full_and_incremental_points(vm_factory, any_repo, tmp_path, request):
+    """On every kind of repository: directory or S3, encrypted or not."""
+    repo = any_repo
     vm = vm_factory(SIZES)
     vm.start()
     vm.write("vda", 0, 1 * MiB, 0x11)
@@ -90,6 +94,8 @@ def test_serve_full_and_incremental_points(vm_factory, repo, tmp_path):
         assert done.returncode == 0, done.stderr
         assert "stopped serving" in done.stderr
     no_nbdkit_left(repo)
+    if str(repo).startswith("s3://"):  # nbdkit's lock too, though it was killed
+        assert request.getfixturevalue("s3_repo").keys("repo/locks/") == []
 
 
 def test_serve_multi_conn_several_clients_tcp_and_writable(vm_factory, repo, tmp_path):
@@ -171,3 +177,53 @@ def test_serve_bad_input(vm_factory, repo, tmp_path):
     assert left.is_dir()
     Served(repo, "vm1", "--to", name).stop()
     assert not left.exists()
+
+
+@pytest.mark.parametrize("any_repo", ["encrypted", "s3-encrypted"], indirect=True)
+def test_serve_mount_recover_without_the_right_key(vm_factory, any_repo, tmp_path, monkeypatch):
+    """No passphrase, a wrong one, another repository's key, a damaged key file: serve, mount and
+    recover stop with the key's exit code and one line, before anything is set up: no server, no
+    private directory, no mount, no image."""
+    from nbdbackup.mounting import state_dir
+
+    repo = any_repo
+    vm = vm_factory({"vda": 1 * MiB})
+    vm.start()
+    vm.write("vda", 0, 64 * KiB, 0x11)
+    name = cli.run(repo, "full", "vm1", "--qmp", vm.qmp_socket).stdout.strip()
+    other = tmp_path / "other"
+    cli.run(other, "init", "--encryption", "repokey")
+    foreign = tmp_path / "foreign.json"
+    cli.run(other, "key", "export", str(foreign))
+    damaged = tmp_path / "damaged.json"
+    damaged.write_text("{ not a key file")
+    wrong = tmp_path / "wrong"
+    wrong.write_text("not the passphrase\n")
+    runtime = tmp_path / "runtime"  # where serve's private directories go: seen empty afterwards
+    runtime.mkdir()
+    monkeypatch.setenv("TMPDIR", str(runtime))
+    monkeypatch.delenv("XDG_RUNTIME_DIR", raising=False)
+    where = tmp_path / "mnt"
+    where.mkdir()
+    out = tmp_path / "recovered"
+    cases = [(18, {"NBDBACKUP_PASSWORD_FILE": None}), (19, {"NBDBACKUP_PASSWORD_FILE": str(wrong)}),
+             (20, {"NBDBACKUP_KEY_FILE": str(foreign)}), (21, {"NBDBACKUP_KEY_FILE": str(damaged)})]
+    for code, env in cases:
+        with monkeypatch.context() as m:
+            for k, v in env.items():
+                m.delenv(k) if v is None else m.setenv(k, v)
+            cli.run(repo, "serve", "vm1", "--to", name, expect=code)
+            cli.run(repo, "serve", "vm1", "--to", name, "--socket", str(tmp_path / "s.sock"), expect=code)
+            cli.run(repo, "mount", "vm1", str(where), "--to", name, expect=code)
+            cli.run(repo, "recover", "vm1", "--to", name, "--output", str(out), "--qmp", str(vm.qmp_socket), expect=code)
+        no_nbdkit_left(repo)
+        assert list(runtime.iterdir()) == [] and not (tmp_path / "s.sock").exists()
+        assert list(where.iterdir()) == [] and not os.path.ismount(where) and not state_dir(where).exists()
+        assert not out.exists()
+    # With the key, the same commands work (nothing was left in their way).
+    server = Served(repo, "vm1", "--to", name)
+    try:
+        assert nbd_bytes(server.uri("vda"), tmp_path, "ok") == vm.expected("vda")
+    finally:
+        assert server.stop().returncode == 0
+    assert list(runtime.iterdir()) == []

@@ -15,7 +15,9 @@ from .common import Globals, human_size, pass_globals, qmp_option
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON array.")
 @pass_globals
 def checkpoints(g: Globals, vm: str, qmp: str | None, as_json: bool) -> None:
-    """Show the checkpoint chain as QEMU and the repository see it (changes nothing).
+    """Show the checkpoint chain as QEMU and the repository see it.
+
+    Changes nothing (the twin check adds two temporary bitmaps per disk and removes them at once).
 
     STATE is ok, missing, inconsistent, altered, busy, pending, orphan (a bitmap of
     this repository that none of its checkpoints accounts for) or foreign (another repository's); USABLE

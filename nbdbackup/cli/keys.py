@@ -36,7 +36,7 @@ def init(g: Globals, encryption: str | None) -> None:
         click.echo("keep the passphrase safe and export the key ('nbdbackup key export FILE'): without them the backups cannot be read")
 
 
-init.help += "\n\n" + PASSPHRASE_HELP
+init.help = (init.help or "") + "\n\n" + PASSPHRASE_HELP
 
 
 @click.group()
@@ -49,7 +49,7 @@ def key() -> None:
     """
 
 
-key.help += "\n\n" + PASSPHRASE_HELP
+key.help = (key.help or "") + "\n\n" + PASSPHRASE_HELP
 
 
 @key.command("list")

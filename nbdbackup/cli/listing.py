@@ -23,7 +23,7 @@ def list_(g: Globals, vm: str | None, as_json: bool) -> None:
         _list_vms(settings, as_json)
         return
     manifests = engine.list_backups(settings, vm)
-    rows = [
+    rows: list[dict[str, Any]] = [
         {
             "checkpoint": m.checkpoint,
             "kind": m.kind,

@@ -26,7 +26,7 @@ import sys
 import threading
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -333,8 +333,25 @@ class KeyStore:
 
 @dataclass(frozen=True)
 class Unlocked:
-    master_key: bytes
+    master_key: bytes = field(repr=False)
     key_id: str  # the key the passphrase opened
+
+    def to_bytes(self) -> bytes:
+        """For a child process that serves the repository (serving.py hands it over through a pipe)."""
+        return json.dumps({"format": "nbdbackup unlocked key", "key": self.key_id, "master": _b64(self.master_key)}).encode()
+
+    @classmethod
+    def from_bytes(cls, raw: bytes) -> Unlocked:
+        try:
+            doc = json.loads(raw)
+            if doc.get("format") != "nbdbackup unlocked key":
+                raise ValueError
+            master = _unb64(doc["master"])
+            if len(master) != MASTER_KEY_SIZE:
+                raise ValueError
+            return cls(master, str(doc["key"]))
+        except (ValueError, KeyError, TypeError, AttributeError):
+            raise KeyUnavailable("the key handed over by nbdbackup is unreadable") from None
 
 
 # Master keys this process has unwrapped, by (repository, key document, passphrase): a

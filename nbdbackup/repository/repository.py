@@ -25,9 +25,10 @@ import threading
 import uuid
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 from ..errors import EncryptionMismatch, RepositoryDamaged, RepositoryUnusable, UsageError
-from ..lock import file_lock, object_lock
+from ..lock import file_lock, object_lock, remove_dead_holders
 from ..names import check_name, utc_now
 from ..records import CheckpointRecord, IndexEntry, Manifest
 from . import chunks, crypto, index, keys, manifest, seen
@@ -81,18 +82,21 @@ class Repository:
     # -- opening ---------------------------------------------------------
 
     @classmethod
-    def open(cls, where: Location | Backend, *, create: bool = True, s3: S3Settings | None = None,
+    def open(cls, where: Location | Backend, *, create: bool = False, s3: S3Settings | None = None,
              encryption: str | None = None, passphrase: bytes | None = None,
-             passphrase_source: keys.PassphraseSource = keys.CURRENT, like: Repository | None = None) -> Repository:
+             passphrase_source: keys.PassphraseSource = keys.CURRENT, like: Repository | None = None,
+             unlocked: keys.Unlocked | None = None) -> Repository:
         """The repository at a path, an s3:// location or on a ready Backend (tests: MemoryBackend);
-        with create, made if there is none (with like's format version and chunk ids when like is
-        an unencrypted repository: copy).
+        RepositoryUnusable if there is none, unless create (only backups, copy's target and init
+        create one: a typo in --repo must not make a new repository); a new one gets like's format
+        version and chunk ids when like is an unencrypted repository (copy).
 
         encryption: what the configuration asks for ("repokey", "keyfile", "none" or None = no
         opinion).  A new repository gets it; an existing unencrypted one is refused when
         encryption is asked for (a store that dropped the encryption must not get plaintext).
         An encrypted repository is unlocked here: every command needs its key (the passphrase:
-        given, or asked from passphrase_source only when needed)."""
+        given, or asked from passphrase_source only when needed), or unlocked is the key already
+        opened by the process that started this one (serving.py: nbdkit's plugin)."""
         backend = backend_for(where, s3) if isinstance(where, (str, Path, S3Location)) else where
         local = backend.root if isinstance(backend, LocalBackend) else None
         here = backend.location
@@ -112,11 +116,11 @@ class Repository:
             raise RepositoryUnusable(f"repository path {here} is not a directory") from None
         except PermissionError:
             raise RepositoryUnusable(f"no permission to read the repository at {here}") from None
-        return cls._from_config(backend, blob, encryption, passphrase, passphrase_source)
+        return cls._from_config(backend, blob, encryption, passphrase, passphrase_source, unlocked)
 
     @classmethod
     def _from_config(cls, backend: Backend, blob: bytes, encryption: str | None, passphrase: bytes | None,
-                     passphrase_source: keys.PassphraseSource = keys.CURRENT) -> Repository:
+                     passphrase_source: keys.PassphraseSource = keys.CURRENT, given: keys.Unlocked | None = None) -> Repository:
         here = backend.location
         local = backend.root if isinstance(backend, LocalBackend) else None
         try:
@@ -138,6 +142,8 @@ class Repository:
             if encryption not in (None, keys.NONE):
                 raise EncryptionMismatch(f"repository {here} is not encrypted, but the configuration asks for encryption ({encryption})",
                                          hint="back up into a new repository, or remove the 'encryption' setting")
+            if given is not None:  # it was encrypted when the parent process opened it
+                raise EncryptionMismatch(f"repository {here} is not encrypted any more", hint="check who changed the repository")
             ids = ChunkIds.for_config(version, config, f"{here}/config.json")
             return cls(backend, repo_id, local, version=version, chunk_id=ids)
         if not isinstance(enc, dict) or enc.get("mode") not in (keys.REPOKEY, keys.KEYFILE) or version < 2:
@@ -145,7 +151,7 @@ class Repository:
         if enc.get("cipher") != crypto.CIPHER_NAME:
             raise RepositoryUnusable(f"{here}: encrypted with {enc.get('cipher')!r}, which this nbdbackup does not know", hint="upgrade nbdbackup")
         store = keys.KeyStore(enc["mode"], repo_id, backend)
-        unlocked = keys.unlock(store, passphrase_source, passphrase=passphrase)
+        unlocked = given if given is not None else keys.unlock(store, passphrase_source, passphrase=passphrase)
         if not hmac.compare_digest(str(enc.get("config_mac", "")), _config_mac(config, unlocked.master_key)):
             raise RepositoryDamaged(f"{here}/config.json fails authentication (changed since the repository was created)")
         ids = ChunkIds.for_config(version, config, f"{here}/config.json", master_key=unlocked.master_key)
@@ -163,7 +169,8 @@ class Repository:
 
     @classmethod
     def _create(cls, backend: Backend, encryption: str, passphrase: bytes | None,
-                passphrase_source: keys.PassphraseSource = keys.CURRENT, like: Repository | None = None) -> Repository:
+                passphrase_source: keys.PassphraseSource = keys.CURRENT, like: Repository | None = None,
+             unlocked: keys.Unlocked | None = None) -> Repository:
         if encryption not in keys.MODES:
             raise UsageError(f"unknown encryption {encryption!r}; choose one of {', '.join(keys.MODES)}")
         local = backend.root if isinstance(backend, LocalBackend) else None
@@ -174,9 +181,11 @@ class Repository:
             except OSError as exc:
                 raise RepositoryUnusable(f"cannot create the repository at {local}: {exc.strerror}") from None
         repo_id = uuid.uuid4().hex
-        plain_like = like is not None and not like.encrypted and encryption == keys.NONE
-        version, ids = (like.version, like.chunk_id) if plain_like else (FORMAT_VERSION, ChunkIds.blake3())
-        config = {"format": FORMAT_NAME, "version": version, "id": repo_id, "created": utc_now()}
+        if like is not None and not like.encrypted and encryption == keys.NONE:
+            version, ids = like.version, like.chunk_id
+        else:
+            version, ids = FORMAT_VERSION, ChunkIds.blake3()
+        config: dict[str, Any] = {"format": FORMAT_NAME, "version": version, "id": repo_id, "created": utc_now()}
         store = None
         if encryption == keys.NONE:
             if version >= 2:
@@ -207,6 +216,12 @@ class Repository:
     def encrypted(self) -> bool:
         return self.cipher is not None
 
+    def unlocked_key(self) -> keys.Unlocked | None:
+        """The opened key of an encrypted repository (None: not encrypted), for a serving child process."""
+        if self.cipher is None or self.key_id is None:
+            return None
+        return keys.Unlocked(self.cipher.master_key, self.key_id)
+
     def local_name(self, name: str) -> str:
         """name as it may appear in lock and scratch names: keyed when encrypted."""
         return self.cipher.local_name(name) if self.cipher is not None else name
@@ -226,6 +241,11 @@ class Repository:
             finally:
                 self._held.remove(held)
                 self._present = None  # only a held lock keeps garbage collection from deleting chunks
+
+    def remove_dead_locks(self, name: str) -> None:
+        """Lock objects called name left by processes of this host that died (see lock.py); none for a directory."""
+        if self.root is None:
+            remove_dead_holders(self.backend, name)
 
     def check_locks(self) -> None:
         """Raise LockHeld if a lock object this run holds may have gone stale (see lock.py)."""
@@ -293,10 +313,11 @@ class Repository:
             return self._present if len(self._present) <= PRESENT_LIMIT else None
 
     def get_chunk(self, cid: bytes, where: str) -> bytes:
-        if self.cipher is None:
+        backend = self.backend
+        if not isinstance(backend, crypto.EncryptedBackend):
             return self.decode_chunk(self.fetch_chunk(cid, where), cid, where)
         try:  # read and decrypted in this thread's buffer (decode copies out of it)
-            plain = self.backend.read_plain_view(self._chunk_key(cid))
+            plain = backend.read_plain_view(self._chunk_key(cid))
         except FileNotFoundError:
             raise RepositoryDamaged(f"chunk {cid.hex()} is missing ({where})") from None
         except crypto.ObjectDamaged as exc:
@@ -306,24 +327,22 @@ class Repository:
     def fetch_chunk(self, cid: bytes, where: str) -> bytes:
         """The stored chunk file, unchecked (decode_chunk checks it): get_chunk in two steps, so
         downloads can run ahead of decompression (restore from S3)."""
-        key = self._chunk_key(cid)
+        key, backend = self._chunk_key(cid), self.backend
         try:
-            return self.backend.read_sealed(key) if self.cipher is not None else self.backend.read(key)
+            return backend.read_sealed(key) if isinstance(backend, crypto.EncryptedBackend) else backend.read(key)
         except FileNotFoundError:
             raise RepositoryDamaged(f"chunk {cid.hex()} is missing ({where})") from None
 
     def decode_chunk(self, blob: bytes, cid: bytes, where: str) -> bytes:
         """The content of the chunk file blob (from fetch_chunk): authenticated and decrypted when
         the repository is encrypted (into this thread's buffer: decode copies out of it), checked."""
+        plain: bytes | memoryview = blob
         if self.cipher is not None:
             try:
-                blob = self.cipher.open_into(self._chunk_key(cid), blob)
+                plain = self.cipher.open_into(self._chunk_key(cid), blob)
             except crypto.ObjectDamaged as exc:
                 raise RepositoryDamaged(f"chunk {cid.hex()} {exc.reason} ({where})") from None
-        return chunks.decode(blob, cid, where, self.chunk_id)
-
-    def chunk_ids(self) -> set[bytes]:
-        return {bytes.fromhex(k.rsplit("/", 1)[1]) for k in self.backend.list("chunks")}
+        return chunks.decode(plain, cid, where, self.chunk_id)
 
     def referenced_chunks(self) -> set[bytes]:
         """Every chunk that a complete backup of any VM references."""
@@ -333,22 +352,6 @@ class Repository:
                 for d in m.disks:
                     used.update(e.chunk for e in self.read_index(m, d.id)[1])
         return used
-
-    def collect_garbage(self) -> tuple[int, int]:
-        """Delete chunks no backup references, and leftovers of interrupted writes.
-        The caller MUST hold the repository lock exclusively.  Returns (chunks, bytes) freed."""
-        used = self.referenced_chunks()
-        freed = size = 0
-        for key in list(self.backend.list("chunks")):
-            if bytes.fromhex(key.rsplit("/", 1)[1]) not in used:
-                if freed % 256 == 0:
-                    self.check_locks()
-                size += self.backend.size(key)
-                self.backend.delete(key)
-                freed += 1
-        self.backend.delete_partial_writes()
-        self._present = None
-        return freed, size
 
     def stored_size(self, cids: set[bytes]) -> int:
         """Bytes the chunks cids take in the repository (those that exist)."""
@@ -360,16 +363,22 @@ class Repository:
                 pass
         return total
 
-    def remove_unreferenced(self, candidates: set[bytes]) -> tuple[int, int]:
-        """Delete those of candidates (the chunks a failed run created) that no backup references,
-        and leftovers of interrupted writes.  The same rule as collect_garbage (docs/FORMAT.md):
-        the caller MUST hold the repository lock exclusively.  Returns (chunks, bytes) freed."""
-        if not candidates:
+    def remove_unreferenced(self, candidates: set[bytes] | None = None) -> tuple[int, int]:
+        """Delete the chunks that no backup references (garbage collection), or only those of
+        candidates (the chunks a failed run created); and leftovers of interrupted writes.
+        The caller MUST hold the repository lock exclusively (docs/FORMAT.md, "Deleting chunks").
+        Returns (chunks, bytes) freed."""
+        if candidates is not None and not candidates:
             return 0, 0
-        unused = candidates - self.referenced_chunks()
+        used = self.referenced_chunks()
+        if candidates is None:
+            keys = [k for k in self.backend.list("chunks") if bytes.fromhex(k.rsplit("/", 1)[1]) not in used]
+        else:
+            keys = [self._chunk_key(cid) for cid in candidates - used]
         freed = size = 0
-        for cid in unused:
-            key = self._chunk_key(cid)
+        for key in keys:
+            if freed % 256 == 0:
+                self.check_locks()  # still ours: deleting many chunks takes a while
             try:
                 size += self.backend.size(key)
             except FileNotFoundError:
