@@ -22,14 +22,14 @@ def chain_of_one(count: int = 65536):
 
 
 def test_a_full_plan_reads_every_disk_whole():
-    plan = make_plan(Repository.open(MemoryBackend()), BackupRequest("vm1", "full"), "two", Facts(DISKS, (), {}))
+    plan = make_plan(Repository.open(MemoryBackend(), create=True), BackupRequest("vm1", "full"), "two", Facts(DISKS, (), {}))
     assert (plan.kind, plan.checkpoint, plan.since, plan.notes) == ("full", "two", None, ())
     assert [(p.disk.id, p.merges, p.estimate, p.reason) for p in plan.disks] == [
         ("vda", None, 4 * MiB, "full backup"), ("vdb", None, 2 * MiB, "full backup")]
 
 
 def test_the_first_auto_backup_is_a_full_one_without_a_note():
-    plan = make_plan(Repository.open(MemoryBackend()), BackupRequest("vm1", "auto"), "one", Facts(DISKS, (), {}))
+    plan = make_plan(Repository.open(MemoryBackend(), create=True), BackupRequest("vm1", "auto"), "one", Facts(DISKS, (), {}))
     assert plan.kind == "full" and plan.notes == ()
 
 
@@ -37,7 +37,7 @@ def test_a_failed_twin_check_refuses_the_incremental_and_auto_says_why_it_makes_
     records, bitmaps = chain_of_one()
     facts = Facts(DISKS, records, bitmaps, twin_problem="bitmap X on disk vdb was changed by another tool (cleared?)", twin_checked=True,
                   repairs=("remove bitmaps without a checkpoint record: nbdbackup.ns.stray",))
-    repo = Repository.open(MemoryBackend())
+    repo = Repository.open(MemoryBackend(), create=True)
     with pytest.raises(ChainBroken, match="changed by another tool"):
         make_plan(repo, BackupRequest("vm1", "incremental"), "two", facts)
     plan = make_plan(repo, BackupRequest("vm1", "auto"), "two", facts)
@@ -49,4 +49,4 @@ def test_a_failed_twin_check_refuses_the_incremental_and_auto_says_why_it_makes_
 def test_an_incremental_needs_the_backup_at_its_base():
     records, bitmaps = chain_of_one()
     with pytest.raises(ChainBroken, match="no complete backup at checkpoint one"):
-        make_plan(Repository.open(MemoryBackend()), BackupRequest("vm1", "incremental"), "two", Facts(DISKS, records, bitmaps))
+        make_plan(Repository.open(MemoryBackend(), create=True), BackupRequest("vm1", "incremental"), "two", Facts(DISKS, records, bitmaps))
