@@ -25,6 +25,7 @@ class TargetImage:
     path: Path
     format: str  # qcow2 | raw
     size: int
+    direct: bool = False  # the daemon opens the file with O_DIRECT (cache.direct=on): no page-cache copy
 
 
 def create_image(image: TargetImage) -> None:
@@ -58,7 +59,8 @@ class StorageDaemon:
         cmd = ["qemu-storage-daemon"]
         ro = ",read-only=on" if self.read_only else ""
         for i, img in enumerate(self.images):
-            cmd += ["--blockdev", f"driver=file,filename={_escape(img.path)},node-name=f{i},discard=unmap{ro}",
+            direct = ",cache.direct=on" if img.direct else ""
+            cmd += ["--blockdev", f"driver=file,filename={_escape(img.path)},node-name=f{i},discard=unmap{ro}{direct}",
                     "--blockdev", f"driver={img.format},file=f{i},node-name={self.node(i)},discard=unmap{ro}"]
         cmd += ["--chardev", f"socket,id=m,path={self.monitor},server=on,wait=off",
                 "--monitor", "chardev=m",

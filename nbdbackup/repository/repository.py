@@ -23,7 +23,7 @@ import logging
 import os
 import threading
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -336,13 +336,20 @@ class Repository:
     def decode_chunk(self, blob: bytes, cid: bytes, where: str) -> bytes:
         """The content of the chunk file blob (from fetch_chunk): authenticated and decrypted when
         the repository is encrypted (into this thread's buffer: decode copies out of it), checked."""
-        plain: bytes | memoryview = blob
-        if self.cipher is not None:
-            try:
-                plain = self.cipher.open_into(self._chunk_key(cid), blob)
-            except crypto.ObjectDamaged as exc:
-                raise RepositoryDamaged(f"chunk {cid.hex()} {exc.reason} ({where})") from None
-        return chunks.decode(plain, cid, where, self.chunk_id)
+        return chunks.decode(self._plain_chunk(blob, cid, where), cid, where, self.chunk_id)
+
+    def decode_chunk_into(self, blob: bytes, cid: bytes, where: str, buffer: Callable[[int], memoryview]) -> memoryview:
+        """decode_chunk into a buffer the caller reuses (restore): buffer(length) gives one of at
+        least the content's length; returns the view of it that holds the checked content."""
+        return chunks.decode_into(self._plain_chunk(blob, cid, where), cid, where, self.chunk_id, buffer)
+
+    def _plain_chunk(self, blob: bytes, cid: bytes, where: str) -> bytes | memoryview:
+        if self.cipher is None:
+            return blob
+        try:
+            return self.cipher.open_into(self._chunk_key(cid), blob)
+        except crypto.ObjectDamaged as exc:
+            raise RepositoryDamaged(f"chunk {cid.hex()} {exc.reason} ({where})") from None
 
     def referenced_chunks(self) -> set[bytes]:
         """Every chunk that a complete backup of any VM references."""
