@@ -133,7 +133,9 @@ class BackupImage:
 
     def _read_ahead(self, i: int) -> None:
         """Entry i was just read: load the chunks after it if the reader moves forward."""
-        cid = self.entries[i].chunk
+        cid, pool = self.entries[i].chunk, self._pool
+        if pool is None:
+            return
         with self._lock:
             if cid in self._marks:
                 self._marks.discard(cid)  # a reader reached the window: move it on
@@ -153,7 +155,7 @@ class BackupImage:
                 j += 1
         for chunk, at in wanted:
             try:
-                self._pool.submit(self._load_ahead, chunk, at)
+                pool.submit(self._load_ahead, chunk, at)
             except RuntimeError:  # closed
                 with self._lock:
                     self._queued -= 1

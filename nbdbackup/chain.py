@@ -20,7 +20,18 @@ from .names import twin_bitmap
 from .records import Bitmap, CheckpointRecord
 
 # Checkpoint states, as `nbdbackup checkpoints` shows them.
-OK, MISSING, INCONSISTENT, PENDING, ORPHAN, FOREIGN = "ok", "missing", "inconsistent", "pending", "orphan", "foreign"
+OK, MISSING, INCONSISTENT, BUSY, ALTERED = "ok", "missing", "inconsistent", "busy", "altered"
+PENDING, ORPHAN, FOREIGN = "pending", "orphan", "foreign"
+# A checkpoint with several problems shows the first of these among them.
+PROBLEM_STATES = (MISSING, INCONSISTENT, BUSY, ALTERED)
+
+
+@dataclass(frozen=True)
+class BitmapProblem:
+    """Why a checkpoint's bitmap on one disk cannot be trusted: the state it gives the checkpoint, and the words."""
+
+    state: str  # one of PROBLEM_STATES
+    text: str
 
 
 @dataclass(frozen=True)
@@ -61,7 +72,7 @@ def plan_delete(records: Sequence[CheckpointRecord], name: str) -> DeletePlan:
     return DeletePlan(remove=records[i].bitmap, merge_into=records[i - 1].bitmap, enable=(i == len(records) - 1))
 
 
-def bitmap_problem(record: CheckpointRecord, disk_id: str, bitmap: Bitmap | None, *, active: bool) -> str | None:
+def bitmap_problem(record: CheckpointRecord, disk_id: str, bitmap: Bitmap | None, *, active: bool) -> BitmapProblem | None:
     """Why this disk's bitmap for record cannot be trusted, or None.
 
     A bitmap that stopped recording must still hold the dirty bytes recorded
@@ -69,21 +80,21 @@ def bitmap_problem(record: CheckpointRecord, disk_id: str, bitmap: Bitmap | None
     """
     name = record.bitmap
     if bitmap is None:
-        return f"bitmap {name} is missing on disk {disk_id}"
+        return BitmapProblem(MISSING, f"bitmap {name} is missing on disk {disk_id}")
     if bitmap.inconsistent:
-        return f"bitmap {name} on disk {disk_id} is inconsistent (QEMU did not shut down cleanly)"
+        return BitmapProblem(INCONSISTENT, f"bitmap {name} on disk {disk_id} is inconsistent (QEMU did not shut down cleanly)")
     if not bitmap.persistent:
-        return f"bitmap {name} on disk {disk_id} is not persistent"
+        return BitmapProblem(ALTERED, f"bitmap {name} on disk {disk_id} is not persistent")
     if bitmap.busy:
-        return f"bitmap {name} on disk {disk_id} is busy (in use by another operation)"
+        return BitmapProblem(BUSY, f"bitmap {name} on disk {disk_id} is busy (in use by another operation)")
     if bitmap.recording != active:
         state = "recording" if bitmap.recording else "disabled"
         want = "recording" if active else "disabled"
-        return f"bitmap {name} on disk {disk_id} is {state} but should be {want} (changed by another tool?)"
+        return BitmapProblem(ALTERED, f"bitmap {name} on disk {disk_id} is {state} but should be {want} (changed by another tool?)")
     expected = record.counts.get(disk_id)
     if not active and expected is not None and bitmap.count != expected:
-        return (f"bitmap {name} on disk {disk_id} was changed by another tool: it held {expected} dirty bytes "
-                f"when it stopped recording, it holds {bitmap.count} now")
+        return BitmapProblem(ALTERED, f"bitmap {name} on disk {disk_id} was changed by another tool: it held {expected} "
+                                      f"dirty bytes when it stopped recording, it holds {bitmap.count} now")
     return None
 
 
@@ -124,7 +135,7 @@ def check_since(
                 raise ChainBroken(f"disk {disk_id} was not part of checkpoint {record.name}")
             problem = bitmap_problem(record, disk_id, disk_bitmaps[disk_id].get(record.bitmap), active=(i == len(chain) - 1))
             if problem:
-                raise ChainBroken(problem, hint="the chain is broken from there: run `nbdbackup full` (or `auto`)")
+                raise ChainBroken(problem.text, hint="the chain is broken from there: run `nbdbackup full` (or `auto`)")
 
 
 @dataclass(frozen=True)
@@ -149,7 +160,7 @@ def assess(records: Sequence[CheckpointRecord], disk_bitmaps: dict[str, dict[str
     rows: list[CheckpointStatus] = []
     for i, r in enumerate(records):
         newest = i == len(records) - 1
-        problems = []
+        problems: list[BitmapProblem] = []
         dirty = {}
         for disk_id in r.disks:
             if disk_id not in disk_bitmaps:
@@ -165,9 +176,8 @@ def assess(records: Sequence[CheckpointRecord], disk_bitmaps: dict[str, dict[str
         elif not problems:
             state = OK
         else:
-            words = " ".join(problems)
-            state = MISSING if "missing" in words else INCONSISTENT if "inconsistent" in words else "busy" if "busy" in words else "altered"
-        rows.append(CheckpointStatus(r.name, r.created, state, newest and state == OK, False, dirty, tuple(problems)))
+            state = next(s for s in PROBLEM_STATES if any(p.state == s for p in problems))
+        rows.append(CheckpointStatus(r.name, r.created, state, newest and state == OK, False, dirty, tuple(p.text for p in problems)))
     # usable: this one and every later one is ok, all in the newest chain
     usable_from = len(rows)
     while usable_from > 0 and rows[usable_from - 1].state == OK and records[usable_from - 1].chain == records[-1].chain:

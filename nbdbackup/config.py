@@ -27,6 +27,10 @@ A repository in S3 object storage (repository = "s3://BUCKET/PREFIX"):
     credentials_file = "/etc/nbdbackup/s3.credentials"   # AWS-style, mode 0600
     retries = 5                            # attempts per request on transient errors
 
+    [s3."s3://offsite/hypervisor1"]        # only for repositories at or below this bucket/prefix
+    endpoint = "https://s3.offsite.example"    # (every [s3] setting; these win over [s3]'s)
+    credentials_file = "/etc/nbdbackup/offsite.credentials"
+
 For `verify --boot` (in a [vm.NAME] table):
 
     boot = ["-m", "2048"]                  # QEMU arguments for `verify --boot`
@@ -45,7 +49,7 @@ from typing import Any
 
 from .errors import UsageError, VMUnreachable
 from .names import check_name
-from .repository.location import Location, S3Settings, parse_location
+from .repository.location import Location, S3Location, S3Settings, parse_location
 
 SYSTEM_CONFIG = Path("/etc/nbdbackup/config.toml")
 VM_KEYS = {"qmp": str, "qga": str, "disks": list, "exclude": list, "compression": int, "scratch": str, "workers": int,
@@ -53,7 +57,7 @@ VM_KEYS = {"qmp": str, "qga": str, "disks": list, "exclude": list, "compression"
            "boot": list, "verify_boot": bool, "boot_timeout": int}
 TOP_KEYS = {"repository", "encryption", "vm", "s3"}
 ENCRYPTION_MODES = ("repokey", "keyfile", "none")
-S3_KEYS = {"endpoint": str, "region": str, "addressing": str, "verify_tls": bool, "ca_bundle": str, "profile": str,
+S3_KEYS: dict[str, type | tuple[type, ...]] = {"endpoint": str, "region": str, "addressing": str, "verify_tls": bool, "ca_bundle": str, "profile": str,
            "credentials_file": str, "retries": int, "connect_timeout": (int, float), "read_timeout": (int, float)}
 RETENTION_KEYS = ("last", "hourly", "daily", "weekly", "monthly", "yearly")
 
@@ -83,8 +87,26 @@ class Settings:
     config_file: Path | None
     vms: dict[str, VMConfig] = field(default_factory=dict)
     config_searched: tuple[Path, ...] = ()  # where a config file was looked for, when none was given
-    s3: S3Settings = S3Settings()
+    s3: S3Settings = S3Settings()  # the [s3] table: every S3 repository's settings unless a table of its own says otherwise
     encryption: str | None = None  # what a new repository gets; an encrypted choice refuses an unencrypted repository
+    metrics_file: Path | None = None  # --metrics-file: the Prometheus textfile every backup run updates
+    s3_repositories: dict[S3Location, dict[str, Any]] = field(default_factory=dict)  # [s3."s3://BUCKET[/PREFIX]"] tables (checked)
+
+    def s3_for(self, where: Location) -> S3Settings:
+        """The S3 settings of the repository at where: [s3], then each [s3."s3://..."] table
+        at or above it (its bucket, then longer prefixes of its path) overriding what it sets."""
+        if not isinstance(where, S3Location):
+            return self.s3
+        mine = where.prefix.split("/") if where.prefix else []
+        tables = []
+        for loc, table in self.s3_repositories.items():
+            parts = loc.prefix.split("/") if loc.prefix else []
+            if loc.bucket == where.bucket and mine[:len(parts)] == parts:
+                tables.append((len(parts), table))
+        settings = self.s3
+        for _depth, table in sorted(tables, key=lambda t: t[0]):
+            settings = dataclasses.replace(settings, **table)
+        return settings
 
     def vm(self, name: str, qmp: str | None = None, *, required: bool = True) -> VMConfig:
         """The VM's settings, with --qmp taking precedence over the config file.
@@ -143,8 +165,9 @@ def load(config_opt: str | None, repo_opt: str | None, *, needs_config: bool = T
 
 def _load(config_opt: str | None, repo_opt: str | None) -> Settings:
     explicit = config_opt or os.environ.get("NBDBACKUP_CONFIG")
+    path: Path | None
     if explicit:
-        path: Path | None = Path(explicit)
+        path = Path(explicit)
         data = _read(path)
         searched: tuple[Path, ...] = ()
     else:
@@ -161,26 +184,49 @@ def _load(config_opt: str | None, repo_opt: str | None) -> Settings:
     encryption = data.get("encryption")
     if encryption is not None and encryption not in ENCRYPTION_MODES:
         raise UsageError(f"{path}: 'encryption' must be one of {', '.join(ENCRYPTION_MODES)}")
+    s3, s3_repositories = _parse_s3(data.get("s3", {}), path)
     return Settings(repo=parse_location(repo) if repo else default_repo(), config_file=path, vms=vms, config_searched=searched,
-                    s3=_parse_s3(data.get("s3", {}), path), encryption=encryption)
+                    s3=s3, encryption=encryption, s3_repositories=s3_repositories)
 
 
-def _parse_s3(table: Any, path: Path | None) -> S3Settings:
+def _parse_s3(table: Any, path: Path | None) -> tuple[S3Settings, dict[S3Location, dict[str, Any]]]:
+    """[s3] and its [s3."s3://BUCKET[/PREFIX]"] tables: (the defaults, each repository table's own settings)."""
     if not isinstance(table, dict):
         raise UsageError(f"{path}: [s3] must be a table")
+    base = S3Settings(**_s3_settings({k: v for k, v in table.items() if not k.startswith("s3://")}, path, "[s3]"))
+    repositories: dict[S3Location, dict[str, Any]] = {}
+    for url, sub in table.items():
+        if not url.startswith("s3://"):
+            continue
+        label = f'[s3."{url}"]'
+        if not isinstance(sub, dict):
+            raise UsageError(f"{path}: {label} must be a table of S3 settings")
+        try:
+            where = parse_location(url)
+        except UsageError as exc:
+            raise UsageError(f"{path}: {label}: {exc.message}", hint=exc.hint) from None
+        if not isinstance(where, S3Location) or where in repositories:
+            raise UsageError(f"{path}: more than one S3 table for {where}")
+        repositories[where] = _s3_settings(sub, path, label)
+    return base, repositories
+
+
+def _s3_settings(table: dict[str, Any], path: Path | None, label: str) -> dict[str, Any]:
+    """The checked settings of one S3 table, as S3Settings fields."""
     for key, value in table.items():
         if key not in S3_KEYS:
-            raise UsageError(f"{path}: [s3] has unknown setting {key!r}", hint=f"known: {', '.join(sorted(S3_KEYS))}")
+            hint = f"known: {', '.join(sorted(S3_KEYS))}" + ('; a repository\'s own table is [s3."s3://BUCKET/PREFIX"]' if label == "[s3]" else "")
+            raise UsageError(f"{path}: {label} has unknown setting {key!r}", hint=hint)
         if not isinstance(value, S3_KEYS[key]) or (isinstance(value, bool) and key != "verify_tls"):
-            raise UsageError(f"{path}: [s3] {key} has the wrong type")
+            raise UsageError(f"{path}: {label} {key} has the wrong type")
     if table.get("addressing", "auto") not in ("auto", "path", "virtual"):
-        raise UsageError(f"{path}: [s3] addressing must be \"auto\", \"path\" or \"virtual\"")
+        raise UsageError(f"{path}: {label} addressing must be \"auto\", \"path\" or \"virtual\"")
     if not 1 <= table.get("retries", 5) <= 20:
-        raise UsageError(f"{path}: [s3] retries must be from 1 to 20")
+        raise UsageError(f"{path}: {label} retries must be from 1 to 20")
     changes = dict(table)
     if "credentials_file" in changes:
         changes["credentials_file"] = Path(changes["credentials_file"])
-    return S3Settings(**changes)
+    return changes
 
 
 def _read(path: Path) -> dict[str, Any]:

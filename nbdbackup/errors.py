@@ -5,7 +5,9 @@
      +-- VMError                   exit 3  VM unreachable or unsuitable
      |    +-- VMUnreachable                no socket, not QMP, monitor busy
      |    +-- VMUnsuitable                 no qcow2 disk, unknown disk
-     +-- QEMUCommandFailed         exit 1  QEMU refused a command we sent
+     +-- QEMUFailed                exit 33 QEMU, a QEMU tool or an NBD server failed at what we asked
+     |    +-- QEMUCommandFailed        QEMU refused a command we sent
+     |    +-- NbdIOError               an NBD request failed or the connection dropped
      +-- ChainError                exit 4  checkpoint unknown or chain broken
      |    +-- CheckpointUnknown
      |    +-- ChainBroken
@@ -76,16 +78,25 @@ class VMUnsuitable(VMError):
     pass
 
 
-class QEMUCommandFailed(NbdBackupError):
-    """QEMU answered a QMP command with an error."""
+class QEMUFailed(NbdBackupError):
+    """QEMU (a QMP command, a block job), a QEMU tool (qemu-img, qemu-storage-daemon) or an NBD
+    server or connection failed at something nbdbackup asked of it: not a bug of nbdbackup's."""
 
-    exit_code = 1
+    exit_code = 33
+
+
+class QEMUCommandFailed(QEMUFailed):
+    """QEMU answered a QMP command with an error."""
 
     def __init__(self, command: str, error_class: str, description: str) -> None:
         super().__init__(f"QEMU refused {command}: {description}")
         self.command = command
         self.error_class = error_class
         self.description = description
+
+
+class NbdIOError(QEMUFailed):
+    """An NBD request failed or the connection dropped."""
 
 
 class ChainError(NbdBackupError):
@@ -200,6 +211,7 @@ class RollbackIncomplete(NbdBackupError):
 EXIT_CODES: dict[str, int] = {
     "success": 0,
     "unexpected": NbdBackupError.exit_code,
+    "qemu": QEMUFailed.exit_code,
     "usage": UsageError.exit_code,
     "vm": VMError.exit_code,
     "chain": ChainError.exit_code,
@@ -258,7 +270,8 @@ class ExitStatus:
 EXIT_STATUS: tuple[ExitStatus, ...] = (
     ExitStatus((0,), "success", "Success."),
     ExitStatus((NbdBackupError.exit_code,), "unexpected error",
-               "Unexpected error, including QEMU refusing a QMP command and NBD I/O errors."),
+               "Unexpected error: a failure without a code of its own below, or a bug in nbdbackup "
+               "(`--debug` shows where it happened)."),
     ExitStatus((UsageError.exit_code,), "usage error",
                "Usage error: bad command line, name, configuration file or timeout in the environment; "
                "a log file that cannot be opened; no retention policy for `prune`; a checkpoint name that already exists."),
@@ -332,6 +345,10 @@ EXIT_STATUS: tuple[ExitStatus, ...] = (
                "deletion (which `prune` and `delete` write, on any host): the storage serves an older state of the "
                "repository (rolled back, restored from an old copy) or withholds objects. Nothing was changed. If you "
                "restored the storage from an older copy on purpose, remove the file the message names to accept it."),
+    ExitStatus((QEMUFailed.exit_code,), "QEMU or NBD failed",
+               "QEMU refused a QMP command or one of its block jobs failed; a QEMU tool (`qemu-img`, `qemu-storage-daemon`) "
+               "or an NBD server (nbdkit, `nbdfuse`) failed, other than for a restore target (exit 8); or reading over NBD "
+               "failed. The message says which."),
     ExitStatus((128 + signal.SIGINT, 128 + signal.SIGTERM), "interrupted",
                "Interrupted by SIGINT or SIGTERM. The run cleaned up after itself in QEMU, and no backup was recorded; "
                "the chunks it stored are removed too, unless another run holds the repository (then it says how much "

@@ -88,13 +88,15 @@ def _freeze(socket: Path | None, *, required: bool, timeout: float) -> QMPSessio
     except NbdBackupError as exc:  # no freeze was sent: nothing to thaw
         if agent is not None:
             agent.close()
-        return _give_up(str(exc), required=required, thaw_problem=None)
+        _give_up(str(exc), required=required, thaw_problem=None)
+        return None
     try:
         count = _ask(agent, "guest-fsfreeze-freeze", timeout)
     except NbdBackupError as exc:  # the freeze may have reached the guest: thaw
         thaw_problem = _thaw(agent, timeout)
         agent.close()
-        return _give_up(str(exc), required=required, thaw_problem=thaw_problem)
+        _give_up(str(exc), required=required, thaw_problem=thaw_problem)
+        return None
     log.info("froze %s guest filesystems", count)
     return agent
 
@@ -109,7 +111,6 @@ def _give_up(reason: str, *, required: bool, thaw_problem: str | None) -> None:
         log.error("could not freeze the guest's filesystems (%s), and then %s", reason, thaw_problem)
     else:
         log.warning("could not freeze the guest's filesystems (%s): the backup is crash-consistent", reason)
-    return None
 
 
 def _thaw(agent: QMPSession, timeout: float) -> str | None:

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .capture import CancelToken
-from .errors import MountPointError, NbdBackupError, ToolUnavailable
+from .errors import MountPointError, NbdBackupError, QEMUFailed, ToolUnavailable
 from .serving import Source, key_pipe, nbdkit_command, resolve
 from .workdirs import runtime_base
 
@@ -222,7 +222,7 @@ def _fuse_disk(state: State, source: Source, disk: str) -> Path:
     while not pidfile.exists():
         if proc.poll() is not None or time.monotonic() > deadline:
             text = (state.path / f"{disk}.log").read_text(errors="replace").strip().splitlines()
-            raise NbdBackupError(f"nbdfuse failed for disk {disk}: {text[-1] if text else proc.returncode}")
+            raise QEMUFailed(f"nbdfuse failed for disk {disk}: {text[-1] if text else proc.returncode}")
         time.sleep(0.05)
     return where / "nbd"
 

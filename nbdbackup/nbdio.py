@@ -15,7 +15,7 @@ from pathlib import Path
 
 import nbd
 
-from .errors import NbdBackupError, VMUnreachable
+from .errors import NbdIOError, VMUnreachable
 from .records import Extent
 
 log = logging.getLogger(__name__)
@@ -23,17 +23,13 @@ log = logging.getLogger(__name__)
 MAX_REQUEST = 32 * 1024 * 1024  # QEMU's advertised maximum: a larger pwrite kills the connection
 STATUS_STEP = 1024 * 1024 * 1024  # one block-status query covers at most this much
 BASE_ALLOCATION = "base:allocation"
-STATE_HOLE, STATE_ZERO = 1, 2
+STATE_ZERO = 2  # base:allocation's flag for a range that reads as zeros
 DIRTY = 1
 BATCH_WINDOW = 16  # write_batch: requests in flight on one connection
 
 
 def dirty_bitmap_context(bitmap: str) -> str:
     return f"qemu:dirty-bitmap:{bitmap}"
-
-
-class NbdIOError(NbdBackupError):
-    """An NBD request failed or the connection dropped."""
 
 
 class NbdEndpoint:

@@ -187,7 +187,8 @@ class QMPSession:
         async def next_match() -> dict:
             while True:
                 msg = await self._events.get()
-                event = {"event": msg["event"], "data": dict(msg.get("data", {}))}
+                data: Any = msg.get("data", {})  # qemu.qmp's Message: values typed object
+                event = {"event": msg["event"], "data": dict(data)}
                 if match(event):
                     return event
                 self._pending.append(event)

@@ -16,7 +16,7 @@ class Disk:
     node: str  # block node holding the image format (and the bitmaps)
     size: int  # virtual size in bytes
     format: str  # "qcow2", "raw", ...
-    filename: str
+    filename: str  # the image file QEMU has open (QMP's "file"): rollback names it
 
 
 @dataclass(frozen=True)
@@ -25,7 +25,6 @@ class Bitmap:
 
     node: str
     name: str
-    granularity: int
     count: int  # dirty bytes
     recording: bool
     persistent: bool

@@ -43,6 +43,7 @@ from .errors import (
     Interrupted,
     NbdBackupError,
     QEMUCommandFailed,
+    QEMUFailed,
     RestoreTargetError,
     ServeAddressError,
     UsageError,
@@ -72,7 +73,7 @@ class RecoverRequest:
     vm: str
     checkpoint: str
     output: Path
-    qmp: Path
+    qmp: Path | None = None  # the VM's QMP socket (None: the config file's; the engine fills it in)
     disks: tuple[str, ...] = ()
     speed: int = 0  # bytes/s per disk, 0: unlimited
 
@@ -275,8 +276,8 @@ def _settle_jobs(session: QMPSession, cancel: CancelToken) -> set[str]:
         if not moving:
             return finished
         if time.monotonic() > deadline:
-            raise NbdBackupError(f"the copy job {moving[0]} of an earlier recover neither pauses nor ends",
-                                 hint="run the same `nbdbackup recover` again")
+            raise QEMUFailed(f"the copy job {moving[0]} of an earlier recover neither pauses nor ends",
+                             hint="run the same `nbdbackup recover` again")
         cancel.check()
         time.sleep(POLL / 5)
 
@@ -332,8 +333,8 @@ def _wait_for_jobs(session: QMPSession, running: dict, cancel: CancelToken, prog
                     # local stays local, so a new job continues where it stopped
                     retries[j["id"]] = retries.get(j["id"], 0) + 1
                     if retries[j["id"]] > STREAM_RETRIES:
-                        raise NbdBackupError(f"copying disk {img.disk} failed: {j['error']}",
-                                             hint="run the same `nbdbackup recover` again to resume")
+                        raise QEMUFailed(f"copying disk {img.disk} failed: {j['error']}",
+                                         hint="run the same `nbdbackup recover` again to resume")
                     log.info("copying disk %s failed (%s); starting again", img.disk, j["error"])
                     _start_stream(session, j["id"], node, speed)
                     continue
@@ -376,6 +377,8 @@ def run_recover(repo, source_for: Callable[[str, tuple[str, ...]], Source], req:
             create_images(out, req.vm, checkpoint, images,
                           lambda img: zero_holes(img.path, list(zero_commands(repo.read_index(m, img.disk)[1], img.size))))
         on_images(result)
+        if req.qmp is None:  # the engine gives the config file's
+            raise VMUnreachable(f"no QMP socket known for VM {req.vm!r}", hint="pass --qmp SOCKET")
         session = connect_when_up(req.qmp, cancel, on_wait)
         state = _read_state(out) or {}
         try:

@@ -2,15 +2,17 @@
 
 Every backup's index is complete, so one pass over one index restores a disk.
 The target images are new (all zero), so only non-zero data is written and
-the result stays sparse.  Each chunk is checked against its SHA-256 as it is
-read; nothing is renamed into place unless every disk was restored.
+the result stays sparse.  Each chunk is checked against its id as it is
+read; nothing is renamed into place unless every disk was restored.  Raw
+images are written by the workers themselves (rawimage.py); qcow2 images
+through qemu-storage-daemon's NBD exports.
 """
 
 from __future__ import annotations
 
 import concurrent.futures as cf
 import contextlib
-import functools
+import dataclasses
 import logging
 import os
 import secrets
@@ -20,10 +22,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .capture import CancelToken, Tuning
-from .errors import CheckpointUnknown, RepositoryDamaged, RestoreTargetError, UsageError
+from .errors import CheckpointUnknown, NbdIOError, RepositoryDamaged, RestoreTargetError, UsageError
 from .inuse import in_use
-from .nbdio import MAX_REQUEST, NbdEndpoint, NbdIOError
+from .nbdio import MAX_REQUEST, NbdEndpoint, is_zero
 from .pipeline import Pipeline
+from .rawimage import ALIGN, RawImage, aligned_buffer, create_raw, direct_io_works
 from .records import IndexEntry, Manifest
 from .repository import Repository
 from .storage_daemon import StorageDaemon, TargetImage, create_image
@@ -33,7 +36,6 @@ log = logging.getLogger(__name__)
 ZERO_BLOCK = 64 * 1024
 CHUNK_CACHE = 4  # decompressed chunks kept per writer thread
 DOWNLOADS = 8  # chunk downloads in flight or done ahead of the writers (repositories that are not directories)
-_ZERO = bytes(ZERO_BLOCK)
 FORMATS = ("qcow2", "raw")
 
 
@@ -45,6 +47,13 @@ class RestoreRequest:
     format: str = "qcow2"
     disks: tuple[str, ...] = ()
     force: bool = False
+
+
+@dataclass(frozen=True)
+class RestoredImage:
+    disk: str
+    path: Path
+    format: str
 
 
 def find_backup(repo: Repository, vm: str, checkpoint: str) -> Manifest:
@@ -75,7 +84,7 @@ def run_restore(
     cancel: CancelToken = CancelToken(),
     progress: Callable[[int], None] = lambda n: None,
     on_start: Callable[[int], None] = lambda total: None,
-) -> list[Path]:
+) -> list[RestoredImage]:
     if req.format not in FORMATS:
         raise UsageError(f"unknown format {req.format!r}", hint="use qcow2 or raw")
     m = find_backup(repo, req.vm, req.checkpoint)
@@ -100,11 +109,17 @@ def run_restore(
     images = [TargetImage(d.id, out / f".{d.id}.{req.format}.partial-{tag}", req.format, d.size) for d in chosen]
     try:
         for img in images:
-            create_image(img)
+            create_raw(img.path, img.size) if img.format == "raw" else create_image(img)
+        images = [dataclasses.replace(img, direct=direct_io_works(img.path)) for img in images]
         on_start(sum(e.length for entries in indexes.values() for e in entries))
-        with StorageDaemon(images, socket_dir) as daemon:
+        if req.format == "raw":  # a plain file: the workers write it themselves
             for img in images:
-                _write_disk(repo, m, img.export, indexes[img.export], daemon.socket, tuning, cancel, progress)
+                with RawImage(img.path, f"disk {img.export}") as raw:
+                    _write_disk(repo, m, img.export, indexes[img.export], raw, tuning, cancel, progress)
+        else:
+            with StorageDaemon(images, socket_dir) as daemon:
+                for img in images:
+                    _write_disk(repo, m, img.export, indexes[img.export], daemon.socket, tuning, cancel, progress)
         for img in images:  # again: a VM may have been started on a target meanwhile
             refuse_if_in_use(finals[img.export])
         for img in images:
@@ -112,7 +127,7 @@ def run_restore(
     finally:
         for img in images:
             img.path.unlink(missing_ok=True)
-    return [finals[d.id] for d in chosen]
+    return [RestoredImage(d.id, finals[d.id], req.format) for d in chosen]
 
 
 def refuse_if_in_use(path: Path) -> None:
@@ -138,40 +153,58 @@ def _batches(entries: Sequence[IndexEntry], limit: int) -> Iterator[list[IndexEn
         yield batch
 
 
-def _write_disk(repo: Repository, m: Manifest, disk_id: str, entries: list[IndexEntry], socket: Path,
+def _write_disk(repo: Repository, m: Manifest, disk_id: str, entries: list[IndexEntry], target: RawImage | Path,
                 tuning: Tuning, cancel: CancelToken, progress: Callable[[int], None]) -> None:
+    """Write one disk's entries: into a RawImage, or through NBD connections to the export at socket target."""
     ahead: dict[bytes, cf.Future[bytes]] = {}  # chunk downloads started when their batch was queued
+    raw = target if isinstance(target, RawImage) else None
 
-    def chunk(cid: bytes, offset: int) -> bytes:
-        """A small per-thread cache: after incrementals, neighbouring entries often share a chunk."""
-        cache: OrderedDict[bytes, bytes] = pipe.local().__dict__.setdefault("chunks", OrderedDict())
+    def chunk(cid: bytes, offset: int) -> memoryview:
+        """The decoded chunk, in one of this thread's reused page-aligned buffers.  A small cache:
+        after incrementals, neighbouring entries often share a chunk."""
+        local = pipe.local()
+        cache: OrderedDict[bytes, tuple[memoryview, memoryview]] = local.__dict__.setdefault("chunks", OrderedDict())
         fut = ahead.pop(cid, None)  # taken even on a cache hit: what is in `ahead` is bounded
         if cid in cache:
             cache.move_to_end(cid)
-            return cache[cid]
+            return cache[cid][1]
         where = f"backup {m.checkpoint}, disk {disk_id}, offset {offset}"
-        data = repo.decode_chunk(fut.result(), cid, where) if fut is not None else repo.get_chunk(cid, where)
-        cache[cid] = data
-        if len(cache) > CHUNK_CACHE:
-            cache.popitem(last=False)
+        blob = fut.result() if fut is not None else repo.fetch_chunk(cid, where)
+        spare = cache.popitem(last=False)[1][0] if len(cache) >= CHUNK_CACHE else None
+
+        def buffer(length: int) -> memoryview:
+            return spare if spare is not None and len(spare) >= length else aligned_buffer(max(length, tuning.chunk_size))
+
+        data = repo.decode_chunk_into(blob, cid, where, buffer)
+        buf = memoryview(data.obj)  # the whole buffer the view lies in
+        cache[cid] = (buf, data)
         return data
 
     def work(batch: list[IndexEntry]) -> int:
         if cancel.signum is not None:
             return 0
-        ep = pipe.endpoint()
         for e in batch:
-            data = memoryview(chunk(e.chunk, e.offset))[e.chunk_offset:e.chunk_offset + e.length]
+            data = chunk(e.chunk, e.offset)[e.chunk_offset:e.chunk_offset + e.length]
             if len(data) != e.length:
                 raise RepositoryDamaged(f"chunk {e.chunk.hex()} is shorter than its index says (backup {m.checkpoint}, disk {disk_id}, offset {e.offset})")
+            runs = _nonzero_runs(e.offset, data)
+            if raw is not None:
+                for start, stop in runs:  # data[0] sits at e.chunk_offset in an aligned buffer
+                    raw.write(data[start - e.offset:stop - e.offset], start,
+                              memory_aligned=(e.chunk_offset + start - e.offset) % ALIGN == 0)
+                continue
+            ep = pipe.endpoint()
             try:
-                for start, stop in _nonzero_runs(e.offset, data):
+                for start, stop in runs:
                     ep.pwrite(data[start - e.offset:stop - e.offset], start)
             except NbdIOError as exc:
                 raise RestoreTargetError(f"writing disk {disk_id}: {exc}") from None
         return sum(e.length for e in batch)
 
-    connect = functools.partial(NbdEndpoint, socket, disk_id, writable=True)
+    def connect() -> NbdEndpoint:  # a worker's own connection (qcow2 targets: raw images take no NBD)
+        assert not isinstance(target, RawImage)
+        return NbdEndpoint(target, disk_id, writable=True)
+
     # Downloads from a remote store (S3) run ahead: a batch's chunks are requested when the batch is
     # queued (at most DOWNLOADS not yet taken by a writer: memory), while the writers decompress and write.
     remote = repo.root is None
@@ -186,7 +219,10 @@ def _write_disk(repo: Repository, m: Manifest, disk_id: str, entries: list[Index
             pipe.submit(work, batch, None)
         pipe.drain()
         cancel.check()
-        pipe.endpoint().flush()  # multi-conn: one flush covers every connection's writes
+        if raw is not None:
+            raw.flush()
+        else:
+            pipe.endpoint().flush()  # multi-conn: one flush covers every connection's writes
 
 
 def _nonzero_runs(offset: int, data: memoryview) -> Iterator[tuple[int, int]]:
@@ -196,8 +232,7 @@ def _nonzero_runs(offset: int, data: memoryview) -> Iterator[tuple[int, int]]:
     pos = offset
     while pos < end:
         stop = min(end, (pos // ZERO_BLOCK + 1) * ZERO_BLOCK)
-        block = data[pos - offset:stop - offset]
-        if block == _ZERO[:len(block)]:
+        if is_zero(data[pos - offset:stop - offset]):  # libnbd's check (a memoryview == bytes compares byte by byte)
             if run_start is not None:
                 yield run_start, pos
                 run_start = None

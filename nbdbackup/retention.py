@@ -9,6 +9,7 @@ newest checkpoint (the base of the next incremental) are always kept.
 
 from __future__ import annotations
 
+from collections.abc import Set
 from dataclasses import dataclass, field
 from datetime import datetime
 
@@ -54,7 +55,7 @@ def parse_created(created: str) -> datetime:
     return datetime.fromisoformat(created.replace("Z", "+00:00"))
 
 
-def decide(manifests: list[Manifest], policy: Policy, *, protect: set[str] = frozenset()) -> list[Decision]:
+def decide(manifests: list[Manifest], policy: Policy, *, protect: Set[str] = frozenset()) -> list[Decision]:
     """One decision per backup, oldest first.  protect: checkpoints kept whatever the policy."""
     if policy.empty:
         raise UsageError("no retention policy given", hint="pass at least one --keep-* option (or set retention in the config file)")

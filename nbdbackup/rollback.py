@@ -41,6 +41,7 @@ from typing import TYPE_CHECKING, Protocol
 
 from . import chain
 from .capture import CancelToken, Tuning
+from .checkpoints import Checkpoints, disk_bitmaps
 from .errors import (
     ChainBroken,
     ImageInUse,
@@ -52,7 +53,7 @@ from .errors import (
     UsageError,
     VMUnreachable,
 )
-from .names import GRANULARITY, check_name, utc_now
+from .names import GRANULARITY, utc_now
 from .nbdio import MAX_REQUEST, NbdEndpoint, dirty_bitmap_context, dirty_extents
 from .pipeline import Pipeline
 from .records import Bitmap, Disk, DiskBackup, Extent, IndexEntry, Manifest
@@ -60,6 +61,7 @@ from .repository import Repository
 from .restore import find_backup
 from .storage_daemon import StorageDaemon, TargetImage
 from .units import human_size
+from .vm import block_nodes
 
 if TYPE_CHECKING:
     from .qmp import QMPSession
@@ -76,10 +78,13 @@ ZERO_BATCH = 256  # zero ranges per job
 class RollbackRequest:
     vm: str
     checkpoint: str
-    images: dict[str, Path]  # disk id -> image file
+    images: dict[str, Path]  # disk id -> image file (the engine adds the config file's for disks not given)
     disks: tuple[str, ...] = ()  # only these disks (default: every disk of the backup)
     full: bool = False  # rewrite whole disks instead of the changed blocks
     dry_run: bool = False
+    qmp: Path | None = None  # the VM's QMP socket (default: the config file's)
+    pause: bool = False  # pause a running guest first
+    reset: bool = True  # reset a paused guest afterwards (its cache holds the old content)
     # asked (a terminal's user) when the chain cannot tell what changed: True rewrites whole disks as --full does
     confirm_full: Callable[[str], bool] | None = None
 
@@ -202,8 +207,8 @@ class ImageTarget:
 
     def __init__(self, daemon: StorageDaemon, session: QMPSession, images: Sequence[TargetImage]) -> None:
         self.daemon, self.session, self.socket = daemon, session, daemon.socket
-        self._nodes = session.execute("query-named-block-nodes", {"flat": True})  # once: the state until we change it
-        nodes = {n["node-name"]: n for n in self._nodes}
+        self._nodes = block_nodes(session)  # once: the state until we change it
+        nodes = {n["node-name"]: n for n in self._nodes.nodes}
         self.disks = []
         for i, img in enumerate(images):
             node = nodes[daemon.node(i)]
@@ -211,8 +216,6 @@ class ImageTarget:
                                    format=node.get("drv", "qcow2"), filename=str(img.path)))
 
     def bitmaps(self) -> dict[str, dict[str, Bitmap]]:
-        from .checkpoints import disk_bitmaps
-
         return disk_bitmaps(self.session, self.disks, self._nodes)
 
     def export_changed(self, disk: Disk, merges: Sequence[str], *, writable: bool) -> str:
@@ -245,13 +248,8 @@ def run_rollback(
     m = find_backup(repo, req.vm, req.checkpoint)
     chosen = choose_disks(m, req)
     images = [TargetImage(d.id, path, "qcow2", d.size) for d, path in chosen]
-    with StorageDaemon(images, socket_dir, exports=False, read_only=req.dry_run, meanwhile=_load_qmp) as daemon, daemon.session() as session:
+    with StorageDaemon(images, socket_dir, exports=False, read_only=req.dry_run) as daemon, daemon.session() as session:
         return roll_back(repo, req, m, ImageTarget(daemon, session, images), tuning=tuning, cancel=cancel, progress=progress, on_start=on_start)
-
-
-def _load_qmp() -> None:
-    """While the storage daemon starts: the modules that speak QMP to it (asyncio and all)."""
-    from . import checkpoints, qmp  # noqa: F401
 
 
 def roll_back(repo: Repository, req: RollbackRequest, m: Manifest, target: RollbackTarget, *, tuning: Tuning, cancel: CancelToken,
@@ -316,8 +314,6 @@ def choose_disks(m: Manifest, req: RollbackRequest) -> list[tuple[DiskBackup, Pa
 
 def make_plan(repo: Repository, target: RollbackTarget, req: RollbackRequest, m: Manifest) -> RollbackPlan:
     """Validate every disk, then find what to write on each.  Changes nothing on the disks."""
-    from .checkpoints import Checkpoints
-
     at = {d.id: d for d in m.disks}
     disks = target.disks
     paths = [Path(d.filename) for d in disks]
@@ -357,8 +353,6 @@ def validate(repo: Repository, session: QMPSession, vm: str, m: Manifest, disks:
     """The bitmaps that together hold every change since m's checkpoint, after the same checks
     as an incremental since it; ChainBroken (exit 4, pointing at --full) otherwise.
     bitmaps: the disks' bitmaps now; quiescent: nothing else writes to the disks."""
-    from .checkpoints import Checkpoints
-
     hint = f"`--full` rewrites the whole disk from the backup at {m.checkpoint} instead"
     records = repo.checkpoints(vm)
     record = next((r for r in records if r.name == m.checkpoint), None)
@@ -369,7 +363,10 @@ def validate(repo: Repository, session: QMPSession, vm: str, m: Manifest, disks:
     for d in disks:
         if d.id not in record.disks:
             raise ChainBroken(f"disk {d.id} has no bitmap of checkpoint {m.checkpoint}", hint=hint)
-        size = m.disk(d.id).size
+        backed = m.disk(d.id)
+        if backed is None:  # the disks to roll back are chosen among the backup's: not seen
+            raise ChainBroken(f"the backup at {m.checkpoint} has no disk {d.id}", hint=hint)
+        size = backed.size
         if d.size != size:
             raise ChainBroken(f"disk {d.id} was resized since checkpoint {m.checkpoint} (from {size} to {d.size} bytes)", hint=hint)
     checkpoints = Checkpoints(repo, session, vm, disks)
@@ -477,6 +474,13 @@ def write_disk(repo: Repository, m: Manifest, p: DiskRollback, entries: list[Ind
     writer decodes one chunk at a time and has all of its writes in flight at once."""
     totals = [0, 0]
 
+    def buffer(length: int) -> memoryview:
+        """This writer's buffer for a chunk's content, reused (no fresh memory per chunk)."""
+        local = pipe.local().__dict__
+        if len(local.get("buffer", b"")) < length:
+            local["buffer"] = bytearray(max(length, tuning.chunk_size))
+        return memoryview(local["buffer"])
+
     def work(job: Job) -> tuple[int, int]:
         if cancel.signum is not None:
             return 0, 0
@@ -484,8 +488,8 @@ def write_disk(repo: Repository, m: Manifest, p: DiskRollback, entries: list[Ind
             pipe.endpoint().write_batch([(offset, length, None) for offset, _, length in job.copies])
             return 0, sum(length for _, _, length in job.copies)
         first = job.copies[0][0]
-        buffer = pipe.local().__dict__.setdefault("buffer", bytearray(tuning.chunk_size))  # this writer's, reused
-        data = repo.get_chunk_into(job.chunk, f"backup {m.checkpoint}, disk {p.disk}, offset {first}", buffer)
+        where = f"backup {m.checkpoint}, disk {p.disk}, offset {first}"
+        data = repo.decode_chunk_into(repo.fetch_chunk(job.chunk, where), job.chunk, where, buffer)
         requests: list[tuple[int, int, memoryview | None]] = []
         written = zeroed = 0
         for offset, at, length in job.copies:
@@ -517,29 +521,10 @@ def write_disk(repo: Repository, m: Manifest, p: DiskRollback, entries: list[Ind
     return totals[0], totals[1]
 
 
-# -- entry point: the resources a rollback needs ----------------------------------------------
+# -- the VM's QEMU, when it runs (engine.rollback gathers the resources) ----------------------------
 
 
-def rollback(settings, vmconf, req: RollbackRequest, *, cancel: CancelToken, observer=None, pause: bool = False,
-             reset: bool = True, tuning: Tuning = Tuning()) -> RollbackResult:
-    """Under the VM's lock (no backup of it meanwhile): the shut-down VM's images through
-    qemu-storage-daemon, or the paused VM's disks through its QEMU."""
-    from .runs import Observer, open_repository, repository_lock, vm_lock
-    from .workdirs import private_dir
-
-    observer = observer or Observer()
-    check_name("VM", req.vm)
-    repo = open_repository(settings)
-    with vm_lock(repo, req.vm), repository_lock(repo):
-        with _running_qemu(vmconf) as qemu:
-            if qemu is not None:
-                return _rollback_live(repo, vmconf, qemu, req, cancel=cancel, observer=observer, pause=pause, reset=reset, tuning=tuning)
-        with private_dir() as sockets:
-            return run_rollback(repo, req, socket_dir=sockets, tuning=tuning, cancel=cancel,
-                                progress=observer.progress, on_start=observer.on_start)
-
-
-def _rollback_live(repo: Repository, vmconf, qemu: QMPSession, req: RollbackRequest, *, cancel: CancelToken, observer,
+def rollback_live(repo: Repository, vmconf, qemu: QMPSession, req: RollbackRequest, *, cancel: CancelToken, observer,
                    pause: bool, reset: bool, tuning: Tuning) -> RollbackResult:
     """The VM's QEMU runs: only with the guest paused (--pause pauses it); afterwards the guest
     is reset (its page cache holds the old content) unless reset is False, and resumed if we paused it."""
@@ -587,7 +572,7 @@ def _rollback_live(repo: Repository, vmconf, qemu: QMPSession, req: RollbackRequ
 
 
 @contextlib.contextmanager
-def _running_qemu(vmconf) -> Iterator[QMPSession | None]:
+def running_qemu(vmconf) -> Iterator[QMPSession | None]:
     """A session with the VM's QEMU if it answers on its QMP socket; None if it does not (shut down)."""
     if vmconf.qmp is None:
         yield None

@@ -22,12 +22,12 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from .capture import CancelToken
 from .checkpoints import disk_bitmaps
-from .errors import ImageInUse, NbdBackupError
+from .errors import ImageInUse, NbdBackupError, QEMUFailed
 from .pointintime import delete_export, start_nbd_server
 from .qmp import QMPSession
 from .records import Bitmap, Disk
@@ -37,6 +37,11 @@ from .storage_daemon import TargetImage, create_image
 log = logging.getLogger(__name__)
 
 COMMIT_TIMEOUT = 3600.0
+
+
+def _job_event(job: str, *events: str) -> Callable[[dict], bool]:
+    """A match for wait_event: one of these events, of the block job called job."""
+    return lambda e: e["event"] in events and e["data"].get("device") == job
 
 
 class LiveTarget:
@@ -105,16 +110,15 @@ class LiveTarget:
             self.touched = True
             self.session.execute("blockdev-snapshot", {"node": d.node, "overlay": node})
             self.session.execute("block-commit", {"job-id": job, "device": node})
-            event = self.session.wait_event(lambda e, job=job: e["event"] in ("BLOCK_JOB_READY", "BLOCK_JOB_COMPLETED", "BLOCK_JOB_ERROR")
-                                            and e["data"].get("device") == job, timeout=COMMIT_TIMEOUT)
+            event = self.session.wait_event(_job_event(job, "BLOCK_JOB_READY", "BLOCK_JOB_COMPLETED", "BLOCK_JOB_ERROR"),
+                                            timeout=COMMIT_TIMEOUT)
             if event["event"] != "BLOCK_JOB_READY":
-                raise NbdBackupError(f"committing the rollback of disk {d.id} failed: {event['data'].get('error', event['event'])}",
-                                     hint=f"the VM's device may still use the overlay {path}; see docs/CHAIN.md")
+                raise QEMUFailed(f"committing the rollback of disk {d.id} failed: {event['data'].get('error', event['event'])}",
+                                 hint=f"the VM's device may still use the overlay {path}; see docs/CHAIN.md")
             self.session.execute("block-job-complete", {"device": job})
-            event = self.session.wait_event(lambda e, job=job: e["event"] in ("BLOCK_JOB_COMPLETED", "BLOCK_JOB_ERROR")
-                                            and e["data"].get("device") == job, timeout=COMMIT_TIMEOUT)
+            event = self.session.wait_event(_job_event(job, "BLOCK_JOB_COMPLETED", "BLOCK_JOB_ERROR"), timeout=COMMIT_TIMEOUT)
             if event["data"].get("error"):
-                raise NbdBackupError(f"committing the rollback of disk {d.id} failed: {event['data']['error']}")
+                raise QEMUFailed(f"committing the rollback of disk {d.id} failed: {event['data']['error']}")
             self.session.execute("blockdev-del", {"node-name": node})
             del self._overlays[d.id]
             path.unlink(missing_ok=True)

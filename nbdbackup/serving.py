@@ -32,7 +32,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from .errors import NbdBackupError, ServeAddressError, ToolUnavailable, UsageError
+from .errors import QEMUFailed, ServeAddressError, ToolUnavailable, UsageError
 from .records import Manifest
 from .repository import Repository
 from .repository.keys import Unlocked
@@ -294,7 +294,7 @@ class Process:
                 if self.proc.poll() is not None:
                     self.failed()
                 if time.monotonic() > deadline:
-                    raise NbdBackupError(f"{self.name} did not start within {timeout:.0f}s")
+                    raise QEMUFailed(f"{self.name} did not start within {timeout:.0f}s")
                 time.sleep(0.02)
         except BaseException:
             self.stop()
@@ -316,7 +316,7 @@ class Process:
         words = self.last_words()
         if "Address already in use" in words:
             raise ServeAddressError(f"{self.name}: address in use ({words})")
-        raise NbdBackupError(f"{self.name} failed: {words}")
+        raise QEMUFailed(f"{self.name} failed: {words}")
 
     def stop(self) -> None:
         proc = self.proc
@@ -385,7 +385,7 @@ def overlay_server(source: Source, backing: Listen, listen: Listen, sizes: dict[
         proc = subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-u", "-F", "raw", "-b", backing.uri(disk),
                                str(overlay), str(sizes[disk])], capture_output=True, text=True)
         if proc.returncode != 0:
-            raise NbdBackupError(f"cannot create the overlay for disk {disk}: {proc.stderr.strip()}")
+            raise QEMUFailed(f"cannot create the overlay for disk {disk}: {proc.stderr.strip()}")
         cmd += ["--blockdev", f"driver=qcow2,node-name=o{i},file.driver=file,file.filename={_escape(overlay)}",
                 "--export", f"type=nbd,id=e{i},node-name=o{i},name={disk},writable=on"]
     with Process("qemu-storage-daemon", cmd, workdir, die_with_parent=True) as server:
@@ -405,23 +405,6 @@ def read_key(fd: int) -> Unlocked:
     finally:
         os.close(fd)
     return Unlocked.from_bytes(b"".join(parts))
-
-
-def open_backup(repo_location: str, config_file: str | None, vm: str, checkpoint: str, disks: Sequence[str],
-                key: Unlocked | None = None):
-    """In nbdkit: the repository (opened with the key nbdbackup handed over), its shared lock
-    (held while serving) and a BackupImage per disk."""
-    from .backupimage import BackupImage
-    from .config import load
-    from .engine import repository_lock
-    from .restore import find_backup
-
-    settings = load(config_file, repo_location)
-    repo = Repository.open(settings.repo, create=False, s3=settings.s3, encryption=settings.encryption, unlocked=key)
-    lock = repository_lock(repo)
-    lock.__enter__()
-    m = find_backup(repo, vm, checkpoint)
-    return repo, lock, {d: BackupImage(repo, m, d) for d in disks}
 
 
 # -- orchestration ----------------------------------------------------------

@@ -9,7 +9,7 @@ import signal
 import socket
 import subprocess
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -28,6 +28,7 @@ class TargetImage:
     path: Path
     format: str  # qcow2 | raw
     size: int
+    direct: bool = False  # the daemon opens the file with O_DIRECT (cache.direct=on): no page-cache copy
 
 
 def create_image(image: TargetImage) -> None:
@@ -44,16 +45,12 @@ class StorageDaemon:
     """Start qemu-storage-daemon with one writable export per image; stop it on exit.
 
     exports=False: only the nodes (`node(i)`) and the NBD server; the caller adds exports over
-    QMP (`session()`).  read_only: open the images read-only (nothing can change them).
-    meanwhile: called once the daemon is launched, before waiting for it to be ready (work
-    that overlaps its start-up, such as imports)."""
+    QMP (`session()`).  read_only: open the images read-only (nothing can change them)."""
 
-    def __init__(self, images: Sequence[TargetImage], socket_dir: Path, *, exports: bool = True, read_only: bool = False,
-                 meanwhile: Callable[[], None] = lambda: None) -> None:
+    def __init__(self, images: Sequence[TargetImage], socket_dir: Path, *, exports: bool = True, read_only: bool = False) -> None:
         self.images = list(images)
         self.exports = exports
         self.read_only = read_only
-        self.meanwhile = meanwhile
         self.socket = socket_dir / "restore.sock"
         self.monitor = socket_dir / "restore-qmp.sock"
         self.log = socket_dir / "qemu-storage-daemon.log"
@@ -65,7 +62,8 @@ class StorageDaemon:
         cmd = ["qemu-storage-daemon"]
         ro = ",read-only=on" if self.read_only else ""
         for i, img in enumerate(self.images):
-            cmd += ["--blockdev", f"driver=file,filename={_escape(img.path)},node-name=f{i},discard=unmap{ro}",
+            direct = ",cache.direct=on" if img.direct else ""
+            cmd += ["--blockdev", f"driver=file,filename={_escape(img.path)},node-name=f{i},discard=unmap{ro}{direct}",
                     "--blockdev", f"driver={img.format},file=f{i},node-name={self.node(i)},discard=unmap{ro}"]
         cmd += ["--chardev", f"socket,id=m,path={self.monitor},server=on,wait=off",
                 "--monitor", "chardev=m",
@@ -78,11 +76,6 @@ class StorageDaemon:
         with open(self.log, "wb") as output:
             self._proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=output, stderr=subprocess.STDOUT,
                                           start_new_session=True, preexec_fn=_die_with_parent)
-        try:
-            self.meanwhile()
-        except BaseException:
-            self._kill()
-            raise
         deadline = time.monotonic() + 30
         # Ready when both sockets exist and the NBD server accepts connections (a socket file
         # exists from bind(), a moment before listen(); a daemon that died leaves it behind).

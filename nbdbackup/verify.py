@@ -86,6 +86,15 @@ class VerifyReport:
         """Checkpoint names of the damaged backups."""
         return tuple(b.checkpoint for b in self.backups if not b.ok)
 
+    @property
+    def error(self) -> RepositoryDamaged | None:
+        """The run's error once the report is shown (exit 6), or None when nothing is damaged."""
+        damaged = self.damaged
+        if not damaged:
+            return None
+        verb = "is" if len(damaged) == 1 else "are"
+        return RepositoryDamaged(f"{len(damaged)} of {len(self.backups)} backups of {self.vm} {verb} damaged: {', '.join(damaged)}")
+
 
 @dataclass
 class _Backup:
@@ -149,7 +158,7 @@ def run_verify(
 def _in_disk_order(b: _Backup) -> tuple[Problem, ...]:
     """Manifest problems first, then by disk (as the manifest lists them) and offset."""
     order = {d.id: i for i, d in enumerate(b.manifest.disks)} if b.manifest else {}
-    return tuple(sorted(b.problems, key=lambda p: (p.disk is not None, order.get(p.disk, len(order)), -1 if p.offset is None else p.offset)))
+    return tuple(sorted(b.problems, key=lambda p: (p.disk is not None, order.get(p.disk or "", len(order)), -1 if p.offset is None else p.offset)))
 
 
 def _load_backups(repo: Repository, vm: str, checkpoint: str | None) -> list[_Backup]:
@@ -184,7 +193,7 @@ def _load_backups(repo: Repository, vm: str, checkpoint: str | None) -> list[_Ba
             damaged.append(_Backup(name, None, [Problem(f"manifest of backup {name} describes backup {m.checkpoint} of VM {m.vm}")], []))
             continue
         good.append(_Backup(name, m, [], [d.id for d in m.disks]))
-    good.sort(key=lambda b: (b.manifest.created, b.checkpoint))
+    good.sort(key=lambda b: (b.manifest.created if b.manifest else "", b.checkpoint))
     if checkpoint == "latest":
         good = good[-1:]
     if not good and not damaged:
@@ -208,7 +217,7 @@ def _indexes(repo: Repository, b: _Backup) -> Iterable[tuple[str, list[IndexEntr
         else:
             yield disk, entries
             continue
-        if _deleted(repo, b):  # a deletion removes the manifest before the indexes
+        if _deleted(repo, b.manifest.vm, b.checkpoint):  # a deletion removes the manifest before the indexes
             b.gone = True
             b.readable_disks.clear()
             return
@@ -216,9 +225,9 @@ def _indexes(repo: Repository, b: _Backup) -> Iterable[tuple[str, list[IndexEntr
         b.readable_disks.remove(disk)
 
 
-def _deleted(repo: Repository, b: _Backup) -> bool:
+def _deleted(repo: Repository, vm: str, checkpoint: str) -> bool:
     try:
-        return repo.manifest(b.manifest.vm, b.checkpoint) is None
+        return repo.manifest(vm, checkpoint) is None
     except (RepositoryDamaged, OSError):
         return False
 

@@ -1,103 +1,62 @@
-"""Processes for the benchmark: a paused QEMU VM with two monitors (ours through nbdbackup.qmp),
-qemu-storage-daemon restore targets, and timed child processes with their peak RSS.
+"""Processes for the benchmark: a paused QEMU VM (tests/harness.py's TestVM, the one the
+integration tests use) on the benchmark's image, qemu-storage-daemon restore targets, and timed
+child processes with their peak RSS.
 
-Every process started here is registered, and `reap_all()` (called from the
-benchmark's finally and atexit) stops whatever is still running.
+Every process started here is registered with the harness, and `reap_all()` (called from the
+benchmark's finally, and by the harness at exit) stops whatever is still running.
 """
 
 from __future__ import annotations
 
-import atexit
 import json
 import os
 import resource
 import signal
 import subprocess
+import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-_LIVE: list[subprocess.Popen] = []
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+from harness import HarnessError, TestVM, reap_all, register  # noqa: E402
 
-
-def _register(proc: subprocess.Popen) -> subprocess.Popen:
-    _LIVE.append(proc)
-    return proc
-
-
-def reap_all() -> None:
-    """SIGTERM every registered process still running (they clean up), then SIGKILL."""
-    procs = [p for p in _LIVE if p.poll() is None]
-    for p in procs:
-        try:
-            p.send_signal(signal.SIGTERM)
-        except ProcessLookupError:
-            pass
-    deadline = time.monotonic() + 20
-    for p in procs:
-        try:
-            p.wait(max(0.1, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            p.kill()
-            p.wait()
-    _LIVE.clear()
-
-
-atexit.register(reap_all)
+__all__ = ["VM", "NbdExport", "StorageDaemon", "Timed", "reap_all", "run_pipeline", "run_timed", "children_maxrss_kib"]
 
 
 class QMPFailed(RuntimeError):
     pass
 
 
-class Monitor:
-    """The benchmark's own QMP monitor: nbdbackup's QMP adapter with keyword arguments.
+class _Commands:
+    """`vm.mon.cmd(...)`: QMP commands on the harness's own monitor; keyword arguments with '_'
+    are sent with '-' (node_name=...)."""
 
-    Keyword arguments with '_' are sent with '-' (node_name=...).
-    """
-
-    def __init__(self, path: Path, alive: Callable[[], bool], timeout: float = 15.0) -> None:
-        from nbdbackup.errors import NbdBackupError
-        from nbdbackup.qmp import QMPSession
-
-        self._errors = NbdBackupError
-        deadline = time.monotonic() + timeout
-        while not path.exists():  # QEMU creates the socket a moment after it starts
-            if not alive():
-                raise QMPFailed(f"process exited before its monitor {path} appeared")
-            if time.monotonic() > deadline:
-                raise QMPFailed(f"monitor {path} did not appear")
-            time.sleep(0.01)
-        self._session = QMPSession(path, connect_timeout=timeout)
-        try:
-            self._session.connect()
-        except NbdBackupError as exc:
-            raise QMPFailed(str(exc)) from None
+    def __init__(self, vm: TestVM) -> None:
+        self._vm = vm
 
     def cmd(self, _command: str, **args: Any) -> Any:
         try:
-            return self._session.execute(_command, {k.replace("_", "-"): v for k, v in args.items()} or None)
-        except self._errors as exc:
+            return self._vm.qmp(_command, **{k.replace("_", "-"): v for k, v in args.items()})
+        except HarnessError as exc:
             raise QMPFailed(str(exc)) from None
 
-    def wait_event(self, pred: Callable[[dict], bool], timeout: float = 30.0) -> dict:
-        try:
-            return self._session.wait_event(pred, timeout)
-        except self._errors as exc:
-            raise QMPFailed(str(exc)) from None
 
-    def close(self) -> None:
-        self._session.close()
+def virtual_size(image: Path) -> int:
+    out = subprocess.run(["qemu-img", "info", "-U", "--output=json", str(image)], capture_output=True, text=True, check=True).stdout
+    return int(json.loads(out)["virtual-size"])
 
 
 class VM:
-    """qemu-system-x86_64 -S with one virtio-blk disk (id vda) on -blockdev file + qcow2 nodes.
+    """The harness's TestVM with one virtio-blk disk (id vda, format node vda-fmt) on an existing
+    qcow2 image, keeping no model of its content; started paused (-S).
 
-    `tool_qmp` is for nbdbackup; the benchmark uses its own monitor (`mon`).
+    `tool_qmp` is for nbdbackup; the benchmark uses the harness's own monitor (`mon`).
+    sockdir is not used: the harness keeps its sockets in a directory of its own.
     """
 
     DISK = "vda"
@@ -107,83 +66,34 @@ class VM:
     def __init__(self, image: Path, rundir: Path, sockdir: Path, name: str = "vm1") -> None:
         self.image = image
         self.name = name
-        self.log_path = rundir / f"{name}.qemu-stdout.log"
-        self.err_path = rundir / f"{name}.qemu-stderr.log"
-        self.tool_qmp = sockdir / f"{name}-tool.qmp"
-        self.bench_qmp = sockdir / f"{name}-bench.qmp"
-        self.proc: subprocess.Popen | None = None
-        self.mon: Monitor | None = None
-        self._log_pos = 0
+        self.vm = TestVM(rundir, {self.DISK: 0}, name=name, write_cache=True, images={self.DISK: image}, model=False)
+        self.tool_qmp = self.vm.qmp_socket
+        self.mon: _Commands | None = None
 
     def start(self) -> None:
-        for s in (self.tool_qmp, self.bench_qmp):
-            s.unlink(missing_ok=True)
-        cmd = [
-            "stdbuf", "-oL", "qemu-system-x86_64", "-name", self.name,
-            "-machine", "q35,accel=tcg", "-nodefaults", "-S", "-display", "none",
-            "-qmp", f"unix:{self.tool_qmp},server=on,wait=off",
-            "-qmp", f"unix:{self.bench_qmp},server=on,wait=off",
-            "-blockdev", json.dumps({"driver": "file", "filename": str(self.image), "node-name": "vda-file"}),
-            "-blockdev", json.dumps({"driver": "qcow2", "file": "vda-file", "node-name": self.NODE}),
-            "-device", f"virtio-blk-pci,drive={self.NODE},id={self.DISK}",
-        ]
-        with open(self.log_path, "ab") as out, open(self.err_path, "ab") as err:
-            self._log_pos = out.tell()
-            self.proc = _register(subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=err))
-        proc = self.proc
-        self.mon = Monitor(self.bench_qmp, lambda: proc.poll() is None)
+        self.vm.start()
+        self.mon = _Commands(self.vm)
 
     def cpu_seconds(self) -> float:
         """User+system CPU seconds QEMU has used so far (/proc/PID/stat), NBD server included."""
-        assert self.proc is not None
-        fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        assert self.vm.pid is not None
+        fields = Path(f"/proc/{self.vm.pid}/stat").read_text().rsplit(")", 1)[1].split()
         return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
     def write(self, offset: int, length: int, pattern: int) -> None:
         """A simulated guest write through the device, confirmed on QEMU's stdout."""
-        assert self.mon is not None
-        reply = self.mon.cmd("human-monitor-command",
-                             command_line=f'qemu-io -d {self.QDEV} "write -P 0x{pattern:02x} {offset} {length}"')
-        if reply.strip():
-            raise RuntimeError(f"qemu-io write {offset}+{length}: {reply.strip()}")
-        want = f"wrote {length}/{length} bytes at offset {offset}"
-        deadline = time.monotonic() + 30
-        while True:
-            with open(self.log_path, "rb") as f:
-                f.seek(self._log_pos)
-                data = f.read()
-            pos = 0
-            while (nl := data.find(b"\n", pos)) >= 0:
-                line = data[pos:nl].decode(errors="replace").rstrip("\r")
-                pos = nl + 1
-                if line == want:
-                    self._log_pos += pos
-                    return
-                if " failed: " in line or line.startswith("Parsing error"):
-                    raise RuntimeError(f"qemu-io write {offset}+{length}: {line}")
-            if self.proc is None or self.proc.poll() is not None:
-                raise RuntimeError("QEMU exited")
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"QEMU did not confirm {want!r}")
-            time.sleep(0.002)
+        self.vm.write(self.DISK, offset, length, pattern)
 
     def quit(self) -> None:
-        """Clean quit (QEMU stores the persistent bitmaps); kill if it hangs."""
-        if self.proc is None or self.proc.poll() is not None:
-            return
+        """Clean quit (QEMU stores the persistent bitmaps); killed if that fails."""
         try:
-            if self.mon is not None:
-                self.mon.cmd("quit")
-        except (OSError, QMPFailed):
-            pass
-        try:
-            self.proc.wait(30)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-        if self.mon is not None:
-            self.mon.close()
+            if self.vm.running:
+                self.vm.stop()
+        except HarnessError:
+            pass  # cleanup() kills it
+        finally:
             self.mon = None
+            self.vm.cleanup()
 
     def __enter__(self) -> VM:
         self.start()
@@ -194,7 +104,7 @@ class VM:
 
 
 class NbdExport:
-    """A read-only NBD export of the VM's qcow2 node through the benchmark's monitor."""
+    """A read-only NBD export of the VM's qcow2 node through the harness's monitor."""
 
     def __init__(self, vm: VM, socket_path: Path, name: str = "vda") -> None:
         self.vm, self.socket, self.name = vm, socket_path, name
@@ -219,7 +129,11 @@ class NbdExport:
             return
         if self._export:
             mon.cmd("block-export-del", id="bench-ref", mode="hard")
-            mon.wait_event(lambda e: e["event"] == "BLOCK_EXPORT_DELETED" and e["data"].get("id") == "bench-ref")
+            deadline = time.monotonic() + 30  # deleted once its last client is gone (BLOCK_EXPORT_DELETED)
+            while any(e["id"] == "bench-ref" for e in mon.cmd("query-block-exports")):
+                if time.monotonic() > deadline:
+                    raise QMPFailed("the reference export was not deleted within 30 s")
+                time.sleep(0.01)
             self._export = False
         if self._server:
             mon.cmd("nbd-server-stop")
@@ -240,7 +154,7 @@ class StorageDaemon:
                "--blockdev", "driver=qcow2,file=f,node-name=r",
                "--nbd-server", f"addr.type=unix,addr.path={self.socket}",
                "--export", f"type=nbd,id=e,node-name=r,name={self.export},writable=on"]
-        self.proc = _register(subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+        self.proc = register(subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                                stderr=subprocess.PIPE))
         deadline = time.monotonic() + 30
         while not self.socket.exists():
@@ -335,7 +249,7 @@ def run_timed(argv: Sequence[str], *, env: dict[str, str] | None = None, cwd: Pa
     """Run one command, capture its output; wall time and peak RSS."""
     with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
         t0 = time.monotonic()
-        proc = _register(subprocess.Popen(list(argv), stdin=subprocess.DEVNULL, stdout=out, stderr=err,
+        proc = register(subprocess.Popen(list(argv), stdin=subprocess.DEVNULL, stdout=out, stderr=err,
                                           env=env, cwd=cwd))
         seconds, rcs, rss, hwm, cpu, anon = _wait_all([proc], t0)
         out.seek(0)
@@ -347,9 +261,9 @@ def run_pipeline(first: Sequence[str], second: Sequence[str]) -> Timed:
     """first | second; time until both exit; stderr of both."""
     with tempfile.TemporaryFile() as err1, tempfile.TemporaryFile() as err2:
         t0 = time.monotonic()
-        p1 = _register(subprocess.Popen(list(first), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=err1))
+        p1 = register(subprocess.Popen(list(first), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=err1))
         try:
-            p2 = _register(subprocess.Popen(list(second), stdin=p1.stdout, stdout=subprocess.DEVNULL, stderr=err2))
+            p2 = register(subprocess.Popen(list(second), stdin=p1.stdout, stdout=subprocess.DEVNULL, stderr=err2))
         finally:
             assert p1.stdout is not None
             p1.stdout.close()

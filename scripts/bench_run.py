@@ -757,15 +757,24 @@ def encryption_case(args: argparse.Namespace, report: Report, rundir: Path, sock
     disk.unlink()
 
 
+def proc_cpu_seconds(pid: int) -> float:
+    """User+system CPU seconds of a running process (/proc/PID/stat), its threads included."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def s3_case(args: argparse.Namespace, report: Report, rundir: Path, sockdir: Path) -> None:
     """The same VM backed up into a directory and into S3 (a local SeaweedFS) in turn: full,
-    incremental of --incr-percent, restore; prints S3/directory time ratios (issue 12's targets)."""
+    incremental of --incr-percent, restore; prints S3/directory time ratios (issue 12's targets),
+    with the CPU seconds of nbdbackup, QEMU and the S3 server per step: on a machine where the
+    server shares the CPUs, (all CPU seconds) / (CPUs) is a floor no client can go below."""
     sys.path.insert(0, str(TOP / "tests"))
     from s3server import SeaweedFS
 
     image = build_in_subprocess(args.workdir, args.size, args.data, seed=args.seed)
     disk = rundir / "vm3-vda.qcow2"
     sh(["cp", "--sparse=never", str(image.path), str(disk)], "cp")
+    ncpu = os.cpu_count() or 1
     with SeaweedFS(rundir / "seaweedfs") as server:
         server.client().create_bucket(Bucket="bench")
         os.environ.update(server.env())  # inherited by the nbdbackup processes
@@ -775,42 +784,117 @@ def s3_case(args: argparse.Namespace, report: Report, rundir: Path, sockdir: Pat
         s3conf.write_text(server.config_text())
         dirconf = rundir / "dir-config.toml"
         dirconf.write_text("")
-        repos = {"directory": Nbdbackup(rundir / "repo-dir", dirconf), "S3": Nbdbackup("s3://bench/repo", s3conf)}  # type: ignore[arg-type]
+        assert server.proc is not None
+        spid = server.proc.pid
         vm = VM(disk, rundir, sockdir, name="vm3")
         vm.start()
-        times: dict[tuple[str, str], Timed] = {}
+        times: dict[tuple[str, str], list[Timed]] = {}
+
+        def timed(step: str, kind: str, nb: Nbdbackup, *argv: str) -> None:
+            q0, s0 = (vm.cpu_seconds() if vm.proc else 0.0), proc_cpu_seconds(spid)
+            t = nb.run(*argv)
+            t.extra = {"nbdbackup_cpu": sum(t.cpu), "qemu_cpu": (vm.cpu_seconds() if vm.proc else 0.0) - q0,
+                       "server_cpu": proc_cpu_seconds(spid) - s0}
+            times.setdefault((step, kind), []).append(t)
+            log(f"  {t.seconds:.2f}s; CPU s: nbdbackup {t.extra['nbdbackup_cpu']:.1f}, QEMU {t.extra['qemu_cpu']:.1f}, "
+                f"S3 server {t.extra['server_cpu']:.1f}")
+
+        # Each repetition: a full into a new directory and a new S3 prefix, 1% written, an incremental into each.
+        rounds = [{"directory": Nbdbackup(rundir / f"repo-dir{i}", dirconf), "S3": Nbdbackup(f"s3://bench/repo{i}", s3conf)}  # type: ignore[arg-type]
+                  for i in range(args.repeat)]
         try:
-            for kind, nb in repos.items():
-                log(f"S3 comparison: nbdbackup full into {kind}")
-                times[("full", kind)] = nb.run("full", "vm3", "--qmp", str(vm.tool_qmp))
-                log(f"  {times[('full', kind)].seconds:.2f}s")
-            n, written, _dirty, _secs = guest_writes(vm, args.size, args.incr_percent, args.seed + 2)
-            for kind, nb in repos.items():
-                log(f"S3 comparison: nbdbackup incremental into {kind} ({human(written)} written)")
-                times[("incremental", kind)] = nb.run("incremental", "vm3", "--qmp", str(vm.tool_qmp))
-                log(f"  {times[('incremental', kind)].seconds:.2f}s")
+            for i, repos in enumerate(rounds):
+                remove_bitmaps(vm)
+                for kind, nb in repos.items():
+                    log(f"S3 comparison: nbdbackup full into {kind} ({i + 1}/{args.repeat})")
+                    timed("full", kind, nb, "full", "vm3", "--qmp", str(vm.tool_qmp))
+                n, written, _dirty, _secs = guest_writes(vm, args.size, args.incr_percent, args.seed + 2 + i)
+                for kind, nb in repos.items():
+                    log(f"S3 comparison: nbdbackup incremental into {kind} ({human(written)} written; {i + 1}/{args.repeat})")
+                    timed("incremental", kind, nb, "incremental", "vm3", "--qmp", str(vm.tool_qmp))
         finally:
             vm.quit()
-        for kind, nb in repos.items():
-            out = rundir / f"restore-{kind}"
-            log(f"S3 comparison: nbdbackup restore from {kind}")
-            times[("restore", kind)] = nb.run("restore", "vm3", "--to", "latest", "--output", str(out))
-            log(f"  {times[('restore', kind)].seconds:.2f}s")
-            compare(out / "vda.qcow2", disk, f"restore from {kind} == disk after the writes", report)
-            shutil.rmtree(out)
+        vm.proc = None
+        for i in range(args.repeat):
+            for kind, nb in rounds[-1].items():
+                out = rundir / f"restore-{kind}"
+                shutil.rmtree(out, ignore_errors=True)
+                log(f"S3 comparison: nbdbackup restore from {kind} ({i + 1}/{args.repeat})")
+                timed("restore", kind, nb, "restore", "vm3", "--to", "latest", "--output", str(out))
+                if i == args.repeat - 1:
+                    compare(out / "vda.qcow2", disk, f"restore from {kind} == disk after the writes", report)
+                    shutil.rmtree(out)
         # serve from S3 (issue 14): nbdcopy of the served disk against the S3 restore just timed
-        serve_case(repos["S3"], report, args.size, times[("restore", "S3")], args.repeat, vm="vm3", where=" from S3")
-        serve_case(repos["S3"], report, args.size, times[("restore", "S3")], args.repeat, vm="vm3", where=" from S3",
+        s3_restore = best(times[("restore", "S3")])
+        serve_case(rounds[-1]["S3"], report, args.size, s3_restore, args.repeat, vm="vm3", where=" from S3")
+        serve_case(rounds[-1]["S3"], report, args.size, s3_restore, args.repeat, vm="vm3", where=" from S3",
                    nbdcopy=("--connections=1", "--requests=1", "--request-size=524288"), how=" (1 request at a time, 512 KiB)")
+        raw = raw_put_rate(server, rundir)
     targets = {"full": 1.25, "incremental": 1.5, "restore": 1.25}
     for step, limit in targets.items():
-        d, s3 = times[(step, "directory")], times[(step, "S3")]
+        d, s3 = best(times[(step, "directory")]), best(times[(step, "S3")])
         ratio = s3.seconds / d.seconds
-        report.rows.append(Row(f"{step}: into directory (S3 reference)", d.seconds, args.size, 1.0, "1.00 (ref)", rss(d)))
-        report.rows.append(Row(f"{step}: into S3 (SeaweedFS, same run)", s3.seconds, args.size, ratio, f"{ratio:.2f}x time", rss(s3)))
+        for t in (d, s3):
+            cpu = t.extra["nbdbackup_cpu"] + t.extra["qemu_cpu"] + t.extra["server_cpu"]
+            t.extra["cpu_floor_seconds"] = cpu / ncpu
+        floor = s3.extra["cpu_floor_seconds"] / d.seconds
+        into = "from" if step == "restore" else "into"
+        report.rows.append(Row(f"{step}: {into} directory (S3 reference)", d.seconds, args.size, 1.0, "1.00 (ref)", rss(d),
+                               all_seconds=[t.seconds for t in times[(step, "directory")]], extra=d.extra,
+                               cpu_seconds=d.extra["nbdbackup_cpu"] + d.extra["qemu_cpu"]))
+        report.rows.append(Row(f"{step}: {into} S3 (SeaweedFS, same run)", s3.seconds, args.size, ratio, f"{ratio:.2f}x time", rss(s3),
+                               all_seconds=[t.seconds for t in times[(step, "S3")]], extra=s3.extra,
+                               cpu_seconds=s3.extra["nbdbackup_cpu"] + s3.extra["qemu_cpu"]))
         report.targets.append({"target": f"S3 {step} time <= {limit} x directory", "value": round(ratio, 3), "met": ratio <= limit})
         report.targets.append({"target": f"S3 {step} peak RSS < 256 MiB", "value": rss(s3), "met": (rss(s3) or 0) < 256 * 1024})
+        report.notes.append(
+            f"S3 {step}: CPU seconds nbdbackup {s3.extra['nbdbackup_cpu']:.1f} (directory {d.extra['nbdbackup_cpu']:.1f}), "
+            f"QEMU {s3.extra['qemu_cpu']:.1f} ({d.extra['qemu_cpu']:.1f}), S3 server {s3.extra['server_cpu']:.1f}; "
+            f"all of them over {ncpu} CPUs = {s3.extra['cpu_floor_seconds']:.2f}s = {floor:.2f}x the directory's time "
+            "(on an otherwise idle machine, no S3 client could be faster than that here)")
+    report.notes.append(f"S3 server alone, PUT of {raw['objects']} x {human(raw['object_bytes'])} incompressible objects, "
+                        f"{raw['threads']} threads, minimal client (no SDK, unsigned payload): {raw['MiBps']:.0f} MiB/s, "
+                        f"server CPU {raw['server_ms_per_MiB']:.1f} ms per MiB")
     disk.unlink()
+
+
+def raw_put_rate(server: Any, rundir: Path, objects: int = 96, size: int = 4 << 20, threads: int = 8) -> dict[str, Any]:
+    """The server's PUT capacity with the least client work there is: http.client on kept-alive
+    connections, botocore's SigV4 signer on headers only (UNSIGNED-PAYLOAD)."""
+    import concurrent.futures as cf
+    import http.client
+    import threading
+
+    from botocore.auth import S3SigV4Auth
+    from botocore.awsrequest import AWSRequest
+    from botocore.credentials import Credentials
+    from s3server import KEY, SECRET
+
+    creds, local = Credentials(KEY, SECRET), threading.local()
+    blobs = [os.urandom(size) for _ in range(8)]
+
+    def put(i: int) -> None:
+        conn = getattr(local, "conn", None)
+        if conn is None:
+            conn = local.conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=60)
+        path = f"/bench/raw/{i}"
+        req = AWSRequest("PUT", server.endpoint + path, data=blobs[i % 8],
+                         headers={"X-Amz-Content-SHA256": "UNSIGNED-PAYLOAD", "Content-Length": str(size)})
+        S3SigV4Auth(creds, "s3", "us-east-1").add_auth(req)
+        conn.request("PUT", path, body=blobs[i % 8], headers=dict(req.headers.items()))
+        resp = conn.getresponse()
+        resp.read()
+        if resp.status != 200:
+            raise BenchError(f"raw PUT answered HTTP {resp.status}")
+
+    assert server.proc is not None
+    s0, t0 = proc_cpu_seconds(server.proc.pid), time.monotonic()
+    with cf.ThreadPoolExecutor(threads) as pool:
+        list(pool.map(put, range(objects)))
+    seconds, mib = time.monotonic() - t0, objects * size / 2**20
+    log(f"S3 server alone: {mib / seconds:.0f} MiB/s of PUTs")
+    return {"objects": objects, "object_bytes": size, "threads": threads, "MiBps": mib / seconds,
+            "server_ms_per_MiB": (proc_cpu_seconds(server.proc.pid) - s0) / mib * 1000}
 
 
 # -- output ---------------------------------------------------------------------------

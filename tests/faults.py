@@ -134,8 +134,11 @@ def _install(point: str, after: int, where: Path) -> None:
     elif point == "confirm":
         wrap(Checkpoints, "confirm", lambda *a, **k: True)
     elif point == "write":
+        from nbdbackup.rawimage import RawImage
+
         wrap(NbdEndpoint, "pwrite", lambda *a, **k: True)
         wrap(NbdEndpoint, "write_batch", lambda *a, **k: True)
+        wrap(RawImage, "write", lambda *a, **k: True)  # restore to raw writes the file itself
     elif point == "config":
         # config.json is written to a temporary file, then published by rename or by link:
         # wait before either.

@@ -85,17 +85,34 @@ def missing_programs() -> list[str]:
     return [p for p in REQUIRED_PROGRAMS if shutil.which(p) is None]
 
 
-# Every QEMU the harness started and has not yet reaped, killed at interpreter
-# exit so an aborted test run leaves no stray VM behind.
-_LIVE: set[subprocess.Popen[bytes]] = set()
+# Every process the harness (or a benchmark, scripts/bench_qemu.py) started and has
+# not yet reaped: stopped at interpreter exit, so an aborted run leaves none behind.
+_LIVE: set[subprocess.Popen[Any]] = set()
+
+
+def register(proc: subprocess.Popen[Any]) -> subprocess.Popen[Any]:
+    """Stop proc at exit (reap_all) unless it was reaped before."""
+    _LIVE.add(proc)
+    return proc
 
 
 @atexit.register
-def _kill_leftovers() -> None:
-    for proc in list(_LIVE):
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+def reap_all(grace: float = 20.0) -> None:
+    """SIGTERM every registered process still running (QEMU quits cleanly, nbdbackup cleans up),
+    SIGKILL those still there after grace seconds."""
+    procs = [p for p in _LIVE if p.poll() is None]
+    for p in procs:
+        try:
+            p.send_signal(signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+    deadline = time.monotonic() + grace
+    for p in procs:
+        try:
+            p.wait(max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
     _LIVE.clear()
 
 
@@ -238,6 +255,11 @@ class TestVM:
     confirmed, so the model stays true even across :meth:`kill` (with a
     write cache, qcow2 keeps new L2 entries in memory and a SIGKILL loses
     writes that were never flushed).
+
+    ``images`` gives existing image files for some disks (qcow2): used as they are, never
+    created or removed; their size in ``disks`` may be 0 (unknown). ``model=False`` keeps no
+    model of the content (the benchmarks' disks of gigabytes): ``expected``, ``verify`` and
+    ``discard`` are then unavailable.
     """
 
     __test__ = False  # not a pytest test class, despite its name
@@ -253,6 +275,8 @@ class TestVM:
         write_cache: bool = False,
         runas: str | None = None,
         attach: Mapping[str, str] | None = None,
+        images: Mapping[str, Path] | None = None,
+        model: bool = True,
     ) -> None:
         if fmt not in ("qcow2", "raw"):
             raise ValueError(f"unsupported image format {fmt!r}")
@@ -263,7 +287,7 @@ class TestVM:
                 raise ValueError(f"disk {disk_id}: unknown attach style {style!r}")
             if not (_DRIVE_ID[style].match(disk_id) if style in _DRIVE_ID else _DEVICE_ID.match(disk_id)):
                 raise ValueError(f"bad device id {disk_id!r} for {style}")
-            if size <= 0 or size % SECTOR:
+            if size % SECTOR or size < 0 or (size == 0 and disk_id not in (images or {})):
                 raise ValueError(f"disk {disk_id}: size {size} is not a positive multiple of 512")
         self.workdir = Path(workdir)
         self.name = name
@@ -271,11 +295,13 @@ class TestVM:
         self.cluster_size = cluster_size
         self.write_cache = write_cache
         self.runas = runas  # QEMU drops to this user after opening its sockets (-runas)
+        self._given = dict(images or {})
         self.disks: dict[str, GuestDisk] = {
-            disk_id: GuestDisk(disk_id, self.workdir / f"{name}-{disk_id}.{fmt}", size, fmt, attach[disk_id])
+            disk_id: GuestDisk(disk_id, Path(self._given.get(disk_id, self.workdir / f"{name}-{disk_id}.{fmt}")), size, fmt,
+                               attach[disk_id])
             for disk_id, size in disks.items()
         }
-        self.model: dict[str, bytearray] = {d: bytearray(s) for d, s in disks.items()}
+        self.model: dict[str, bytearray] = {d: bytearray(s) for d, s in disks.items()} if model else {}
         # Unix socket paths are limited to 107 bytes: keep them out of tmp_path.
         self._sockdir = Path(tempfile.mkdtemp(prefix="nbdb-"))
         self.qmp_socket: Path = self._sockdir / "tool.qmp"
@@ -316,7 +342,8 @@ class TestVM:
         self._sockdir.mkdir(exist_ok=True)
         if not self._images_created:
             for disk in self.disks.values():
-                self._create_image(disk)
+                if disk.id not in self._given:
+                    self._create_image(disk)
             self._images_created = True
         for sock in (self.qmp_socket, self._harness_socket):
             sock.unlink(missing_ok=True)
@@ -331,7 +358,7 @@ class TestVM:
                 self._command_line(), stdin=subprocess.DEVNULL, stdout=stdout, stderr=stderr
             )
         self._proc = proc
-        _LIVE.add(proc)
+        register(proc)
         try:
             self._monitor = _Monitor.connect(
                 self._harness_socket, lambda: proc.poll() is None, START_TIMEOUT
@@ -460,7 +487,8 @@ class TestVM:
         with self._lock:
             self._qemu_io(disk, f"write -P 0x{pattern:02x} {offset} {length}",
                           f"wrote {length}/{length} bytes at offset {offset}")
-            self.model[disk][offset:offset + length] = bytes([pattern]) * length
+            if disk in self.model:
+                self.model[disk][offset:offset + length] = bytes([pattern]) * length
 
     def write_zeroes(self, disk: str, offset: int, length: int) -> None:
         """Write zeroes (``write -z``); reads back as zeroes, the model gets zeroes."""
@@ -468,7 +496,8 @@ class TestVM:
         with self._lock:
             self._qemu_io(disk, f"write -z {offset} {length}",
                           f"wrote {length}/{length} bytes at offset {offset}")
-            self.model[disk][offset:offset + length] = bytes(length)
+            if disk in self.model:
+                self.model[disk][offset:offset + length] = bytes(length)
 
     def discard(self, disk: str, offset: int, length: int) -> bool:
         """Discard (TRIM) a range, like the guest would; return True if it took effect.
@@ -497,7 +526,7 @@ class TestVM:
             if start >= end:
                 return False
             if self._live_matches(disk, start, end - start, 0):
-                self.model[disk][start:end] = bytes(end - start)
+                self._model(disk)[start:end] = bytes(end - start)
                 return True
             try:
                 self.verify(disk, start, end - start)
@@ -508,7 +537,7 @@ class TestVM:
     def expected(self, disk: str) -> bytes:
         """A snapshot of the model of ``disk``: what the guest wrote."""
         with self._lock:
-            return bytes(self.model[disk])
+            return bytes(self._model(disk))
 
     def verify(self, disk: str, offset: int = 0, length: int | None = None) -> None:
         """Check QEMU's live view of a range (read through the device) against the model.
@@ -520,13 +549,18 @@ class TestVM:
         if length is None:
             length = self.disks[disk].size - offset
         with self._lock:
-            for run_offset, run_length, value in _runs(self.model[disk], offset, offset + length):
+            for run_offset, run_length, value in _runs(self._model(disk), offset, offset + length):
                 if not self._live_matches(disk, run_offset, run_length, value):
                     raise AssertionError(
                         f"{disk}: live data in {run_offset}+{run_length} is not 0x{value:02x} as modelled"
                     )
 
     # -- internals ---------------------------------------------------------
+
+    def _model(self, disk: str) -> bytearray:
+        if disk not in self.model:
+            raise HarnessError(f"{self.name} keeps no model of {disk}'s content (model=False)")
+        return self.model[disk]
 
     def _command_line(self) -> list[str]:
         cmd = [

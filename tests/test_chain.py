@@ -16,7 +16,7 @@ def rec(name, state="confirmed", chain_id="c1", disks=("vda", "vdb")):
 
 
 def bm(name, *, recording=False, persistent=True, busy=False, inconsistent=False):
-    return Bitmap(node="n", name=bitmap_name(name), granularity=65536, count=0, recording=recording,
+    return Bitmap(node="n", name=bitmap_name(name), count=0, recording=recording,
                   persistent=persistent, busy=busy, inconsistent=inconsistent)
 
 
@@ -89,7 +89,7 @@ def test_a_disabled_bitmap_must_keep_its_recorded_count():
     records = [CheckpointRecord(**{**r.__dict__, "counts": {"vda": 0, "vdb": 0}}) if r.name != "D" else r for r in RECORDS]
     chain.check_since(records, records[1], sound_bitmaps())
     bitmaps = sound_bitmaps()
-    bitmaps["vdb"][bitmap_name("C")] = Bitmap(node="n", name=bitmap_name("C"), granularity=65536, count=65536,
+    bitmaps["vdb"][bitmap_name("C")] = Bitmap(node="n", name=bitmap_name("C"), count=65536,
                                               recording=False, persistent=True, busy=False, inconsistent=False)
     with pytest.raises(ChainBroken, match="changed by another tool"):
         chain.check_since(records, records[1], bitmaps)
@@ -113,3 +113,16 @@ def test_assess_shows_another_vm_names_bitmaps_as_foreign():
     assert rows["A"].state == "ok"
     assert rows[bitmap_name("Y1")].state == "foreign" and "VM vm3 of this repository" in rows[bitmap_name("Y1")].problems[0]
     assert rows["orphan"].state == "orphan"
+
+
+def test_assess_takes_the_state_from_the_problem_not_from_its_words():
+    """Names that hold a state's word (a checkpoint 'missing-busy' on disk 'inconsistent') do not change the
+    state shown; of several problems the first of missing, inconsistent, busy, altered is shown."""
+    records = [rec("missing-busy", disks=("inconsistent", "vdb"))]
+    bitmaps = {"inconsistent": {bitmap_name("missing-busy"): bm("missing-busy", recording=True, persistent=False)},
+               "vdb": {bitmap_name("missing-busy"): bm("missing-busy", recording=True)}}
+    [row] = chain.assess(records, bitmaps, "nbdbackup.12345678.")
+    assert (row.state, row.usable, len(row.problems)) == ("altered", False, 1) and "not persistent" in row.problems[0]
+    del bitmaps["vdb"][bitmap_name("missing-busy")]
+    [row] = chain.assess(records, bitmaps, "nbdbackup.12345678.")
+    assert row.state == "missing" and len(row.problems) == 2

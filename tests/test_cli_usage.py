@@ -18,13 +18,16 @@ from nbdbackup.cli import hoist_global_options
 from nbdbackup.repository import Repository
 
 
-def nbdbackup(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+def nbdbackup(*args: str, env: dict[str, str] | None = None, process: bool = False) -> subprocess.CompletedProcess[str]:
+    """nbdbackup with exactly these arguments: in this process, or in a real one (process=True)."""
+    if not process:
+        return cli.in_process(list(map(str, args)), env or cli.environment())
     return subprocess.run([sys.executable, "-m", "nbdbackup", *map(str, args)], capture_output=True, text=True,
                           env=env or cli.environment(), timeout=60)
 
 
 def test_bare_nbdbackup_prints_help_without_an_error():
-    proc = nbdbackup()
+    proc = nbdbackup(process=True)  # a real process: `python -m nbdbackup`, its entry point and exit status
     assert proc.returncode == 0
     assert proc.stdout.startswith("Usage: nbdbackup [OPTIONS] COMMAND") and "Commands:" in proc.stdout
     assert "error" not in proc.stderr.lower() and proc.stderr == ""
@@ -67,7 +70,7 @@ def test_global_options_after_the_command_work(tmp_path):
         proc = nbdbackup(*args, env=env)
         assert proc.returncode == 0, (args, proc.stderr)
         assert json.loads(proc.stdout) == []
-    proc = nbdbackup("list", "vm1", "--repo", tmp_path / "nothing", env=env)
+    proc = nbdbackup("list", "vm1", "--repo", tmp_path / "nothing", env=env, process=True)  # an error's status from a real process
     assert proc.returncode == 7 and "there is no repository at" in proc.stderr and str(tmp_path / "nothing") in proc.stderr
 
 

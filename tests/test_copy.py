@@ -26,7 +26,7 @@ def test_copy_logic_on_memory_backends():
     from test_repository import manifest
 
     from nbdbackup.records import IndexEntry
-    source, target = Repository.open(MemoryBackend("s")), Repository.open(MemoryBackend("t"))
+    source, target = Repository.open(MemoryBackend("s"), create=True), Repository.open(MemoryBackend("t"), create=True)
     data = [bytes([i]) * 4096 for i in range(3)]
     for d in data:
         source.put_chunk(source.chunk_id(d), d, 3)
@@ -92,3 +92,49 @@ def test_damaged_source_chunk_is_not_sent_and_no_backup_appears(vm_factory, repo
     assert cli.backups(s3_repo.url) == []  # nothing that looks like a backup
     assert not [k for k in s3_repo.keys() if k.endswith("manifest.json")]
     cli.run(repo, "copy", "vm1", "--to", repo, expect=2)  # onto itself: refused
+
+
+def test_copy_between_two_s3_stores_each_with_its_own_table_and_credentials(vm_factory, s3_repo, tmp_path, monkeypatch):
+    """[s3."s3://BUCKET/PREFIX"] tables: the source on the session's server, the copy on a second
+    server with other credentials; [s3] itself points nowhere and no credentials are in the
+    environment, so each repository can only work through its own table and credentials file."""
+    from s3server import SeaweedFS
+
+    second_key, second_secret = "NBDSECONDSTOREKEY", "nbd-second-store-secret-0123456789"
+    with SeaweedFS(tmp_path / "second-store", key=second_key, secret=second_secret) as offsite:
+        offsite.client().create_bucket(Bucket="offsite")
+        creds = {}
+        for name, key, secret in (("source", s3_repo.server.key, s3_repo.server.secret), ("offsite", second_key, second_secret)):
+            creds[name] = tmp_path / f"{name}.credentials"
+            creds[name].write_text(f"[default]\naws_access_key_id = {key}\naws_secret_access_key = {secret}\n")
+            creds[name].chmod(0o600)
+        conf = tmp_path / "two-stores.toml"
+        conf.write_text('[s3]\nendpoint = "http://127.0.0.1:1"\naddressing = "path"\nregion = "us-east-1"\nretries = 1\n'
+                        f'[s3."s3://{s3_repo.bucket}"]\nendpoint = "{s3_repo.server.endpoint}"\ncredentials_file = "{creds["source"]}"\n'
+                        f'[s3."s3://offsite/hypervisor1"]\nendpoint = "{offsite.endpoint}"\ncredentials_file = "{creds["offsite"]}"\n'
+                        'retries = 3\n')
+        monkeypatch.setenv("NBDBACKUP_TEST_CONFIG", str(conf))
+        monkeypatch.delenv("AWS_ACCESS_KEY_ID")
+        monkeypatch.delenv("AWS_SECRET_ACCESS_KEY")
+
+        vm = vm_factory({"vda": 4 * MiB})
+        vm.start()
+        expected = {}
+        for i in range(2):
+            vm.write("vda", i * MiB, 512 * KiB, 0x60 + i)
+            cli.run(s3_repo.url, "full" if i == 0 else "incremental", "vm1", "--qmp", vm.qmp_socket, "--checkpoint", f"cp{i}")
+            expected[f"cp{i}"] = vm.expected("vda")
+        target = "s3://offsite/hypervisor1"
+        report = copy(s3_repo.url, "vm1", "--all", "--to", target)
+        assert [(b["checkpoint"], b["copied"]) for b in report["backups"]] == [("cp0", True), ("cp1", True)]
+        keys = [o["Key"] for o in offsite.client().list_objects_v2(Bucket="offsite")["Contents"]]
+        assert "hypervisor1/vms/vm1/backups/cp1/manifest.json" in keys  # on the second server, below the prefix
+        for name, want in expected.items():
+            images = cli.restore(target, vm, name, tmp_path / f"offsite-{name}")
+            assert_image_equals(images["vda"], want, "qcow2")
+        verified(target, "vm1")
+
+        assert "no S3 credentials found" in cli.run("s3://offsite/elsewhere", "list", "vm1", expect=9).stderr  # [s3] alone
+        creds["offsite"].chmod(0o640)
+        proc = copy(s3_repo.url, "vm1", "--to", target, expect=2)
+        assert "readable by others" in proc.stderr and second_secret not in proc.stderr + proc.stdout

@@ -30,6 +30,9 @@ def env(tmp_path, monkeypatch):
     monkeypatch.setenv("NBDBACKUP_PASSWORD_FILE", str(pw))
     monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "xdg"))
     monkeypatch.delenv("NBDBACKUP_KEY_FILE", raising=False)
+    # Keys made here cost Argon2id's minimum (8 KiB, one pass), not 80 ms each: these tests are
+    # about keys, test_vectors about the derivation, and a key names its own parameters.
+    monkeypatch.setattr(keys, "DEFAULT_KDF", {"algorithm": "argon2id", "iterations": 1, "lanes": 1, "memory_cost": 8})
     return tmp_path
 
 
@@ -133,7 +136,7 @@ def test_golden_encrypted_repository_decrypts_without_nbdbackup():
 # -- the repository API -----------------------------------------------------------
 
 def test_round_trip_dedup_and_no_names(env):
-    repo = Repository.open(env / "r", encryption="repokey")
+    repo = Repository.open(env / "r", create=True, encryption="repokey")
     data = os.urandom(1000) * 100
     cid = repo.chunk_id(data)
     assert repo.put_chunk(cid, data, 3) > 0 and repo.put_chunk(cid, data, 3) == 0  # same key, same content, one chunk
@@ -143,12 +146,12 @@ def test_round_trip_dedup_and_no_names(env):
     assert not any("secretvm" in p for p in tree(env / "r"))
     again = Repository.open(env / "r", create=False)
     assert again.get_chunk(cid, "t") == data and again.vms() == ["secretvm"]
-    other = Repository.open(env / "r2", encryption="repokey")
+    other = Repository.open(env / "r2", create=True, encryption="repokey")
     assert other.chunk_id(data) != cid  # another repository, another key: chunks cannot be linked across them
 
 
 def test_config_tampering_is_detected(env):
-    Repository.open(env / "r", encryption="repokey")
+    Repository.open(env / "r", create=True, encryption="repokey")
     conf = env / "r" / "config.json"
     doc = json.loads(conf.read_text())
     doc["chunk_id"]["algorithm"] = "blake3"  # a store trying to get unkeyed, guessable ids
@@ -158,7 +161,7 @@ def test_config_tampering_is_detected(env):
 
 
 def test_encryption_asked_for_but_repository_is_plain(env):
-    Repository.open(env / "r")
+    Repository.open(env / "r", create=True)
     with pytest.raises(EncryptionMismatch):
         Repository.open(env / "r", encryption="repokey")
 
@@ -208,9 +211,7 @@ def test_init_twice_and_plain_repository_refusals(env):
     cli.run(repo, "key", "list", expect=22)
     conf = env / "c.toml"
     conf.write_text('encryption = "keyfile"\n')
-    proc = __import__("subprocess").run(cli.command(repo, "--config", str(conf), "list"), capture_output=True, text=True,
-                                        env=cli.environment())
-    assert proc.returncode == 22 and "not encrypted" in proc.stderr
+    assert "not encrypted" in cli.run(repo, "--config", str(conf), "list", expect=22).stderr
 
 
 def test_key_add_passwd_remove_export(env, monkeypatch):
@@ -278,8 +279,8 @@ def test_copy_reencrypts_for_the_target(kinds, env):
     from nbdbackup.records import IndexEntry
     from nbdbackup.repository.memory import MemoryBackend
 
-    source = Repository.open(MemoryBackend("s"), encryption=kinds[0], passphrase=b"source passphrase")
-    target = Repository.open(MemoryBackend("t"), encryption=kinds[1], passphrase=b"target passphrase")
+    source = Repository.open(MemoryBackend("s"), create=True, encryption=kinds[0], passphrase=b"source passphrase")
+    target = Repository.open(MemoryBackend("t"), create=True, encryption=kinds[1], passphrase=b"target passphrase")
     data = [bytes([i + 1]) * 4096 for i in range(3)]
     for d in data:
         source.put_chunk(source.chunk_id(d), d, 3)
@@ -302,7 +303,7 @@ def test_copy_reencrypts_for_the_target(kinds, env):
 
 def test_swapped_chunk_fails_authentication(env):
     """A chunk file put in another chunk's place is caught on read: its name is authenticated."""
-    repo = Repository.open(env / "r", encryption="repokey")
+    repo = Repository.open(env / "r", create=True, encryption="repokey")
     a, b = os.urandom(5000), os.urandom(7000)
     ca, cb = repo.chunk_id(a), repo.chunk_id(b)
     repo.put_chunk(ca, a, 3)
@@ -325,7 +326,7 @@ def test_key_derivation_in_a_child_process_and_kept_for_the_run(env, monkeypatch
         assert keys._argon2id_in_child(b"nbdbackup", (bytes(16), 4, 1, 65536)) is None
         kdf = {"algorithm": "argon2id", "iterations": 1, "lanes": 1, "memory_cost": 8192, "salt": "AAAAAAAAAAAAAAAAAAAAAA=="}
         assert keys._kek(b"nbdbackup", kdf) == keys._argon2id(b"nbdbackup", params)
-    Repository.open(env / "r", encryption="repokey")
+    Repository.open(env / "r", create=True, encryption="repokey")
     derivations = []
     real = keys._kek
     monkeypatch.setattr(keys, "_kek", lambda *args: derivations.append(1) or real(*args))
@@ -345,13 +346,13 @@ def test_rollback_marker_of_an_encrypted_repository_names_nothing(env):
 
     from nbdbackup.rollback import Marker
 
-    repo = Repository.open(env / "r", encryption="repokey")
+    repo = Repository.open(env / "r", create=True, encryption="repokey")
     marker = Marker(repo, "secretvm")
     marker.write(SimpleNamespace(checkpoint="secretcp", disks=[SimpleNamespace(disk="secretdisk")]))
     assert "secretvm" not in str(marker.path) and marker.path.read_bytes()[:4] == b"NBDE"
     assert not any(s in marker.path.read_bytes() for s in (b"secretcp", b"secretdisk"))
     assert Marker(Repository.open(env / "r", create=False), "secretvm").read()["checkpoint"] == "secretcp"
     assert Marker(repo, "othervm").read() is None
-    plain = Repository.open(env / "p")
+    plain = Repository.open(env / "p", create=True)
     Marker(plain, "vm1").write(SimpleNamespace(checkpoint="cp", disks=[]))
     assert json.loads((env / "p" / "rollbacks" / "vm1.json").read_text())["checkpoint"] == "cp"  # unchanged format

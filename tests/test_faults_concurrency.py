@@ -52,7 +52,7 @@ def test_two_vms_back_up_into_one_repository_at_once(vm_factory, repo, tmp_path)
     """Both runs read at the same moment; they share chunks (same data in both VMs) and
     the repository's directories; both backups restore identically, twice over."""
     vms = [vm_factory({"vda": 8 * MiB, "vdb": 4 * MiB}, name=name) for name in ("vm1", "vm2")]
-    Repository.open(repo)  # the repository exists (two runs creating it at once: the test below)
+    Repository.open(repo, create=True)  # the repository exists (two runs creating it at once: the test below)
     for i, vm in enumerate(vms):
         vm.start()
         vm.write("vda", 0, 2 * MiB, 0x11)  # the same data in both VMs: the same chunks

@@ -25,7 +25,7 @@ def chunk_files(root: Path) -> dict[str, bytes]:
 
 
 def test_new_repository_is_version_2_with_blake3_chunk_ids(tmp_path):
-    repo = Repository.open(tmp_path / "r")
+    repo = Repository.open(tmp_path / "r", create=True)
     config = json.loads((tmp_path / "r/config.json").read_text())
     assert FORMAT_VERSION == 2
     assert config["version"] == 2 and config["chunk_id"] == {"algorithm": "blake3"}
@@ -52,7 +52,7 @@ def test_version_1_repository_keeps_sha256_ids(tmp_path):
 
 
 def test_chunk_named_by_the_other_algorithm_fails_its_checksum(tmp_path):
-    repo = Repository.open(tmp_path / "r")
+    repo = Repository.open(tmp_path / "r", create=True)
     data = b"x" * 100000
     wrong = hashlib.sha256(data).digest()  # a version 1 name in a version 2 repository
     repo.put_chunk(wrong, data, 3)
@@ -67,7 +67,7 @@ def test_chunk_named_by_the_other_algorithm_fails_its_checksum(tmp_path):
     ("blake3", RepositoryDamaged, "how chunks are named"),
 ])
 def test_version_2_config_chunk_id_is_checked(tmp_path, chunk_id, error, message):
-    Repository.open(tmp_path / "r")
+    Repository.open(tmp_path / "r", create=True)
     conf = tmp_path / "r/config.json"
     doc = json.loads(conf.read_text())
     if chunk_id is None:
@@ -143,11 +143,11 @@ def test_copy_keeps_the_source_format_and_renames_chunks_between_schemes(tmp_pat
 
     shutil.copytree(GOLDEN / "v1" / "repo", tmp_path / "v1")
     source = Repository.open(tmp_path / "v1", create=False)
-    target = Repository.open(tmp_path / "new", like=source)
+    target = Repository.open(tmp_path / "new", create=True, like=source)
     assert target.version == 1 and json.loads((tmp_path / "new/config.json").read_text())["version"] == 1
     report = copy_backups(source, target, CopyRequest("golden", every=True), cancel=CancelToken())
     assert [b.copied for b in report.backups] == [True, True]
-    other = Repository.open(tmp_path / "v2")
+    other = Repository.open(tmp_path / "v2", create=True)
     data = b"z" * 5000
     other.put_chunk(other.chunk_id(data), data, 3)
     other.commit(manifest(other, vm="golden", cp="x"))

@@ -25,7 +25,7 @@ def test_generated_checkpoint_names_are_safe_unique_and_sortable():
 
 def test_exit_codes_are_pinned():
     """Scripts and cron jobs depend on these numbers: changing one is a breaking change."""
-    assert {k: v for k, v in errors.EXIT_CODES.items() if k not in ("address", "mount-point", "tool", "rolled-back")} == {
+    assert {k: v for k, v in errors.EXIT_CODES.items() if k not in ("address", "mount-point", "tool", "rolled-back", "qemu")} == {
         "success": 0, "unexpected": 1, "usage": 2, "vm": 3, "chain": 4, "locked": 5,
         "damaged": 6, "repository": 7, "restore-target": 8, "sigint": 130, "sigterm": 143,
         "s3-credentials": 9, "s3-bucket-missing": 10, "s3-access-denied": 11, "s3-unreachable": 12,
@@ -37,6 +37,7 @@ def test_exit_codes_are_pinned():
     assert errors.Interrupted(signal.SIGTERM).exit_code == 143
     assert errors.VMUnsuitable("x").exit_code == 3
     assert errors.ChainBroken("x").exit_code == 4
+    assert errors.EXIT_CODES["qemu"] == 33 == errors.QEMUCommandFailed("c", "GenericError", "d").exit_code == errors.NbdIOError("x").exit_code
 
 
 def test_settings_precedence(tmp_path, monkeypatch):

@@ -42,6 +42,7 @@ def dists(tmp_path_factory) -> tuple[Path, Path]:
     return sdist, wheel
 
 
+@pytest.mark.slow  # builds the sdist and the wheel: seconds
 def test_wheel_ships_man_page_systemd_units_and_licence(dists):
     _, wheel = dists
     with zipfile.ZipFile(wheel) as z:
@@ -58,6 +59,7 @@ def test_wheel_ships_man_page_systemd_units_and_licence(dists):
     assert not [n for n in names if n.startswith("tests/")]
 
 
+@pytest.mark.slow  # builds the sdist and the wheel: seconds
 def test_sdist_holds_what_its_tests_and_scripts_need(dists):
     sdist, _ = dists
     with tarfile.open(sdist) as t:

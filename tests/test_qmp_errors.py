@@ -97,8 +97,9 @@ def serve(path: Path, answer) -> socket.socket:
     return server
 
 
-def test_answering_guest_agent_is_named(tmp_path, repo):
+def test_answering_guest_agent_is_named(tmp_path, repo, monkeypatch):
     """A guest agent (this fake answers guest-sync as qemu-guest-agent does) is named as such."""
+    monkeypatch.setenv("NBDBACKUP_CONNECT_TIMEOUT", "0.2")  # probed after 0.2 s without a greeting, not 1 s
     def agent(conn):
         request = json.loads(conn.recv(4096))
         assert request["execute"] == "guest-sync"

@@ -10,6 +10,7 @@ QEMU's `...` filled in), then the images restored and compared with the VM's dis
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 import shlex
@@ -105,10 +106,16 @@ def test_every_nbdbackup_command_in_readme_parses():
     assert used == set(cli.commands), "README shows no example of " + ", ".join(set(cli.commands) - used)
 
 
+@functools.cache
+def bench_help() -> str:
+    """scripts/bench's --help (once: a Python start and the benchmark's imports)."""
+    return subprocess.run([sys.executable, str(TOP / "scripts/bench_run.py"), "--help"], capture_output=True, text=True, check=True).stdout
+
+
 def test_every_option_readme_names_in_backquotes_exists():
     known = {o for c in [cli, *cli.commands.values()] for p in c.params for o in getattr(p, "opts", [])} | {"--help", "-h"}
     named = set(re.findall(r"`[^`]*?(--[a-z][a-z-]+)", README))
-    bench = subprocess.run([sys.executable, str(TOP / "scripts/bench_run.py"), "--help"], capture_output=True, text=True).stdout
+    bench = bench_help()
     unknown = {o for o in named if o not in known and o not in bench}
     # Options of other programs that README names with the program.
     unknown -= {"--system-site-packages", "--now", "--request-size", "--rev", "--variant", "--fast"}
@@ -117,7 +124,7 @@ def test_every_option_readme_names_in_backquotes_exists():
 
 
 def test_scripts_readme_runs_exist_with_their_options():
-    bench = subprocess.run([sys.executable, str(TOP / "scripts/bench_run.py"), "--help"], capture_output=True, text=True, check=True).stdout
+    bench = bench_help()
     for lang, body in blocks():
         for line in shell_lines(lang, body) if lang in ("sh", "") else []:
             for argv in commands(line):

@@ -18,7 +18,7 @@ def manifest(repo, vm="vm1", cp="cp1", entries=()):
 
 
 def test_chunks_round_trip_dedup_and_checksum(tmp_path):
-    repo = Repository.open(tmp_path / "r")
+    repo = Repository.open(tmp_path / "r", create=True)
     data = os.urandom(5000) + bytes(100000)
     cid = repo.chunk_id(data)
     assert repo.put_chunk(cid, data, 3) > 0
@@ -36,7 +36,7 @@ def test_chunks_round_trip_dedup_and_checksum(tmp_path):
 
 
 def test_incompressible_chunk_is_stored_plain(tmp_path):
-    repo = Repository.open(tmp_path / "r")
+    repo = Repository.open(tmp_path / "r", create=True)
     data = os.urandom(65536)
     cid = repo.chunk_id(data)
     repo.put_chunk(cid, data, 3)
@@ -44,7 +44,7 @@ def test_incompressible_chunk_is_stored_plain(tmp_path):
 
 
 def test_backup_is_visible_only_after_commit(tmp_path):
-    repo = Repository.open(tmp_path / "r")
+    repo = Repository.open(tmp_path / "r", create=True)
     m = manifest(repo)
     assert repo.manifests("vm1") == [] and repo.incomplete_backups("vm1") == ["cp1"]
     repo.commit(m)
@@ -53,7 +53,7 @@ def test_backup_is_visible_only_after_commit(tmp_path):
 
 
 def test_truncated_index_and_manifest_are_detected(tmp_path):
-    repo = Repository.open(tmp_path / "r")
+    repo = Repository.open(tmp_path / "r", create=True)
     m = manifest(repo, entries=[IndexEntry(0, 10, b"x" * 32)])
     repo.commit(m)
     idx = tmp_path / "r/vms/vm1/backups/cp1/vda.index"
@@ -68,7 +68,7 @@ def test_truncated_index_and_manifest_are_detected(tmp_path):
 
 
 def test_modes_are_private(tmp_path):
-    repo = Repository.open(tmp_path / "r")
+    repo = Repository.open(tmp_path / "r", create=True)
     repo.commit(manifest(repo))
     repo.save_checkpoints("vm1", [CheckpointRecord("cp1", "t", "c", ("vda",), "nbdbackup.x.cp1")])
     for root, dirs, files in os.walk(tmp_path / "r"):
@@ -80,7 +80,10 @@ def test_modes_are_private(tmp_path):
 
 
 def test_newer_format_and_foreign_directories_are_refused(tmp_path):
-    Repository.open(tmp_path / "r")
+    with pytest.raises(RepositoryUnusable, match="there is no repository"):
+        Repository.open(tmp_path / "r")  # opening creates nothing unless asked
+    assert not (tmp_path / "r").exists()
+    Repository.open(tmp_path / "r", create=True)
     conf = tmp_path / "r/config.json"
     doc = json.loads(conf.read_text())
     doc["version"] = 99
@@ -94,7 +97,7 @@ def test_newer_format_and_foreign_directories_are_refused(tmp_path):
 
 
 def test_checkpoint_records_round_trip(tmp_path):
-    repo = Repository.open(tmp_path / "r")
+    repo = Repository.open(tmp_path / "r", create=True)
     recs = [CheckpointRecord("a", "t1", "c", ("vda",), "nbdbackup.x.a", "confirmed"), CheckpointRecord("b", "t2", "c", ("vda", "vdb"), "nbdbackup.x.b")]
     repo.save_checkpoints("vm1", recs)
     assert repo.checkpoints("vm1") == recs

@@ -383,43 +383,24 @@ def test_images_of_another_vm_name_are_refused_even_with_full(vm_factory, repo):
     assert image_bytes(other.disks["vda"].path) == before
 
 
-def test_chunks_decode_into_a_reused_buffer_checks_like_decode():
-    """The rollback's writers decode each chunk into their own reused buffer: the same content
-    and the same refusals as chunks.decode (zstd and stored chunks, a grown buffer, damage)."""
-    from nbdbackup.errors import RepositoryDamaged
-    from nbdbackup.repository import chunks
-    from nbdbackup.repository.chunkid import ChunkIds
-
-    ids = ChunkIds.blake3()
-    text = b"rollback " * 50000
-    noise = os.urandom(300000)  # does not compress: stored as it is
-    buffer = bytearray(1000)  # too small: grown
-    for data in (text, noise, text[:70000]):
-        blob = b"".join(chunks.encode(data, 2))
-        got = chunks.decode_into(blob, ids(data), "test", ids, buffer)
-        assert bytes(got) == data == chunks.decode(blob, ids(data), "test", ids)
-    assert len(buffer) >= len(text)
-    blob = bytearray(b"".join(chunks.encode(text, 2)))
-    blob[len(blob) // 2] ^= 0xFF
-    with pytest.raises(RepositoryDamaged):
-        chunks.decode_into(bytes(blob), ids(text), "test", ids, buffer)
-    with pytest.raises(RepositoryDamaged):
-        chunks.decode_into(b"".join(chunks.encode(text, 2))[:-100], ids(text), "test", ids, buffer)
-    with pytest.raises(RepositoryDamaged, match="fails its checksum"):
-        chunks.decode_into(b"".join(chunks.encode(noise, 2)), ids(text), "test", ids, buffer)
-
-
 @pytest.mark.parametrize("encryption", [None, "repokey"])
-def test_get_chunk_into_plain_and_encrypted_repositories(encryption):
-    """Repository.get_chunk_into gives get_chunk's content in the caller's buffer, also when
-    the chunk is read through the decryption buffer of an encrypted repository."""
+def test_chunks_decoded_into_a_reused_buffer(encryption):
+    """The rollback's writers decode each chunk into their own reused buffer
+    (Repository.decode_chunk_into): get_chunk's content, also through an encrypted
+    repository's decryption, for zstd and stored chunks; a damaged chunk is refused."""
+    from nbdbackup.errors import RepositoryDamaged
     from nbdbackup.repository import Repository
     from nbdbackup.repository.memory import MemoryBackend
 
-    repo = Repository.open(MemoryBackend("r"), encryption=encryption, **({"passphrase": b"pass phrase"} if encryption else {}))
-    buffer = bytearray(16)
+    backend = MemoryBackend("r")
+    repo = Repository.open(backend, create=True, encryption=encryption, **({"passphrase": b"pass phrase"} if encryption else {}))
+    buffer = bytearray(5 * MiB)
     for data in (b"text " * 100000, os.urandom(200000)):
         cid = repo.chunk_id(data)
         repo.put_chunk(cid, data, 2)
-        view = repo.get_chunk_into(cid, "test", buffer)
+        view = repo.decode_chunk_into(repo.fetch_chunk(cid, "test"), cid, "test", lambda n: memoryview(buffer))
         assert bytes(view) == data == repo.get_chunk(cid, "test")
+    blob = bytearray(repo.fetch_chunk(cid, "test"))
+    blob[len(blob) // 2] ^= 0xFF
+    with pytest.raises(RepositoryDamaged):
+        repo.decode_chunk_into(bytes(blob), cid, "test", lambda n: memoryview(buffer))

@@ -12,7 +12,7 @@ import pytest
 
 from nbdbackup.errors import RepositoryRolledBack
 from nbdbackup.records import Manifest
-from nbdbackup.repository import Repository, seen
+from nbdbackup.repository import Repository, keys, seen
 
 PASSPHRASE = "rollback passphrase"
 
@@ -25,6 +25,8 @@ def env(tmp_path, monkeypatch):
     monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "xdg"))
     monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "host-a"))
     monkeypatch.delenv("NBDBACKUP_KEY_FILE", raising=False)
+    # Keys made here cost Argon2id's minimum (as in test_encryption.py): these tests are about rollbacks.
+    monkeypatch.setattr(keys, "DEFAULT_KDF", {"algorithm": "argon2id", "iterations": 1, "lanes": 1, "memory_cost": 8})
     return tmp_path
 
 
@@ -43,7 +45,7 @@ def tree(root: Path) -> dict[str, bytes]:
 
 
 def test_an_older_copy_of_the_repository_is_detected(env):
-    repo = Repository.open(env / "r", encryption="repokey")
+    repo = Repository.open(env / "r", create=True, encryption="repokey")
     commit(repo, "vm1", "a1")
     shutil.copytree(env / "r", env / "old")  # what a store keeps to serve later
     commit(repo, "vm1", "b2")
@@ -69,7 +71,7 @@ def test_an_older_copy_of_the_repository_is_detected(env):
 
 
 def test_a_withheld_manifest_and_a_vanished_vm_are_detected(env):
-    repo = Repository.open(env / "r", encryption="repokey")
+    repo = Repository.open(env / "r", create=True, encryption="repokey")
     commit(repo, "vm1", "a1")
     commit(repo, "vm1", "b2")
     commit(repo, "vm2", "x1")
@@ -85,7 +87,7 @@ def test_a_withheld_manifest_and_a_vanished_vm_are_detected(env):
 
 
 def test_deletions_by_nbdbackup_on_any_host_are_no_alarm(env, monkeypatch):
-    repo = Repository.open(env / "r", encryption="repokey")
+    repo = Repository.open(env / "r", create=True, encryption="repokey")
     for cp in ("alpha", "bravo", "charlie", "delta"):
         commit(repo, "secretvm", cp)
     repo.delete_backup("secretvm", "alpha")  # this host deletes
@@ -108,7 +110,7 @@ def test_deletions_by_nbdbackup_on_any_host_are_no_alarm(env, monkeypatch):
 
 
 def test_a_removal_record_cannot_be_forged_or_moved(env):
-    repo = Repository.open(env / "r", encryption="repokey")
+    repo = Repository.open(env / "r", create=True, encryption="repokey")
     for vm in ("vm1", "vm2"):
         commit(repo, vm, "a1")
         commit(repo, vm, "b2")
@@ -126,7 +128,7 @@ def test_a_removal_record_cannot_be_forged_or_moved(env):
 
 def test_unencrypted_repositories_keep_no_record(env, monkeypatch):
     monkeypatch.setenv("XDG_STATE_HOME", str(env / "plain-host"))
-    repo = Repository.open(env / "p")
+    repo = Repository.open(env / "p", create=True)
     commit(repo, "vm1", "a1")
     assert repo.seen is None and not (env / "plain-host").exists()
     repo.delete_backup("vm1", "a1")
@@ -134,7 +136,7 @@ def test_unencrypted_repositories_keep_no_record(env, monkeypatch):
 
 
 def test_record_file_is_private_and_names_the_repository(env):
-    repo = Repository.open(env / "r", encryption="repokey")
+    repo = Repository.open(env / "r", create=True, encryption="repokey")
     commit(repo, "vm1", "a1")
     record = seen.default_dir() / f"{repo.id}.json"
     doc = json.loads(record.read_text())
@@ -144,7 +146,7 @@ def test_record_file_is_private_and_names_the_repository(env):
 
 def test_a_withheld_manifest_is_not_cleaned_up_as_an_unfinished_backup(env):
     """The start of a backup removes folders without a manifest: not before the check."""
-    repo = Repository.open(env / "r", encryption="repokey")
+    repo = Repository.open(env / "r", create=True, encryption="repokey")
     commit(repo, "vm1", "a1")
     repo.write_index("vm1", "a1", "vda", 0, [])
     (env / "r" / repo.backend.physical("vms/vm1/backups/a1/manifest.json")).unlink()
@@ -164,7 +166,7 @@ def test_s3_store_withholding_a_backup_is_detected_and_prune_elsewhere_is_not(en
     def open_repo(**kwargs) -> Repository:
         return Repository.open(S3Backend(S3Location(s3_repo.bucket, "repo"), settings), **kwargs)
 
-    repo = open_repo(encryption="repokey")
+    repo = open_repo(create=True, encryption="repokey")
     for cp in ("alpha", "bravo", "charlie"):
         commit(repo, "vm1", cp)
     repo.backend.sync()

@@ -6,6 +6,7 @@ from __future__ import annotations
 import http.server
 import json
 import os
+import struct
 import subprocess
 import threading
 import time
@@ -175,6 +176,44 @@ def test_s3_settings_are_parsed_and_checked(tmp_path, monkeypatch):
             config.load(str(conf), None)
 
 
+def test_unknown_s3_profile_is_a_usage_error(monkeypatch):
+    from nbdbackup.repository.location import S3Settings
+    from nbdbackup.repository.s3 import S3Backend
+
+    monkeypatch.setenv("AWS_CONFIG_FILE", "/dev/null")
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", "/dev/null")
+    with pytest.raises(UsageError, match="profile 'nope' is not in the AWS config"):
+        S3Backend(S3Location("some-bucket", "x"), S3Settings(endpoint="http://127.0.0.1:1", profile="nope"))
+
+
+def test_per_repository_s3_tables_override_s3(tmp_path, monkeypatch):
+    """[s3."s3://BUCKET[/PREFIX]"]: [s3], then every table at or above a repository (bucket first) overrides what it sets."""
+    conf = tmp_path / "c.toml"
+    conf.write_text('[s3]\nendpoint = "http://default:1"\nregion = "r0"\nretries = 3\n'
+                    '[s3."s3://offsite"]\nendpoint = "http://bucket:2"\ncredentials_file = "/etc/offsite.credentials"\n'
+                    '[s3."s3://offsite/a/b/"]\nregion = "r2"\naddressing = "virtual"\n')
+    monkeypatch.delenv("NBDBACKUP_REPO", raising=False)
+    s = config.load(str(conf), "/var/lib/repo")
+    pick = {url: s.s3_for(S3Location(*url[5:].partition("/")[::2])) for url in
+            ("s3://offsite/a/b", "s3://offsite/a/b/c", "s3://offsite/a/bc", "s3://offsite", "s3://elsewhere/a/b")}
+    assert (pick["s3://offsite/a/b"].endpoint, pick["s3://offsite/a/b"].region, pick["s3://offsite/a/b"].addressing) == \
+        ("http://bucket:2", "r2", "virtual")
+    assert pick["s3://offsite/a/b/c"] == pick["s3://offsite/a/b"]
+    for url in ("s3://offsite/a/bc", "s3://offsite"):  # a/bc is not below a/b
+        assert (pick[url].endpoint, pick[url].region, str(pick[url].credentials_file)) == ("http://bucket:2", "r0", "/etc/offsite.credentials")
+    assert pick["s3://elsewhere/a/b"] == s.s3 and s.s3.endpoint == "http://default:1" and s.s3.retries == 3
+    assert s.s3_for(S3Location("offsite", "a/b")).retries == 3  # inherited from [s3]
+    assert s.s3_for(tmp_path) == s.s3  # a directory
+    for text, words in (('[s3."s3://Bad_Bucket"]\nregion = "x"\n', "not a valid bucket name"),
+                        ('[s3."s3://ok-bucket"]\nendpont = "x"\n', "unknown setting"),
+                        ('[s3."s3://ok-bucket"]\nretries = 99\n', "retries"),
+                        ('[s3]\n"s3://ok-bucket" = "x"\n', "must be a table"),
+                        ('[s3."s3://ok-bucket/a"]\n[s3."s3://ok-bucket/a/"]\n', "more than one")):
+        conf.write_text(text)
+        with pytest.raises(UsageError, match=words):
+            config.load(str(conf), None)
+
+
 def test_s3_server_killed_mid_backup(vm_factory, tmp_path, monkeypatch):
     """One clear line, exit 12, QEMU clean, nothing that looks like a backup; after the
     server is back, auto works and the older backup restores identical."""
@@ -272,12 +311,13 @@ def test_vm_lock_holds_across_hosts(vm_factory, s3_repo, monkeypatch):
 
 class FlakyProxy:
     """A TCP proxy in front of the S3 server whose first `failures` connections get
-    HTTP 503 SlowDown (as a busy S3 answers) and are closed; later ones are passed through."""
+    HTTP 503 SlowDown (as a busy S3 answers) and are closed, or (reset=True) are reset
+    (TCP RST) once the request is in; later ones are passed through."""
 
-    def __init__(self, target_port: int, failures: int) -> None:
+    def __init__(self, target_port: int, failures: int, reset: bool = False) -> None:
         import socket
 
-        self.target_port, self.failures, self.refused = target_port, failures, 0
+        self.target_port, self.failures, self.refused, self.reset = target_port, failures, 0, reset
         self.server = socket.create_server(("127.0.0.1", 0))
         self.port = self.server.getsockname()[1]
         threading.Thread(target=self._accept, daemon=True).start()
@@ -293,6 +333,10 @@ class FlakyProxy:
             if self.refused < self.failures:
                 self.refused += 1
                 conn.recv(65536)
+                if self.reset:
+                    conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                    conn.close()  # with linger 0: a reset, not a clean close
+                    continue
                 body = b"<?xml version='1.0'?><Error><Code>SlowDown</Code><Message>Please reduce your request rate.</Message></Error>"
                 conn.sendall(b"HTTP/1.1 503 Slow Down\r\nContent-Type: application/xml\r\nConnection: close\r\n"
                              b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
@@ -320,13 +364,14 @@ class FlakyProxy:
         self.server.close()
 
 
-@pytest.mark.parametrize("failures, retries, ok", [(2, 4, True), (5, 3, False)])
-def test_transient_errors_are_retried_a_bounded_number_of_times(s3_repo, failures, retries, ok):
+@pytest.mark.parametrize("failures, retries, ok, reset", [(2, 4, True, False), (5, 3, False, False), (2, 4, True, True), (5, 3, False, True)])
+def test_transient_errors_are_retried_a_bounded_number_of_times(s3_repo, failures, retries, ok, reset):
+    """503 SlowDown and connection resets: retried with backoff, `retries` attempts, then one error."""
     from nbdbackup.errors import S3Unreachable
     from nbdbackup.repository.location import S3Settings
     from nbdbackup.repository.s3 import S3Backend
 
-    proxy = FlakyProxy(s3_repo.server.port, failures)
+    proxy = FlakyProxy(s3_repo.server.port, failures, reset)
     try:
         settings = S3Settings(endpoint=f"http://127.0.0.1:{proxy.port}", region="us-east-1", addressing="path", retries=retries)
         backend = S3Backend(S3Location(s3_repo.bucket, "retry"), settings)
@@ -335,7 +380,7 @@ def test_transient_errors_are_retried_a_bounded_number_of_times(s3_repo, failure
             backend.write("obj", b"data")
             assert backend.read("obj") == b"data" and proxy.refused == failures
         else:
-            with pytest.raises(S3Unreachable, match=f"SlowDown.*after {retries} attempts"):
+            with pytest.raises(S3Unreachable, match=f"{'cannot reach' if reset else 'SlowDown'}.*after {retries} attempts"):
                 backend.write("obj", b"data")  # uploaded in the background: sync() reports its failure
                 backend.sync()
             # as many attempts as configured; the HTTP layer resends once a request whose connection was closed
@@ -383,7 +428,7 @@ def test_background_uploads_fail_the_commit_with_the_put_error(s3_repo, monkeypa
 
     settings = S3Settings(endpoint=s3_repo.server.endpoint, region="us-east-1", addressing="path", retries=2)
     where = S3Location(s3_repo.bucket, "repo")
-    good = Repository.open(S3Backend(where, settings))
+    good = Repository.open(S3Backend(where, settings), create=True)
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", OTHER_KEY)
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", OTHER_SECRET)
     denied = S3Backend(where, settings)
@@ -422,3 +467,77 @@ def test_background_uploads_are_bounded_and_read_after_write(s3_repo):
     assert sorted(backend.list("chunks")) == [f"chunks/{i:02d}" for i in range(60)]
     backend.sync()
     assert not backend._pending
+
+
+class NoConditionalWrites(http.server.BaseHTTPRequestHandler):
+    """An HTTP proxy in front of the S3 server that answers 501 NotImplemented to a PUT with
+    If-None-Match (as stores without conditional writes do) and passes everything else on."""
+
+    protocol_version = "HTTP/1.1"
+    upstream_port = 0
+    refused = 0
+
+    def _forward(self) -> None:
+        import http.client
+
+        length = int(self.headers.get("Content-Length") or 0)
+        body = self.rfile.read(length) if length else None
+        if self.command == "PUT" and "If-None-Match" in self.headers:
+            type(self).refused += 1
+            msg = b"<?xml version='1.0'?><Error><Code>NotImplemented</Code><Message>no conditional writes</Message></Error>"
+            self.send_response(501)
+            self.send_header("Content-Type", "application/xml")
+            self.send_header("Content-Length", str(len(msg)))
+            self.end_headers()
+            self.wfile.write(msg)
+            return
+        up = http.client.HTTPConnection("127.0.0.1", self.upstream_port, timeout=30)
+        up.putrequest(self.command, self.path, skip_host=True, skip_accept_encoding=True)
+        for k, v in self.headers.items():
+            if k.lower() not in ("expect", "connection"):
+                up.putheader(k, v)  # Host too: the signature covers it
+        up.endheaders(body)
+        resp = up.getresponse()
+        data = resp.read()
+        up.close()
+        self.send_response(resp.status, resp.reason)
+        headers = {k.lower(): v for k, v in resp.getheaders() if k.lower() not in ("transfer-encoding", "connection", "date", "server")}
+        headers.setdefault("content-length", str(len(data)))
+        for k, v in headers.items():
+            self.send_header(k, v)
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(data)
+
+    do_GET = do_PUT = do_HEAD = do_DELETE = do_POST = _forward  # noqa: N815
+
+    def log_message(self, *args):
+        pass
+
+
+def test_store_without_conditional_writes_gets_a_check_then_a_put(s3_repo):
+    """A store that answers 501 to If-None-Match: exclusive create falls back to HEAD, then PUT
+    (docs/FORMAT.md says what that risks); an existing object is still not replaced."""
+    from nbdbackup.repository import Repository
+    from nbdbackup.repository.location import S3Settings
+    from nbdbackup.repository.s3 import S3Backend
+
+    NoConditionalWrites.upstream_port = s3_repo.server.port
+    proxy = http.server.ThreadingHTTPServer(("127.0.0.1", 0), NoConditionalWrites)
+    threading.Thread(target=proxy.serve_forever, daemon=True).start()
+    try:
+        settings = S3Settings(endpoint=f"http://127.0.0.1:{proxy.server_address[1]}", region="us-east-1", addressing="path", retries=2)
+        backend = S3Backend(S3Location(s3_repo.bucket, "plain-store"), settings)
+        backend.check()
+        assert backend.atomic_exclusive
+        backend.write("one", b"first", exclusive=True)
+        assert NoConditionalWrites.refused == 1 and not backend.atomic_exclusive  # asked once, then known
+        with pytest.raises(FileExistsError):
+            backend.write("one", b"second", exclusive=True)
+        assert backend.read("one") == b"first" and NoConditionalWrites.refused == 1
+        where = S3Location(s3_repo.bucket, "plain-repo")
+        repo = Repository.open(S3Backend(where, settings), create=True)  # config.json: exclusive create by the fallback
+        assert NoConditionalWrites.refused == 2 and Repository.open(S3Backend(where, settings), create=False).id == repo.id
+    finally:
+        proxy.shutdown()
+        proxy.server_close()

@@ -66,7 +66,7 @@ def by_checkpoint(report) -> dict[str, tuple]:
 def shared(tmp_path):
     """cp1..cp3, each using chunk S (cp1 five times on vda), and one chunk of its own on vdb."""
     root = tmp_path / "r"
-    repo = Repository.open(root)
+    repo = Repository.open(root, create=True)
     s = put(repo, b"S" * 70000)
     own = {}
     for i in (1, 2, 3):
@@ -116,7 +116,7 @@ def test_a_missing_chunk_fails_only_the_backups_using_it(shared):
 
 
 def test_an_entry_reaching_past_the_end_of_its_chunk(tmp_path):
-    repo = Repository.open(tmp_path / "r")
+    repo = Repository.open(tmp_path / "r", create=True)
     c = put(repo, b"x" * 1000)
     commit(repo, "cp1", {"vda": [IndexEntry(0, 1000, c), IndexEntry(MiB, 600, c, 400)]})  # 400 + 600 = 1000: fits
     commit(repo, "cp2", {"vda": [IndexEntry(0, 1000, c), IndexEntry(MiB, 600, c, 500)]})  # 500 + 600 > 1000
@@ -127,7 +127,7 @@ def test_an_entry_reaching_past_the_end_of_its_chunk(tmp_path):
 
 
 def test_a_sample_reads_that_share_of_the_chunks_and_at_least_one(tmp_path):
-    repo = Repository.open(tmp_path / "r")
+    repo = Repository.open(tmp_path / "r", create=True)
     commit(repo, "cp1", {"vda": [IndexEntry(n * MiB, 100, put(repo, bytes([n]) * 100)) for n in range(20)]})
     for percent, expected in ((25, 5), (33, 7), (0.1, 1), (100, 20)):
         report = run_verify(repo, VerifyRequest("vm1", sample_percent=percent))

@@ -15,17 +15,20 @@ from .common import Globals, human_size, pass_globals, qmp_option
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON array.")
 @pass_globals
 def checkpoints(g: Globals, vm: str, qmp: str | None, as_json: bool) -> None:
-    """Show the checkpoint chain as QEMU and the repository see it (changes nothing).
+    """Show the checkpoint chain as QEMU and the repository see it.
+
+    Changes nothing (the twin check adds two temporary bitmaps per disk and removes them at once).
 
     STATE is ok, missing, inconsistent, altered, busy, pending, orphan (a bitmap of
     this repository that none of its checkpoints accounts for) or foreign (another repository's); USABLE
     says whether `incremental --since` that checkpoint would be accepted; DIRTY
     is what its bitmaps hold (changes until the next checkpoint, per disk).
     """
+    from pathlib import Path
+
     from .. import engine
 
-    settings = g.settings()
-    rows = engine.checkpoint_status(settings, settings.vm(vm, qmp))
+    rows = engine.checkpoint_status(g.settings(), engine.CheckpointsRequest(vm, Path(qmp) if qmp else None))
     if as_json:
         click.echo(json.dumps([
             {"name": r.name, "created": r.created or None, "state": r.state, "active": r.active, "usable": r.usable,
@@ -56,9 +59,10 @@ def delete(g: Globals, vm: str, checkpoint: str, qmp: str | None, keep_backup: b
     CHECKPOINT was the newest), so every other checkpoint stays usable. Its backup
     is deleted too unless --keep-backup; other backups stay restorable.
     """
+    from pathlib import Path
+
     from .. import engine
 
-    settings = g.settings()
-    engine.delete_checkpoint(settings, settings.vm(vm, qmp), checkpoint, keep_backup=keep_backup)
+    engine.delete_checkpoint(g.settings(), engine.DeleteRequest(vm, checkpoint, keep_backup, Path(qmp) if qmp else None))
 
 

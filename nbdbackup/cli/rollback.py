@@ -35,26 +35,23 @@ def rollback(g: Globals, vm: str, checkpoint: str, disks: tuple[str, ...], image
     """
     from pathlib import Path
 
+    from .. import engine
     from ..errors import UsageError
     from ..names import check_name
     from ..rollback import RollbackRequest
-    from ..rollback import rollback as run
 
-    settings = g.settings()
-    vmconf = settings.vm(vm, qmp, required=False)
-    paths = dict(vmconf.images)
+    paths = {}
     for item in images:
         disk, sep, path = item.partition("=")
         if not sep or not path:
             raise UsageError(f"--image {item!r} is not ID=PATH")
         paths[check_name("disk", disk)] = Path(path)
-    for d in disks:
-        check_name("disk", d)
     # on a terminal, a chain that cannot tell what changed leads to a question instead of a refusal
     confirm = ask if sys.stdin.isatty() and sys.stderr.isatty() else None
-    req = RollbackRequest(vm=vm, checkpoint=checkpoint, images=paths, disks=disks, full=full, dry_run=dry_run, confirm_full=confirm)
+    req = RollbackRequest(vm=vm, checkpoint=checkpoint, images=paths, disks=disks, full=full, dry_run=dry_run,
+                          qmp=Path(qmp) if qmp else None, pause=pause, reset=not no_reset, confirm_full=confirm)
     with interruptible() as cancel, progress_bar("rollback") as observer:
-        result = run(settings, vmconf, req, cancel=cancel, observer=observer, pause=pause, reset=not no_reset)
+        result = engine.rollback(g.settings(), req, cancel=cancel, observer=observer)
     if as_json:
         import json
 

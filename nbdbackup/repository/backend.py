@@ -282,5 +282,5 @@ def _storage_error(exc: OSError, path: Path) -> RepositoryUnusable:
         errno.EROFS: "the repository's filesystem is read-only",
         errno.EACCES: "no permission to write to the repository",
     }
-    reason = reasons.get(exc.errno, exc.strerror or str(exc))
+    reason = reasons.get(exc.errno or 0, exc.strerror or str(exc))
     return RepositoryUnusable(f"cannot write {path}: {reason}", hint="free space or fix the repository path; older backups are untouched")

@@ -338,8 +338,10 @@ class EncryptedBackend:
     def write(self, key: str, data: Buffers, *, durable: bool = False, exclusive: bool = False) -> None:
         # A local directory writes the ciphertext while it is made (a small buffer per thread); other
         # backends take the whole object at once (S3 sends it in one request).
-        sealed = self.cipher.seal_stream(key, data) if isinstance(self.inner, LocalBackend) else self.cipher.seal_parts(key, data)
-        self.inner.write(self.physical(key), sealed, durable=durable, exclusive=exclusive)
+        if isinstance(self.inner, LocalBackend):
+            self.inner.write(self.physical(key), self.cipher.seal_stream(key, data), durable=durable, exclusive=exclusive)
+        else:
+            self.inner.write(self.physical(key), self.cipher.seal_parts(key, data), durable=durable, exclusive=exclusive)
 
     def exists(self, key: str) -> bool:
         return self.inner.exists(self.physical(key))

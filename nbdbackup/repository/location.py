@@ -71,7 +71,7 @@ def backend_for(where: Location | str, s3: S3Settings | None = None):
     if isinstance(where, str):
         where = parse_location(where)
     if isinstance(where, S3Location):
-        from .s3 import S3Backend  # boto3 is imported only for S3 repositories
+        from .s3 import S3Backend  # botocore is imported only for S3 repositories
 
         backend = S3Backend(where, s3 or S3Settings())
         backend.check()

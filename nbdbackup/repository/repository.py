@@ -23,8 +23,9 @@ import logging
 import os
 import threading
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 from ..errors import EncryptionMismatch, RepositoryDamaged, RepositoryUnusable, UsageError
 from ..lock import file_lock, object_lock, remove_dead_holders
@@ -81,13 +82,14 @@ class Repository:
     # -- opening ---------------------------------------------------------
 
     @classmethod
-    def open(cls, where: Location | Backend, *, create: bool = True, s3: S3Settings | None = None,
+    def open(cls, where: Location | Backend, *, create: bool = False, s3: S3Settings | None = None,
              encryption: str | None = None, passphrase: bytes | None = None,
              passphrase_source: keys.PassphraseSource = keys.CURRENT, like: Repository | None = None,
              unlocked: keys.Unlocked | None = None) -> Repository:
         """The repository at a path, an s3:// location or on a ready Backend (tests: MemoryBackend);
-        with create, made if there is none (with like's format version and chunk ids when like is
-        an unencrypted repository: copy).
+        RepositoryUnusable if there is none, unless create (only backups, copy's target and init
+        create one: a typo in --repo must not make a new repository); a new one gets like's format
+        version and chunk ids when like is an unencrypted repository (copy).
 
         encryption: what the configuration asks for ("repokey", "keyfile", "none" or None = no
         opinion).  A new repository gets it; an existing unencrypted one is refused when
@@ -179,9 +181,11 @@ class Repository:
             except OSError as exc:
                 raise RepositoryUnusable(f"cannot create the repository at {local}: {exc.strerror}") from None
         repo_id = uuid.uuid4().hex
-        plain_like = like is not None and not like.encrypted and encryption == keys.NONE
-        version, ids = (like.version, like.chunk_id) if plain_like else (FORMAT_VERSION, ChunkIds.blake3())
-        config = {"format": FORMAT_NAME, "version": version, "id": repo_id, "created": utc_now()}
+        if like is not None and not like.encrypted and encryption == keys.NONE:
+            version, ids = like.version, like.chunk_id
+        else:
+            version, ids = FORMAT_VERSION, ChunkIds.blake3()
+        config: dict[str, Any] = {"format": FORMAT_NAME, "version": version, "id": repo_id, "created": utc_now()}
         store = None
         if encryption == keys.NONE:
             if version >= 2:
@@ -309,50 +313,43 @@ class Repository:
             return self._present if len(self._present) <= PRESENT_LIMIT else None
 
     def get_chunk(self, cid: bytes, where: str) -> bytes:
-        if self.cipher is None:
+        backend = self.backend
+        if not isinstance(backend, crypto.EncryptedBackend):
             return self.decode_chunk(self.fetch_chunk(cid, where), cid, where)
         try:  # read and decrypted in this thread's buffer (decode copies out of it)
-            plain = self.backend.read_plain_view(self._chunk_key(cid))
+            plain = backend.read_plain_view(self._chunk_key(cid))
         except FileNotFoundError:
             raise RepositoryDamaged(f"chunk {cid.hex()} is missing ({where})") from None
         except crypto.ObjectDamaged as exc:
             raise RepositoryDamaged(f"chunk {cid.hex()} {exc.reason} ({where})") from None
         return chunks.decode(plain, cid, where, self.chunk_id)
 
-    def get_chunk_into(self, cid: bytes, where: str, out: bytearray) -> memoryview:
-        """get_chunk, the content put into out (grown if needed): a buffer the caller reuses,
-        e.g. one per writer thread, so no fresh memory is touched per chunk (chunks.decode_into)."""
-        if self.cipher is None:
-            return chunks.decode_into(self.fetch_chunk(cid, where), cid, where, self.chunk_id, out)
-        try:  # read and decrypted in this thread's buffer; decode_into copies out of it
-            plain = self.backend.read_plain_view(self._chunk_key(cid))
-        except FileNotFoundError:
-            raise RepositoryDamaged(f"chunk {cid.hex()} is missing ({where})") from None
-        except crypto.ObjectDamaged as exc:
-            raise RepositoryDamaged(f"chunk {cid.hex()} {exc.reason} ({where})") from None
-        return chunks.decode_into(plain, cid, where, self.chunk_id, out)
-
     def fetch_chunk(self, cid: bytes, where: str) -> bytes:
         """The stored chunk file, unchecked (decode_chunk checks it): get_chunk in two steps, so
         downloads can run ahead of decompression (restore from S3)."""
-        key = self._chunk_key(cid)
+        key, backend = self._chunk_key(cid), self.backend
         try:
-            return self.backend.read_sealed(key) if self.cipher is not None else self.backend.read(key)
+            return backend.read_sealed(key) if isinstance(backend, crypto.EncryptedBackend) else backend.read(key)
         except FileNotFoundError:
             raise RepositoryDamaged(f"chunk {cid.hex()} is missing ({where})") from None
 
     def decode_chunk(self, blob: bytes, cid: bytes, where: str) -> bytes:
         """The content of the chunk file blob (from fetch_chunk): authenticated and decrypted when
         the repository is encrypted (into this thread's buffer: decode copies out of it), checked."""
-        if self.cipher is not None:
-            try:
-                blob = self.cipher.open_into(self._chunk_key(cid), blob)
-            except crypto.ObjectDamaged as exc:
-                raise RepositoryDamaged(f"chunk {cid.hex()} {exc.reason} ({where})") from None
-        return chunks.decode(blob, cid, where, self.chunk_id)
+        return chunks.decode(self._plain_chunk(blob, cid, where), cid, where, self.chunk_id)
 
-    def chunk_ids(self) -> set[bytes]:
-        return {bytes.fromhex(k.rsplit("/", 1)[1]) for k in self.backend.list("chunks")}
+    def decode_chunk_into(self, blob: bytes, cid: bytes, where: str, buffer: Callable[[int], memoryview]) -> memoryview:
+        """decode_chunk into a buffer the caller reuses (restore): buffer(length) gives one of at
+        least the content's length; returns the view of it that holds the checked content."""
+        return chunks.decode_into(self._plain_chunk(blob, cid, where), cid, where, self.chunk_id, buffer)
+
+    def _plain_chunk(self, blob: bytes, cid: bytes, where: str) -> bytes | memoryview:
+        if self.cipher is None:
+            return blob
+        try:
+            return self.cipher.open_into(self._chunk_key(cid), blob)
+        except crypto.ObjectDamaged as exc:
+            raise RepositoryDamaged(f"chunk {cid.hex()} {exc.reason} ({where})") from None
 
     def referenced_chunks(self) -> set[bytes]:
         """Every chunk that a complete backup of any VM references."""
@@ -362,22 +359,6 @@ class Repository:
                 for d in m.disks:
                     used.update(e.chunk for e in self.read_index(m, d.id)[1])
         return used
-
-    def collect_garbage(self) -> tuple[int, int]:
-        """Delete chunks no backup references, and leftovers of interrupted writes.
-        The caller MUST hold the repository lock exclusively.  Returns (chunks, bytes) freed."""
-        used = self.referenced_chunks()
-        freed = size = 0
-        for key in list(self.backend.list("chunks")):
-            if bytes.fromhex(key.rsplit("/", 1)[1]) not in used:
-                if freed % 256 == 0:
-                    self.check_locks()
-                size += self.backend.size(key)
-                self.backend.delete(key)
-                freed += 1
-        self.backend.delete_partial_writes()
-        self._present = None
-        return freed, size
 
     def stored_size(self, cids: set[bytes]) -> int:
         """Bytes the chunks cids take in the repository (those that exist)."""
@@ -389,16 +370,22 @@ class Repository:
                 pass
         return total
 
-    def remove_unreferenced(self, candidates: set[bytes]) -> tuple[int, int]:
-        """Delete those of candidates (the chunks a failed run created) that no backup references,
-        and leftovers of interrupted writes.  The same rule as collect_garbage (docs/FORMAT.md):
-        the caller MUST hold the repository lock exclusively.  Returns (chunks, bytes) freed."""
-        if not candidates:
+    def remove_unreferenced(self, candidates: set[bytes] | None = None) -> tuple[int, int]:
+        """Delete the chunks that no backup references (garbage collection), or only those of
+        candidates (the chunks a failed run created); and leftovers of interrupted writes.
+        The caller MUST hold the repository lock exclusively (docs/FORMAT.md, "Deleting chunks").
+        Returns (chunks, bytes) freed."""
+        if candidates is not None and not candidates:
             return 0, 0
-        unused = candidates - self.referenced_chunks()
+        used = self.referenced_chunks()
+        if candidates is None:
+            keys = [k for k in self.backend.list("chunks") if bytes.fromhex(k.rsplit("/", 1)[1]) not in used]
+        else:
+            keys = [self._chunk_key(cid) for cid in candidates - used]
         freed = size = 0
-        for cid in unused:
-            key = self._chunk_key(cid)
+        for key in keys:
+            if freed % 256 == 0:
+                self.check_locks()  # still ours: deleting many chunks takes a while
             try:
                 size += self.backend.size(key)
             except FileNotFoundError:

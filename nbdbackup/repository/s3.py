@@ -1,4 +1,5 @@
-"""S3 object storage as a Backend: the only importer of boto3/botocore.
+"""S3 object storage as a Backend: the only importer of botocore (boto3's core: boto3 itself
+would add its transfer manager, which nbdbackup does not use, to every start).
 
 Keys of the repository are object keys below the prefix (s3://BUCKET/PREFIX/<key>).
 
@@ -36,9 +37,9 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import boto3
 import botocore.config
 import botocore.exceptions as bex
+import botocore.session
 
 from ..errors import (
     NbdBackupError,
@@ -257,7 +258,7 @@ class S3Backend:
         where = self.location
         if isinstance(exc, (bex.NoCredentialsError, bex.PartialCredentialsError)):
             return S3CredentialsRefused(f"no S3 credentials found for {where}",
-                                        hint="set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, AWS_PROFILE, or [s3] credentials_file")
+                                        hint="set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, AWS_PROFILE, or credentials_file in the config file's [s3] table")
         if isinstance(exc, bex.ClientError):
             code, status = _code(exc), _status(exc)
             if code in CREDENTIAL_CODES:
@@ -327,10 +328,9 @@ def _credentials(settings: S3Settings) -> dict[str, str]:
 
 def _client(settings: S3Settings, where: str) -> Any:
     keys = _credentials(settings)
-    try:
-        session = boto3.session.Session(profile_name=None if keys else settings.profile, region_name=settings.region, **keys)
-    except bex.ProfileNotFound:
-        raise UsageError(f"S3 profile {settings.profile!r} is not in the AWS config or credentials files") from None
+    session = botocore.session.Session(profile=None if keys else settings.profile)
+    if keys:
+        session.set_credentials(keys["aws_access_key_id"], keys["aws_secret_access_key"], keys.get("aws_session_token"))
     config = botocore.config.Config(
         retries={"mode": "standard", "max_attempts": settings.retries},
         connect_timeout=settings.connect_timeout,
@@ -343,7 +343,9 @@ def _client(settings: S3Settings, where: str) -> Any:
     )
     verify: bool | str = settings.ca_bundle or settings.verify_tls
     try:
-        return session.client("s3", endpoint_url=settings.endpoint, config=config, verify=verify,
-                              region_name=settings.region or "us-east-1")
+        return session.create_client("s3", endpoint_url=settings.endpoint, config=config, verify=verify,
+                                     region_name=settings.region or "us-east-1")
+    except bex.ProfileNotFound:
+        raise UsageError(f"S3 profile {settings.profile!r} is not in the AWS config or credentials files") from None
     except ValueError as exc:  # a malformed endpoint URL
         raise UsageError(f"[s3] endpoint {settings.endpoint!r} is not a URL ({exc})") from None
