@@ -1,18 +1,23 @@
 """Backup orchestration: full and incremental, from plan to committed manifest.
 
-    1. look:    the VM's qcow2 disks; clear what an interrupted run left behind;
-                reconcile checkpoint records with QEMU's bitmaps
-    2. plan:    full, or incremental since K after checking the whole chain
-    3. record:  the new checkpoint, pending
-    4. freeze:  one transaction (checkpoint + export bitmaps + fleecing), export
-    5. capture: read what the plan says, store chunks, write complete indexes
-    6. commit:  sync, manifest; confirm the checkpoint; a full drops the old chain
-    Any failure after 4 rolls the checkpoint back: QEMU's bitmaps end as before.
+    1. look:    the VM's qcow2 disks and QEMU's bitmaps (one snapshot of the block nodes)
+    2. prepare: clear what an interrupted run left behind; reconcile checkpoint records
+                with QEMU's bitmaps; for an incremental, the twin check (two temporary
+                bitmaps per disk, removed at once).  A dry run only lists the repairs.
+    3. plan:    full, or incremental since K after checking the whole chain: what to read
+                per disk, and why.  Side-effect free (it reads the repository); a dry
+                run stops here.
+    4. execute: record the new checkpoint, pending; freeze (one transaction: checkpoint
+                + export bitmaps + fleecing), export; capture what the plan says, store
+                chunks, write complete indexes; commit: sync, manifest; confirm the
+                checkpoint; a full drops the old chain.
+    Any failure after the freeze rolls the checkpoint back: QEMU's bitmaps end as before.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import logging
 import time
@@ -31,26 +36,36 @@ from .names import BlockNames, block_namespace, check_name, new_checkpoint_name,
 from .nbdio import BASE_ALLOCATION, NbdEndpoint, dirty_bitmap_context, dirty_extents
 from .pointintime import PointInTime, ScratchFiles, clear_leftovers
 from .qmp import QMPSession
-from .records import CheckpointRecord, Disk, DiskBackup, Extent, IndexEntry, Manifest
+from .records import Bitmap, CheckpointRecord, Disk, DiskBackup, Extent, IndexEntry, Manifest
 from .repository import Repository
 from .repository.index import overlay
-from .vm import qcow2_disks
+from .vm import block_nodes, qcow2_disks
 
 log = logging.getLogger(__name__)
 
 Mode = Literal["full", "incremental", "auto"]
+TWIN_HINT = "the chain cannot be trusted: run `nbdbackup full` (or `auto`)"
 
 
 @dataclass(frozen=True)
 class BackupRequest:
+    """A backup as asked for on the command line; the engine fills in the VM's settings."""
+
     vm: str
     mode: Mode
     checkpoint: str | None = None
     since: str | None = None  # incremental: None means the newest checkpoint
+    force_new_chain: bool = False  # full: take over a QEMU whose checkpoints belong to another VM name
+    dry_run: bool = False  # plan only: change nothing in QEMU or the repository
+    qmp: Path | None = None  # the VM's QMP socket (default: the config file's)
+    qga: Path | None = None  # its guest agent's socket (default: the config file's)
+    fsfreeze: bool = False  # freeze the guest's filesystems around the point in time
+    require_fsfreeze: bool = False  # fail if they cannot be frozen
+    verify_boot: bool = False  # auto: then boot the new backup (also the config file's verify_boot)
+    # From the VM's settings in the config file (engine.backup fills them in):
     disks: tuple[str, ...] = ()  # only these disks (default: every qcow2 disk)
     exclude: tuple[str, ...] = ()  # never these disks
     tuning: Tuning = Tuning()
-    force_new_chain: bool = False  # full: take over a QEMU whose checkpoints belong to another VM name
 
 
 @dataclass(frozen=True)
@@ -59,23 +74,42 @@ class DiskPlan:
     merges: tuple[str, ...] | None  # bitmaps holding its changes; None: read it all
     base_entries: tuple[IndexEntry, ...] = ()
     base_size: int = 0
-    reason: str = ""
+    reason: str = ""  # why it is read this way, as `--dry-run` prints it
+    estimate: int = 0  # bytes to read at most, when planned (the guest may write more until the freeze)
 
 
 @dataclass(frozen=True)
 class BackupPlan:
+    vm: str
+    checkpoint: str  # the new checkpoint's name
     kind: Literal["full", "incremental"]
     chain_id: str
     since: CheckpointRecord | None
     disks: tuple[DiskPlan, ...]
     removed_disks: tuple[str, ...] = ()
     notes: tuple[str, ...] = ()
+    repairs: tuple[str, ...] = ()  # what the run did first (a dry run: would do) after an interrupted run
+    twin_checked: bool = False  # the active bitmap was compared with its twin (temporary bitmaps, removed at once)
 
 
 @dataclass(frozen=True)
 class BackupResult:
-    manifest: Manifest
+    manifest: Manifest | None  # None: a dry run
     notes: tuple[str, ...] = field(default=())
+    plan: BackupPlan | None = None
+
+
+@dataclass(frozen=True)
+class Facts:
+    """What a plan is made from, gathered (and repaired) before it."""
+
+    disks: tuple[Disk, ...]
+    records: tuple[CheckpointRecord, ...]
+    bitmaps: dict[str, dict[str, Bitmap]]
+    twin_problem: str | None = None
+    twin_checked: bool = False
+    repairs: tuple[str, ...] = ()
+    notes: tuple[str, ...] = ()
 
 
 def run_backup(
@@ -92,21 +126,71 @@ def run_backup(
     owner: tuple[int, int] | None = None,
 ) -> BackupResult:
     started = time.monotonic()
-    vm = check_name("VM", req.vm)
-    disks = qcow2_disks(session, req.disks, req.exclude)
-    with ScratchFiles(scratch_dir, disks, owner) as scratch_files:  # created while the next steps ask QEMU
-        return _run_backup(repo, session, req, vm, disks, started, scratch_files, scratch_dir=scratch_dir, socket_dir=socket_dir,
-                           cancel=cancel, progress=progress, on_start=on_start, quiesce=quiesce, owner=owner)
+    check_name("VM", req.vm)
+    if req.force_new_chain and req.mode != "full":
+        raise UsageError("--force-new-chain starts a new chain: it goes with a full backup only")
+    snapshot = block_nodes(session)  # 1. look
+    disks = qcow2_disks(session, req.disks, req.exclude, snapshot)
+    with ScratchFiles(scratch_dir, disks, owner) if not req.dry_run else contextlib.nullcontext() as scratch_files:
+        # created while the next steps ask QEMU
+        checkpoints = Checkpoints(repo, session, req.vm, disks, force_new_chain=req.force_new_chain, snapshot=snapshot)
+        facts = prepare(repo, session, checkpoints, req)  # 2.
+        name = check_name("checkpoint", req.checkpoint) if req.checkpoint else new_checkpoint_name()
+        if name == "latest" or any(r.name == name for r in facts.records) or repo.manifest(req.vm, name) is not None:
+            raise UsageError(f"checkpoint {name!r} already exists for VM {req.vm}", hint="choose another --checkpoint name")
+        cancel.check()
+        plan = make_plan(repo, req, name, facts)  # 3.
+        if req.dry_run:
+            return BackupResult(None, plan.notes, plan)
+        return execute(repo, session, checkpoints, req, plan, started, scratch_files, scratch_dir=scratch_dir,  # 4.
+                       socket_dir=socket_dir, cancel=cancel, progress=progress, on_start=on_start, quiesce=quiesce, owner=owner)
 
 
-def _run_backup(
+def prepare(repo: Repository, session: QMPSession, checkpoints: Checkpoints, req: BackupRequest) -> Facts:
+    """The named steps before a plan that may change things: leftovers of an interrupted run
+    removed, incomplete backups deleted, records and bitmaps reconciled (a dry run only lists
+    them); then, for an incremental whose chain checks out, the twin check."""
+    left = clear_leftovers(session, BlockNames(block_namespace(repo.id)), checkpoints.snapshot, dry_run=req.dry_run)
+    repairs = [f"remove the {what} left by an interrupted run" for what in left]
+    if left and not req.dry_run:
+        checkpoints.refresh()  # we changed QEMU: read it again
+    for stale in repo.incomplete_backups(req.vm):
+        repairs.append(f"remove backup {stale}: it never completed")
+        if not req.dry_run:
+            log.warning("removing backup %s of %s: it never completed", stale, req.vm)
+            repo.delete_backup(req.vm, stale)
+    pending = any(r.state == "pending" for r in checkpoints.records())
+    repairs += checkpoints.reconcile(dry_run=req.dry_run)
+    records = checkpoints.records()
+    bitmaps = checkpoints.reconciled if checkpoints.reconciled is not None else checkpoints.bitmaps()  # a dry run's: as if repaired
+    active = _twin_check_due(req, records, bitmaps)
+    if active is not None and req.dry_run and pending:  # the twin takes in a rolled-back checkpoint's bits first
+        return Facts(tuple(checkpoints.disks), tuple(records), bitmaps, None, False, tuple(repairs),
+                     notes=("the active bitmap is compared with its twin after the repairs, by the real run",))
+    problem = checkpoints.twin_check(active, bitmaps) if active is not None else None
+    return Facts(tuple(checkpoints.disks), tuple(records), bitmaps, problem, active is not None, tuple(repairs))
+
+
+def _twin_check_due(req: BackupRequest, records: list[CheckpointRecord], bitmaps: dict[str, dict[str, Bitmap]]) -> CheckpointRecord | None:
+    """The active checkpoint, when the plan will want its twin check: an incremental whose chain
+    passes every other check (otherwise the plan fails, or falls back to a full, without it)."""
+    if req.mode == "full" or not records:
+        return None
+    try:
+        chain.check_since(records, chain.resolve(records, req.since or "latest"), bitmaps)
+    except ChainError:
+        return None
+    return records[-1]
+
+
+def execute(
     repo: Repository,
     session: QMPSession,
+    checkpoints: Checkpoints,
     req: BackupRequest,
-    vm: str,
-    disks: list[Disk],
+    plan: BackupPlan,
     started: float,
-    scratch_files: ScratchFiles,
+    scratch_files: ScratchFiles | None,
     *,
     scratch_dir: Path,
     socket_dir: Path,
@@ -116,27 +200,11 @@ def _run_backup(
     quiesce: Callable[[], AbstractContextManager],
     owner: tuple[int, int] | None,
 ) -> BackupResult:
-    # 1. look
-    clear_leftovers(session, BlockNames(block_namespace(repo.id)))
-    for stale in repo.incomplete_backups(vm):
-        log.warning("removing backup %s of %s: it never completed", stale, vm)
-        repo.delete_backup(vm, stale)
-    if req.force_new_chain and req.mode != "full":
-        raise UsageError("--force-new-chain starts a new chain: it goes with a full backup only")
-    checkpoints = Checkpoints(repo, session, vm, disks, force_new_chain=req.force_new_chain)
-    checkpoints.reconcile()
+    """Carry the plan out: record, freeze, capture, commit."""
+    vm, name = plan.vm, plan.checkpoint
     records = checkpoints.records()
-
-    name = check_name("checkpoint", req.checkpoint) if req.checkpoint else new_checkpoint_name()
-    if name == "latest" or any(r.name == name for r in records) or repo.manifest(vm, name) is not None:
-        raise UsageError(f"checkpoint {name!r} already exists for VM {vm}", hint="choose another --checkpoint name")
-    cancel.check()
-
-    # 2. plan
-    plan = make_plan(repo, checkpoints, req, disks, records)
     previous = records[-1] if records else None
-
-    # 3. record
+    disks = [p.disk for p in plan.disks]
     record = checkpoints.new_record(name, utc_now(), plan.chain_id)
     checkpoints.add_pending(record)
 
@@ -153,14 +221,15 @@ def _run_backup(
         scratch_files=scratch_files,
     )
     try:
-        # 4. freeze and export
+        # freeze and export
         with pit:
+            checkpoints.refresh()  # the freeze changed the bitmaps
             checkpoints.record_final_counts()  # the previous bitmap stopped recording in the freeze
             cancel.check()
             disk_results = []
             regions = {p.disk.id: _regions(p, pit) for p in plan.disks}
             on_start(sum(r.length for rs in regions.values() for r in rs))
-            # 5. capture
+            # capture
             for p in plan.disks:
                 connect = functools.partial(NbdEndpoint, pit.socket, pit.export_name(p.disk))
                 t0 = time.monotonic()
@@ -170,7 +239,7 @@ def _run_backup(
                 digest = repo.write_index(vm, name, p.disk.id, p.disk.size, entries)
                 disk_results.append((p, got, entries, digest))
         cancel.check()
-        # 6. commit
+        # commit
         manifest = Manifest(
             vm=vm,
             checkpoint=name,
@@ -203,7 +272,7 @@ def _run_backup(
         old = [r.name for r in records if r.chain != plan.chain_id]
         if old:
             checkpoints.drop_chain(old)
-    return BackupResult(manifest, plan.notes)
+    return BackupResult(manifest, plan.notes, plan)
 
 
 def _abandon(checkpoints: Checkpoints, repo: Repository, vm: str, name: str, frozen: bool) -> None:
@@ -215,38 +284,46 @@ def _abandon(checkpoints: Checkpoints, repo: Repository, vm: str, name: str, fro
         return
     try:
         if frozen:
+            checkpoints.refresh()  # the freeze changed the bitmaps
             checkpoints.rollback(name)
         else:
-            repo.save_checkpoints(vm, [r for r in checkpoints.records() if r.name != name])
+            checkpoints.discard_pending(name)
         repo.delete_backup(vm, name)
     except Exception as exc:  # never hide the original error; the next run reconciles
         log.warning("could not roll back checkpoint %s (the next run will): %s", name, exc)
 
 
-def make_plan(repo: Repository, checkpoints: Checkpoints, req: BackupRequest, disks: list[Disk], records: list[CheckpointRecord]) -> BackupPlan:
+def make_plan(repo: Repository, req: BackupRequest, name: str, facts: Facts) -> BackupPlan:
+    """What to read, per disk, and why.  Side-effect free: it only reads the repository."""
+    plan = _plan(repo, req, name, facts)
+    return dataclasses.replace(plan, repairs=facts.repairs, twin_checked=facts.twin_checked, notes=(*plan.notes, *facts.notes))
+
+
+def _plan(repo: Repository, req: BackupRequest, name: str, facts: Facts) -> BackupPlan:
     if req.mode == "full":
-        return _full_plan(disks)
+        return _full_plan(req.vm, name, facts.disks)
     try:
-        return _incremental_plan(repo, checkpoints, req, disks, records)
+        return _incremental_plan(repo, req, name, facts)
     except (ChainError, RepositoryDamaged) as exc:
         if req.mode != "auto":
             raise
-        if not records and not repo.backup_names(req.vm):
-            return _full_plan(disks)  # the VM's first backup: nothing to fall back from, nothing to warn about
+        if not facts.records and not repo.backup_names(req.vm):
+            return _full_plan(req.vm, name, facts.disks)  # the VM's first backup: nothing to fall back from, nothing to warn about
         note = f"full backup instead of an incremental one: {exc.message}"  # not exc: its hint says to run a full
-        return _full_plan(disks, notes=(note,))
+        return _full_plan(req.vm, name, facts.disks, notes=(note,))
 
 
-def _full_plan(disks: list[Disk], notes: tuple[str, ...] = ()) -> BackupPlan:
-    return BackupPlan(kind="full", chain_id=uuid.uuid4().hex, since=None,
-                      disks=tuple(DiskPlan(d, None, reason="full backup") for d in disks), notes=notes)
+def _full_plan(vm: str, name: str, disks: tuple[Disk, ...], notes: tuple[str, ...] = ()) -> BackupPlan:
+    return BackupPlan(vm=vm, checkpoint=name, kind="full", chain_id=uuid.uuid4().hex, since=None,
+                      disks=tuple(DiskPlan(d, None, reason="full backup", estimate=d.size) for d in disks), notes=notes)
 
 
-def _incremental_plan(repo: Repository, checkpoints: Checkpoints, req: BackupRequest, disks: list[Disk], records: list[CheckpointRecord]) -> BackupPlan:
+def _incremental_plan(repo: Repository, req: BackupRequest, name: str, facts: Facts) -> BackupPlan:
+    records = list(facts.records)
     since = chain.resolve(records, req.since or "latest")
-    bitmaps = checkpoints.bitmaps()
-    chain.check_since(records, since, bitmaps)
-    checkpoints.verify_active(records[-1])
+    chain.check_since(records, since, facts.bitmaps)
+    if facts.twin_problem:
+        raise ChainBroken(facts.twin_problem, hint=TWIN_HINT)
     base = repo.manifest(req.vm, since.name)
     if base is None:
         raise ChainBroken(f"the repository holds no complete backup at checkpoint {since.name}", hint="run `nbdbackup full`")
@@ -254,19 +331,23 @@ def _incremental_plan(repo: Repository, checkpoints: Checkpoints, req: BackupReq
         raise ChainBroken(f"the backup at {since.name} belongs to another chain", hint="run `nbdbackup full`")
     merges = tuple(r.bitmap for r in chain.since_chain(records, since.name))
     plans = []
-    for d in disks:
+    for d in facts.disks:
         at_base = base.disk(d.id)
         if at_base is None or d.id not in since.disks:
-            plans.append(DiskPlan(d, None, reason="disk added since the base checkpoint"))
+            plans.append(DiskPlan(d, None, reason="disk added since the base checkpoint", estimate=d.size))
             continue
         _, entries = repo.read_index(base, d.id)
         if d.size < at_base.size:
-            plans.append(DiskPlan(d, None, reason=f"disk shrank from {at_base.size} to {d.size} bytes"))
+            plans.append(DiskPlan(d, None, reason=f"disk shrank from {at_base.size} to {d.size} bytes", estimate=d.size))
             continue
+        have = facts.bitmaps.get(d.id, {})
+        dirty = sum(have[b].count for b in merges if b in have)  # at most: bitmaps may overlap
         plans.append(DiskPlan(d, merges, tuple(entries), at_base.size,
-                              reason="changed since " + since.name + (f"; grew from {at_base.size} bytes" if d.size > at_base.size else "")))
-    removed = tuple(sorted({d.id for d in base.disks} - {d.id for d in disks}))
-    return BackupPlan(kind="incremental", chain_id=since.chain, since=since, disks=tuple(plans), removed_disks=removed)
+                              reason="changed since " + since.name + (f"; grew from {at_base.size} bytes" if d.size > at_base.size else ""),
+                              estimate=min(dirty, at_base.size) + max(0, d.size - at_base.size)))
+    removed = tuple(sorted({d.id for d in base.disks} - {d.id for d in facts.disks}))
+    return BackupPlan(vm=req.vm, checkpoint=name, kind="incremental", chain_id=since.chain, since=since, disks=tuple(plans),
+                      removed_disks=removed)
 
 
 def _regions(p: DiskPlan, pit: PointInTime) -> list[Extent]:

@@ -49,8 +49,13 @@ class BootRequest:
     checkpoint: str = "latest"
     check: str | None = None  # shell command run in the guest through the agent
     console_line: str | None = None  # wait for this text on the serial console instead of the agent
-    timeout: float = DEFAULT_TIMEOUT
-    qemu_args: tuple[str, ...] = ()  # [vm.NAME] boot
+    timeout: float | None = None  # seconds (None: [vm.NAME] boot_timeout, else DEFAULT_TIMEOUT; the engine fills it in)
+    qemu_args: tuple[str, ...] = ()  # [vm.NAME] boot (the engine fills it in)
+
+    @property
+    def seconds(self) -> float:
+        """How long the guest may take to show life."""
+        return DEFAULT_TIMEOUT if self.timeout is None else self.timeout
 
 
 @dataclass(frozen=True)
@@ -99,12 +104,12 @@ def restore_point(repo: Repository, req: BootRequest, workdir: Path, *, tuning: 
                   cancel: CancelToken = CancelToken(), on_start: Callable[[int], None] = lambda total: None,
                   progress: Callable[[int], None] = lambda n: None) -> tuple[str, list[tuple[str, Path]]]:
     """Restore the point into workdir (the only step that reads the repository): its checkpoint and (disk, image) pairs."""
-    if not req.timeout > 0:
-        raise UsageError(f"the boot timeout must be a positive number of seconds, not {req.timeout:g}")
+    if not req.seconds > 0:
+        raise UsageError(f"the boot timeout must be a positive number of seconds, not {req.seconds:g}")
     m = find_backup(repo, req.vm, req.checkpoint)
     images = run_restore(repo, RestoreRequest(vm=req.vm, checkpoint=m.checkpoint, output=workdir / "restored"),
                          socket_dir=workdir, tuning=tuning, cancel=cancel, progress=progress, on_start=on_start)
-    return m.checkpoint, list(zip((d.id for d in m.disks), images, strict=True))
+    return m.checkpoint, [(i.disk, i.path) for i in images]
 
 
 def boot_point(req: BootRequest, checkpoint: str, images: list[tuple[str, Path]], workdir: Path, *,
@@ -116,14 +121,14 @@ def boot_point(req: BootRequest, checkpoint: str, images: list[tuple[str, Path]]
         _qemu_img("create", "-q", "-f", "qcow2", "-b", str(image), "-F", "qcow2", str(overlay))
         overlays.append((disk, overlay))
     plan = plan_boot(overlays, req.qemu_args, workdir)
-    on_phase(f"booting backup {checkpoint} of {req.vm} (timeout {req.timeout:g} s)")
+    on_phase(f"booting backup {checkpoint} of {req.vm} (timeout {req.seconds:g} s)")
     with _qemu(plan, workdir / "qemu.log") as (proc, qmp):
         started = time.monotonic()
         sign = _wait_alive(plan, proc, qmp, req, cancel, started)
         seconds = time.monotonic() - started
         output = ""
         if req.check is not None:
-            output = _run_check(plan.agent, req.check, max(started + req.timeout - time.monotonic(), 30.0), checkpoint)
+            output = _run_check(plan.agent, req.check, max(started + req.seconds - time.monotonic(), 30.0), checkpoint)
     return BootResult(req.vm, checkpoint, seconds, sign, req.check, output)
 
 
@@ -172,7 +177,7 @@ def _qemu(plan: BootPlan, logfile: Path) -> Iterator[tuple[subprocess.Popen, QMP
 
 def _wait_alive(plan: BootPlan, proc: subprocess.Popen, qmp: QMPSession, req: BootRequest,
                 cancel: CancelToken, started: float) -> str:
-    deadline = started + req.timeout
+    deadline = started + req.seconds
     while True:
         cancel.check()
         if proc.poll() is not None:
@@ -196,7 +201,7 @@ def _wait_alive(plan: BootPlan, proc: subprocess.Popen, qmp: QMPSession, req: Bo
             return "the guest agent answered"
         if time.monotonic() > deadline:
             what = f"the console line {req.console_line!r}" if req.console_line is not None else "an answer from the guest agent"
-            raise BackupDoesNotBoot(f"backup of {req.vm} did not boot: no sign of life ({what}) within {req.timeout:g} s; "
+            raise BackupDoesNotBoot(f"backup of {req.vm} did not boot: no sign of life ({what}) within {req.seconds:g} s; "
                                     f"console: {_console_tail(plan.console)}",
                                     hint="raise --timeout, or check [vm.NAME] boot and that the guest runs qemu-guest-agent")
         time.sleep(POLL)

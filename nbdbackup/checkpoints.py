@@ -11,13 +11,18 @@ Tamper evidence (another tool clearing or merging into our bitmaps):
   the active bitmap has a twin that records the same writes (cleared together in
   the freeze transaction, merged together on delete); they are compared in one
   atomic snapshot before every incremental.
+
+State loaded once: a Checkpoints object reads the records (checkpoints.json) and the
+bitmaps (query-named-block-nodes, or the snapshot it is given) the first time they are
+needed, keeps the records it saves, and reads the bitmaps again only after a transaction
+of its own (or refresh(), after the caller's freeze) changed them.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 from . import chain
 from .errors import ChainBroken, ChainOfAnotherVM, NbdBackupError
@@ -25,14 +30,26 @@ from .names import bitmap_namespace, check_bitmaps, checkpoint_bitmap, is_nbdbac
 from .qmp import QMPSession
 from .records import Bitmap, CheckpointRecord, Disk
 from .repository import Repository
-from .vm import Action, bitmap_add, bitmap_clear, bitmap_disable, bitmap_enable, bitmap_merge, bitmap_remove, node_bitmaps, qemu_identity
+from .vm import (
+    Action,
+    BlockNodes,
+    bitmap_add,
+    bitmap_clear,
+    bitmap_disable,
+    bitmap_enable,
+    bitmap_merge,
+    bitmap_remove,
+    block_nodes,
+    qemu_identity,
+)
 
 log = logging.getLogger(__name__)
 
 
-def disk_bitmaps(session: QMPSession, disks: Sequence[Disk]) -> dict[str, dict[str, Bitmap]]:
-    """disk id -> bitmap name -> Bitmap, for nbdbackup's bitmaps only (any repository's)."""
-    per_node = node_bitmaps(session)
+def disk_bitmaps(session: QMPSession, disks: Sequence[Disk], snapshot: BlockNodes | None = None) -> dict[str, dict[str, Bitmap]]:
+    """disk id -> bitmap name -> Bitmap, for nbdbackup's bitmaps only (any repository's).
+    snapshot: the block nodes already read (else read now)."""
+    per_node = (snapshot or block_nodes(session)).bitmaps()
     return {d.id: {b.name: b for b in per_node.get(d.node, []) if is_nbdbackup_bitmap(b.name)} for d in disks}
 
 
@@ -100,6 +117,10 @@ class Checkpoints:
     vm: str
     disks: Sequence[Disk]
     force_new_chain: bool = False  # take over a QEMU whose checkpoints belong to another VM name
+    snapshot: BlockNodes | None = None  # the block nodes, if the caller read them already
+    _records: list[CheckpointRecord] | None = field(default=None, init=False, repr=False)
+    _bitmaps: dict[str, dict[str, Bitmap]] | None = field(default=None, init=False, repr=False)
+    reconciled: dict[str, dict[str, Bitmap]] | None = field(default=None, init=False, repr=False)  # the bitmaps as reconcile() leaves them
 
     @property
     def namespace(self) -> str:
@@ -114,10 +135,26 @@ class Checkpoints:
                                 bitmap=checkpoint_bitmap(self.namespace, name))
 
     def records(self) -> list[CheckpointRecord]:
-        return self.repo.checkpoints(self.vm)
+        """The VM's checkpoint records: read once, then those this object saved."""
+        if self._records is None:
+            self._records = self.repo.checkpoints(self.vm)
+        return list(self._records)
 
     def bitmaps(self) -> dict[str, dict[str, Bitmap]]:
-        return disk_bitmaps(self.session, self.disks)
+        """nbdbackup's bitmaps per disk: from the snapshot, or read again after a change."""
+        if self._bitmaps is None:
+            self._bitmaps = disk_bitmaps(self.session, self.disks, self.snapshot)
+            self.snapshot = None  # used once: a later read must see QEMU as it is then
+        return self._bitmaps
+
+    def refresh(self) -> None:
+        """QEMU's bitmaps changed outside this object (the backup's freeze): read them again when next needed."""
+        self._bitmaps = None
+        self.snapshot = None
+
+    def _save(self, records: Sequence[CheckpointRecord]) -> None:
+        self.repo.save_checkpoints(self.vm, records)
+        self._records = list(records)
 
     def other_owners(self, bitmaps: dict[str, dict[str, Bitmap]] | None = None) -> dict[str, str]:
         """Bitmaps of this repository on the VM's disks that another VM name's checkpoint
@@ -154,53 +191,89 @@ class Checkpoints:
                  f"start a new chain with `nbdbackup full --force-new-chain {self.vm}`",
         )
 
-    def reconcile(self) -> list[str]:
+    def reconcile(self, *, dry_run: bool = False) -> list[str]:
         """Bring records and bitmaps back in step after a crash; returns what was done.
-        First of all ChainOfAnotherVM if the QEMU holds another VM name's chain."""
+        First of all ChainOfAnotherVM if the QEMU holds another VM name's chain.
+        dry_run: change nothing; return what would be done (records() then gives the records
+        it would leave; QEMU's bitmaps stay as they are: the plan sees them as the steps would
+        leave them, the dirty counts of merges excepted)."""
         done: list[str] = []
         records = self.records()
         bitmaps = self.bitmaps()
+
+        def step(did: str, todo: str, change=None) -> None:
+            done.append(todo if dry_run else did)
+            if change is not None and not dry_run:
+                change()
+
+        def without(names, disks=None) -> dict[str, dict[str, Bitmap]]:
+            """The bitmaps as a step that removes names (on disks, default all) leaves them:
+            read again, or (dry run) assumed."""
+            if not dry_run:
+                return self.bitmaps()
+            gone = set(names)
+            return {d: {n: b for n, b in have.items() if n not in gone or (disks is not None and d not in disks)}
+                    for d, have in bitmaps.items()}
+
         taken = self.check_owner(bitmaps)
         if taken:
-            self._apply(remove_actions(self.disks, taken, bitmaps))
-            bitmaps = self.bitmaps()
-            done.append(f"started a new chain for VM {self.vm!r}: removed the checkpoints of VM "
-                        f"{' and '.join(repr(v) for v in sorted(set(taken.values())))} from this QEMU")
+            others = " and ".join(repr(v) for v in sorted(set(taken.values())))
+            step(f"started a new chain for VM {self.vm!r}: removed the checkpoints of VM {others} from this QEMU",
+                 f"remove the checkpoints of VM {others} from this QEMU (a new chain for VM {self.vm!r})",
+                 lambda: self._apply(remove_actions(self.disks, taken, bitmaps)))
+            bitmaps = without(taken)
         for r in [r for r in records if r.state == "pending"]:
             present = any(r.bitmap in b for b in bitmaps.values())
             if present and self.repo.manifest(self.vm, r.name) is not None:
                 records = [replace(x, state="confirmed") if x.name == r.name else x for x in records]
-                done.append(f"confirmed checkpoint {r.name}: its backup had been committed")
+                step(f"confirmed checkpoint {r.name}: its backup had been committed", f"confirm checkpoint {r.name}: its backup was committed")
             else:
-                if present:
+                if present and not dry_run:
                     plan = chain.plan_delete(records, r.name)
                     self._apply(delete_actions(plan, self.disks, bitmaps, self.twin))
                     bitmaps = self.bitmaps()
                     records = self._recount(records, plan, bitmaps)
+                elif present:  # a dry run: its bitmap would be merged into the previous one and removed
+                    plan = chain.plan_delete(records, r.name)
+                    bitmaps = _after_delete(without([r.bitmap]), plan)
+                    records = [replace(x, counts={}) if x.bitmap == plan.merge_into else x for x in records]  # counts: not known yet
                 records = [x for x in records if x.name != r.name]
-                done.append(f"rolled back checkpoint {r.name}: its backup never completed")
-            self.repo.save_checkpoints(self.vm, records)
+                step(f"rolled back checkpoint {r.name}: its backup never completed", f"roll back checkpoint {r.name}: its backup never completed")
+            if not dry_run:
+                self._save(records)
         broken_twins = [(d, b[self.twin]) for d, b in bitmaps.items()
                         if self.twin in b and (b[self.twin].inconsistent or not b[self.twin].persistent)]
         if broken_twins:  # cannot be cleared: removed, and the next full backup starts a new one
-            self._apply([bitmap_remove(t.node, t.name) for _, t in broken_twins])
-            bitmaps = self.bitmaps()
-            done.append(f"removed the unusable twin bitmap on disk {', '.join(d for d, _ in broken_twins)}")
+            which = ", ".join(d for d, _ in broken_twins)
+            step(f"removed the unusable twin bitmap on disk {which}", f"remove the unusable twin bitmap on disk {which}",
+                 lambda: self._apply([bitmap_remove(t.node, t.name) for _, t in broken_twins]))
+            bitmaps = without([self.twin], {d for d, _ in broken_twins})
         known = {r.bitmap for r in records} | {self.twin}
         orphans = sorted({n for b in bitmaps.values() for n in b if n.startswith(self.namespace)} - known)
         if orphans:
-            self._apply(remove_actions(self.disks, orphans, bitmaps))
-            done.append(f"removed bitmaps without a checkpoint record: {', '.join(orphans)}")
+            step(f"removed bitmaps without a checkpoint record: {', '.join(orphans)}",
+                 f"remove bitmaps without a checkpoint record: {', '.join(orphans)}",
+                 lambda: self._apply(remove_actions(self.disks, orphans, bitmaps)))
         stale = [r for r in records if records and r.chain != records[-1].chain]
         if stale:
-            self.drop_chain([r.name for r in stale])
-            done.append(f"removed checkpoints of an older chain: {', '.join(r.name for r in stale)}")
+            names = ", ".join(r.name for r in stale)
+            step(f"removed checkpoints of an older chain: {names}", f"remove checkpoints of an older chain: {names}",
+                 lambda: self.drop_chain([r.name for r in stale]))
+            records = [r for r in records if r not in stale]
+        if dry_run:
+            self._records = records  # what the run would plan with
+        self.reconciled = bitmaps if dry_run else self.bitmaps()
         for line in done:
-            log.warning("%s", line)
+            if not dry_run:
+                log.warning("%s", line)
         return done
 
     def add_pending(self, record: CheckpointRecord) -> None:
-        self.repo.save_checkpoints(self.vm, [*self.records(), record])
+        self._save([*self.records(), record])
+
+    def discard_pending(self, name: str) -> None:
+        """Drop the record of a checkpoint whose bitmaps were never created (the freeze did not happen)."""
+        self._save([r for r in self.records() if r.name != name])
 
     def record_final_counts(self) -> None:
         """Right after the freeze: bitmaps that stopped recording get their final counts."""
@@ -209,12 +282,12 @@ class Checkpoints:
         if not needy:
             return
         bitmaps = self.bitmaps()
-        self.repo.save_checkpoints(self.vm, [replace(r, counts=_counts(r, bitmaps)) if r.name in needy else r for r in records])
+        self._save([replace(r, counts=_counts(r, bitmaps)) if r.name in needy else r for r in records])
 
     def confirm(self, name: str) -> None:
         """The backup at name is committed."""
         self.record_final_counts()  # no-op unless the run was interrupted in between
-        self.repo.save_checkpoints(self.vm, [replace(r, state="confirmed") if r.name == name else r for r in self.records()])
+        self._save([replace(r, state="confirmed") if r.name == name else r for r in self.records()])
 
     def rollback(self, name: str) -> None:
         """Undo a checkpoint whose backup failed: QEMU's bitmaps as before, record gone."""
@@ -227,23 +300,39 @@ class Checkpoints:
         plan = chain.plan_delete(records, name)
         self._apply(delete_actions(plan, self.disks, self.bitmaps(), self.twin))
         records = self._recount(records, plan, self.bitmaps())
-        self.repo.save_checkpoints(self.vm, [r for r in records if r.name != name])
+        self._save([r for r in records if r.name != name])
 
     def _recount(self, records: list[CheckpointRecord], plan: chain.DeletePlan, bitmaps: dict[str, dict[str, Bitmap]]) -> list[CheckpointRecord]:
         """After our merge into plan.merge_into: its new final counts, or none if it records again."""
         return [replace(r, counts={} if plan.enable else _counts(r, bitmaps)) if r.bitmap == plan.merge_into else r for r in records]
 
-    def verify_active(self, active: CheckpointRecord) -> None:
+    def verify_active(self, active: CheckpointRecord, bitmaps: dict[str, dict[str, Bitmap]] | None = None, *,
+                      quiescent: bool = False) -> None:
         """ChainBroken unless the active bitmap equals its twin on every disk (one atomic snapshot)."""
-        bitmaps = self.bitmaps()
-        sound = [d for d in self.disks if active.bitmap in bitmaps[d.id] and not bitmaps[d.id][active.bitmap].inconsistent
-                 and self.twin in bitmaps[d.id] and not bitmaps[d.id][self.twin].inconsistent]
-        counts = self._snapshot_counts(sound, active.bitmap, bitmaps) if sound else {}
+        problem = self.twin_check(active, bitmaps, quiescent=quiescent)
+        if problem:
+            raise ChainBroken(problem, hint="the chain cannot be trusted: run `nbdbackup full` (or `auto`)")
+
+    def twin_check(self, active: CheckpointRecord, bitmaps: dict[str, dict[str, Bitmap]] | None = None, *,
+                   quiescent: bool = False) -> str | None:
+        """Why the active bitmap cannot be trusted, judged by its twin, or None (docs/CHAIN.md).
+
+        Not read-only: QEMU copies both, at one instant, into two temporary bitmaps
+        per disk (not persistent), which are removed at once; QEMU ends as it was.
+        quiescent: nothing writes to the disks (images opened by nbdbackup alone), so the
+        counts in bitmaps (the bitmaps now) are already one instant's: no temporary bitmaps."""
+        bitmaps = self.bitmaps() if bitmaps is None else bitmaps
+        sound = [d for d in self.disks if _usable(bitmaps[d.id].get(active.bitmap)) and _usable(bitmaps[d.id].get(self.twin))]
+        if quiescent:
+            counts = {d.id: (bitmaps[d.id][active.bitmap].count, bitmaps[d.id][self.twin].count) for d in sound}
+        else:
+            counts = self._snapshot_counts(sound, active.bitmap, bitmaps) if sound else {}
         for d in self.disks:
             if d.id in active.disks:
                 problem = chain.twin_problem(active, d.id, bitmaps[d.id].get(self.twin), counts.get(d.id))
                 if problem:
-                    raise ChainBroken(problem, hint="the chain cannot be trusted: run `nbdbackup full` (or `auto`)")
+                    return problem
+        return None
 
     def _snapshot_counts(self, disks: Sequence[Disk], active: str, left: dict[str, dict[str, Bitmap]]) -> dict[str, tuple[int, int]]:
         """(active, twin) dirty bytes per disk, copied at one instant into temporary bitmaps.
@@ -262,6 +351,8 @@ class Checkpoints:
         finally:
             try:
                 self._apply([bitmap_remove(d.node, n) for d in disks for n in (a, t)])
+                # QEMU's bitmaps are as before the check (the recording ones went on counting, as they always do)
+                self._bitmaps = {d: {n: b for n, b in have.items() if n not in (a, t)} for d, have in left.items()}
             except NbdBackupError as exc:  # non-persistent: they go with QEMU anyway
                 log.warning("could not remove temporary bitmaps: %s", exc)
 
@@ -269,11 +360,25 @@ class Checkpoints:
         """Remove whole checkpoints (an old chain after a new full): bitmaps first, records after."""
         gone = set(names)
         self._apply(remove_actions(self.disks, [r.bitmap for r in self.records() if r.name in gone], self.bitmaps()))
-        self.repo.save_checkpoints(self.vm, [r for r in self.records() if r.name not in gone])
+        self._save([r for r in self.records() if r.name not in gone])
 
     def _apply(self, actions: list[Action]) -> None:
         if actions:
+            self.refresh()  # also when it fails: QEMU's answer is what counts
             self.session.transaction(actions)
+
+
+def _after_delete(bitmaps: dict[str, dict[str, Bitmap]], plan: chain.DeletePlan) -> dict[str, dict[str, Bitmap]]:
+    """The bitmaps as deleting plan.remove leaves them, as far as a plan needs them (a dry run's
+    view): the bitmap merged into records again if it becomes the active one."""
+    if not plan.merge_into or not plan.enable:
+        return bitmaps
+    return {d: {n: replace(b, recording=True) if n == plan.merge_into else b for n, b in have.items()} for d, have in bitmaps.items()}
+
+
+def _usable(bitmap: Bitmap | None) -> bool:
+    """Can be copied into a temporary bitmap (QEMU refuses a busy one)."""
+    return bitmap is not None and not bitmap.inconsistent and not bitmap.busy
 
 
 def _counts(record: CheckpointRecord, bitmaps: dict[str, dict[str, Bitmap]]) -> dict[str, int]:

@@ -89,6 +89,7 @@ class Settings:
     config_searched: tuple[Path, ...] = ()  # where a config file was looked for, when none was given
     s3: S3Settings = S3Settings()  # the [s3] table: every S3 repository's settings unless a table of its own says otherwise
     encryption: str | None = None  # what a new repository gets; an encrypted choice refuses an unencrypted repository
+    metrics_file: Path | None = None  # --metrics-file: the Prometheus textfile every backup run updates
     s3_repositories: dict[S3Location, dict[str, Any]] = field(default_factory=dict)  # [s3."s3://BUCKET[/PREFIX]"] tables (checked)
 
     def s3_for(self, where: Location) -> S3Settings:

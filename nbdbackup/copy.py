@@ -45,6 +45,7 @@ class CopyRequest:
     checkpoint: str | None = None  # None: the newest backup (unless every)
     every: bool = False
     workers: int = 8
+    target: str = ""  # the repository to copy to: a directory or s3://BUCKET/PREFIX
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,8 @@ reads or writes truly in parallel.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+from collections import deque
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import nbd
@@ -24,6 +25,7 @@ STATUS_STEP = 1024 * 1024 * 1024  # one block-status query covers at most this m
 BASE_ALLOCATION = "base:allocation"
 STATE_ZERO = 2  # base:allocation's flag for a range that reads as zeros
 DIRTY = 1
+BATCH_WINDOW = 16  # write_batch: requests in flight on one connection
 
 
 def dirty_bitmap_context(bitmap: str) -> str:
@@ -102,6 +104,41 @@ class NbdEndpoint:
             piece = view[start:start + MAX_REQUEST]
             self._call("write", offset + start, self._h.pwrite, piece, offset + start)
 
+    def write_batch(self, requests: Sequence[tuple[int, int, bytes | memoryview | None]]) -> None:
+        """Each (offset, length, data) written, each (offset, length, None) made zero (the server
+        may punch holes), with up to BATCH_WINDOW requests in flight on this connection; returns
+        when all completed.  The caller keeps the data alive and unchanged until then."""
+        h = self._h
+        pending: deque[tuple[int, int, object]] = deque()  # (offset, cookie, the buffer, kept alive)
+
+        def complete_oldest() -> None:
+            at, cookie, _ = pending[0]
+            try:
+                _wait(h, cookie)
+            except nbd.Error as exc:
+                raise NbdIOError(f"NBD write at offset {at} on export {self.export!r} failed: {exc.string}") from None
+            pending.popleft()
+
+        for start, length, data in requests:
+            view = None if data is None else memoryview(data)
+            pos, end = start, start + length
+            while pos < end:
+                if len(pending) >= BATCH_WINDOW:
+                    complete_oldest()
+                try:
+                    if view is None:
+                        n = min(STATUS_STEP, end - pos)
+                        pending.append((pos, h.aio_zero(n, pos), None))
+                    else:
+                        n = min(MAX_REQUEST, end - pos)
+                        buf = nbd.Buffer.from_buffer(view[pos - start:pos - start + n])
+                        pending.append((pos, h.aio_pwrite(buf, pos), buf))
+                except nbd.Error as exc:
+                    raise NbdIOError(f"NBD write at offset {pos} on export {self.export!r} failed: {exc.string}") from None
+                pos += n
+        while pending:
+            complete_oldest()
+
     def zero(self, length: int, offset: int) -> None:
         """Make the range read as zeroes; the server may punch holes (the image stays sparse)."""
         end = offset + length
@@ -150,6 +187,12 @@ class NbdEndpoint:
                     if start < stop:
                         yield context, start, stop - start, flags
             offset = covered
+
+
+def _wait(h: nbd.NBD, cookie: int) -> None:
+    """Until the request completes (nbd.Error if it failed)."""
+    while not h.aio_command_completed(cookie):
+        h.poll(-1)
 
 
 def is_zero(buf: bytes | bytearray | memoryview) -> bool:

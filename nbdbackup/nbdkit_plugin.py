@@ -64,7 +64,7 @@ def config_complete():
 
 def get_ready():
     """Open the repository and every index before the socket accepts anyone."""
-    from nbdbackup.serving import open_backup
+    from nbdbackup.engine import open_backup
 
     repo, lock, images = open_backup(_params["repo"], _params.get("config") or None, _params["vm"],
                                      _params["checkpoint"], _params["disk"], _params.pop("key", None))

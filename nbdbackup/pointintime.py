@@ -29,7 +29,7 @@ from .errors import NbdBackupError, QEMUCommandFailed, QEMUFailed, VMUnsuitable
 from .names import EXPORT_BITMAP, GRANULARITY, BlockNames, nbd_export_name
 from .qmp import QMPSession
 from .records import Disk
-from .vm import bitmap_add, bitmap_merge
+from .vm import BlockNodes, bitmap_add, bitmap_merge, block_nodes
 
 log = logging.getLogger(__name__)
 
@@ -181,33 +181,39 @@ def start_nbd_server(session: QMPSession, socket: Path) -> None:
         session.execute("nbd-server-start", args)
 
 
-def clear_leftovers(session: QMPSession, names: BlockNames) -> list[str]:
-    """Remove exports, jobs and nodes that an interrupted run (SIGKILL) of this repository left in QEMU."""
+def clear_leftovers(session: QMPSession, names: BlockNames, snapshot: BlockNodes | None = None, *, dry_run: bool = False) -> list[str]:
+    """Remove exports, jobs and nodes that an interrupted run (SIGKILL) of this repository left in QEMU.
+    snapshot: the block nodes, if already read.  dry_run: only say what would be removed."""
     done = []
     exports = session.execute("query-block-exports")
     ours = [e["id"] for e in exports if names.owns(e["id"])]
     for export in ours:
-        delete_export(session, export)
+        if not dry_run:
+            delete_export(session, export)
         done.append(f"export {export}")
     if ours and len(ours) == len(exports):
         try:
-            session.execute("nbd-server-stop")
+            if not dry_run:
+                session.execute("nbd-server-stop")
             done.append("NBD server")
         except NbdBackupError:
             pass
     for job in session.execute("query-block-jobs"):
         if names.owns(job["device"]):
-            delete_job(session, job["device"])
+            if not dry_run:
+                delete_job(session, job["device"])
             done.append(f"job {job['device']}")
-    for node in session.execute("query-named-block-nodes", {"flat": True}):
-        if names.is_fleece(node["node-name"]):
+    for node in (snapshot or block_nodes(session)).names():
+        if names.is_fleece(node):
             try:
-                session.execute("blockdev-del", {"node-name": node["node-name"]})
-                done.append(f"node {node['node-name']}")
+                if not dry_run:
+                    session.execute("blockdev-del", {"node-name": node})
+                done.append(f"node {node}")
             except NbdBackupError as exc:
-                log.warning("cleanup: node %s: %s", node["node-name"], exc)
-    for line in done:
-        log.warning("removed %s left by an interrupted run", line)
+                log.warning("cleanup: node %s: %s", node, exc)
+    if not dry_run:
+        for line in done:
+            log.warning("removed %s left by an interrupted run", line)
     return done
 
 

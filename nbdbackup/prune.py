@@ -5,14 +5,16 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 
 from .checkpoints import Checkpoints
-from .errors import RepositoryDamaged
+from .errors import NbdBackupError, RepositoryDamaged, SomeRunsFailed
 from .qmp import QMPSession
 from .records import Disk
 from .repository import Repository
 from .retention import Decision, Policy, decide
+from .vm import BlockNodes
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +37,34 @@ class PruneReport:
     garbage: GarbageReport | None = None
 
 
+@dataclass(frozen=True)
+class PruneRequest:
+    vm: str | None  # None: every VM of the config file that has a retention setting (all_vms)
+    all_vms: bool = False
+    keep: dict[str, int] = field(default_factory=dict)  # --keep-* given; else each VM's retention setting
+    qmp: Path | None = None  # the VM's QMP socket (default: the config file's)
+    dry_run: bool = False
+
+
+@dataclass(frozen=True)
+class PruneOutcome:
+    """A prune run: each VM's report (or failure, with --all), then the chunks freed once for all."""
+
+    reports: dict[str, PruneReport]
+    failures: dict[str, NbdBackupError] = field(default_factory=dict)
+    garbage: GarbageReport | None = None
+
+    @property
+    def error(self) -> NbdBackupError | None:
+        """What the run exits with once the reports are shown: damage (6) first, then the worst failure."""
+        if self.garbage is not None and self.garbage.damaged:
+            return RepositoryDamaged("the repository has damage: backups were pruned but no chunk was freed",
+                                     hint="run `nbdbackup verify VM` for each VM")
+        if self.failures:
+            return SomeRunsFailed(f"prune failed for {', '.join(self.failures)}", max(e.exit_code for e in self.failures.values()))
+        return None
+
+
 def decide_for(repo: Repository, vm: str, policy: Policy) -> tuple[Decision, ...]:
     """The policy's decisions; the backup at the newest checkpoint (the next incremental's base) is kept."""
     records = repo.checkpoints(vm)
@@ -43,7 +73,7 @@ def decide_for(repo: Repository, vm: str, policy: Policy) -> tuple[Decision, ...
 
 
 def remove_backups(repo: Repository, vm: str, decisions: Sequence[Decision], session: QMPSession | None,
-                   disks: Sequence[Disk]) -> tuple[str, ...]:
+                   disks: Sequence[Disk], snapshot: BlockNodes | None = None) -> tuple[str, ...]:
     """Delete the checkpoints (in QEMU, when there is a session) and the backups the decisions drop.
 
     Checkpoints whose backup is gone (now, or pruned earlier while the VM was
@@ -52,7 +82,7 @@ def remove_backups(repo: Repository, vm: str, decisions: Sequence[Decision], ses
     """
     deleted: list[str] = []
     if session is not None:
-        checkpoints = Checkpoints(repo, session, vm, disks)
+        checkpoints = Checkpoints(repo, session, vm, disks, snapshot=snapshot)
         checkpoints.reconcile()
         kept = {d.manifest.checkpoint for d in decisions if d.keep}
         for r in checkpoints.records()[:-1]:

@@ -35,6 +35,19 @@ COMMAND_TIMEOUT = 60.0
 PROBE_SECONDS = 1.0
 
 
+class _Client(QMPClient):
+    """QMPClient whose message hooks pretty-print a message for the debug log only when that
+    log is on: qemu.qmp 0.0.x formats every message it sends and receives (json.dumps with
+    indent, milliseconds for a query-named-block-nodes answer) even when nothing logs it.
+    These hooks are there to be overridden (qemu.qmp.protocol.AsyncProtocol)."""
+
+    def _cb_outbound(self, msg: Any) -> Any:
+        return super()._cb_outbound(msg) if self.logger.isEnabledFor(logging.DEBUG) else msg
+
+    def _cb_inbound(self, msg: Any) -> Any:
+        return super()._cb_inbound(msg) if self.logger.isEnabledFor(logging.DEBUG) else msg
+
+
 class QMPSession:
     """One connection to a VM's QMP monitor.  Use as a context manager."""
 
@@ -44,7 +57,7 @@ class QMPSession:
         self.socket_path = Path(socket_path)
         self.connect_timeout = connect_timeout or env_seconds("NBDBACKUP_CONNECT_TIMEOUT", CONNECT_TIMEOUT)
         self._loop = asyncio.new_event_loop()
-        self._client = QMPClient("nbdbackup")
+        self._client = _Client("nbdbackup")
         if guest_agent:
             self._client.await_greeting = False
             self._client.negotiate = False

@@ -73,7 +73,7 @@ class RecoverRequest:
     vm: str
     checkpoint: str
     output: Path
-    qmp: Path
+    qmp: Path | None = None  # the VM's QMP socket (None: the config file's; the engine fills it in)
     disks: tuple[str, ...] = ()
     speed: int = 0  # bytes/s per disk, 0: unlimited
 
@@ -377,6 +377,8 @@ def run_recover(repo, source_for: Callable[[str, tuple[str, ...]], Source], req:
             create_images(out, req.vm, checkpoint, images,
                           lambda img: zero_holes(img.path, list(zero_commands(repo.read_index(m, img.disk)[1], img.size))))
         on_images(result)
+        if req.qmp is None:  # the engine gives the config file's
+            raise VMUnreachable(f"no QMP socket known for VM {req.vm!r}", hint="pass --qmp SOCKET")
         session = connect_when_up(req.qmp, cancel, on_wait)
         state = _read_state(out) or {}
         try:

@@ -49,6 +49,13 @@ class RestoreRequest:
     force: bool = False
 
 
+@dataclass(frozen=True)
+class RestoredImage:
+    disk: str
+    path: Path
+    format: str
+
+
 def find_backup(repo: Repository, vm: str, checkpoint: str) -> Manifest:
     if checkpoint != "latest":
         found = repo.manifest(vm, checkpoint)  # a damaged manifest raises RepositoryDamaged (exit 6)
@@ -77,7 +84,7 @@ def run_restore(
     cancel: CancelToken = CancelToken(),
     progress: Callable[[int], None] = lambda n: None,
     on_start: Callable[[int], None] = lambda total: None,
-) -> list[Path]:
+) -> list[RestoredImage]:
     if req.format not in FORMATS:
         raise UsageError(f"unknown format {req.format!r}", hint="use qcow2 or raw")
     m = find_backup(repo, req.vm, req.checkpoint)
@@ -120,7 +127,7 @@ def run_restore(
     finally:
         for img in images:
             img.path.unlink(missing_ok=True)
-    return [finals[d.id] for d in chosen]
+    return [RestoredImage(d.id, finals[d.id], req.format) for d in chosen]
 
 
 def refuse_if_in_use(path: Path) -> None:

@@ -9,9 +9,11 @@
                into a temporary bitmap, read over NBD (qemu:dirty-bitmap:).  --full: the
                whole disk.  Nothing changes on the images (--dry-run stops here).
     4. write:  those ranges from the backup at CP: data as data, zeroes as zero writes
-               (which may punch holes).  The active bitmap and its twin record the writes
-               like guest writes, so the next incremental backs them up.
-    5. close:  flush; the daemon quits, which stores the bitmaps in the images.
+               (which may punch holes); each chunk needed is read and decoded once, its
+               writes all in flight at once.  The active bitmap and its twin record the
+               writes like guest writes, so the next incremental backs them up.  A disk
+               without changes since CP is not touched.
+    5. close:  the daemon quits: it flushes the writes and stores the bitmaps in the images.
 
 Re-running is always safe: what a stopped run wrote is recorded by the active bitmap,
 so the next run's changed ranges include it and write CP's content there again.
@@ -32,41 +34,59 @@ import logging
 import os
 import signal
 import time
-from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from . import chain
-from .capture import CancelToken, Tuning, pieces
+from .capture import CancelToken, Tuning
 from .checkpoints import Checkpoints, disk_bitmaps
-from .errors import ChainBroken, ImageInUse, Interrupted, NbdBackupError, RestoreTargetError, RollbackIncomplete, UsageError, VMUnreachable
-from .names import GRANULARITY, check_name, utc_now
+from .errors import (
+    ChainBroken,
+    ImageInUse,
+    Interrupted,
+    NbdBackupError,
+    RepositoryDamaged,
+    RestoreTargetError,
+    RollbackIncomplete,
+    UsageError,
+    VMUnreachable,
+)
+from .names import GRANULARITY, utc_now
 from .nbdio import MAX_REQUEST, NbdEndpoint, dirty_bitmap_context, dirty_extents
 from .pipeline import Pipeline
-from .qmp import QMPSession
-from .records import Disk, DiskBackup, Extent, IndexEntry, Manifest
+from .records import Bitmap, Disk, DiskBackup, Extent, IndexEntry, Manifest
 from .repository import Repository
 from .restore import find_backup
 from .storage_daemon import StorageDaemon, TargetImage
+from .units import human_size
+from .vm import block_nodes
+
+if TYPE_CHECKING:
+    from .qmp import QMPSession
 
 log = logging.getLogger(__name__)
 
 CHANGED, FULL = "changed-blocks", "full"
 TEMP_BITMAP = "nbdbackup-rollback"  # non-persistent, on the daemon's node: gone when it quits
 ZERO_BLOCK = 64 * 1024
-CHUNK_CACHE = 4
+ZERO_BATCH = 256  # zero ranges per job
 
 
 @dataclass(frozen=True)
 class RollbackRequest:
     vm: str
     checkpoint: str
-    images: dict[str, Path]  # disk id -> image file
+    images: dict[str, Path]  # disk id -> image file (the engine adds the config file's for disks not given)
     disks: tuple[str, ...] = ()  # only these disks (default: every disk of the backup)
     full: bool = False  # rewrite whole disks instead of the changed blocks
     dry_run: bool = False
+    qmp: Path | None = None  # the VM's QMP socket (default: the config file's)
+    pause: bool = False  # pause a running guest first
+    reset: bool = True  # reset a paused guest afterwards (its cache holds the old content)
+    # asked (a terminal's user) when the chain cannot tell what changed: True rewrites whole disks as --full does
+    confirm_full: Callable[[str], bool] | None = None
 
 
 @dataclass(frozen=True)
@@ -84,6 +104,11 @@ class DiskRollback:
     @property
     def bytes(self) -> int:
         return sum(r.length for r in self.regions)
+
+    @property
+    def changes(self) -> bool:
+        """Whether the disk differs from the checkpoint (something to write, or a size to set back)."""
+        return bool(self.regions) or self.size_now != self.size_at
 
 
 @dataclass(frozen=True)
@@ -158,6 +183,10 @@ class RollbackTarget(Protocol):
     socket: Path  # the NBD server's socket
     disks: list[Disk]
     writes_directly: bool  # False: nothing reaches the disks before finish()
+    quiescent: bool  # True: nothing else writes to the disks, so one query sees one instant
+
+    def bitmaps(self) -> dict[str, dict[str, Bitmap]]:
+        """disk id -> bitmap name -> Bitmap, as the disks hold them before the rollback."""
 
     def export_changed(self, disk: Disk, merges: Sequence[str], *, writable: bool) -> str:
         """Export the disk with the temporary bitmap (the union of merges); the export's name."""
@@ -166,7 +195,7 @@ class RollbackTarget(Protocol):
         """An export to write p's ranges into; its name."""
 
     def finish(self, cancel: CancelToken) -> None:
-        """Make the writes reach the disks."""
+        """Make the writes reach the disks (durably, with the bitmaps that recorded them)."""
 
 
 class ImageTarget:
@@ -174,15 +203,20 @@ class ImageTarget:
     Writes go straight into the images: every disk's export is writable from the start."""
 
     writes_directly = True
+    quiescent = True  # nothing else can write to the images while the daemon has them open
 
     def __init__(self, daemon: StorageDaemon, session: QMPSession, images: Sequence[TargetImage]) -> None:
         self.daemon, self.session, self.socket = daemon, session, daemon.socket
-        nodes = {n["node-name"]: n for n in session.execute("query-named-block-nodes", {"flat": True})}
+        self._nodes = block_nodes(session)  # once: the state until we change it
+        nodes = {n["node-name"]: n for n in self._nodes.nodes}
         self.disks = []
         for i, img in enumerate(images):
             node = nodes[daemon.node(i)]
             self.disks.append(Disk(id=img.export, node=node["node-name"], size=int(node["image"]["virtual-size"]),
                                    format=node.get("drv", "qcow2"), filename=str(img.path)))
+
+    def bitmaps(self) -> dict[str, dict[str, Bitmap]]:
+        return disk_bitmaps(self.session, self.disks, self._nodes)
 
     def export_changed(self, disk: Disk, merges: Sequence[str], *, writable: bool) -> str:
         _export(self.session, disk, disk.id, merges, writable=writable)
@@ -196,7 +230,8 @@ class ImageTarget:
         return disk.id
 
     def finish(self, cancel: CancelToken) -> None:
-        """Nothing: the writes are in the images; the daemon's quit stores the bitmaps."""
+        """The daemon quits: it flushes the writes into the images and stores the bitmaps there."""
+        self.daemon.quit(self.session)
 
 
 def run_rollback(
@@ -215,7 +250,6 @@ def run_rollback(
     images = [TargetImage(d.id, path, "qcow2", d.size) for d, path in chosen]
     with StorageDaemon(images, socket_dir, exports=False, read_only=req.dry_run) as daemon, daemon.session() as session:
         return roll_back(repo, req, m, ImageTarget(daemon, session, images), tuning=tuning, cancel=cancel, progress=progress, on_start=on_start)
-    # the daemon quit cleanly: data flushed, bitmaps stored in the images
 
 
 def roll_back(repo: Repository, req: RollbackRequest, m: Manifest, target: RollbackTarget, *, tuning: Tuning, cancel: CancelToken,
@@ -233,15 +267,19 @@ def roll_back(repo: Repository, req: RollbackRequest, m: Manifest, target: Rollb
         if req.dry_run:
             return RollbackResult(plan, True, seconds=time.monotonic() - started)
         cancel.check()
-        if target.writes_directly:
-            marker.write(plan)
-            writing = True
-        written, zeroed = _execute(repo, target, m, plan, tuning, cancel, progress, on_start)
-        if not target.writes_directly:
-            marker.write(plan)
-            writing = True
+        todo = [d for d in plan.disks if d.changes]  # a disk without changes since CP is left alone
+        if todo:
+            if target.writes_directly:
+                marker.write(plan)
+                writing = True
+            written, zeroed = _execute(repo, target, m, todo, tuning, cancel, progress, on_start)
+            if not target.writes_directly:
+                marker.write(plan)
+                writing = True
             target.finish(cancel)
-        marker.clear()  # ImageTarget: the data is flushed; the daemon's quit stores the bitmaps
+        else:
+            written, zeroed = {}, {}
+        marker.clear()
         return RollbackResult(plan, False, written, zeroed, time.monotonic() - started)
     except Interrupted as exc:
         state = (f"the disks are partly rolled back to {m.checkpoint}: run the same command again to complete the rollback"
@@ -279,14 +317,28 @@ def make_plan(repo: Repository, target: RollbackTarget, req: RollbackRequest, m:
     at = {d.id: d for d in m.disks}
     disks = target.disks
     paths = [Path(d.filename) for d in disks]
+    bitmaps = target.bitmaps()
     # disks holding another VM name's checkpoints are another VM's (wrong images?): refused, even with --full
-    Checkpoints(repo, target.session, req.vm, disks).check_owner(disk_bitmaps(target.session, disks))
-    if req.full:
+    Checkpoints(repo, target.session, req.vm, disks).check_owner(bitmaps)
+
+    def full(reason: str) -> RollbackPlan:
         return RollbackPlan(req.vm, m.checkpoint, tuple(
             DiskRollback(d.id, p, FULL, (Extent(0, at[d.id].size),) if at[d.id].size else (), d.size, at[d.id].size,
-                         "--full: the whole disk" + (f"; resized from {d.size} back to {at[d.id].size} bytes" if d.size != at[d.id].size else ""))
+                         reason + (f"; resized from {d.size} back to {at[d.id].size} bytes" if d.size != at[d.id].size else ""))
             for d, p in zip(disks, paths, strict=True)))
-    merges = validate(repo, target.session, req.vm, m, disks)
+
+    if req.full:
+        return full("--full: the whole disk")
+    try:
+        merges = validate(repo, target.session, req.vm, m, disks, bitmaps, quiescent=target.quiescent)
+    except ChainBroken as exc:
+        if req.confirm_full is None or req.dry_run:
+            raise
+        size = human_size(sum(at[d.id].size for d in disks))
+        if not req.confirm_full(f"{exc.message}: what changed since {m.checkpoint} is unknown. Rewrite the whole of "
+                                f"{', '.join(d.id for d in disks)} ({size}) from the backup at {m.checkpoint} instead?"):
+            raise
+        return full(f"confirmed full rewrite: {exc.message}")
     plans = []
     for d, p in zip(disks, paths, strict=True):
         name = target.export_changed(d, merges, writable=not req.dry_run)
@@ -296,9 +348,11 @@ def make_plan(repo: Repository, target: RollbackTarget, req: RollbackRequest, m:
     return RollbackPlan(req.vm, m.checkpoint, tuple(plans))
 
 
-def validate(repo: Repository, session: QMPSession, vm: str, m: Manifest, disks: list[Disk]) -> tuple[str, ...]:
+def validate(repo: Repository, session: QMPSession, vm: str, m: Manifest, disks: list[Disk], bitmaps: dict[str, dict[str, Bitmap]], *,
+             quiescent: bool) -> tuple[str, ...]:
     """The bitmaps that together hold every change since m's checkpoint, after the same checks
-    as an incremental since it; ChainBroken (exit 4, pointing at --full) otherwise."""
+    as an incremental since it; ChainBroken (exit 4, pointing at --full) otherwise.
+    bitmaps: the disks' bitmaps now; quiescent: nothing else writes to the disks."""
     hint = f"`--full` rewrites the whole disk from the backup at {m.checkpoint} instead"
     records = repo.checkpoints(vm)
     record = next((r for r in records if r.name == m.checkpoint), None)
@@ -317,8 +371,8 @@ def validate(repo: Repository, session: QMPSession, vm: str, m: Manifest, disks:
             raise ChainBroken(f"disk {d.id} was resized since checkpoint {m.checkpoint} (from {size} to {d.size} bytes)", hint=hint)
     checkpoints = Checkpoints(repo, session, vm, disks)
     try:
-        chain.check_since(records, record, checkpoints.bitmaps())
-        checkpoints.verify_active(records[-1])
+        chain.check_since(records, record, bitmaps)
+        checkpoints.verify_active(records[-1], bitmaps, quiescent=quiescent)
     except ChainBroken as exc:
         raise ChainBroken(exc.message, hint=hint) from None
     return tuple(r.bitmap for r in chain.since_chain(records, record.name))
@@ -338,14 +392,14 @@ def _export(session: QMPSession, disk: Disk, name: str, merges: Sequence[str] = 
     session.execute("block-export-add", args)
 
 
-def _execute(repo: Repository, target: RollbackTarget, m: Manifest, plan: RollbackPlan, tuning: Tuning, cancel: CancelToken,
+def _execute(repo: Repository, target: RollbackTarget, m: Manifest, todo: Sequence[DiskRollback], tuning: Tuning, cancel: CancelToken,
              progress: Callable[[int], None], on_start: Callable[[int], None]) -> tuple[dict[str, int], dict[str, int]]:
     by_id = {d.id: d for d in target.disks}
-    exports = {p.disk: target.writable_export(by_id[p.disk], p) for p in plan.disks}
-    entries = {p.disk: repo.read_index(m, p.disk)[1] for p in plan.disks}
-    on_start(sum(p.bytes for p in plan.disks))
+    exports = {p.disk: target.writable_export(by_id[p.disk], p) for p in todo}
+    entries = {p.disk: repo.read_index(m, p.disk)[1] for p in todo}
+    on_start(sum(p.bytes for p in todo))
     written, zeroed = {}, {}
-    for p in plan.disks:
+    for p in todo:
         t0 = time.monotonic()
         written[p.disk], zeroed[p.disk] = write_disk(repo, m, p, entries[p.disk], target.socket, exports[p.disk], tuning, cancel, progress)
         log.debug("disk %s: wrote %d bytes, zeroed %d in %.2fs", p.disk, written[p.disk], zeroed[p.disk], time.monotonic() - t0)
@@ -390,46 +444,66 @@ def runs(offset: int, data: memoryview) -> Iterator[tuple[int, int, bool]]:
         yield run[0], end, run[1]
 
 
+@dataclass(frozen=True)
+class Job:
+    """One writer's task: disk ranges copied from one chunk, or (chunk None) made zero."""
+
+    chunk: bytes | None
+    copies: tuple[tuple[int, int, int], ...]  # (disk offset, offset in the chunk, length)
+
+
+def jobs(regions: Sequence[Extent], entries: Sequence[IndexEntry]) -> list[Job]:
+    """The regions as jobs: each chunk they need read and decoded once (even when several
+    ranges, or dedup'd entries, use it), the ranges the index has no data for in batches of zeroes."""
+    starts = [e.offset for e in entries]
+    by_chunk: dict[bytes, list[tuple[int, int, int]]] = {}
+    zeros: list[tuple[int, int, int]] = []
+    for region in regions:
+        for sub, e in sources(region, entries, starts):
+            if e is None:
+                zeros.append((sub.offset, 0, sub.length))
+            else:
+                by_chunk.setdefault(e.chunk, []).append((sub.offset, e.chunk_offset + sub.offset - e.offset, sub.length))
+    out = [Job(None, tuple(zeros[i:i + ZERO_BATCH])) for i in range(0, len(zeros), ZERO_BATCH)]
+    return out + [Job(cid, tuple(copies)) for cid, copies in by_chunk.items()]
+
+
 def write_disk(repo: Repository, m: Manifest, p: DiskRollback, entries: list[IndexEntry], socket: Path, export: str,
                tuning: Tuning, cancel: CancelToken, progress: Callable[[int], None]) -> tuple[int, int]:
-    """Write p's regions from the backup's index; (data bytes written, bytes zeroed)."""
-    starts = [e.offset for e in entries]
+    """Write p's regions from the backup's index; (data bytes written, bytes zeroed).  Each
+    writer decodes one chunk at a time and has all of its writes in flight at once."""
     totals = [0, 0]
 
-    def chunk(cid: bytes, offset: int) -> bytes:
-        cache: OrderedDict[bytes, bytes] = pipe.local().__dict__.setdefault("chunks", OrderedDict())
-        if cid in cache:
-            cache.move_to_end(cid)
-            return cache[cid]
-        data = repo.get_chunk(cid, f"backup {m.checkpoint}, disk {p.disk}, offset {offset}")
-        cache[cid] = data
-        if len(cache) > CHUNK_CACHE:
-            cache.popitem(last=False)
-        return data
+    def buffer(length: int) -> memoryview:
+        """This writer's buffer for a chunk's content, reused (no fresh memory per chunk)."""
+        local = pipe.local().__dict__
+        if len(local.get("buffer", b"")) < length:
+            local["buffer"] = bytearray(max(length, tuning.chunk_size))
+        return memoryview(local["buffer"])
 
-    def work(piece: Extent) -> tuple[int, int]:
+    def work(job: Job) -> tuple[int, int]:
         if cancel.signum is not None:
             return 0, 0
-        ep = pipe.endpoint()
+        if job.chunk is None:
+            pipe.endpoint().write_batch([(offset, length, None) for offset, _, length in job.copies])
+            return 0, sum(length for _, _, length in job.copies)
+        first = job.copies[0][0]
+        where = f"backup {m.checkpoint}, disk {p.disk}, offset {first}"
+        data = repo.decode_chunk_into(repo.fetch_chunk(job.chunk, where), job.chunk, where, buffer)
+        requests: list[tuple[int, int, memoryview | None]] = []
         written = zeroed = 0
-        for sub, e in sources(piece, entries, starts):
-            if e is None:
-                ep.zero(sub.length, sub.offset)
-                zeroed += sub.length
-                continue
-            begin = e.chunk_offset + sub.offset - e.offset
-            data = memoryview(chunk(e.chunk, e.offset))[begin:begin + sub.length]
-            if len(data) != sub.length:
-                from .errors import RepositoryDamaged
-
-                raise RepositoryDamaged(f"chunk {e.chunk.hex()} is shorter than its index says (backup {m.checkpoint}, disk {p.disk}, offset {e.offset})")
-            for start, stop, is_zero in runs(sub.offset, data):
-                if is_zero:
-                    ep.zero(stop - start, start)
+        for offset, at, length in job.copies:
+            if at + length > len(data):
+                raise RepositoryDamaged(f"chunk {job.chunk.hex()} is shorter than its index says (backup {m.checkpoint}, "
+                                        f"disk {p.disk}, offset {offset})")
+            for start, stop, is_zero in runs(offset, data[at:at + length]):
+                if is_zero:  # zeroes in the data: a hole, as a restore leaves them
+                    requests.append((start, stop - start, None))
                     zeroed += stop - start
                 else:
-                    ep.pwrite(data[start - sub.offset:stop - sub.offset], start)
+                    requests.append((start, stop - start, data[at + start - offset:at + stop - offset]))
                     written += stop - start
+        pipe.endpoint().write_batch(requests)
         return written, zeroed
 
     def done(result: tuple[int, int], _: object) -> None:
@@ -439,38 +513,18 @@ def write_disk(repo: Repository, m: Manifest, p: DiskRollback, entries: list[Ind
 
     connect = functools.partial(NbdEndpoint, socket, export, writable=True)
     with Pipeline(tuning.workers, tuning.depth, connect, done, "rollback") as pipe:
-        for piece in pieces(p.regions, tuning.chunk_size):
+        for job in jobs(p.regions, entries):
             cancel.check()
-            pipe.submit(work, piece, None)
+            pipe.submit(work, job, None)
         pipe.drain()
         cancel.check()
-        pipe.endpoint().flush()
     return totals[0], totals[1]
 
 
-# -- entry point: the resources a rollback needs ----------------------------------------------
+# -- the VM's QEMU, when it runs (engine.rollback gathers the resources) ----------------------------
 
 
-def rollback(settings, vmconf, req: RollbackRequest, *, cancel: CancelToken, observer=None, pause: bool = False,
-             reset: bool = True, tuning: Tuning = Tuning()) -> RollbackResult:
-    """Under the VM's lock (no backup of it meanwhile): the shut-down VM's images through
-    qemu-storage-daemon, or the paused VM's disks through its QEMU."""
-    from .engine import Observer, open_repository, repository_lock, vm_lock
-    from .workdirs import private_dir
-
-    observer = observer or Observer()
-    check_name("VM", req.vm)
-    repo = open_repository(settings)
-    with vm_lock(repo, req.vm), repository_lock(repo):
-        with _running_qemu(vmconf) as qemu:
-            if qemu is not None:
-                return _rollback_live(repo, vmconf, qemu, req, cancel=cancel, observer=observer, pause=pause, reset=reset, tuning=tuning)
-        with private_dir() as sockets:
-            return run_rollback(repo, req, socket_dir=sockets, tuning=tuning, cancel=cancel,
-                                progress=observer.progress, on_start=observer.on_start)
-
-
-def _rollback_live(repo: Repository, vmconf, qemu: QMPSession, req: RollbackRequest, *, cancel: CancelToken, observer,
+def rollback_live(repo: Repository, vmconf, qemu: QMPSession, req: RollbackRequest, *, cancel: CancelToken, observer,
                    pause: bool, reset: bool, tuning: Tuning) -> RollbackResult:
     """The VM's QEMU runs: only with the guest paused (--pause pauses it); afterwards the guest
     is reset (its page cache holds the old content) unless reset is False, and resumed if we paused it."""
@@ -518,11 +572,13 @@ def _rollback_live(repo: Repository, vmconf, qemu: QMPSession, req: RollbackRequ
 
 
 @contextlib.contextmanager
-def _running_qemu(vmconf) -> Iterator[QMPSession | None]:
+def running_qemu(vmconf) -> Iterator[QMPSession | None]:
     """A session with the VM's QEMU if it answers on its QMP socket; None if it does not (shut down)."""
     if vmconf.qmp is None:
         yield None
         return
+    from .qmp import QMPSession
+
     try:
         session = QMPSession(vmconf.qmp)
         session.connect()

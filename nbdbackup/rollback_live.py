@@ -26,10 +26,11 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from .capture import CancelToken
+from .checkpoints import disk_bitmaps
 from .errors import ImageInUse, NbdBackupError, QEMUFailed
 from .pointintime import delete_export, start_nbd_server
 from .qmp import QMPSession
-from .records import Disk
+from .records import Bitmap, Disk
 from .rollback import FULL, TEMP_BITMAP, DiskRollback, _export
 from .storage_daemon import TargetImage, create_image
 
@@ -49,6 +50,7 @@ class LiveTarget:
     committed are dropped: the disks are then unchanged)."""
 
     writes_directly = False
+    quiescent = False  # paused, but another client (a block job) might still write
 
     def __init__(self, session: QMPSession, disks: Sequence[Disk], namespace: str, scratch: Path, socket_dir: Path,
                  owner: tuple[int, int] | None) -> None:
@@ -65,6 +67,9 @@ class LiveTarget:
         start_nbd_server(self.session, self.socket)
         self._server = True
         return self
+
+    def bitmaps(self) -> dict[str, dict[str, Bitmap]]:
+        return disk_bitmaps(self.session, self.disks)
 
     def _name(self, what: str, disk: Disk) -> str:
         return f"{self.namespace}{what}-{self.disks.index(disk)}"  # short: node names have at most 31 characters

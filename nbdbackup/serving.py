@@ -407,23 +407,6 @@ def read_key(fd: int) -> Unlocked:
     return Unlocked.from_bytes(b"".join(parts))
 
 
-def open_backup(repo_location: str, config_file: str | None, vm: str, checkpoint: str, disks: Sequence[str],
-                key: Unlocked | None = None):
-    """In nbdkit: the repository (opened with the key nbdbackup handed over), its shared lock
-    (held while serving) and a BackupImage per disk."""
-    from .backupimage import BackupImage
-    from .config import load
-    from .engine import repository_lock
-    from .restore import find_backup
-
-    settings = load(config_file, repo_location)
-    repo = Repository.open(settings.repo, create=False, s3=settings.s3, encryption=settings.encryption, unlocked=key)
-    lock = repository_lock(repo)
-    lock.__enter__()
-    m = find_backup(repo, vm, checkpoint)
-    return repo, lock, {d: BackupImage(repo, m, d) for d in disks}
-
-
 # -- orchestration ----------------------------------------------------------
 
 

@@ -12,9 +12,12 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .errors import ImageInUse, NbdBackupError, RestoreTargetError
-from .qmp import QMPSession
+
+if TYPE_CHECKING:
+    from .qmp import QMPSession
 
 log = logging.getLogger(__name__)
 
@@ -96,7 +99,22 @@ class StorageDaemon:
 
     def session(self) -> QMPSession:
         """A QMP session on the daemon's monitor (a context manager)."""
+        from .qmp import QMPSession
+
         return QMPSession(self.monitor, connect_timeout=10)
+
+    def quit(self, session: QMPSession) -> None:
+        """Quit now, through an open session on its monitor (no second connection): the daemon
+        flushes the images and stores their bitmaps; RestoreTargetError unless it exits cleanly."""
+        assert self._proc is not None
+        session.execute("quit")
+        try:
+            status = self._proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            self._kill()
+            raise RestoreTargetError("qemu-storage-daemon did not quit within 60s") from None
+        if status != 0:
+            raise RestoreTargetError(f"qemu-storage-daemon exited with status {status}")
 
     def __exit__(self, *exc: object) -> None:
         """Ask the daemon to quit (it flushes and closes the images), else kill it."""
@@ -104,7 +122,7 @@ class StorageDaemon:
         if proc is None or proc.poll() is not None:
             return
         try:
-            with QMPSession(self.monitor, connect_timeout=10) as qmp:
+            with self.session() as qmp:
                 qmp.execute("quit")
             proc.wait(timeout=60)
         except (NbdBackupError, OSError, subprocess.TimeoutExpired) as err:

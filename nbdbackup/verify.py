@@ -86,6 +86,15 @@ class VerifyReport:
         """Checkpoint names of the damaged backups."""
         return tuple(b.checkpoint for b in self.backups if not b.ok)
 
+    @property
+    def error(self) -> RepositoryDamaged | None:
+        """The run's error once the report is shown (exit 6), or None when nothing is damaged."""
+        damaged = self.damaged
+        if not damaged:
+            return None
+        verb = "is" if len(damaged) == 1 else "are"
+        return RepositoryDamaged(f"{len(damaged)} of {len(self.backups)} backups of {self.vm} {verb} damaged: {', '.join(damaged)}")
+
 
 @dataclass
 class _Backup:

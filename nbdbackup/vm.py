@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 from .errors import NbdBackupError, UsageError, VMUnsuitable
 from .names import GRANULARITY, check_name
@@ -27,9 +28,31 @@ def disk_id_of(qdev: str, device: str) -> str | None:
     return device or None
 
 
-def list_disks(session: QMPSession) -> list[Disk]:
-    """Every block device with a medium, keyed by its guest device id."""
-    nodes = {n["node-name"]: n for n in session.execute("query-named-block-nodes", {"flat": True})}
+@dataclass(frozen=True)
+class BlockNodes:
+    """QEMU's named block nodes at one moment (one query-named-block-nodes answer).
+
+    A run reads its disks, their bitmaps and any leftovers of an interrupted run
+    from one snapshot; it takes a new one only after it changed something."""
+
+    nodes: tuple[dict, ...]
+
+    def names(self) -> list[str]:
+        return [n["node-name"] for n in self.nodes]
+
+    def bitmaps(self) -> dict[str, list[Bitmap]]:
+        """Named dirty bitmaps per node.  A running job's own bitmap has no name and is left out."""
+        return {node["node-name"]: [_bitmap(node["node-name"], b) for b in node.get("dirty-bitmaps", []) if "name" in b]
+                for node in self.nodes}
+
+
+def block_nodes(session: QMPSession) -> BlockNodes:
+    return BlockNodes(tuple(session.execute("query-named-block-nodes", {"flat": True})))
+
+
+def list_disks(session: QMPSession, snapshot: BlockNodes | None = None) -> list[Disk]:
+    """Every block device with a medium, keyed by its guest device id (snapshot: the nodes, if already read)."""
+    nodes = {n["node-name"]: n for n in (snapshot or block_nodes(session)).nodes}
     disks = []
     for blk in session.execute("query-block"):
         inserted = blk.get("inserted")
@@ -54,9 +77,10 @@ def list_disks(session: QMPSession) -> list[Disk]:
     return disks
 
 
-def qcow2_disks(session: QMPSession, only: tuple[str, ...] = (), exclude: tuple[str, ...] = ()) -> list[Disk]:
+def qcow2_disks(session: QMPSession, only: tuple[str, ...] = (), exclude: tuple[str, ...] = (),
+                snapshot: BlockNodes | None = None) -> list[Disk]:
     """The disks that can carry checkpoints; VMUnsuitable when there are none."""
-    disks = list_disks(session)
+    disks = list_disks(session, snapshot)
     by_id = {d.id: d for d in disks}
     for wanted in only:
         if wanted not in by_id:
@@ -90,27 +114,13 @@ def qemu_identity(session: QMPSession) -> str:
 
 
 def node_bitmaps(session: QMPSession) -> dict[str, list[Bitmap]]:
-    """Named dirty bitmaps per node.  A running job's own bitmap has no name and is left out."""
-    result: dict[str, list[Bitmap]] = {}
-    for node in session.execute("query-named-block-nodes", {"flat": True}):
-        bitmaps = []
-        for b in node.get("dirty-bitmaps", []):
-            if "name" not in b:
-                continue
-            bitmaps.append(
-                Bitmap(
-                    node=node["node-name"],
-                    name=b["name"],
-                    count=b["count"],
-                    recording=b.get("recording", True),
-                    persistent=b.get("persistent", False),
-                    busy=b.get("busy", False),
-                    inconsistent=b.get("inconsistent", False),
-                )
-            )
-        result[node["node-name"]] = bitmaps
-    return result
+    """Named dirty bitmaps per node, read now."""
+    return block_nodes(session).bitmaps()
 
+
+def _bitmap(node: str, b: dict) -> Bitmap:
+    return Bitmap(node=node, name=b["name"], count=b["count"], recording=b.get("recording", True),
+                  persistent=b.get("persistent", False), busy=b.get("busy", False), inconsistent=b.get("inconsistent", False))
 
 
 def _below_filters(inserted: dict, nodes: dict[str, dict]) -> str:

@@ -8,8 +8,8 @@ the VM, `nbdcopy | zstd -3 -T2`), then `nbdbackup full`; the reference restore
 (`zstd -d | nbdcopy` into a new qcow2 served by qemu-storage-daemon), then `nbdbackup
 restore`; write 1% of the disk through the guest's device and time `nbdbackup incremental`
 and the restore of that point; shut the VM down and time `nbdbackup rollback` to the full point
-against the restore of that point; check every restore byte for byte; optionally the same on
-large sparse disks. Prints a table (or JSON with --json) on stdout, progress on stderr.
+against the restore of that point (--rollback-only: just that, after a full backup and the
+guest writes); check every restore byte for byte; optionally the same on large sparse disks. Prints a table (or JSON with --json) on stdout, progress on stderr.
 `scripts/bench commit` instead measures the commit's sync with other dirty data pending
 (scripts/bench_commit.py).
 """
@@ -475,22 +475,66 @@ def main_case(args: argparse.Namespace, report: Report, rundir: Path, sockdir: P
     shutil.rmtree(out_inc)
 
     # e. the VM shut down: roll its own image back to the full point (what changed since: the 1% writes)
+    rollback_step(nb, report, args, disk, image.path, cp_full, restore_full)
+
+
+def rollback_step(nb: Nbdbackup, report: Report, args: argparse.Namespace, disk: Path, source: Path, cp_full: str,
+                  restore_full: Timed) -> None:
+    """Time `nbdbackup rollback` of the shut-down VM's image to cp_full against restore_full, the
+    restore of that point timed in the same run; then the image must equal the source again."""
     rollbacks = []
-    for i in range(repeat):
-        log(f"nbdbackup rollback --to {cp_full} (VM shut down) ({i + 1}/{repeat})")
+    for i in range(args.repeat):
+        log(f"nbdbackup rollback --to {cp_full} (VM shut down) ({i + 1}/{args.repeat})")
         t = nb.run("rollback", "vm1", "--to", cp_full, f"--image=vda={disk}", "--json")
         t.extra = json.loads(t.stdout)
         rollbacks.append(t)
         log(f"  {t.seconds:.2f}s, {human(t.extra['bytes'])} written")
     rb = best(rollbacks)
     pct = 100 * rb.seconds / restore_full.seconds
-    report.rows.append(Row(f"rollback: nbdbackup rollback ({args.incr_percent:g}% changed)", rb.seconds, virtual, pct / 100,
+    report.rows.append(Row(f"rollback: nbdbackup rollback ({args.incr_percent:g}% changed)", rb.seconds, args.size, pct / 100,
                            f"{pct:.1f}% of restore", rss(rb), None, None, [t.seconds for t in rollbacks],
                            {"written_bytes": rb.extra["bytes"], "ru_maxrss_kib_tree": rb.maxrss_kib[0]}))
     report.targets.append({"target": f"rollback time <= {ROLLBACK_TARGET_PCT}% of a full restore of the same point",
                            "value": round(pct, 2), "met": pct <= ROLLBACK_TARGET_PCT})
     report.targets.append({"target": "rollback peak RSS < 256 MiB", "value": rss(rb), "met": rss(rb) < ROLLBACK_RSS_TARGET_KIB})
-    compare(disk, image.path, "nbdbackup rollback to the full point == source image", report)
+    compare(disk, source, "nbdbackup rollback to the full point == source image", report)
+
+
+def rollback_case(args: argparse.Namespace, report: Report, rundir: Path, sockdir: Path, config: Path) -> None:
+    """--rollback-only: full backup, restore of it (the reference), guest writes, VM shut down, rollback."""
+    image = build_in_subprocess(args.workdir, args.size, args.data, seed=args.seed)
+    report.images["main"] = {"path": str(image.path), **image.stats}
+    disk = rundir / "vm1-vda.qcow2"
+    log(f"copying the image to {disk}")
+    sh(["cp", "--sparse=never", str(image.path), str(disk)], "cp")
+    nb = Nbdbackup(rundir / "repo", config)
+    vm = VM(disk, rundir, sockdir)
+    vm.start()
+    try:
+        log("nbdbackup full")
+        t = nb.run("full", "vm1", "--qmp", str(vm.tool_qmp))
+        cp_full = t.stdout.strip().splitlines()[-1]
+        log(f"  {t.seconds:.2f}s, checkpoint {cp_full}")
+        log(f"guest writes: {args.incr_percent}% of the disk in 64 KiB..1 MiB writes through the device")
+        n, written, dirty, secs = guest_writes(vm, args.size, args.incr_percent, args.seed + 1)
+        log(f"  {n} writes, {human(written)} ({human(dirty)} of 64 KiB granules) in {secs:.1f}s")
+    finally:
+        vm.quit()
+    restores = []
+    out_full = rundir / "restore-full"
+    for i in range(args.repeat):
+        shutil.rmtree(out_full, ignore_errors=True)
+        log(f"nbdbackup restore --to {cp_full} ({i + 1}/{args.repeat})")
+        restores.append(nb.run("restore", "vm1", "--to", cp_full, "--output", str(out_full)))
+        log(f"  {restores[-1].seconds:.2f}s")
+    rs = best(restores)
+    report.rows.append(Row("restore: nbdbackup restore (full point)", rs.seconds, args.size, None, "", rss(rs),
+                           None, disk_usage(out_full / "vda.qcow2"), [t.seconds for t in restores]))
+    compare(out_full / "vda.qcow2", image.path, "nbdbackup restore of the full point == source image", report)
+    shutil.rmtree(out_full)
+    report.notes.append(f"--rollback-only: {n} guest writes of {human(written)} touch {human(dirty)} of 64 KiB granules "
+                        "since the full backup; the rollback's reference is the restore of that backup")
+    rollback_step(nb, report, args, disk, image.path, cp_full, rs)
 
 
 def serve_case(nb: Nbdbackup, report: Report, virtual: int, restore: Timed, repeat: int, vm: str = "vm1", where: str = "",
@@ -933,6 +977,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     ap.add_argument("--full-only", action="store_true", help="measure only the full backup and its reference (to weigh settings)")
     ap.add_argument("--encryption-only", action="store_true",
                     help="measure only full backup and restore into an encrypted vs an unencrypted repository")
+    ap.add_argument("--rollback-only", action="store_true",
+                    help="measure only the rollback of the shut-down VM against the restore of the same point")
     ap.add_argument("--no-encryption", action="store_true", help="skip the encrypted-vs-unencrypted comparison")
     ap.add_argument("--compression", type=int, help="nbdbackup's zstd level (default: nbdbackup's default)")
     ap.add_argument("--workers", type=int, help="nbdbackup's workers setting (default: nbdbackup's default)")
@@ -997,13 +1043,15 @@ def main(argv: list[str]) -> int:
                               for key, value in (("compression", args.compression), ("workers", args.workers)) if value is not None))
     status = 0
     try:
-        if not (args.s3_only or args.encryption_only):
+        if args.rollback_only:
+            rollback_case(args, report, rundir, sockdir, config)
+        elif not (args.s3_only or args.encryption_only):
             main_case(args, report, rundir, sockdir, config)
             for size in args.sparse_sizes:
                 sparse_case(args, report, rundir, sockdir, config, size)
         if args.s3 or args.s3_only:
             s3_case(args, report, rundir, sockdir)
-        if not (args.no_encryption or args.s3_only):
+        if not (args.no_encryption or args.s3_only or args.rollback_only):
             encryption_case(args, report, rundir, sockdir, config)
     except BenchError as exc:
         report.errors.append(str(exc))

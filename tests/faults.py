@@ -27,7 +27,7 @@ Two halves:
   | index    | before writing a disk's index file (all of that disk was read)              |
   | manifest | before writing manifest.json (every index written and synced)               |
   | confirm  | after the manifest, before the checkpoint record is set to confirmed        |
-  | write    | restore: before an NBD write into the qemu-storage-daemon export            |
+  | write    | restore, rollback: before an NBD write into the qemu-storage-daemon export  |
   | config   | creating a repository: config.json's temporary file written, not yet published |
 
   Each point wraps one internal function (see _install). A refactoring that
@@ -137,6 +137,7 @@ def _install(point: str, after: int, where: Path) -> None:
         from nbdbackup.rawimage import RawImage
 
         wrap(NbdEndpoint, "pwrite", lambda *a, **k: True)
+        wrap(NbdEndpoint, "write_batch", lambda *a, **k: True)
         wrap(RawImage, "write", lambda *a, **k: True)  # restore to raw writes the file itself
     elif point == "config":
         # config.json is written to a temporary file, then published by rename or by link:

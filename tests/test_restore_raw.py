@@ -27,8 +27,9 @@ def test_restore_to_raw_writes_the_file_itself_identical_and_sparse(tmp_path):
     repo, m, expected, entries = make(tmp_path)
     sockets = tmp_path / "sockets"
     sockets.mkdir()
-    [path] = run_restore(repo, RestoreRequest("vm1", "cp1", tmp_path / "out", format="raw"), socket_dir=sockets)
-    assert path == tmp_path / "out" / "vda.raw"
+    [image] = run_restore(repo, RestoreRequest("vm1", "cp1", tmp_path / "out", format="raw"), socket_dir=sockets)
+    assert (image.disk, image.path, image.format) == ("vda", tmp_path / "out" / "vda.raw", "raw")
+    path = image.path
     assert path.read_bytes() == expected
     assert oct(path.stat().st_mode & 0o777) == "0o600"
     assert path.stat().st_blocks * 512 <= 1 * MiB  # holes stay holes: 0.5 MiB of data in a 4 MiB disk

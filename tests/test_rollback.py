@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import json
 import os
+import select
 import signal
+import subprocess
 import time
 from pathlib import Path
 
@@ -146,6 +148,59 @@ def test_broken_chain_is_refused_unless_full(vm_factory, repo):
     assert allocated <= 4 * MiB, info
 
 
+def on_tty(repo, *args, answer: bytes) -> tuple[int, str, str]:
+    """Run nbdbackup with stdin and stderr on a pseudo-terminal; answer its question.
+    (exit status, what the terminal showed, stdout)."""
+    master, slave = os.openpty()
+    proc = subprocess.Popen(cli.command(repo, *args), stdin=slave, stderr=slave, stdout=subprocess.PIPE, env=cli.environment())
+    os.close(slave)
+    shown = b""
+    try:
+        deadline = time.monotonic() + 120
+        while b"[y/N]" not in shown:
+            assert time.monotonic() < deadline and proc.poll() is None, f"no question asked: {shown!r}"
+            if select.select([master], [], [], 1)[0]:
+                shown += os.read(master, 4096)
+        os.write(master, answer)
+        while True:
+            try:
+                data = os.read(master, 4096)
+            except OSError:  # EIO: the process closed the terminal
+                break
+            if not data:
+                break
+            shown += data
+        out = proc.stdout.read().decode()
+        return proc.wait(timeout=120), shown.decode(errors="replace"), out
+    finally:
+        os.close(master)
+        if proc.poll() is None:
+            proc.kill()
+
+
+@pytest.mark.parametrize("answer", [b"n\n", b"y\n"])
+def test_broken_chain_asks_on_a_terminal(vm_factory, repo, answer):
+    """On a terminal the refusal becomes a question: no leaves the disks alone (exit 4), yes
+    rewrites them whole as --full does.  Without a terminal (cron) it stays a refusal (above)."""
+    vm = vm_factory(SIZES)
+    expected = make_chain(vm, repo)
+    bitmap = next(r["bitmap"] for r in json.loads((repo / "vms" / "vm1" / "checkpoints.json").read_text())["checkpoints"] if r["name"] == "D")
+    vm.qmp("block-dirty-bitmap-remove", node=vm.disks["vdb"].node, name=bitmap)
+    vm.stop()
+    before = {d: image_bytes(vm.disks[d].path) for d in vm.disks}
+    status, shown, out = on_tty(repo, "rollback", "vm1", "--to", "C", *images(vm), "--json", answer=answer)
+    assert "is missing on disk vdb" in shown and "Rewrite the whole of vda, vdb (13.0MiB) from the backup at C instead? [y/N]" in shown, shown
+    if answer == b"n\n":
+        assert status == 4, shown
+        assert "Traceback" not in shown and "--full" in shown
+        assert all(image_bytes(vm.disks[d].path) == before[d] for d in vm.disks)
+    else:
+        assert status == 0, shown
+        result = json.loads(out)
+        assert {d["mode"] for d in result["disks"]} == {"full"} and all("confirmed" in d["reason"] for d in result["disks"])
+        assert_images(vm, expected["C"])
+
+
 def test_running_vm_is_refused_and_locked_images_too(vm_factory, repo):
     vm = vm_factory(SIZES)
     make_chain(vm, repo)
@@ -190,8 +245,11 @@ def test_interrupted_rollback_completes_when_run_again(vm_factory, repo, signum)
     expected = make_chain(vm, repo)
     vm.stop()
     args = ("rollback", "vm1", "--to", "A", *images(vm))
-    with Run(repo, *args, pause="write", after=3) as run:
+    # at the first write: the writers of vda's first jobs wait there, vdb's turn has not come
+    with Run(repo, *args, pause="write", after=1) as run:
         run.wait_paused()
+        # the rollback holds the VM's lock: no backup of the VM meanwhile (refused before QMP is tried)
+        assert "holds VM vm1" in cli.run(repo, "incremental", "vm1", "--qmp", vm.qmp_socket, expect=5).stderr
         daemons = child_pids(run.pid)
         if signum == signal.SIGKILL:
             run.kill()
@@ -323,3 +381,26 @@ def test_images_of_another_vm_name_are_refused_even_with_full(vm_factory, repo):
     proc = cli.run(repo, "rollback", "vm1", "--to", "C", "--full", "--disk", "vda", f"--image=vda={other.disks['vda'].path}", expect=4)
     assert "'vm2'" in proc.stderr
     assert image_bytes(other.disks["vda"].path) == before
+
+
+@pytest.mark.parametrize("encryption", [None, "repokey"])
+def test_chunks_decoded_into_a_reused_buffer(encryption):
+    """The rollback's writers decode each chunk into their own reused buffer
+    (Repository.decode_chunk_into): get_chunk's content, also through an encrypted
+    repository's decryption, for zstd and stored chunks; a damaged chunk is refused."""
+    from nbdbackup.errors import RepositoryDamaged
+    from nbdbackup.repository import Repository
+    from nbdbackup.repository.memory import MemoryBackend
+
+    backend = MemoryBackend("r")
+    repo = Repository.open(backend, create=True, encryption=encryption, **({"passphrase": b"pass phrase"} if encryption else {}))
+    buffer = bytearray(5 * MiB)
+    for data in (b"text " * 100000, os.urandom(200000)):
+        cid = repo.chunk_id(data)
+        repo.put_chunk(cid, data, 2)
+        view = repo.decode_chunk_into(repo.fetch_chunk(cid, "test"), cid, "test", lambda n: memoryview(buffer))
+        assert bytes(view) == data == repo.get_chunk(cid, "test")
+    blob = bytearray(repo.fetch_chunk(cid, "test"))
+    blob[len(blob) // 2] ^= 0xFF
+    with pytest.raises(RepositoryDamaged):
+        repo.decode_chunk_into(bytes(blob), cid, "test", lambda n: memoryview(buffer))

@@ -6,8 +6,6 @@ import contextlib
 import dataclasses
 import json
 import logging
-import time
-from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import click
@@ -16,39 +14,8 @@ from . import logs
 from .common import Globals, human_size, interruptible, pass_globals, plural, progress_bar, qmp_option
 
 if TYPE_CHECKING:  # imported by the commands that run: --help does without them
-    from ..backup import BackupResult, Mode
-    from ..errors import NbdBackupError
-    from ..records import Manifest
-
-
-@dataclass(frozen=True)
-class BackupOptions:
-    mode: Mode
-    checkpoint: str | None = None
-    since: str | None = None
-    qmp: str | None = None
-    qga: str | None = None
-    fsfreeze: bool = False
-    require_fsfreeze: bool = False
-    force_new_chain: bool = False
-
-
-@dataclass(frozen=True)
-class Outcome:
-    vm: str
-    result: BackupResult | None = None  # on success
-    failure: NbdBackupError | None = None  # on failure
-
-    @property
-    def exit_code(self) -> int:
-        return self.failure.exit_code if self.failure else 0
-
-    @property
-    def manifest(self) -> Manifest:
-        """The new backup's (of a successful outcome)."""
-        if self.result is None:
-            raise ValueError(f"the backup of {self.vm} failed: it has no manifest")
-        return self.result.manifest
+    from ..backup import BackupPlan, BackupRequest, Mode
+    from ..engine import BackupOutcome
 
 
 def backup_options(f):
@@ -59,89 +26,118 @@ def backup_options(f):
         click.option("--fsfreeze", is_flag=True, help="Freeze the guest's filesystems (qemu-guest-agent) around the point in time."),
         click.option("--require-fsfreeze", is_flag=True, help="Fail, instead of going on crash-consistent, if the guest cannot be frozen."),
         click.option("--qga", metavar="SOCKET", help="The VM's guest agent socket (default: [vm.NAME] qga in the config file)."),
-        click.option("--json", "as_json", is_flag=True, help="Print the result as a JSON object."),
+        click.option("--dry-run", is_flag=True, help="Print the plan (what would be read from each disk, and why); change nothing."),
+        click.option("--json", "as_json", is_flag=True, help="Print the result (with --dry-run: the plan) as a JSON object."),
     ]):
         f = option(f)
     return f
 
 
-def run_one(g: Globals, settings, vm: str, opts: BackupOptions, *, one_of_many: bool = False, cancel=None) -> Outcome:
-    """One VM's backup, its summary line and metrics; errors become an Outcome (and are logged).
-
-    A failure's one-line reason goes to the log file and syslog (priority err); with
-    one_of_many (auto --all) to stderr as well, since the final error line only names the VMs.
-    cancel: the token of `auto --all --jobs N`, whose signal handlers the main thread holds
-    (no progress bar then: several would interleave).
-    """
-
+def _request(mode: Mode, vm: str | None, opts: dict) -> BackupRequest:
     from pathlib import Path
 
-    from .. import engine
     from ..backup import BackupRequest
-    from ..errors import Interrupted, NbdBackupError
-    from ..names import check_name
 
-    started = time.monotonic()
-    try:
-        vmconf = settings.vm(vm, opts.qmp)
-        if opts.qga:
-            vmconf = dataclasses.replace(vmconf, qga=Path(opts.qga))
-        for value in (opts.checkpoint, opts.since):
-            if value is not None and value != "latest":
-                check_name("checkpoint", value)  # before touching the VM
-        req = BackupRequest(vm=vm, mode=opts.mode, checkpoint=opts.checkpoint, since=opts.since, disks=vmconf.disks,
-                            exclude=vmconf.exclude, tuning=engine.tuning_for(vmconf), force_new_chain=opts.force_new_chain)
-        with contextlib.nullcontext(cancel) if cancel else interruptible() as cancel, \
-                contextlib.nullcontext(engine.Observer()) if cancel else progress_bar(f"{vm}") as observer:
-            result = engine.backup(settings, vmconf, req, cancel=cancel, observer=observer,
-                                   fsfreeze=opts.fsfreeze or opts.require_fsfreeze, require_fsfreeze=opts.require_fsfreeze)
-    except Interrupted as exc:
-        _record(g, vm, exc.exit_code, time.monotonic() - started)
-        raise
-    except NbdBackupError as exc:
-        _record(g, vm, exc.exit_code, time.monotonic() - started)
-        logs.summary(f"{vm} {opts.mode} FAILED (exit {exc.exit_code}): {exc}", level=logging.ERROR, stderr=one_of_many)
+    return BackupRequest(vm=vm or "", mode=mode, checkpoint=opts.get("checkpoint"), since=opts.get("since"),
+                         force_new_chain=opts.get("force_new_chain", False), dry_run=opts["dry_run"],
+                         qmp=Path(opts["qmp"]) if opts.get("qmp") else None, qga=Path(opts["qga"]) if opts.get("qga") else None,
+                         fsfreeze=opts["fsfreeze"] or opts["require_fsfreeze"], require_fsfreeze=opts["require_fsfreeze"],
+                         verify_boot=opts.get("verify_boot", False))
+
+
+def _log_outcome(outcome: BackupOutcome, *, one_of_many: bool) -> None:
+    """A VM's summary line as soon as its backup is done (log file, syslog; a failure's also on stderr
+    with one_of_many: auto --all, whose final error line only names the VMs)."""
+    vm = outcome.vm
+    if outcome.failure is not None:
+        exc = outcome.failure
+        logs.summary(f"{vm} {outcome.mode} FAILED (exit {exc.exit_code}): {exc}", level=logging.ERROR, stderr=one_of_many)
         logs.mark_logged(exc)
-        return Outcome(vm, failure=exc)
-    m = result.manifest
-    for note in result.notes:
+        return
+    result = outcome.result
+    for note in result.notes if result else ():
         logs.warning(f"{vm}: {note}")
+    m = result.manifest if result else None
+    if m is None:  # a dry run
+        return
     ratio = f"{m.read_bytes / m.stored_bytes:.1f}x" if m.stored_bytes else ("all deduplicated" if m.read_bytes else "nothing changed")
     logs.summary(f"{vm} {m.kind} {m.checkpoint}: read {human_size(m.read_bytes)}, stored {human_size(m.stored_bytes)} "
                  f"(reduction {ratio}) in {m.duration:.1f}s")
-    _record(g, vm, 0, m.duration, m.read_bytes, m.stored_bytes)
-    return Outcome(vm, result=result)
 
 
-def _record(g: Globals, vm: str, code: int, duration: float, read: int = 0, stored: int = 0) -> None:
-    """Update the metrics file; a metrics problem is a warning, never a failed backup."""
-    if g.metrics_file:
-        from pathlib import Path
-
-        from ..errors import NbdBackupError
-        from ..metrics import RunMetrics, update
-
-        try:
-            update(Path(g.metrics_file), RunMetrics(vm, code, duration, read, stored))
-        except (OSError, NbdBackupError) as exc:
-            logging.getLogger("nbdbackup").warning("cannot update metrics file %s: %s", g.metrics_file, exc)
-
-
-def _as_dict(outcome: Outcome) -> dict:
-    if outcome.result is None:
+def _as_dict(outcome: BackupOutcome) -> dict:
+    result = outcome.result
+    if result is None or outcome.failure is not None:
         return {"vm": outcome.vm, "exit_code": outcome.exit_code, "error": str(outcome.failure)}
-    m = outcome.result.manifest
+    if result.manifest is None:
+        return {"vm": outcome.vm, "exit_code": 0, "plan": _plan_dict(result.plan)}
+    m = result.manifest
     return {"vm": m.vm, "exit_code": 0, "checkpoint": m.checkpoint, "kind": m.kind, "since": m.since, "created": m.created,
             "disks": [{"id": d.id, "size": d.size, "read_bytes": d.read_bytes} for d in m.disks],
-            "read_bytes": m.read_bytes, "stored_bytes": m.stored_bytes, "duration": round(m.duration, 3), "notes": list(outcome.result.notes)}
+            "read_bytes": m.read_bytes, "stored_bytes": m.stored_bytes, "duration": round(m.duration, 3), "notes": list(result.notes)}
 
 
-def _single(g: Globals, vm: str, opts: BackupOptions, as_json: bool) -> Outcome:
-    outcome = run_one(g, g.settings(), vm, opts)
-    if outcome.failure:
+def _plan_dict(plan: BackupPlan | None) -> dict:
+    if plan is None:
+        return {}
+    return {"vm": plan.vm, "dry_run": True, "kind": plan.kind, "checkpoint": plan.checkpoint, "since": plan.since.name if plan.since else None,
+            "disks": [{"id": p.disk.id, "size": p.disk.size, "read": "all" if p.merges is None else "changed",
+                       "bitmaps": list(p.merges or ()), "at_most_bytes": p.estimate, "reason": p.reason} for p in plan.disks],
+            "removed_disks": list(plan.removed_disks), "repairs_first": list(plan.repairs), "twin_checked": plan.twin_checked,
+            "notes": list(plan.notes)}
+
+
+def _print_plan(plan: BackupPlan | None) -> None:
+    if plan is None:
+        return
+    since = f" since {plan.since.name}" if plan.since else ""
+    article = "an" if plan.kind == "incremental" else "a"
+    click.echo(f"{plan.vm}: would make {article} {plan.kind} backup{since}, checkpoint {plan.checkpoint} (dry run: nothing changed)")
+    for step in plan.repairs:
+        click.echo(f"  first: {step}")
+    if plan.twin_checked:
+        click.echo("  checked: the active bitmap against its twin (temporary bitmaps, removed at once)")
+    for p in plan.disks:
+        what = "all of it" if p.merges is None else "the changed blocks"
+        click.echo(f"  disk {p.disk.id} ({human_size(p.disk.size)}): read {what}, at most {human_size(p.estimate)}: {p.reason}")
+    for d in plan.removed_disks:
+        click.echo(f"  disk {d}: gone since the base backup (not in the new one)")
+    for note in plan.notes:
+        click.echo(f"  note: {note}")
+
+
+def _print_single(outcome: BackupOutcome, as_json: bool) -> None:
+    result = outcome.result
+    if result is None:
+        return
+    if as_json:
+        click.echo(json.dumps(_plan_dict(result.plan) if result.manifest is None else _as_dict(dataclasses.replace(outcome, failure=None)),
+                              indent=2))
+    elif result.manifest is None:
+        _print_plan(result.plan)
+    else:
+        click.echo(result.manifest.checkpoint)
+    if outcome.boot is not None:
+        _print_boot(outcome.boot, to_stderr=as_json)
+
+
+def _print_boot(result, *, to_stderr: bool) -> None:
+    from .bootcheck import print_boot
+
+    print_boot(result, as_json=False, to_stderr=to_stderr)
+
+
+def _single(g: Globals, req: BackupRequest, as_json: bool) -> None:
+    from .. import engine
+
+    with interruptible() as cancel, progress_bar(req.vm) as observer:
+        outcome = engine.backup(g.settings(), req, cancel=cancel, observer=observer,
+                                on_backup=lambda o: _log_outcome(o, one_of_many=False))
+    if outcome.failure is not None and not outcome.failed_step:
         raise outcome.failure
-    click.echo(json.dumps(_as_dict(outcome), indent=2) if as_json else outcome.manifest.checkpoint)
-    return outcome
+    _print_single(outcome, as_json)
+    if outcome.failure is not None:  # the backup was made but did not boot
+        raise outcome.failure
 
 
 @click.command()
@@ -156,7 +152,7 @@ def full(g: Globals, vm: str, as_json: bool, **opts) -> None:
 
     Prints the new checkpoint's name.
     """
-    _single(g, vm, BackupOptions(mode="full", **opts), as_json)
+    _single(g, _request("full", vm, opts), as_json)
 
 
 @click.command()
@@ -170,7 +166,7 @@ def incremental(g: Globals, vm: str, as_json: bool, **opts) -> None:
     Exit 4 (nothing written) when the chain from CHECKPOINT to now cannot be
     trusted; `nbdbackup auto` then makes a full backup.
     """
-    _single(g, vm, BackupOptions(mode="incremental", **opts), as_json)
+    _single(g, _request("incremental", vm, opts), as_json)
 
 
 @click.command()
@@ -180,69 +176,49 @@ def incremental(g: Globals, vm: str, as_json: bool, **opts) -> None:
 @click.option("--verify-boot", is_flag=True, help="Then boot the new backup in a throwaway VM, as `verify --boot` does (also: [vm.NAME] verify_boot = true).")
 @backup_options
 @pass_globals
-def auto(g: Globals, vm: str | None, all_vms: bool, jobs: int, as_json: bool, verify_boot: bool, **opts) -> None:
+def auto(g: Globals, vm: str | None, all_vms: bool, jobs: int, as_json: bool, **opts) -> None:
     """Incremental since the newest checkpoint if the chain is sound, else full (for cron).
 
     With --all, back up every VM of the config file in turn (--jobs N: N at
     once): one VM's failure does not stop the others; a summary follows; the
     exit code is the worst one.
     """
-    from ..errors import SomeRunsFailed, UsageError
+    from .. import engine
+    from ..errors import UsageError
 
     if all_vms == (vm is not None):
         raise UsageError("give either a VM or --all")
-    if vm is not None:  # not --all
-        outcome = _single(g, vm, BackupOptions(mode="auto", **opts), as_json)
-        settings = g.settings()
-        if verify_boot or settings.vm(vm, required=False).verify_boot:
-            _boot_new_backup(g, settings, outcome, as_json)
+    req = _request("auto", vm, opts)
+    if not all_vms:
+        _single(g, req, as_json)
         return
-    if opts.get("qmp") or opts.get("qga") or opts.get("checkpoint"):
-        raise UsageError("--qmp, --qga and --checkpoint name one VM; with --all they come from the config file")
-    settings = g.settings()
-    if settings.config_file is None:
-        raise UsageError(f"--all: there is no config file (looked for {' and '.join(map(str, settings.config_searched))})",
-                         hint="create one with a [vm.NAME] table per VM, or pass --config FILE")
-    if not settings.vms:
-        raise UsageError(f"--all: the config file {settings.config_file} names no VM", hint="add a [vm.NAME] table per VM")
-    if jobs == 1:
-        outcomes = [run_one(g, settings, name, BackupOptions(mode="auto", **opts), one_of_many=True) for name in sorted(settings.vms)]
-    else:
-        import concurrent.futures as cf
-
-        with interruptible() as cancel, cf.ThreadPoolExecutor(jobs, "auto") as pool:
-            outcomes = list(pool.map(lambda name: run_one(g, settings, name, BackupOptions(mode="auto", **opts), one_of_many=True,
-                                                          cancel=cancel), sorted(settings.vms)))
-    outcomes = [_boot_new_backup(g, settings, o, as_json, keep_going=True) if not o.exit_code and (verify_boot or settings.vms[o.vm].verify_boot)
-                else o for o in outcomes]
+    # several progress bars would interleave: a bar only when the VMs go one at a time
+    with interruptible() as cancel, progress_bar("auto") if jobs == 1 else contextlib.nullcontext(engine.Observer()) as observer:
+        batch = engine.backup_all(g.settings(), req, jobs=jobs, cancel=cancel, observer=observer,
+                                  on_backup=lambda o: _log_outcome(o, one_of_many=True))
+    for o in batch.outcomes:
+        if o.boot is not None:
+            _print_boot(o.boot, to_stderr=True)
+        if o.failed_step:
+            logs.summary(f"{o.vm} {o.failed_step} FAILED (exit {o.exit_code}): {o.failure}", level=logging.ERROR, stderr=False)
+    outcomes = batch.outcomes
     if as_json:
         click.echo(json.dumps([_as_dict(o) for o in outcomes], indent=2))
     else:
         for o in outcomes:
-            click.echo(f"{o.vm:<20} ok      {o.manifest.kind:<12} {o.manifest.checkpoint}" if not o.exit_code
-                       else f"{o.vm:<20} FAILED  exit {o.exit_code}: {o.failure}")
-    worst = max(o.exit_code for o in outcomes)
-    failed = [o.vm for o in outcomes if o.exit_code]
-    if worst:
+            m = o.result.manifest if o.result else None
+            if o.exit_code or o.result is None:
+                click.echo(f"{o.vm:<20} FAILED  exit {o.exit_code}: {o.failure}")
+            elif m is None:
+                _print_plan(o.result.plan)
+            else:
+                click.echo(f"{o.vm:<20} ok      {m.kind:<12} {m.checkpoint}")
+    error = batch.error
+    if error:
         # The final error line (stderr) says the same as the summary: log it once.
-        error = SomeRunsFailed(f"{len(failed)} of {plural(len(outcomes), 'VM')} failed: {', '.join(failed)}", worst)
+        failed = batch.failed
         logs.summary(f"auto --all: {len(outcomes) - len(failed)} of {plural(len(outcomes), 'VM')} backed up; failed: {', '.join(failed)}",
                      level=logging.ERROR, stderr=False)
         logs.mark_logged(error)
         raise error
     logs.summary(f"auto --all: {len(outcomes)} of {plural(len(outcomes), 'VM')} backed up")
-
-
-def _boot_new_backup(g: Globals, settings, outcome: Outcome, as_json: bool, *, keep_going: bool = False) -> Outcome:
-    """auto --verify-boot: boot the backup just made; with keep_going a failure becomes the VM's outcome."""
-    from ..errors import NbdBackupError
-    from .bootcheck import boot
-
-    try:
-        boot(g, settings, outcome.vm, outcome.manifest.checkpoint, None, None, None, False, to_stderr=as_json or keep_going)
-    except NbdBackupError as exc:
-        if not keep_going:
-            raise
-        logs.summary(f"{outcome.vm} verify --boot FAILED (exit {exc.exit_code}): {exc}", level=logging.ERROR, stderr=False)
-        return Outcome(outcome.vm, failure=exc)
-    return outcome

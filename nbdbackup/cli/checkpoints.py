@@ -24,10 +24,11 @@ def checkpoints(g: Globals, vm: str, qmp: str | None, as_json: bool) -> None:
     says whether `incremental --since` that checkpoint would be accepted; DIRTY
     is what its bitmaps hold (changes until the next checkpoint, per disk).
     """
+    from pathlib import Path
+
     from .. import engine
 
-    settings = g.settings()
-    rows = engine.checkpoint_status(settings, settings.vm(vm, qmp))
+    rows = engine.checkpoint_status(g.settings(), engine.CheckpointsRequest(vm, Path(qmp) if qmp else None))
     if as_json:
         click.echo(json.dumps([
             {"name": r.name, "created": r.created or None, "state": r.state, "active": r.active, "usable": r.usable,
@@ -58,9 +59,10 @@ def delete(g: Globals, vm: str, checkpoint: str, qmp: str | None, keep_backup: b
     CHECKPOINT was the newest), so every other checkpoint stays usable. Its backup
     is deleted too unless --keep-backup; other backups stay restorable.
     """
+    from pathlib import Path
+
     from .. import engine
 
-    settings = g.settings()
-    engine.delete_checkpoint(settings, settings.vm(vm, qmp), checkpoint, keep_backup=keep_backup)
+    engine.delete_checkpoint(g.settings(), engine.DeleteRequest(vm, checkpoint, keep_backup, Path(qmp) if qmp else None))
 
 

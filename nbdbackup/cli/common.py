@@ -25,9 +25,13 @@ class Globals:
     def settings(self, *, needs_config: bool = True):
         """needs_config=False for commands that need only the repository (list, restore,
         verify): with --repo given, a broken config file does not stop them."""
+        import dataclasses
+        from pathlib import Path
+
         from ..config import load
 
-        return load(self.config, self.repo, needs_config=needs_config)
+        settings = load(self.config, self.repo, needs_config=needs_config)
+        return dataclasses.replace(settings, metrics_file=Path(self.metrics_file)) if self.metrics_file else settings
 
 
 pass_globals = click.make_pass_decorator(Globals)
@@ -78,8 +82,12 @@ def progress_bar(what: str) -> Iterator[Any]:
         bar.total = total
         bar.refresh()
 
+    def stage(what: str) -> None:
+        bar.set_description(what)
+        bar.reset(total=0)
+
     try:
-        yield Observer(on_start=start, progress=bar.update)
+        yield Observer(on_start=start, progress=bar.update, on_stage=stage)
     finally:
         bar.close()
 

@@ -26,13 +26,12 @@ def copy(g: Globals, vm: str, target: str, checkpoint: str | None, every: bool, 
     from .. import engine
     from ..copy import CopyRequest
     from ..errors import UsageError
-    from ..repository.location import parse_location
 
     if every and checkpoint:
         raise UsageError("give --checkpoint or --all, not both")
-    settings = g.settings()
+    req = CopyRequest(vm, checkpoint, every, target=target)
     with interruptible() as cancel, progress_bar("copy") as observer:
-        report = engine.copy(settings, CopyRequest(vm, checkpoint, every), parse_location(target), cancel=cancel, observer=observer)
+        report = engine.copy(g.settings(), req, cancel=cancel, observer=observer)
     rows = [{"checkpoint": b.checkpoint, "copied": b.copied, "chunks_sent": b.chunks_sent, "chunks_present": b.chunks_present,
              "bytes_sent": b.bytes_sent} for b in report.backups]
     if as_json:

@@ -26,9 +26,9 @@ def init(g: Globals, encryption: str | None) -> None:
     'encryption' says. A lost key or passphrase means lost backups: export the
     key ('nbdbackup key export') and keep it and the passphrase safe.
     """
-    from .. import keyring
+    from .. import engine
 
-    result = keyring.init(g.settings(needs_config=False), encryption)
+    result = engine.init_repository(g.settings(needs_config=False), encryption)
     click.echo(f"created repository {result.path} (id {result.repo_id}, encryption {result.encryption})")
     if result.key_file is not None:
         click.echo(f"the key is in {result.key_file} only: back it up (without it the backups cannot be read)")
@@ -57,9 +57,9 @@ key.help = (key.help or "") + "\n\n" + PASSPHRASE_HELP
 @pass_globals
 def key_list(g: Globals, as_json: bool) -> None:
     """List the keys; '*' marks the one the passphrase opened."""
-    from .. import keyring
+    from .. import engine
 
-    rows = keyring.list_keys(g.settings(needs_config=False))
+    rows = engine.list_keys(g.settings(needs_config=False))
     if as_json:
         click.echo(json.dumps([r.__dict__ for r in rows], indent=2))
         return
@@ -71,9 +71,9 @@ def key_list(g: Globals, as_json: bool) -> None:
 @pass_globals
 def key_add(g: Globals) -> None:
     """Add a key with a new passphrase (the current one keeps working)."""
-    from .. import keyring
+    from .. import engine
 
-    click.echo(f"added key {keyring.add_key(g.settings(needs_config=False))}")
+    click.echo(f"added key {engine.add_key(g.settings(needs_config=False))}")
 
 
 @key.command("remove")
@@ -81,9 +81,9 @@ def key_add(g: Globals) -> None:
 @pass_globals
 def key_remove(g: Globals, key_id: str) -> None:
     """Remove the key KEY_ID (see 'key list'); the last key is never removed."""
-    from .. import keyring
+    from .. import engine
 
-    keyring.remove_key(g.settings(needs_config=False), key_id)
+    engine.remove_key(g.settings(needs_config=False), key_id)
     click.echo(f"removed key {key_id}")
 
 
@@ -91,9 +91,9 @@ def key_remove(g: Globals, key_id: str) -> None:
 @pass_globals
 def key_passwd(g: Globals) -> None:
     """Change the passphrase of the key the current passphrase opens."""
-    from .. import keyring
+    from .. import engine
 
-    click.echo(f"passphrase changed (key {keyring.change_passphrase(g.settings(needs_config=False))})")
+    click.echo(f"passphrase changed (key {engine.change_passphrase(g.settings(needs_config=False))})")
 
 
 @key.command("export")
@@ -106,9 +106,9 @@ def key_export(g: Globals, file: Path | None) -> None:
     $NBDBACKUP_KEY_FILE) the repository can be opened even if the keys stored
     in it are lost. Keep it apart from the repository.
     """
-    from .. import keyring
+    from .. import engine
 
-    data = keyring.export_key(g.settings(needs_config=False), file)
+    data = engine.export_key(g.settings(needs_config=False), file)
     if file is None:
         click.echo(data.decode(), nl=False)
     else:

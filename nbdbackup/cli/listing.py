@@ -50,12 +50,8 @@ def list_(g: Globals, vm: str | None, as_json: bool) -> None:
 def _list_vms(settings, as_json: bool) -> None:
     from .. import engine
 
-    rows: list[dict[str, Any]] = []
-    for name in engine.open_repository(settings).vms():
-        manifests = engine.list_backups(settings, name)
-        newest = manifests[-1] if manifests else None
-        rows.append({"vm": name, "backups": len(manifests), "newest": newest.checkpoint if newest else None,
-                     "newest_created": newest.created if newest else None, "stored_bytes": sum(m.stored_bytes for m in manifests)})
+    rows: list[dict[str, Any]] = [{"vm": r.vm, "backups": r.backups, "newest": r.newest.checkpoint if r.newest else None,
+             "newest_created": r.newest.created if r.newest else None, "stored_bytes": r.stored_bytes} for r in engine.list_vms(settings)]
     if as_json:
         click.echo(json.dumps(rows, indent=2))
         return

@@ -24,15 +24,10 @@ def mount(g: Globals, vm: str, directory: str, checkpoint: str, disks: tuple[str
 
     from .. import engine
     from ..mounting import MountRequest
-    from ..names import check_name
 
-    settings = g.settings()
-    check_name("VM", vm)
-    for d in disks:
-        check_name("disk", d)
     req = MountRequest(vm=vm, checkpoint=checkpoint, directory=Path(directory), disks=disks)
     with interruptible() as cancel:
-        result = engine.mount(settings, req, cancel=cancel)
+        result = engine.mount(g.settings(), req, cancel=cancel)
     for m in result.mounted:
         click.echo(f"{m.path}\t{m.fstype}")
     for s in result.skipped:
@@ -47,6 +42,6 @@ def umount(directory: str) -> None:
     """Unmount what `nbdbackup mount` set up at DIR and stop its servers."""
     from pathlib import Path
 
-    from ..mounting import run_umount
+    from .. import engine
 
-    run_umount(Path(directory))
+    engine.umount(Path(directory))

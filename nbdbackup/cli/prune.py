@@ -37,54 +37,37 @@ def prune(g: Globals, vm: str | None, all_vms: bool, qmp: str | None, dry_run: b
     checkpoint are always kept.  Without --keep-* options, the VM's
     `retention` setting in the config file applies.
     """
+    from pathlib import Path
+
     from .. import engine
-    from ..errors import NbdBackupError, SomeRunsFailed, UsageError
+    from ..errors import UsageError
+    from ..prune import PruneRequest
 
     if all_vms == (vm is not None):
         raise UsageError("give either a VM or --all")
-    settings = g.settings()
-    given = {k: v for k, v in keep.items() if v is not None}
+    req = PruneRequest(vm=vm, all_vms=all_vms, keep={k: v for k, v in keep.items() if v is not None},
+                       qmp=Path(qmp) if qmp else None, dry_run=dry_run)
+    outcome = engine.prune(g.settings(), req)
     if vm is not None:  # not --all
-        report = _prune_one(settings, settings.vm(vm, qmp, required=False), given, dry_run, collect=True)
-        _print(vm, report, dry_run, as_json)
-        _finish(report.garbage)
+        _print(vm, outcome.reports[vm], dry_run, as_json)
+        _finish(outcome)
         return
-    if qmp:
-        raise UsageError("--qmp names one VM; with --all the sockets come from the config file")
-    names = [n for n, c in sorted(settings.vms.items()) if given or c.retention]
-    if not names:
-        raise UsageError("--all: no VM of the config file has a retention setting", hint="add retention = { daily = 7 } to [vm.NAME]")
-    failures: dict[str, NbdBackupError] = {}
-    reports = {}
-    for name in names:
-        try:
-            reports[name] = _prune_one(settings, settings.vm(name, required=False), given, dry_run, collect=False)
-        except NbdBackupError as exc:
-            failures[name] = exc
-            logs.summary(f"prune {name} FAILED (exit {exc.exit_code}): {exc}", level=logging.ERROR, stderr=True)
-    garbage = None if dry_run else engine.collect_garbage(settings)  # once, after every VM
+    for name, exc in outcome.failures.items():
+        logs.summary(f"prune {name} FAILED (exit {exc.exit_code}): {exc}", level=logging.ERROR, stderr=True)
+    garbage = outcome.garbage
     if as_json:
-        click.echo(json.dumps({"vms": [{"vm": n, **_as_dict(r, dry_run)} for n, r in reports.items()],
+        click.echo(json.dumps({"vms": [{"vm": n, **_as_dict(r, dry_run)} for n, r in outcome.reports.items()],
                                "garbage": _garbage_dict(garbage)}, indent=2))
-        for name, report in reports.items():
+        for name, report in outcome.reports.items():
             _log(name, report, dry_run)
     else:
-        for name, report in reports.items():
+        for name, report in outcome.reports.items():
             _print(name, report, dry_run, False)
         if garbage and garbage.done:
             click.echo(f"freed {plural(garbage.freed_chunks, 'chunk')} ({human_size(garbage.freed_bytes)})")
     if garbage and garbage.done:
         logs.summary(f"prune --all: freed {plural(garbage.freed_chunks, 'chunk')} ({human_size(garbage.freed_bytes)})", stderr=False)
-    _finish(garbage)
-    if failures:
-        raise SomeRunsFailed(f"prune failed for {', '.join(failures)}", max(e.exit_code for e in failures.values()))
-
-
-def _prune_one(settings, vmconf, given: dict[str, int], dry_run: bool, *, collect: bool):
-    from .. import engine
-    from ..retention import Policy
-
-    return engine.prune(settings, vmconf, Policy(**(given or vmconf.retention)), dry_run=dry_run, collect=collect)
+    _finish(outcome)
 
 
 def _garbage_dict(garbage) -> dict | None:
@@ -93,16 +76,12 @@ def _garbage_dict(garbage) -> dict | None:
     return {"done": garbage.done, "freed_chunks": garbage.freed_chunks, "freed_bytes": garbage.freed_bytes, "note": garbage.note}
 
 
-def _finish(garbage) -> None:
-    """Say why chunks were not freed; damage makes the run fail (exit 6) after the report."""
-    from ..errors import RepositoryDamaged
-
-    if garbage is None or garbage.done:
-        return
-    logs.warning(garbage.note)
-    if garbage.damaged:
-        raise RepositoryDamaged("the repository has damage: backups were pruned but no chunk was freed",
-                                hint="run `nbdbackup verify VM` for each VM")
+def _finish(outcome) -> None:
+    """Say why chunks were not freed; then the run's error, if any (damage: exit 6, after the report)."""
+    if outcome.garbage is not None and not outcome.garbage.done:
+        logs.warning(outcome.garbage.note)
+    if outcome.error:
+        raise outcome.error
 
 
 def _as_dict(report, dry_run: bool) -> dict:

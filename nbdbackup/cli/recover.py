@@ -30,14 +30,9 @@ def recover(g: Globals, vm: str, checkpoint: str, output: str, qmp: str | None, 
     from pathlib import Path
 
     from .. import engine
-    from ..names import check_name
     from ..recovering import RecoverRequest
 
-    settings = g.settings()
-    vmconf = settings.vm(vm, qmp)
-    for d in disks:
-        check_name("disk", d)
-    req = RecoverRequest(vm=vm, checkpoint=checkpoint, output=Path(output), qmp=vmconf.qmp, disks=disks,
+    req = RecoverRequest(vm=vm, checkpoint=checkpoint, output=Path(output), qmp=Path(qmp) if qmp else None, disks=disks,
                          speed=(speed or 0) * 1024 * 1024)
 
     def images(result) -> None:
@@ -47,10 +42,10 @@ def recover(g: Globals, vm: str, checkpoint: str, output: str, qmp: str | None, 
         what = "resuming the recovery" if result.resumed else "images ready"
         click.echo(f"nbdbackup: {what} of {vm} from backup {result.checkpoint}", err=True)
 
-    def waiting() -> None:
-        click.echo(f"nbdbackup: waiting for the VM's QMP socket {vmconf.qmp}: start the VM on these images now", err=True)
+    def waiting(socket: Path) -> None:
+        click.echo(f"nbdbackup: waiting for the VM's QMP socket {socket}: start the VM on these images now", err=True)
 
     with interruptible() as cancel, progress_bar("recover") as observer:
-        result = engine.recover(settings, req, cancel=cancel, observer=observer, on_images=images, on_wait=waiting)
+        result = engine.recover(g.settings(), req, cancel=cancel, observer=observer, on_images=images, on_wait=waiting)
     click.echo(f"nbdbackup: recovery of {vm} complete: it runs on {', '.join(str(i.path) for i in result.images)} alone; "
                "the backup is no longer needed", err=True)

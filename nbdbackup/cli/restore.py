@@ -24,23 +24,15 @@ def restore(g: Globals, vm: str, checkpoint: str, output: str, fmt: str, disks: 
     from pathlib import Path
 
     from .. import engine
-    from ..capture import Tuning
-    from ..names import check_name
     from ..restore import RestoreRequest
 
-    settings = g.settings(needs_config=False)
-    check_name("VM", vm)
-    for d in disks:
-        check_name("disk", d)
     req = RestoreRequest(vm=vm, checkpoint=checkpoint, output=Path(output), format=fmt, disks=disks, force=force)
     with interruptible() as cancel, progress_bar("restore") as observer:
-        paths = engine.restore(settings, req, tuning=Tuning(), cancel=cancel, observer=observer)
+        images = engine.restore(g.settings(needs_config=False), req, cancel=cancel, observer=observer)
     if as_json:
         import json
 
-        click.echo(json.dumps([{"disk": p.name.rsplit(".", 1)[0], "path": str(p), "format": fmt} for p in paths], indent=2))
+        click.echo(json.dumps([{"disk": i.disk, "path": str(i.path), "format": i.format} for i in images], indent=2))
         return
-    for p in paths:
-        click.echo(str(p))
-
-
+    for i in images:
+        click.echo(str(i.path))

@@ -26,13 +26,8 @@ def serve(g: Globals, vm: str, checkpoint: str, disks: tuple[str, ...], socket_p
     from pathlib import Path
 
     from .. import engine
-    from ..names import check_name
     from ..serving import ServeRequest
 
-    settings = g.settings()
-    check_name("VM", vm)
-    for d in disks:
-        check_name("disk", d)
     req = ServeRequest(vm=vm, checkpoint=checkpoint, disks=disks, socket=Path(socket_path) if socket_path else None,
                        tcp=tcp, writable=writable)
 
@@ -44,5 +39,5 @@ def serve(g: Globals, vm: str, checkpoint: str, disks: tuple[str, ...], socket_p
         click.echo(f"nbdbackup: serving backup {m.checkpoint} of {vm}, {len(exports)} disk(s), {mode}; Ctrl-C stops", err=True)
 
     with interruptible() as cancel:
-        engine.serve(settings, req, cancel=cancel, on_ready=ready)
+        engine.serve(g.settings(), req, cancel=cancel, on_ready=ready)
     click.echo("nbdbackup: stopped serving", err=True)

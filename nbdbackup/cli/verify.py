@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 
 import click
 
 from . import logs
-from .common import Globals, human_size, pass_globals, plural, progress_bar
+from .common import Globals, human_size, interruptible, pass_globals, plural, progress_bar
 
 
 @click.command()
@@ -35,27 +36,28 @@ def verify(g: Globals, vm: str, checkpoint: str | None, sample: float | None, as
     sign of life (guest agent or --console-line) and pass --check; prints
     `booted in N s`, exit 6 if it does not boot.
     """
+    from .. import engine
     from ..errors import UsageError
 
     if boot:
         if sample is not None:
             raise UsageError("--sample and --boot do not go together")
-        from .bootcheck import boot as boot_check
+        from ..bootcheck import BootRequest
+        from .bootcheck import print_boot
 
-        boot_check(g, g.settings(), vm, checkpoint, check, console_line, timeout, as_json)
+        req = BootRequest(vm=vm, checkpoint=checkpoint or "latest", check=check, console_line=console_line, timeout=timeout)
+        with interruptible() as cancel, progress_bar("restore for boot") as observer:
+            if g.debug:
+                observer = dataclasses.replace(observer, on_phase=lambda text: click.echo(f"nbdbackup: {text}", err=True))
+            print_boot(engine.verify_boot(g.settings(), req, cancel=cancel, observer=observer), as_json=as_json)
         return
     if check is not None or console_line is not None or timeout is not None:
         raise UsageError("--check, --console-line and --timeout go with --boot")
-    from .. import engine
-    from ..errors import RepositoryDamaged
-    from ..verify import VerifyRequest, run_verify
+    from ..verify import VerifyRequest
 
-    settings = g.settings(needs_config=False)
-    req = VerifyRequest(vm=vm, checkpoint=checkpoint, sample_percent=sample)
-    repo = engine.open_repository(settings)
-    # Shared, as backups and restores hold it: garbage collection must not delete chunks under us.
-    with engine.repository_lock(repo), progress_bar("verify") as observer:
-        report = run_verify(repo, req, on_start=observer.on_start, progress=observer.progress)
+    with progress_bar("verify") as observer:
+        report = engine.verify(g.settings(needs_config=False), VerifyRequest(vm=vm, checkpoint=checkpoint, sample_percent=sample),
+                               observer=observer)
 
     if as_json:
         click.echo(json.dumps(_as_json(report), indent=2))
@@ -68,11 +70,8 @@ def verify(g: Globals, vm: str, checkpoint: str | None, sample: float | None, as
                 click.echo(f"{b.checkpoint:<{width}}  DAMAGED  {_describe(p)}")
         click.echo(_summary(report))
     logs.summary(f"verify {vm}: {_summary(report)}", level=logging.ERROR if report.damaged else logging.INFO, stderr=False)
-
-    damaged = report.damaged
-    if damaged:
-        verb = "is" if len(damaged) == 1 else "are"
-        raise RepositoryDamaged(f"{len(damaged)} of {len(report.backups)} backups of {vm} {verb} damaged: {', '.join(damaged)}")
+    if report.error:
+        raise report.error
 
 
 def _describe(p) -> str:
