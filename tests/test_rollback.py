@@ -127,13 +127,19 @@ def test_rollback_to_c_then_a_then_e_writes_only_changed_blocks(vm_factory, repo
         assert_image_equals(path, expected["E"][d], "qcow2")
 
 
-def test_broken_chain_is_refused_unless_full(vm_factory, repo):
+def chain_broken_after_c(vm_factory, repo):
+    """A shut-down VM with the chain A..E whose checkpoint D lost its bitmap on vdb:
+    (vm, expected contents per checkpoint, the images' bytes now)."""
     vm = vm_factory(SIZES)
     expected = make_chain(vm, repo)
     bitmap = next(r["bitmap"] for r in json.loads((repo / "vms" / "vm1" / "checkpoints.json").read_text())["checkpoints"] if r["name"] == "D")
     vm.qmp("block-dirty-bitmap-remove", node=vm.disks["vdb"].node, name=bitmap)
     vm.stop()
-    before = {d: image_bytes(vm.disks[d].path) for d in vm.disks}
+    return vm, expected, {d: image_bytes(vm.disks[d].path) for d in vm.disks}
+
+
+def test_broken_chain_is_refused_unless_full(vm_factory, repo):
+    vm, expected, before = chain_broken_after_c(vm_factory, repo)
     proc = rollback(repo, vm, "C", expect=4)
     assert "is missing on disk vdb" in proc.stderr and "--full" in proc.stderr
     assert all(image_bytes(vm.disks[d].path) == before[d] for d in vm.disks)  # nothing written, not even on vda
@@ -182,12 +188,7 @@ def on_tty(repo, *args, answer: bytes) -> tuple[int, str, str]:
 def test_broken_chain_asks_on_a_terminal(vm_factory, repo, answer):
     """On a terminal the refusal becomes a question: no leaves the disks alone (exit 4), yes
     rewrites them whole as --full does.  Without a terminal (cron) it stays a refusal (above)."""
-    vm = vm_factory(SIZES)
-    expected = make_chain(vm, repo)
-    bitmap = next(r["bitmap"] for r in json.loads((repo / "vms" / "vm1" / "checkpoints.json").read_text())["checkpoints"] if r["name"] == "D")
-    vm.qmp("block-dirty-bitmap-remove", node=vm.disks["vdb"].node, name=bitmap)
-    vm.stop()
-    before = {d: image_bytes(vm.disks[d].path) for d in vm.disks}
+    vm, expected, before = chain_broken_after_c(vm_factory, repo)
     status, shown, out = on_tty(repo, "rollback", "vm1", "--to", "C", *images(vm), "--json", answer=answer)
     assert "is missing on disk vdb" in shown and "Rewrite the whole of vda, vdb (13.0MiB) from the backup at C instead? [y/N]" in shown, shown
     if answer == b"n\n":
