@@ -33,11 +33,15 @@ import email.utils
 import logging
 import os
 import stat
-import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+import botocore.config
+import botocore.exceptions as bex
+import botocore.loaders
+import botocore.session
 
 from ..errors import (
     NbdBackupError,
@@ -50,16 +54,6 @@ from ..errors import (
 )
 from .backend import Buffers
 from .location import S3Location, S3Settings
-
-# botocore imports urllib3's pyOpenSSL adapter only for the standard SSLContext it keeps
-# (urllib3.util.ssl_.SSLContext, which it falls back to without it): skip loading pyOpenSSL,
-# ~30 ms of CPU on every start of an S3 run.
-sys.modules.setdefault("urllib3.contrib.pyopenssl", None)  # type: ignore[arg-type]
-
-import botocore.config  # noqa: E402
-import botocore.exceptions as bex  # noqa: E402
-import botocore.loaders  # noqa: E402
-import botocore.session  # noqa: E402
 
 # botocore logs request headers (the access key id among them) at DEBUG: keep it quiet even with --debug.
 for _name in ("boto3", "botocore", "urllib3", "s3transfer"):
