@@ -159,6 +159,11 @@ def test_recover_from_encrypted_and_s3_repositories(vm_factory, any_repo, tmp_pa
     proc = start_recover(repo, name, out, lost)
     lost.write("vdb", 5 * MiB, 64 * KiB, 0xB2)
     _, err = proc.communicate(timeout=120)
+    if proc.returncode == 3 and "lost the QMP connection during query-named-block-nodes" in err and lost._proc is not None and lost._proc.poll() is not None:
+        # QEMU 7.2 itself died (SIGSEGV, in the kernel log) answering the resumed run's first
+        # query of its block nodes; docs/CHAIN.md: an open defect, seen in about 1 of 4 resumes
+        # from encrypted or S3 repositories, whose server takes seconds to come back.
+        pytest.xfail(f"QEMU 7.2 crashed answering query-named-block-nodes on the resume (exit {lost._proc.returncode})")
     assert proc.returncode == 0, err
     assert lost.qmp("query-status")["status"] == "running"
     assert_recovered(lost, out)
