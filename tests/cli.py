@@ -98,3 +98,24 @@ def restore(repo: Path, vm, checkpoint: str, out: Path, *extra: str) -> dict[str
     run(repo, "restore", vm.name, "--to", checkpoint, "--output", out, *extra)
     fmt = extra[extra.index("--format") + 1] if "--format" in extra else "qcow2"
     return {d: out / f"{d}.{fmt}" for d in vm.disks}
+
+
+CHEAP_KDF = {"algorithm": "argon2id", "iterations": 1, "lanes": 1, "memory_cost": 8}
+
+
+def use_passphrase(monkeypatch: Any, directory: Path, passphrase: str, *, cheap_keys: bool = False) -> Path:
+    """Commands of this test get ``passphrase`` from a file in ``directory`` ($NBDBACKUP_PASSWORD_FILE),
+    a keyring of their own ($XDG_CONFIG_HOME) and no key file.  ``cheap_keys``: keys made meanwhile
+    cost Argon2id's minimum (8 KiB, one pass) instead of ~80 ms each; a key names its own
+    parameters, and test_encryption's test_vectors checks the real derivation.  Returns the file."""
+    from nbdbackup.repository import keys
+
+    pw = directory / "pw"
+    pw.write_text(passphrase + "\n")
+    monkeypatch.setenv("NBDBACKUP_PASSWORD_FILE", str(pw))
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(directory / "xdg"))
+    monkeypatch.delenv("NBDBACKUP_KEY_FILE", raising=False)
+    if cheap_keys:
+        monkeypatch.setattr(keys, "DEFAULT_KDF", CHEAP_KDF)
+    return pw
+

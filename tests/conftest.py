@@ -131,10 +131,7 @@ def any_repo(request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest
     if kind.startswith("s3"):
         location = request.getfixturevalue("s3_repo").url
     if kind.endswith("encrypted"):
-        pw = tmp_path / "passphrase"
-        pw.write_text(PASSPHRASE + "\n")
-        monkeypatch.setenv("NBDBACKUP_PASSWORD_FILE", str(pw))
-        monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "xdg"))
+        cli.use_passphrase(monkeypatch, tmp_path, PASSPHRASE)
         cli.run(location, "init", "--encryption", "repokey")
     return location
 

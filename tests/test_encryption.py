@@ -25,14 +25,7 @@ PASSPHRASE = "correct horse battery staple"
 
 @pytest.fixture
 def env(tmp_path, monkeypatch):
-    pw = tmp_path / "pw"
-    pw.write_text(PASSPHRASE + "\n")
-    monkeypatch.setenv("NBDBACKUP_PASSWORD_FILE", str(pw))
-    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "xdg"))
-    monkeypatch.delenv("NBDBACKUP_KEY_FILE", raising=False)
-    # Keys made here cost Argon2id's minimum (8 KiB, one pass), not 80 ms each: these tests are
-    # about keys, test_vectors about the derivation, and a key names its own parameters.
-    monkeypatch.setattr(keys, "DEFAULT_KDF", {"algorithm": "argon2id", "iterations": 1, "lanes": 1, "memory_cost": 8})
+    cli.use_passphrase(monkeypatch, tmp_path, PASSPHRASE, cheap_keys=True)  # these tests are about keys
     return tmp_path
 
 

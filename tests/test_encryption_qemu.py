@@ -19,13 +19,10 @@ PASSPHRASE = "correct horse battery staple"
 @pytest.fixture
 def encrypted_env(tmp_path, monkeypatch):
     """A passphrase file and a config file asking for an encrypted repository (the first backup creates it)."""
-    pw = tmp_path / "passphrase"
-    pw.write_text(PASSPHRASE + "\n")
+    pw = cli.use_passphrase(monkeypatch, tmp_path, PASSPHRASE)
     conf = tmp_path / "config.toml"
     conf.write_text('encryption = "repokey"\n')
-    monkeypatch.setenv("NBDBACKUP_PASSWORD_FILE", str(pw))
     monkeypatch.setenv("NBDBACKUP_TEST_CONFIG", str(conf))
-    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "xdg"))
     return pw
 
 

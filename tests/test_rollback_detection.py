@@ -12,21 +12,15 @@ import pytest
 
 from nbdbackup.errors import RepositoryRolledBack
 from nbdbackup.records import Manifest
-from nbdbackup.repository import Repository, keys, seen
+from nbdbackup.repository import Repository, seen
 
 PASSPHRASE = "rollback passphrase"
 
 
 @pytest.fixture
 def env(tmp_path, monkeypatch):
-    pw = tmp_path / "pw"
-    pw.write_text(PASSPHRASE + "\n")
-    monkeypatch.setenv("NBDBACKUP_PASSWORD_FILE", str(pw))
-    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "xdg"))
+    cli.use_passphrase(monkeypatch, tmp_path, PASSPHRASE, cheap_keys=True)  # these tests are about rollbacks
     monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "host-a"))
-    monkeypatch.delenv("NBDBACKUP_KEY_FILE", raising=False)
-    # Keys made here cost Argon2id's minimum (as in test_encryption.py): these tests are about rollbacks.
-    monkeypatch.setattr(keys, "DEFAULT_KDF", {"algorithm": "argon2id", "iterations": 1, "lanes": 1, "memory_cost": 8})
     return tmp_path
 
 
