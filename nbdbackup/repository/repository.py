@@ -79,7 +79,6 @@ class Repository:
         self._present: set[bytes] | None = None  # chunks known to exist (remote backends): see put_chunk
         self._present_mutex = threading.Lock()
         self._listing: Future | None = None  # the chunk listing a backup started when its locks were taken
-        self._records: dict[str, bytes] = {}  # checkpoints.json of the VMs whose lock this run holds
         self.seen: seen.SeenBackups | None = None  # encrypted: what this host saw (rollback detection)
 
     # -- opening ---------------------------------------------------------
@@ -247,8 +246,6 @@ class Repository:
                 self._held.remove(held)
                 self._present = None  # only a held lock keeps garbage collection from deleting chunks
                 self._listing = None
-                if name.startswith("vm-"):
-                    self._records.clear()  # another run may change them from now on
 
     def remove_dead_locks(self, name: str) -> None:
         """Lock objects called name left by processes of this host that died (see lock.py); none for a directory."""
@@ -568,12 +565,8 @@ class Repository:
 
     def checkpoints(self, vm: str) -> list[CheckpointRecord]:
         check_name("VM", vm)
-        blob = self._records.get(vm)
         try:
-            if blob is None:
-                blob = self.backend.read(f"vms/{vm}/checkpoints.json")
-                if self._holds_vm(vm):
-                    self._records[vm] = blob
+            blob = self.backend.read(f"vms/{vm}/checkpoints.json")
         except FileNotFoundError:
             return []
         except crypto.ObjectDamaged as exc:
@@ -582,14 +575,5 @@ class Repository:
 
     def save_checkpoints(self, vm: str, records: Sequence[CheckpointRecord]) -> None:
         check_name("VM", vm)
-        self._records.pop(vm, None)
         blob = manifest.checkpoints_to_bytes(list(records))
         self.backend.write(f"vms/{vm}/checkpoints.json", blob, durable=True)
-        if self._holds_vm(vm):
-            self._records[vm] = blob
-
-    def _holds_vm(self, vm: str) -> bool:
-        """Whether this run holds vm's lock object: then only this run changes vm's checkpoint
-        records, and checkpoints() answers from what it last read or wrote (a remote store: a
-        request less each time; the lock's refresh guards against losing it, see lock.py)."""
-        return self.root is None and any(h.key.startswith(f"locks/vm-{self.local_name(vm)}/") for h in self._held)
