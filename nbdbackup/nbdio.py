@@ -200,6 +200,28 @@ def is_zero(buf: bytes | bytearray | memoryview) -> bool:
     return nbd.Buffer.from_buffer(buf).is_zero()
 
 
+ZERO_BLOCK = 64 * 1024  # the steps in which data_runs looks for zeroes
+
+
+def data_runs(offset: int, data: memoryview) -> Iterator[tuple[int, int, bool]]:
+    """(start, stop, all zero) disk ranges of data (which starts at disk offset ``offset``),
+    in ZERO_BLOCK-aligned steps, each at most MAX_REQUEST long: what to write and what to zero."""
+    end = offset + len(data)
+    run_start, run_zero = None, False
+    pos = offset
+    while pos < end:
+        stop = min(end, (pos // ZERO_BLOCK + 1) * ZERO_BLOCK)
+        zero = is_zero(data[pos - offset:stop - offset])
+        if run_start is not None and (zero != run_zero or pos - run_start >= MAX_REQUEST):
+            yield run_start, pos, run_zero
+            run_start = None
+        if run_start is None:
+            run_start, run_zero = pos, zero
+        pos = stop
+    if run_start is not None:
+        yield run_start, end, run_zero
+
+
 def data_extents(endpoint: NbdEndpoint, region: Extent) -> list[Extent]:
     """Parts of region that must be read: base:allocation says they may hold data."""
     return _merge(Extent(o, n) for c, o, n, f in endpoint.extents(region.offset, region.length) if c == BASE_ALLOCATION and not f & STATE_ZERO)

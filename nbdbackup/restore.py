@@ -24,7 +24,7 @@ from pathlib import Path
 from .capture import CancelToken, Tuning
 from .errors import CheckpointUnknown, NbdIOError, RepositoryDamaged, RestoreTargetError, UsageError
 from .inuse import in_use
-from .nbdio import MAX_REQUEST, NbdEndpoint, is_zero
+from .nbdio import NbdEndpoint, data_runs
 from .pipeline import Pipeline
 from .rawimage import ALIGN, RawImage, aligned_buffer, create_raw, direct_io_works
 from .records import IndexEntry, Manifest
@@ -33,7 +33,6 @@ from .storage_daemon import StorageDaemon, TargetImage, create_image
 
 log = logging.getLogger(__name__)
 
-ZERO_BLOCK = 64 * 1024
 CHUNK_CACHE = 4  # decompressed chunks kept per writer thread
 DOWNLOADS = 8  # chunk downloads in flight or done ahead of the writers (repositories that are not directories)
 FORMATS = ("qcow2", "raw")
@@ -187,7 +186,7 @@ def _write_disk(repo: Repository, m: Manifest, disk_id: str, entries: list[Index
             data = chunk(e.chunk, e.offset)[e.chunk_offset:e.chunk_offset + e.length]
             if len(data) != e.length:
                 raise RepositoryDamaged(f"chunk {e.chunk.hex()} is shorter than its index says (backup {m.checkpoint}, disk {disk_id}, offset {e.offset})")
-            runs = _nonzero_runs(e.offset, data)
+            runs = [(start, stop) for start, stop, zero in data_runs(e.offset, data) if not zero]
             if raw is not None:
                 for start, stop in runs:  # data[0] sits at e.chunk_offset in an aligned buffer
                     raw.write(data[start - e.offset:stop - e.offset], start,
@@ -224,24 +223,3 @@ def _write_disk(repo: Repository, m: Manifest, disk_id: str, entries: list[Index
         else:
             pipe.endpoint().flush()  # multi-conn: one flush covers every connection's writes
 
-
-def _nonzero_runs(offset: int, data: memoryview) -> Iterator[tuple[int, int]]:
-    """(start, stop) disk ranges of data that are not all zero, in ZERO_BLOCK-aligned steps."""
-    end = offset + len(data)
-    run_start = None
-    pos = offset
-    while pos < end:
-        stop = min(end, (pos // ZERO_BLOCK + 1) * ZERO_BLOCK)
-        if is_zero(data[pos - offset:stop - offset]):  # libnbd's check (a memoryview == bytes compares byte by byte)
-            if run_start is not None:
-                yield run_start, pos
-                run_start = None
-        else:
-            if run_start is None:
-                run_start = pos
-            elif pos - run_start >= MAX_REQUEST:
-                yield run_start, pos
-                run_start = pos
-        pos = stop
-    if run_start is not None:
-        yield run_start, end

@@ -54,7 +54,7 @@ from .errors import (
     VMUnreachable,
 )
 from .names import GRANULARITY, utc_now
-from .nbdio import MAX_REQUEST, NbdEndpoint, dirty_bitmap_context, dirty_extents
+from .nbdio import NbdEndpoint, data_runs, dirty_bitmap_context, dirty_extents
 from .pipeline import Pipeline
 from .records import Bitmap, Disk, DiskBackup, Extent, IndexEntry, Manifest
 from .repository import Repository
@@ -70,7 +70,6 @@ log = logging.getLogger(__name__)
 
 CHANGED, FULL = "changed-blocks", "full"
 TEMP_BITMAP = "nbdbackup-rollback"  # non-persistent, on the daemon's node: gone when it quits
-ZERO_BLOCK = 64 * 1024
 ZERO_BATCH = 256  # zero ranges per job
 
 
@@ -425,24 +424,6 @@ def sources(piece: Extent, entries: Sequence[IndexEntry], starts: Sequence[int])
         pos = stop
 
 
-def runs(offset: int, data: memoryview) -> Iterator[tuple[int, int, bool]]:
-    """(start, stop, all zero) disk ranges of data, in ZERO_BLOCK-aligned steps, at most MAX_REQUEST each."""
-    end = offset + len(data)
-    zero = bytes(ZERO_BLOCK)
-    run: list = []  # [start, is_zero]
-    pos = offset
-    while pos < end:
-        stop = min(end, (pos // ZERO_BLOCK + 1) * ZERO_BLOCK)
-        is_zero = data[pos - offset:stop - offset] == zero[:stop - pos]
-        if run and (run[1] != is_zero or pos - run[0] >= MAX_REQUEST):
-            yield run[0], pos, run[1]
-            run = []
-        if not run:
-            run = [pos, is_zero]
-        pos = stop
-    if run:
-        yield run[0], end, run[1]
-
 
 @dataclass(frozen=True)
 class Job:
@@ -496,7 +477,7 @@ def write_disk(repo: Repository, m: Manifest, p: DiskRollback, entries: list[Ind
             if at + length > len(data):
                 raise RepositoryDamaged(f"chunk {job.chunk.hex()} is shorter than its index says (backup {m.checkpoint}, "
                                         f"disk {p.disk}, offset {offset})")
-            for start, stop, is_zero in runs(offset, data[at:at + length]):
+            for start, stop, is_zero in data_runs(offset, data[at:at + length]):
                 if is_zero:  # zeroes in the data: a hole, as a restore leaves them
                     requests.append((start, stop - start, None))
                     zeroed += stop - start
