@@ -49,16 +49,22 @@ class StorageDaemon:
     """Start qemu-storage-daemon with one writable export per image; stop it on exit.
 
     exports=False: only the nodes (`node(i)`) and the NBD server; the caller adds exports over
-    QMP (`session()`).  read_only: open the images read-only (nothing can change them)."""
+    QMP (`session()`).  read_only: open the images read-only (nothing can change them).
+    wait=False: entering only starts the daemon, which takes 20-30 ms to serve; the caller does
+    other work meanwhile, and `ready()` (or `session()`) waits for it."""
 
-    def __init__(self, images: Sequence[TargetImage], socket_dir: Path, *, exports: bool = True, read_only: bool = False) -> None:
+    def __init__(self, images: Sequence[TargetImage], socket_dir: Path, *, exports: bool = True, read_only: bool = False,
+                 wait: bool = True) -> None:
         self.images = list(images)
         self.exports = exports
         self.read_only = read_only
+        self.wait = wait
+        self._ready = False
         self.socket = socket_dir / "restore.sock"
         self.monitor = socket_dir / "restore-qmp.sock"
         self.log = socket_dir / "qemu-storage-daemon.log"
         self._proc: subprocess.Popen | None = None
+        self._started = 0.0
 
     def __enter__(self) -> StorageDaemon:
         # Images first: the daemon handles its options in order, so an image it cannot open
@@ -80,7 +86,17 @@ class StorageDaemon:
         with open(self.log, "wb") as output:
             self._proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=output, stderr=subprocess.STDOUT,
                                           start_new_session=True, preexec_fn=_die_with_parent)
-        deadline = time.monotonic() + 30
+        self._started = time.monotonic()
+        if self.wait:
+            self.ready()
+        return self
+
+    def ready(self) -> None:
+        """Wait until the daemon serves (at once if it does); ImageInUse or RestoreTargetError if it ended."""
+        assert self._proc is not None
+        if self._ready:
+            return
+        deadline = self._started + 30
         # Ready when both sockets exist and the NBD server accepts connections (a socket file
         # exists from bind(), a moment before listen(); a daemon that died leaves it behind).
         while not (self.socket.exists() and self.monitor.exists() and _accepts(self.socket)):
@@ -94,7 +110,8 @@ class StorageDaemon:
                 self._kill()
                 raise RestoreTargetError("qemu-storage-daemon did not start within 30s")
             time.sleep(READY_POLL)
-        return self
+        log.debug("qemu-storage-daemon serves %.3fs after its start", time.monotonic() - self._started)
+        self._ready = True
 
     @staticmethod
     def node(i: int) -> str:
@@ -102,9 +119,10 @@ class StorageDaemon:
         return f"n{i}"
 
     def session(self) -> QMPSession:
-        """A QMP session on the daemon's monitor (a context manager)."""
+        """A QMP session on the daemon's monitor (a context manager), once it serves."""
         from .qmp import QMPSession
 
+        self.ready()
         return QMPSession(self.monitor, connect_timeout=10)
 
     def quit(self, session: QMPSession) -> None:
