@@ -253,7 +253,7 @@ def run_rollback(
         # session() waits for it, then connects.
         from . import checkpoints, qmp, vm  # noqa: F401
         with daemon.session() as session:
-                return roll_back(repo, req, m, ImageTarget(daemon, session, images), tuning=tuning, cancel=cancel, progress=progress,
+            return roll_back(repo, req, m, ImageTarget(daemon, session, images), tuning=tuning, cancel=cancel, progress=progress,
                              on_start=on_start)
 
 
@@ -319,11 +319,11 @@ def choose_disks(m: Manifest, req: RollbackRequest) -> list[tuple[DiskBackup, Pa
 
 def make_plan(repo: Repository, target: RollbackTarget, req: RollbackRequest, m: Manifest) -> RollbackPlan:
     """Validate every disk, then find what to write on each.  Changes nothing on the disks."""
+    from .checkpoints import Checkpoints
+
     at = {d.id: d for d in m.disks}
     disks = target.disks
     paths = [Path(d.filename) for d in disks]
-    from .checkpoints import Checkpoints
-
     bitmaps = target.bitmaps()
     # disks holding another VM name's checkpoints are another VM's (wrong images?): refused, even with --full
     Checkpoints(repo, target.session, req.vm, disks).check_owner(bitmaps)
