@@ -42,7 +42,7 @@ class Tuning:
     1-8 MiB, 2-4 workers and depths 4-16 all took 3.5-4.4 s, within the run-to-run noise.
     zstd level (scripts/bench --full-only --repeat 3, CPU of nbdbackup + QEMU as a share of the
     `nbdcopy | zstd -3 -T2` reference's in the same run; stored bytes): level 3 0.72 / 897.6 MiB,
-    level 2 0.57 / 925 MiB, level 1 0.51 / 955 MiB.  Level 2 is the default: a fifth less CPU
+    level 2 0.57 / 925 MiB, level 1 0.51 / 955 MiB.  Level 2 was the default: a fifth less CPU
     than level 3 for 3% more stored; level 1 saves another tenth of the CPU for 3% more again.
     Workers at level 2 on 2 CPUs: 4 threads 0.57 (peak RSS 67 MiB), 2 threads 0.47 (51 MiB) and
     no slower: one per CPU.
