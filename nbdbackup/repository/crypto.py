@@ -107,15 +107,13 @@ class Cipher:
 
     master_key: bytes
     _object_key: bytes = field(init=False, repr=False)
-    _aead: Any = field(init=False, repr=False)  # AESGCM
     _siv: Any = field(init=False, repr=False)  # AESSIV
     _local: bytes = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "_object_key", derive(self.master_key, OBJECT_CONTEXT))
-        from cryptography.hazmat.primitives.ciphers.aead import AESGCM, AESSIV
+        from cryptography.hazmat.primitives.ciphers.aead import AESSIV
 
-        object.__setattr__(self, "_aead", AESGCM(self._object_key))
         object.__setattr__(self, "_siv", AESSIV(derive(self.master_key, NAME_CONTEXT, 64)))
         object.__setattr__(self, "_local", derive(self.master_key, LOCAL_CONTEXT))
 
@@ -177,24 +175,24 @@ class Cipher:
     def open(self, key: str, blob: bytes) -> bytes:
         """The plaintext of the encrypted object blob stored as key; ObjectDamaged if it fails authentication."""
         nonce, sealed, aad = self._split(key, blob)
-        try:
-            return self._aead.decrypt(nonce, sealed, aad)
-        except _invalid_tag():
-            raise ObjectDamaged(key, "fails authentication (changed, truncated or swapped)") from None
+        n = len(sealed) - TAG_SIZE
+        decryptor = self._decryptor(nonce, sealed[n:], aad)
+        plain = decryptor.update(sealed[:n])
+        self._finalize(key, decryptor)
+        return plain
 
-    def open_into(self, key: str, blob: bytes) -> memoryview:
+    def open_into(self, key: str, blob: bytes | memoryview) -> memoryview:
         """open(), decrypted into this thread's buffer (no new allocation per object: chunks on a
         restore): valid until this thread's next open_into, so the caller uses it at once."""
         nonce, sealed, aad = self._split(key, blob)
-        out = _buffer(len(sealed) - TAG_SIZE, "plain")[:len(sealed) - TAG_SIZE]
-        try:
-            if hasattr(self._aead, "decrypt_into"):  # cryptography >= 46
-                self._aead.decrypt_into(nonce, sealed, aad, out)
-            else:
-                out[:] = self._aead.decrypt(nonce, sealed, aad)
-        except _invalid_tag():
-            raise ObjectDamaged(key, "fails authentication (changed, truncated or swapped)") from None
-        return out
+        n = len(sealed) - TAG_SIZE
+        # The streaming interface (as AESGCM.decrypt, which older cryptography only takes bytes for):
+        # update_into wants room for one more block than it writes.
+        out = _buffer(n + 32, "plain")
+        decryptor = self._decryptor(nonce, sealed[n:], aad)
+        done = decryptor.update_into(sealed[:n], out)
+        self._finalize(key, decryptor)
+        return out[:done]
 
     def open_in_place(self, key: str, sealed_object: memoryview) -> memoryview:
         """open(), decrypting the writable buffer sealed_object in place (through a small bounce
@@ -202,21 +200,29 @@ class Cipher:
         read, as without encryption.  The plaintext is returned only once the tag is checked."""
         nonce, sealed, aad = self._split(key, sealed_object)
         n = len(sealed) - TAG_SIZE
-        from cryptography.hazmat.primitives.ciphers import Cipher as _Cipher
-        from cryptography.hazmat.primitives.ciphers import algorithms, modes
-
-        decryptor = _Cipher(algorithms.AES(self._object_key), modes.GCM(nonce, bytes(sealed[n:]))).decryptor()
-        decryptor.authenticate_additional_data(aad)
+        decryptor = self._decryptor(nonce, sealed[n:], aad)
         bounce = _buffer(SEAL_SLICE + 32, "bounce")
         for start in range(0, n, SEAL_SLICE):
             stop = min(n, start + SEAL_SLICE)
             done = decryptor.update_into(sealed[start:stop], bounce)
             sealed[start:start + done] = bounce[:done]  # GCM is a stream: done == stop - start
+        self._finalize(key, decryptor)
+        return sealed[:n]
+
+    def _decryptor(self, nonce: bytes, tag: memoryview, aad: bytes) -> Any:
+        from cryptography.hazmat.primitives.ciphers import Cipher as _Cipher
+        from cryptography.hazmat.primitives.ciphers import algorithms, modes
+
+        decryptor = _Cipher(algorithms.AES(self._object_key), modes.GCM(nonce, bytes(tag))).decryptor()
+        decryptor.authenticate_additional_data(aad)
+        return decryptor
+
+    @staticmethod
+    def _finalize(key: str, decryptor: Any) -> None:
         try:
             decryptor.finalize()
         except _invalid_tag():
             raise ObjectDamaged(key, "fails authentication (changed, truncated or swapped)") from None
-        return sealed[:n]
 
     def _split(self, key: str, blob: bytes | memoryview) -> tuple[bytes, memoryview, bytes]:
         """(nonce, ciphertext and tag, associated data) of an encrypted object; ObjectDamaged if it is none."""
