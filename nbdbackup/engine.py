@@ -654,7 +654,7 @@ def verify_boot(settings: Settings, req: BootRequest, *, cancel: CancelToken, ob
     repo = open_repository(settings)
     base = vmconf.scratch or BOOT_SCRATCH
     observer.on_stage("restore for boot")
-    with private_dir(base, prefix=f"{vmconf.name}-boot-") as workdir:
+    with private_dir(base, prefix=f"{repo.local_name(vmconf.name)}-boot-") as workdir:  # keyed when encrypted
         with repository_lock(repo):
             checkpoint, images = restore_point(repo, req, workdir, tuning=tuning_for(vmconf), cancel=cancel,
                                                on_start=observer.on_start, progress=observer.progress)

@@ -138,7 +138,7 @@ class Cipher:
         from cryptography.hazmat.primitives.ciphers import Cipher as _Cipher
         from cryptography.hazmat.primitives.ciphers import algorithms, modes
 
-        encryptor = _Cipher(algorithms.AES(self._object_key), modes.GCM(nonce)).encryptor()
+        encryptor: Any = _Cipher(algorithms.AES(self._object_key), modes.GCM(nonce)).encryptor()  # older stubs: bytes only
         encryptor.authenticate_additional_data(header + key.encode())
         buf = _buffer(total + 32)
         done = 0
@@ -158,7 +158,7 @@ class Cipher:
         from cryptography.hazmat.primitives.ciphers import Cipher as _Cipher
         from cryptography.hazmat.primitives.ciphers import algorithms, modes
 
-        encryptor = _Cipher(algorithms.AES(self._object_key), modes.GCM(nonce)).encryptor()
+        encryptor: Any = _Cipher(algorithms.AES(self._object_key), modes.GCM(nonce)).encryptor()  # older stubs: bytes only
         encryptor.authenticate_additional_data(header + key.encode())
         yield header + nonce
         buf = _buffer(SEAL_SLICE + 32, "slice")
@@ -337,8 +337,12 @@ class EncryptedBackend:
             return self.cipher.open_in_place(key, self.inner.read_into(self.physical(key), lambda size: memoryview(bytearray(size))))
         return self.cipher.open_into(key, self.inner.read(self.physical(key)))
 
-    def read_sealed(self, key: str) -> bytes:
-        """The object as stored, still encrypted (Cipher.open_into decrypts it later, in another thread)."""
+    def read_sealed(self, key: str) -> bytes | memoryview:
+        """The object as stored, still encrypted (decrypted later, in another thread): from a local
+        directory in a writable buffer of its own, which Cipher.open_in_place decrypts where it is
+        (no second, chunk-sized buffer per thread, which would stay allocated: restore's memory)."""
+        if isinstance(self.inner, LocalBackend):
+            return self.inner.read_into(self.physical(key), lambda size: memoryview(bytearray(size)))
         return self.inner.read(self.physical(key))
 
     def write(self, key: str, data: Buffers, *, durable: bool = False, exclusive: bool = False) -> None:
