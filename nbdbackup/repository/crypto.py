@@ -347,9 +347,9 @@ class EncryptedBackend:
     def read_sealed(self, key: str) -> bytes | memoryview:
         """The object as stored, still encrypted (decrypted later).  From a local directory: read into
         this thread's reused buffer, which Cipher.open_in_place decrypts where it is, valid until this
-        thread's next read_sealed (restore decodes each chunk in the thread that read it): no buffer
-        allocated per chunk, none added per thread.  Other backends: a new bytes object (S3 downloads
-        run ahead, in other threads)."""
+        thread's next read_sealed (restore decodes each chunk in the thread that read it): one buffer
+        per thread instead of one per chunk read, and no second one to decrypt into.  Other backends:
+        a new bytes object (S3 downloads run ahead, in other threads)."""
         if isinstance(self.inner, LocalBackend):
             return self.inner.read_into(self.physical(key), lambda size: _buffer(size, "sealed"))
         return self.inner.read(self.physical(key))
