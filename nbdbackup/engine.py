@@ -23,30 +23,27 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from . import prune as pruning
-from .backup import BackupRequest, BackupResult, run_backup
-from .capture import CancelToken, Tuning, default_workers
-from .chain import CheckpointStatus, assess, resolve
-from .checkpoints import Checkpoints
 from .config import Settings, VMConfig
 from .errors import Interrupted, LockHeld, NbdBackupError, SomeRunsFailed, UsageError, VMUnreachable
-from .names import bitmap_namespace, check_name
-from .prune import GarbageReport, PruneOutcome, PruneReport, PruneRequest, decide_for, remove_backups
-from .qmp import QMPSession
+from .names import check_name
 from .records import Manifest
 from .repository import Repository
-from .retention import Policy
 from .units import human_size, plural
-from .vm import block_nodes, qcow2_disks
 from .workdirs import foreign_owner, private_dir, remove_stale_dirs, scratch_base
 
 log = logging.getLogger(__name__)
 
-if TYPE_CHECKING:  # imported where used: a backup's start-up does without them (issue 11)
+if TYPE_CHECKING:  # imported where used: a backup's start-up does without them (issue 11), a rollback's without
+    # backup's, prune's and QMP's (issue 15: they load while its qemu-storage-daemon starts)
+    from .backup import BackupRequest, BackupResult
     from .bootcheck import BootRequest, BootResult
+    from .capture import CancelToken, Tuning
+    from .chain import CheckpointStatus
     from .copy import CopyReport, CopyRequest
     from .keyring import InitResult, KeyInfo
     from .mounting import MountRequest, MountResult
+    from .prune import GarbageReport, PruneOutcome, PruneReport, PruneRequest
+    from .qmp import QMPSession
     from .recovering import RecoverRequest, RecoverResult
     from .repository.keys import Unlocked
     from .restore import RestoredImage, RestoreRequest
@@ -96,7 +93,9 @@ def repository_lock(repo: Repository, *, exclusive: bool = False, wait: float = 
     return repo.lock("repository", what=what, shared=not exclusive, wait=wait)
 
 
-def tuning_for(vmconf: VMConfig, base: Tuning = Tuning()) -> Tuning:
+def tuning_for(vmconf: VMConfig, base: Tuning | None = None) -> Tuning:
+    from .capture import Tuning, default_workers
+
     changes = {}
     if vmconf.compression is not None:
         changes["level"] = vmconf.compression
@@ -105,7 +104,7 @@ def tuning_for(vmconf: VMConfig, base: Tuning = Tuning()) -> Tuning:
         changes["chunk_size"] = vmconf.chunk_mib * 1024 * 1024
     if vmconf.queue_depth is not None:
         changes["depth"] = vmconf.queue_depth
-    return dataclasses.replace(base, **changes)
+    return dataclasses.replace(base or Tuning(), **changes)
 
 
 @contextlib.contextmanager
@@ -113,6 +112,8 @@ def vm_session(settings: Settings, vmconf: VMConfig, *, create: bool = False) ->
     """The repository, the VM's lock, then its QMP session: what every VM command needs."""
     if vmconf.qmp is None:  # Settings.vm(name) says so, with where it looked
         raise VMUnreachable(f"no QMP socket known for VM {vmconf.name!r}", hint="pass --qmp SOCKET")
+    from .qmp import QMPSession
+
     repo = open_repository(settings, create=create)
     with vm_lock(repo, vmconf.name), repository_lock(repo), QMPSession(vmconf.qmp) as session:
         yield repo, session
@@ -243,6 +244,8 @@ def _record(settings: Settings, req: BackupRequest, code: int, duration: float, 
 
 
 def _backup(settings: Settings, req: BackupRequest, *, cancel: CancelToken, observer: Observer) -> BackupResult:
+    from .backup import run_backup
+
     vmconf = settings.vm(req.vm, str(req.qmp) if req.qmp else None)
     for value in (req.checkpoint, req.since):
         if value is not None and value != "latest":
@@ -319,6 +322,11 @@ class DeleteRequest:
 def checkpoint_status(settings: Settings, req: CheckpointsRequest) -> list[CheckpointStatus]:
     """The chain as QEMU and the repository see it.  Changes nothing that lasts: the twin check
     of the active checkpoint copies two bitmaps per disk into temporary ones, removed at once."""
+    from .chain import assess
+    from .checkpoints import Checkpoints
+    from .names import bitmap_namespace
+    from .vm import block_nodes, qcow2_disks
+
     vmconf = settings.vm(req.vm, str(req.qmp) if req.qmp else None)
     with vm_session(settings, vmconf) as (repo, session):
         snapshot = block_nodes(session)
@@ -337,6 +345,10 @@ def checkpoint_status(settings: Settings, req: CheckpointsRequest) -> list[Check
 
 def delete_checkpoint(settings: Settings, req: DeleteRequest) -> None:
     """Delete a checkpoint the seed's way (bitmaps first, record after), and its backup unless kept."""
+    from .chain import resolve
+    from .checkpoints import Checkpoints
+    from .vm import block_nodes, qcow2_disks
+
     check_name("checkpoint", req.checkpoint)
     vmconf = settings.vm(req.vm, str(req.qmp) if req.qmp else None)
     with vm_session(settings, vmconf) as (repo, session):
@@ -362,6 +374,8 @@ def restore(settings: Settings, req: RestoreRequest, *, cancel: CancelToken, obs
 
 def restore_tuning(vmconf: VMConfig) -> Tuning:
     """A restore's data path: what the VM's settings configure (workers, queue depth, chunk size), else the defaults."""
+    from .capture import Tuning
+
     changes = {}
     if vmconf.workers is not None:
         changes["workers"] = vmconf.workers
@@ -428,6 +442,8 @@ def prune(settings: Settings, req: PruneRequest) -> PruneOutcome:
     """Apply the retention policy (--keep-* or each VM's retention setting) to one VM, or with
     all_vms to every VM of the config file that has one (a VM's failure does not stop the
     others); then free the chunks no backup references, once.  outcome.error: what to exit with."""
+    from .prune import PruneOutcome
+
     if req.all_vms == (req.vm is not None):
         raise UsageError("give either a VM or --all")
     if req.vm is not None:  # not all_vms
@@ -452,6 +468,10 @@ def prune(settings: Settings, req: PruneRequest) -> PruneOutcome:
 def prune_vm(settings: Settings, vmconf: VMConfig, req: PruneRequest, *, collect: bool = True) -> PruneReport:
     """Remove the backups outside the policy and their checkpoints in QEMU (the seed's way,
     when the VM is reachable); then, if collect, the chunks no backup references any more."""
+    from .prune import PruneReport, decide_for, remove_backups
+    from .retention import Policy
+    from .vm import block_nodes, qcow2_disks
+
     policy = Policy(**(req.keep or vmconf.retention))
     repo = open_repository(settings)
     notes: list[str] = []
@@ -470,18 +490,22 @@ def prune_vm(settings: Settings, vmconf: VMConfig, req: PruneRequest, *, collect
 
 def collect_garbage(settings: Settings, *, wait: float = 60.0) -> GarbageReport:
     """Free the chunks that no backup of any VM references, under the exclusive repository lock."""
+    from . import prune as pruning
+
     repo = open_repository(settings)
     try:
         with repository_lock(repo, exclusive=True, wait=wait):
             return pruning.free_unreferenced(repo)
     except LockHeld:
-        return GarbageReport(False, note="chunks were not freed: backups or restores are running; the next prune frees them")
+        return pruning.GarbageReport(False, note="chunks were not freed: backups or restores are running; the next prune frees them")
 
 
 def _try_session(stack: contextlib.ExitStack, vmconf: VMConfig, notes: list[str]) -> QMPSession | None:
     if vmconf.qmp is None:
         notes.append("no QMP socket known: checkpoints in QEMU were left as they are")
         return None
+    from .qmp import QMPSession
+
     try:
         return stack.enter_context(QMPSession(vmconf.qmp))
     except VMUnreachable as exc:

@@ -39,9 +39,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
-from . import chain
 from .capture import CancelToken, Tuning
-from .checkpoints import Checkpoints, disk_bitmaps
 from .errors import (
     ChainBroken,
     ImageInUse,
@@ -61,9 +59,8 @@ from .repository import Repository
 from .restore import find_backup
 from .storage_daemon import StorageDaemon, TargetImage
 from .units import human_size
-from .vm import block_nodes
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # and imported where used: they load while the daemon starts (run_rollback)
     from .qmp import QMPSession
 
 log = logging.getLogger(__name__)
@@ -205,6 +202,8 @@ class ImageTarget:
     quiescent = True  # nothing else can write to the images while the daemon has them open
 
     def __init__(self, daemon: StorageDaemon, session: QMPSession, images: Sequence[TargetImage]) -> None:
+        from .vm import block_nodes
+
         self.daemon, self.session, self.socket = daemon, session, daemon.socket
         self._nodes = block_nodes(session)  # once: the state until we change it
         nodes = {n["node-name"]: n for n in self._nodes.nodes}
@@ -215,6 +214,8 @@ class ImageTarget:
                                    format=node.get("drv", "qcow2"), filename=str(img.path)))
 
     def bitmaps(self) -> dict[str, dict[str, Bitmap]]:
+        from .checkpoints import disk_bitmaps
+
         return disk_bitmaps(self.session, self.disks, self._nodes)
 
     def export_changed(self, disk: Disk, merges: Sequence[str], *, writable: bool) -> str:
@@ -247,8 +248,13 @@ def run_rollback(
     m = find_backup(repo, req.vm, req.checkpoint)
     chosen = choose_disks(m, req)
     images = [TargetImage(d.id, path, "qcow2", d.size) for d, path in chosen]
-    with StorageDaemon(images, socket_dir, exports=False, read_only=req.dry_run) as daemon, daemon.session() as session:
-        return roll_back(repo, req, m, ImageTarget(daemon, session, images), tuning=tuning, cancel=cancel, progress=progress, on_start=on_start)
+    with StorageDaemon(images, socket_dir, exports=False, read_only=req.dry_run, wait=False) as daemon:
+        # What the plan and the writes need loads while the daemon starts (20-30 ms, in its own process);
+        # session() waits for it, then connects.
+        from . import checkpoints, qmp, vm  # noqa: F401
+        with daemon.session() as session:
+            return roll_back(repo, req, m, ImageTarget(daemon, session, images), tuning=tuning, cancel=cancel, progress=progress,
+                             on_start=on_start)
 
 
 def roll_back(repo: Repository, req: RollbackRequest, m: Manifest, target: RollbackTarget, *, tuning: Tuning, cancel: CancelToken,
@@ -313,6 +319,8 @@ def choose_disks(m: Manifest, req: RollbackRequest) -> list[tuple[DiskBackup, Pa
 
 def make_plan(repo: Repository, target: RollbackTarget, req: RollbackRequest, m: Manifest) -> RollbackPlan:
     """Validate every disk, then find what to write on each.  Changes nothing on the disks."""
+    from .checkpoints import Checkpoints
+
     at = {d.id: d for d in m.disks}
     disks = target.disks
     paths = [Path(d.filename) for d in disks]
@@ -352,6 +360,9 @@ def validate(repo: Repository, session: QMPSession, vm: str, m: Manifest, disks:
     """The bitmaps that together hold every change since m's checkpoint, after the same checks
     as an incremental since it; ChainBroken (exit 4, pointing at --full) otherwise.
     bitmaps: the disks' bitmaps now; quiescent: nothing else writes to the disks."""
+    from . import chain
+    from .checkpoints import Checkpoints
+
     hint = f"`--full` rewrites the whole disk from the backup at {m.checkpoint} instead"
     records = repo.checkpoints(vm)
     record = next((r for r in records if r.name == m.checkpoint), None)
