@@ -35,23 +35,11 @@ import json
 import logging
 import os
 import stat
+import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
-
-import sys
-
-# botocore.httpsession takes urllib3's SSLContext through urllib3.contrib.pyopenssl when it imports:
-# that imports pyOpenSSL and cryptography's X.509 modules (~40 ms at every start) to hand back the
-# class urllib3.util.ssl_ has anyway (nbdbackup never injects pyOpenSSL).  Its fallback takes that one.
-sys.modules.setdefault("urllib3.contrib.pyopenssl", None)  # type: ignore[arg-type]
-
-import botocore.config  # noqa: E402
-import botocore.exceptions as bex  # noqa: E402
-import botocore.handlers  # noqa: E402
-import botocore.loaders  # noqa: E402
-import botocore.session  # noqa: E402
 
 from ..errors import (
     NbdBackupError,
@@ -64,6 +52,17 @@ from ..errors import (
 )
 from .backend import Buffers
 from .location import S3Location, S3Settings
+
+# botocore.httpsession takes urllib3's SSLContext through urllib3.contrib.pyopenssl when it imports:
+# that imports pyOpenSSL and cryptography's X.509 modules (~40 ms at every start) to hand back the
+# class urllib3.util.ssl_ has anyway (nbdbackup never injects pyOpenSSL).  Its fallback takes that one.
+sys.modules.setdefault("urllib3.contrib.pyopenssl", None)  # type: ignore[arg-type]
+
+import botocore.config  # noqa: E402
+import botocore.exceptions as bex  # noqa: E402
+import botocore.handlers  # noqa: E402
+import botocore.loaders  # noqa: E402
+import botocore.session  # noqa: E402
 
 # botocore logs request headers (the access key id among them) at DEBUG: keep it quiet even with --debug.
 for _name in ("boto3", "botocore", "urllib3", "s3transfer"):
