@@ -541,3 +541,26 @@ def test_store_without_conditional_writes_gets_a_check_then_a_put(s3_repo):
     finally:
         proxy.shutdown()
         proxy.server_close()
+
+
+@pytest.mark.s3
+def test_a_put_is_one_send_of_headers_and_body(s3_repo):
+    """botocore would wrap a bytes body in a file (sent 8 KiB per system call after an
+    `Expect: 100-continue` round trip): the backend keeps it bytes, and the object lands whole."""
+    import hashlib
+
+    from nbdbackup.repository.location import S3Settings
+    from nbdbackup.repository.s3 import S3Backend
+
+    settings = S3Settings(endpoint=s3_repo.server.endpoint, region="us-east-1", addressing="path", retries=2)
+    backend = S3Backend(S3Location(s3_repo.bucket, "onesend"), settings)
+    sent = []
+    backend.client.meta.events.register("before-send.s3.PutObject", lambda request, **_: sent.append(request))
+    blob = os.urandom(5 * MiB + 7)
+    backend.write("chunks/big", blob, durable=True)
+    backend.write("chunks/small", b"x" * 100)
+    backend.sync()
+    assert len(sent) == 2 and all(isinstance(r.body, bytes) and "Expect" not in r.headers for r in sent)
+    assert backend.read("chunks/big") == blob and backend.read("chunks/small") == b"x" * 100
+    head = s3_repo.client().head_object(Bucket=s3_repo.bucket, Key="onesend/chunks/big")
+    assert head["ContentLength"] == len(blob) and head["ETag"].strip('"') == hashlib.md5(blob).hexdigest()
