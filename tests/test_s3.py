@@ -8,6 +8,7 @@ import json
 import os
 import struct
 import subprocess
+import sys
 import threading
 import time
 
@@ -564,3 +565,13 @@ def test_a_put_is_one_send_of_headers_and_body(s3_repo):
     assert backend.read("chunks/big") == blob and backend.read("chunks/small") == b"x" * 100
     head = s3_repo.client().head_object(Bucket=s3_repo.bucket, Key="onesend/chunks/big")
     assert head["ContentLength"] == len(blob) and head["ETag"].strip('"') == hashlib.md5(blob).hexdigest()
+
+
+def test_the_s3_backend_takes_botocores_ssl_fallback_without_pyopenssl():
+    """Importing the S3 backend does not import pyOpenSSL/cryptography's X.509 through urllib3's
+    pyopenssl shim (~40 ms at every start): botocore takes its own fallback, the SSLContext that
+    urllib3 uses anyway, as on any machine without pyOpenSSL."""
+    code = ("import sys, ssl; import nbdbackup.repository.s3; import botocore.httpsession as h; "
+            "assert 'OpenSSL' not in sys.modules, 'pyOpenSSL imported'; assert issubclass(h.SSLContext, ssl.SSLContext); print('ok')")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0 and proc.stdout == "ok\n", proc.stderr
