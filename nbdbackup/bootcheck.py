@@ -78,9 +78,10 @@ class BootPlan:
     console: Path
 
 
-def plan_boot(disks: Sequence[tuple[str, Path]], user_args: Sequence[str], rundir: Path) -> BootPlan:
-    """The QEMU command line that boots `disks` (id, overlay) in order; the first is the boot disk."""
-    qmp, agent, console = rundir / "qmp.sock", rundir / "qga.sock", rundir / "console.log"
+def plan_boot(disks: Sequence[tuple[str, Path]], user_args: Sequence[str], rundir: Path, sockets: Path | None = None) -> BootPlan:
+    """The QEMU command line that boots `disks` (id, overlay) in order; the first is the boot disk.
+    Its sockets go into `sockets` (default rundir): a short path, as a socket's must be under 108 bytes."""
+    qmp, agent, console = (sockets or rundir) / "qmp.sock", (sockets or rundir) / "qga.sock", rundir / "console.log"
     cmd = ["qemu-system-x86_64", "-nodefaults", "-display", "none", "-no-reboot", "-nic", "none",
            "-serial", f"file:{console}",
            "-qmp", f"unix:{qmp},server=on,wait=off",
@@ -100,7 +101,7 @@ def plan_boot(disks: Sequence[tuple[str, Path]], user_args: Sequence[str], rundi
     return BootPlan(tuple(cmd), qmp, agent, console)
 
 
-def restore_point(repo: Repository, req: BootRequest, workdir: Path, *, tuning: Tuning = Tuning(),
+def restore_point(repo: Repository, req: BootRequest, workdir: Path, *, sockets: Path | None = None, tuning: Tuning = Tuning(),
                   cancel: CancelToken = CancelToken(), on_start: Callable[[int], None] = lambda total: None,
                   progress: Callable[[int], None] = lambda n: None) -> tuple[str, list[tuple[str, Path]]]:
     """Restore the point into workdir (the only step that reads the repository): its checkpoint and (disk, image) pairs."""
@@ -108,19 +109,19 @@ def restore_point(repo: Repository, req: BootRequest, workdir: Path, *, tuning: 
         raise UsageError(f"the boot timeout must be a positive number of seconds, not {req.seconds:g}")
     m = find_backup(repo, req.vm, req.checkpoint)
     images = run_restore(repo, RestoreRequest(vm=req.vm, checkpoint=m.checkpoint, output=workdir / "restored"),
-                         socket_dir=workdir, tuning=tuning, cancel=cancel, progress=progress, on_start=on_start)
+                         socket_dir=sockets or workdir, tuning=tuning, cancel=cancel, progress=progress, on_start=on_start)
     return m.checkpoint, [(i.disk, i.path) for i in images]
 
 
 def boot_point(req: BootRequest, checkpoint: str, images: list[tuple[str, Path]], workdir: Path, *,
-               cancel: CancelToken = CancelToken(), on_phase: Callable[[str], None] = lambda text: None) -> BootResult:
+               sockets: Path | None = None, cancel: CancelToken = CancelToken(), on_phase: Callable[[str], None] = lambda text: None) -> BootResult:
     """Boot the restored images on overlays in a throwaway QEMU and wait for a sign of life."""
     overlays = []
     for disk, image in images:
         overlay = workdir / f"{disk}.overlay.qcow2"
         _qemu_img("create", "-q", "-f", "qcow2", "-b", str(image), "-F", "qcow2", str(overlay))
         overlays.append((disk, overlay))
-    plan = plan_boot(overlays, req.qemu_args, workdir)
+    plan = plan_boot(overlays, req.qemu_args, workdir, sockets)
     on_phase(f"booting backup {checkpoint} of {req.vm} (timeout {req.seconds:g} s)")
     with _qemu(plan, workdir / "qemu.log") as (proc, qmp):
         started = time.monotonic()

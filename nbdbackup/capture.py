@@ -42,15 +42,21 @@ class Tuning:
     1-8 MiB, 2-4 workers and depths 4-16 all took 3.5-4.4 s, within the run-to-run noise.
     zstd level (scripts/bench --full-only --repeat 3, CPU of nbdbackup + QEMU as a share of the
     `nbdcopy | zstd -3 -T2` reference's in the same run; stored bytes): level 3 0.72 / 897.6 MiB,
-    level 2 0.57 / 925 MiB, level 1 0.51 / 955 MiB.  Level 2 is the default: a fifth less CPU
+    level 2 0.57 / 925 MiB, level 1 0.51 / 955 MiB.  Level 2 was the default: a fifth less CPU
     than level 3 for 3% more stored; level 1 saves another tenth of the CPU for 3% more again.
     Workers at level 2 on 2 CPUs: 4 threads 0.57 (peak RSS 67 MiB), 2 threads 0.47 (51 MiB) and
-    no slower: one per CPU."""
+    no slower: one per CPU.
+    Issue 11's mixed disk (1 MiB pieces of random, text and binary data scattered over 4 GiB, most
+    chunks mixing kinds), once chunks.encode no longer stored a chunk as is on one incompressible
+    sample: zstd CPU seconds over all chunks / stored MiB: level 2 4.6 / 783, level 1 3.8 / 799,
+    -1 3.5 / 847, -2 3.4 / 862, -3 3.0 / 883 (the old sample rule at level 2: 4.1 / 878; the
+    peer virtnbdbackup -z stores 932).  Level 1 is the default: a sixth less CPU than level 2 for
+    2% more stored; the fast levels save little more CPU for 6-10% more stored."""
 
     chunk_size: int = 4 * 1024 * 1024
     workers: int = 4  # restores; backups take default_workers() unless configured (engine.tuning_for)
     depth: int = 8  # pieces in flight (memory: depth x chunk_size)
-    level: int = 2  # zstd level
+    level: int = 1  # zstd level (negative: zstd's fast levels)
 
 
 @dataclass

@@ -7,7 +7,7 @@
     qga = "/run/NAME-qga.sock"             # qemu-guest-agent socket, for --fsfreeze
     disks = ["vda", "vdb"]                 # only these disks (default: every qcow2 disk)
     exclude = ["vdc"]                      # never these disks
-    compression = 2                        # zstd level
+    compression = 1                        # zstd level (-20..-1 fast, 1..22)
     workers = 4                            # compression and I/O threads, one NBD connection each
     chunk_mib = 4                          # largest chunk, MiB (1..32)
     queue_depth = 8                        # chunks in flight (memory: queue_depth x chunk_mib)
@@ -52,6 +52,7 @@ from .names import check_name
 from .repository.location import Location, S3Location, S3Settings, parse_location
 
 SYSTEM_CONFIG = Path("/etc/nbdbackup/config.toml")
+MIN_LEVEL, MAX_LEVEL = -20, 22  # zstd levels allowed for `compression` (0 is not one: zstd reads it as 3)
 VM_KEYS = {"qmp": str, "qga": str, "disks": list, "exclude": list, "compression": int, "scratch": str, "workers": int,
            "chunk_mib": int, "queue_depth": int, "retention": dict, "images": dict,
            "boot": list, "verify_boot": bool, "boot_timeout": int}
@@ -254,8 +255,9 @@ def _parse_vms(table: Any, path: Path | None) -> dict[str, VMConfig]:
                 raise UsageError(f"{path}: [vm.{name}] has unknown setting {key!r}", hint=f"known: {', '.join(sorted(VM_KEYS))}")
             if not isinstance(value, VM_KEYS[key]):
                 raise UsageError(f"{path}: [vm.{name}] {key} must be a {VM_KEYS[key].__name__}")
-        if not 1 <= conf.get("compression", 3) <= 22:
-            raise UsageError(f"{path}: [vm.{name}] compression must be a zstd level from 1 to 22")
+        if not (MIN_LEVEL <= conf.get("compression", 3) <= MAX_LEVEL and conf.get("compression", 3)):
+            raise UsageError(f"{path}: [vm.{name}] compression must be a zstd level from {MIN_LEVEL} to -1 (fast levels) "
+                             f"or 1 to {MAX_LEVEL}")
         for key, low, high in (("workers", 1, 64), ("chunk_mib", 1, 32), ("queue_depth", 1, 64), ("boot_timeout", 1, 86400)):
             if not low <= conf.get(key, low) <= high:
                 raise UsageError(f"{path}: [vm.{name}] {key} must be from {low} to {high}")

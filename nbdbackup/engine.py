@@ -654,8 +654,10 @@ def verify_boot(settings: Settings, req: BootRequest, *, cancel: CancelToken, ob
     repo = open_repository(settings)
     base = vmconf.scratch or BOOT_SCRATCH
     observer.on_stage("restore for boot")
-    with private_dir(base, prefix=f"{vmconf.name}-boot-") as workdir:
+    # The images in the scratch directory (keyed name when encrypted); the sockets in a short private
+    # directory (a configured scratch directory's path may be too long for one).
+    with private_dir(base, prefix=f"{repo.local_name(vmconf.name)}-boot-") as workdir, private_dir() as sockets:
         with repository_lock(repo):
-            checkpoint, images = restore_point(repo, req, workdir, tuning=tuning_for(vmconf), cancel=cancel,
+            checkpoint, images = restore_point(repo, req, workdir, sockets=sockets, tuning=tuning_for(vmconf), cancel=cancel,
                                                on_start=observer.on_start, progress=observer.progress)
-        return boot_point(req, checkpoint, images, workdir, cancel=cancel, on_phase=observer.on_phase)
+        return boot_point(req, checkpoint, images, workdir, sockets=sockets, cancel=cancel, on_phase=observer.on_phase)

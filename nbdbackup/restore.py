@@ -155,7 +155,7 @@ def _batches(entries: Sequence[IndexEntry], limit: int) -> Iterator[list[IndexEn
 def _write_disk(repo: Repository, m: Manifest, disk_id: str, entries: list[IndexEntry], target: RawImage | Path,
                 tuning: Tuning, cancel: CancelToken, progress: Callable[[int], None]) -> None:
     """Write one disk's entries: into a RawImage, or through NBD connections to the export at socket target."""
-    ahead: dict[bytes, cf.Future[bytes]] = {}  # chunk downloads started when their batch was queued
+    ahead: dict[bytes, cf.Future[bytes | memoryview]] = {}  # chunk downloads started when their batch was queued
     raw = target if isinstance(target, RawImage) else None
 
     def chunk(cid: bytes, offset: int) -> memoryview:

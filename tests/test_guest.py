@@ -213,6 +213,46 @@ def test_a_guest_that_crashes_while_booting_is_reported(scenario: Scenario, gues
     assert "did not boot: the VM stopped after" in proc.stderr and "Kernel panic" in proc.stderr, proc.stderr
 
 
+def test_point_in_an_encrypted_repository_boots(scenario: Scenario, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """verify --boot from an encrypted repository (the points copied there, re-encrypted with its own key):
+    the point is decrypted while restored, boots, and its database is sound; the repository is not
+    changed; the scratch directory's name does not show the VM's name (keyed, as every local name of an
+    encrypted repository) and is gone afterwards; without the passphrase nothing is restored or started."""
+    point = scenario.points["incremental-crash-consistent"]
+    pw = cli.use_passphrase(monkeypatch, tmp_path, "guest boot passphrase", cheap_keys=True)
+    monkeypatch.setenv("NBDBACKUP_TARGET_PASSWORD_FILE", str(pw))
+    encrypted = tmp_path / "encrypted"
+    cli.run(encrypted, "init", "--encryption", "repokey")
+    cli.run(scenario.repo, "copy", "guest", "--to", str(encrypted), "--all")
+    assert not [p for p in encrypted.rglob("*") if "guest" in p.name]
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    config = tmp_path / "config.toml"
+    config.write_text(scenario.config.read_text() + f"scratch = {_toml(str(scratch))}\n")
+    stored = {p: p.read_bytes() for p in encrypted.rglob("*") if p.is_file() and p.parent.name != "locks"}
+
+    verify = cli.start(encrypted, "--config", str(config), "verify", "guest", "--boot", "--checkpoint", point.checkpoint,
+                       "--check", CHECK, "--timeout", "600")
+    seen: set[str] = set()
+    while verify.poll() is None:
+        seen.update(p.name for p in scratch.iterdir())
+        time.sleep(0.5)
+    out, err = verify.communicate(timeout=900)
+    assert verify.returncode == 0, err
+    lines = out.splitlines()
+    assert lines[0].startswith(f"backup {point.checkpoint} of guest booted in ") and lines[0].endswith(" s (the guest agent answered)"), out
+    assert lines[1] == f"check {CHECK!r} passed:" and lines[2].strip() == "ok", out
+    assert int(lines[3].strip()) >= point.rows_before - 1
+    assert seen and not [name for name in seen if "guest" in name], seen
+    assert not list(scratch.iterdir())
+    assert {p: p.read_bytes() for p in encrypted.rglob("*") if p.is_file() and p.parent.name != "locks"} == stored
+
+    monkeypatch.delenv("NBDBACKUP_PASSWORD_FILE")
+    proc = cli.run(encrypted, "--config", config, "verify", "guest", "--boot", "--checkpoint", point.checkpoint, expect=18)
+    assert "passphrase" in proc.stderr, proc.stderr
+    assert not list(scratch.iterdir())
+
+
 def test_agent_socket_held_by_another_client(scenario: Scenario, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """--fsfreeze while someone else holds the agent's socket: one warning, a crash-consistent backup, no thaw alarm."""
     monkeypatch.setenv("NBDBACKUP_AGENT_TIMEOUT", "3")

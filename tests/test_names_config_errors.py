@@ -70,7 +70,8 @@ def test_bad_config_is_a_usage_error(tmp_path, text, words):
 
 @pytest.mark.parametrize(
     "text, words",
-    [("[vm.vm1]\ncompression = 30\n", "compression"), ("[vm.vm1]\nworkers = 0\n", "workers"),
+    [("[vm.vm1]\ncompression = 30\n", "compression"), ("[vm.vm1]\ncompression = 0\n", "compression"),
+     ("[vm.vm1]\ncompression = -21\n", "compression"), ("[vm.vm1]\nworkers = 0\n", "workers"),
      ("repositry = '/x'\n", "unknown setting"), ("[vm.vm1]\nretention = { dayly = 3 }\n", "retention.dayly")],
 )
 def test_out_of_range_settings_are_usage_errors(tmp_path, text, words):
@@ -95,6 +96,8 @@ def test_data_path_settings_reach_the_tuning(tmp_path):
     conf.write_text('[vm.vm1]\nqmp = "/q"\ncompression = 1\nworkers = 2\nchunk_mib = 1\nqueue_depth = 3\n')
     t = tuning_for(config.load(str(conf), None).vm("vm1"))
     assert (t.level, t.workers, t.chunk_size, t.depth) == (1, 2, 1 << 20, 3)
+    conf.write_text('[vm.vm1]\nqmp = "/q"\ncompression = -3\n')  # zstd's fast levels are allowed
+    assert tuning_for(config.load(str(conf), None).vm("vm1")).level == -3
     conf.write_text('[vm.vm1]\nchunk_mib = 64\n')
     with pytest.raises(errors.UsageError, match="chunk_mib"):
         config.load(str(conf), None)

@@ -43,6 +43,32 @@ def test_incompressible_chunk_is_stored_plain(tmp_path):
     assert repo.get_chunk(cid, "t") == data
 
 
+def _encoding(tmp_path, cid):
+    return (tmp_path / "r" / "chunks" / cid.hex()[:2] / cid.hex()).read_bytes()[5]
+
+
+def test_chunk_mixing_random_and_text_is_compressed_all_random_stored_plain(tmp_path):
+    """Four samples decide: a 4 MiB chunk whose middle is random but whose other quarters hold
+    text is compressed (one sample from its middle used to store it as is); all random is stored
+    as is; every level, fast (negative) ones included, reads back identical."""
+    from nbdbackup.repository import chunks
+
+    repo = Repository.open(tmp_path / "r", create=True)
+    text = (b"The quick brown fox jumps over the lazy dog. " * 30000)[:1 << 20]
+    mixed = text + os.urandom(2 << 20) + text
+    random = os.urandom(4 << 20)
+    for data, level, encoding in ((mixed, 1, chunks.ZSTD), (mixed, -1, chunks.ZSTD), (mixed, 2, chunks.ZSTD),
+                                  (random, 1, chunks.STORED)):
+        cid = repo.chunk_id(data)
+        stored = repo.put_chunk(cid, data, level)
+        assert _encoding(tmp_path, cid) == encoding, level
+        if encoding == chunks.ZSTD:
+            assert stored < (2 << 20) + (64 << 10)  # the text quarters shrink, the random half does not
+        assert repo.get_chunk(cid, "t") == data
+        (tmp_path / "r" / "chunks" / cid.hex()[:2] / cid.hex()).unlink()
+        repo.new_chunks.discard(cid)
+
+
 def test_backup_is_visible_only_after_commit(tmp_path):
     repo = Repository.open(tmp_path / "r", create=True)
     m = manifest(repo)

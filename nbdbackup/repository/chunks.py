@@ -42,26 +42,39 @@ def _decompressor() -> zstandard.ZstdDecompressor:
     return _local.decompressor
 
 
-SAMPLE = 64 * 1024
+PROBES = 4  # samples of a chunk tried before compressing it whole
+SAMPLE = 16 * 1024  # bytes per sample
 
 
 def encode(data: bytes | bytearray | memoryview, level: int) -> list[bytes | bytearray | memoryview]:
     """The chunk file for data, as parts to write in order (header, payload).
 
-    Data is stored as is when compression does not pay: when a 64 KiB sample
-    from its middle does not compress at level 1 (random or encrypted data:
-    skipping the attempt saves a full zstd pass), or when the result would
-    save less than 1/64.
+    Data is stored as is when compression does not pay: when none of PROBES
+    samples spread over it (the middle of each quarter) compresses at level 1
+    (random or encrypted data: skipping the attempt saves a full zstd pass), or
+    when the result would save less than 1/64.  One compressible sample is
+    enough to compress the whole chunk: a chunk that mixes incompressible and
+    compressible data (a disk's neighbouring files) is compressed, zstd passing
+    over the incompressible parts quickly.
     """
-    if len(data) > 2 * SAMPLE:
-        middle = len(data) // 2
-        sample = memoryview(data)[middle:middle + SAMPLE]
-        if len(_compressor(1).compress(sample)) >= SAMPLE - SAMPLE // 64:
-            return [_HEADER.pack(MAGIC, VERSION, STORED, 0, len(data)), data]
+    if len(data) >= 4 * PROBES * SAMPLE and incompressible(memoryview(data)):
+        return [_HEADER.pack(MAGIC, VERSION, STORED, 0, len(data)), data]
     packed = _compressor(level).compress(data)
     if len(packed) < len(data) - len(data) // 64:
         return [_HEADER.pack(MAGIC, VERSION, ZSTD, 0, len(data)), packed]
     return [_HEADER.pack(MAGIC, VERSION, STORED, 0, len(data)), data]
+
+
+def incompressible(view: memoryview) -> bool:
+    """True if no sample of view (one from the middle of each of PROBES equal parts) shrinks by
+    1/64 at zstd level 1."""
+    probe = _compressor(1)
+    n = len(view)
+    for i in range(PROBES):
+        at = (2 * i + 1) * n // (2 * PROBES) - SAMPLE // 2
+        if len(probe.compress(view[at:at + SAMPLE])) < SAMPLE - SAMPLE // 64:
+            return False
+    return True
 
 
 def decode(blob: bytes | memoryview, expected_id: bytes, where: str, chunk_id: ChunkIds) -> bytes:

@@ -127,10 +127,13 @@ def _kek(passphrase: bytes, kdf: dict[str, Any]) -> bytes:
 
 
 def _argon2id(passphrase: bytes, params: tuple[bytes, int, int, int]) -> bytes:
-    from cryptography.hazmat.primitives.kdf.argon2 import Argon2id  # only for encrypted repositories
+    # argon2-cffi (libargon2, the reference implementation): only for encrypted repositories, and only
+    # in the child where it can fork
+    from argon2.low_level import Type, hash_secret_raw
 
     salt, iterations, lanes, memory_cost = params
-    return Argon2id(salt=salt, length=32, iterations=iterations, lanes=lanes, memory_cost=memory_cost).derive(passphrase)
+    return hash_secret_raw(passphrase, salt, time_cost=iterations, memory_cost=memory_cost, parallelism=lanes,
+                           hash_len=32, type=Type.ID, version=19)
 
 
 CHILD_TIMEOUT = 120.0  # seconds a key derivation in the child may take before it is derived here instead

@@ -354,7 +354,7 @@ class Repository:
             raise RepositoryDamaged(f"chunk {cid.hex()} {exc.reason} ({where})") from None
         return chunks.decode(plain, cid, where, self.chunk_id)
 
-    def fetch_chunk(self, cid: bytes, where: str) -> bytes:
+    def fetch_chunk(self, cid: bytes, where: str) -> bytes | memoryview:
         """The stored chunk file, unchecked (decode_chunk checks it): get_chunk in two steps, so
         downloads can run ahead of decompression (restore from S3)."""
         key, backend = self._chunk_key(cid), self.backend
@@ -363,20 +363,22 @@ class Repository:
         except FileNotFoundError:
             raise RepositoryDamaged(f"chunk {cid.hex()} is missing ({where})") from None
 
-    def decode_chunk(self, blob: bytes, cid: bytes, where: str) -> bytes:
+    def decode_chunk(self, blob: bytes | memoryview, cid: bytes, where: str) -> bytes:
         """The content of the chunk file blob (from fetch_chunk): authenticated and decrypted when
         the repository is encrypted (into this thread's buffer: decode copies out of it), checked."""
         return chunks.decode(self._plain_chunk(blob, cid, where), cid, where, self.chunk_id)
 
-    def decode_chunk_into(self, blob: bytes, cid: bytes, where: str, buffer: Callable[[int], memoryview]) -> memoryview:
+    def decode_chunk_into(self, blob: bytes | memoryview, cid: bytes, where: str, buffer: Callable[[int], memoryview]) -> memoryview:
         """decode_chunk into a buffer the caller reuses (restore): buffer(length) gives one of at
         least the content's length; returns the view of it that holds the checked content."""
         return chunks.decode_into(self._plain_chunk(blob, cid, where), cid, where, self.chunk_id, buffer)
 
-    def _plain_chunk(self, blob: bytes, cid: bytes, where: str) -> bytes | memoryview:
+    def _plain_chunk(self, blob: bytes | memoryview, cid: bytes, where: str) -> bytes | memoryview:
         if self.cipher is None:
             return blob
         try:
+            if isinstance(blob, memoryview) and not blob.readonly:  # read_sealed's own buffer: decrypted in place
+                return self.cipher.open_in_place(self._chunk_key(cid), blob)
             return self.cipher.open_into(self._chunk_key(cid), blob)
         except crypto.ObjectDamaged as exc:
             raise RepositoryDamaged(f"chunk {cid.hex()} {exc.reason} ({where})") from None
