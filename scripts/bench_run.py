@@ -789,11 +789,15 @@ def s3_case(args: argparse.Namespace, report: Report, rundir: Path, sockdir: Pat
         vm = VM(disk, rundir, sockdir, name="vm3")
         vm.start()
         times: dict[tuple[str, str], list[Timed]] = {}
+        running = [True]  # the VM's QEMU is up (its CPU seconds are counted); False once it quit, for the restores
+
+        def qemu_cpu() -> float:
+            return vm.cpu_seconds() if running[0] else 0.0
 
         def timed(step: str, kind: str, nb: Nbdbackup, *argv: str) -> None:
-            q0, s0 = (vm.cpu_seconds() if vm.proc else 0.0), proc_cpu_seconds(spid)
+            q0, s0 = qemu_cpu(), proc_cpu_seconds(spid)
             t = nb.run(*argv)
-            t.extra = {"nbdbackup_cpu": sum(t.cpu), "qemu_cpu": (vm.cpu_seconds() if vm.proc else 0.0) - q0,
+            t.extra = {"nbdbackup_cpu": sum(t.cpu), "qemu_cpu": qemu_cpu() - q0,
                        "server_cpu": proc_cpu_seconds(spid) - s0}
             times.setdefault((step, kind), []).append(t)
             log(f"  {t.seconds:.2f}s; CPU s: nbdbackup {t.extra['nbdbackup_cpu']:.1f}, QEMU {t.extra['qemu_cpu']:.1f}, "
@@ -814,7 +818,7 @@ def s3_case(args: argparse.Namespace, report: Report, rundir: Path, sockdir: Pat
                     timed("incremental", kind, nb, "incremental", "vm3", "--qmp", str(vm.tool_qmp))
         finally:
             vm.quit()
-        vm.proc = None
+        running[0] = False
         for i in range(args.repeat):
             for kind, nb in rounds[-1].items():
                 out = rundir / f"restore-{kind}"

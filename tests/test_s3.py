@@ -8,6 +8,7 @@ import json
 import os
 import struct
 import subprocess
+import sys
 import threading
 import time
 
@@ -541,3 +542,36 @@ def test_store_without_conditional_writes_gets_a_check_then_a_put(s3_repo):
     finally:
         proxy.shutdown()
         proxy.server_close()
+
+
+@pytest.mark.s3
+def test_a_put_is_one_send_of_headers_and_body(s3_repo):
+    """botocore would wrap a bytes body in a file (sent 8 KiB per system call after an
+    `Expect: 100-continue` round trip): the backend keeps it bytes, and the object lands whole."""
+    import hashlib
+
+    from nbdbackup.repository.location import S3Settings
+    from nbdbackup.repository.s3 import S3Backend
+
+    settings = S3Settings(endpoint=s3_repo.server.endpoint, region="us-east-1", addressing="path", retries=2)
+    backend = S3Backend(S3Location(s3_repo.bucket, "onesend"), settings)
+    sent = []
+    backend.client.meta.events.register("before-send.s3.PutObject", lambda request, **_: sent.append(request))
+    blob = os.urandom(5 * MiB + 7)
+    backend.write("chunks/big", blob, durable=True)
+    backend.write("chunks/small", b"x" * 100)
+    backend.sync()
+    assert len(sent) == 2 and all(isinstance(r.body, bytes) and "Expect" not in r.headers for r in sent)
+    assert backend.read("chunks/big") == blob and backend.read("chunks/small") == b"x" * 100
+    head = s3_repo.client().head_object(Bucket=s3_repo.bucket, Key="onesend/chunks/big")
+    assert head["ContentLength"] == len(blob) and head["ETag"].strip('"') == hashlib.md5(blob).hexdigest()
+
+
+def test_the_s3_backend_takes_botocores_ssl_fallback_without_pyopenssl():
+    """Importing the S3 backend does not import pyOpenSSL/cryptography's X.509 through urllib3's
+    pyopenssl shim (~40 ms at every start): botocore takes its own fallback, the SSLContext that
+    urllib3 uses anyway, as on any machine without pyOpenSSL."""
+    code = ("import sys, ssl; import nbdbackup.repository.s3; import botocore.httpsession as h; "
+            "assert 'OpenSSL' not in sys.modules, 'pyOpenSSL imported'; assert issubclass(h.SSLContext, ssl.SSLContext); print('ok')")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0 and proc.stdout == "ok\n", proc.stderr

@@ -30,18 +30,16 @@ import builtins
 import concurrent.futures as cf
 import configparser
 import email.utils
+import gzip
+import json
 import logging
 import os
 import stat
+import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
-
-import botocore.config
-import botocore.exceptions as bex
-import botocore.loaders
-import botocore.session
 
 from ..errors import (
     NbdBackupError,
@@ -54,6 +52,17 @@ from ..errors import (
 )
 from .backend import Buffers
 from .location import S3Location, S3Settings
+
+# botocore.httpsession takes urllib3's SSLContext through urllib3.contrib.pyopenssl when it imports:
+# that imports pyOpenSSL and cryptography's X.509 modules (~40 ms at every start) to hand back the
+# class urllib3.util.ssl_ has anyway (nbdbackup never injects pyOpenSSL).  Its fallback takes that one.
+sys.modules.setdefault("urllib3.contrib.pyopenssl", None)  # type: ignore[arg-type]
+
+import botocore.config  # noqa: E402
+import botocore.exceptions as bex  # noqa: E402
+import botocore.handlers  # noqa: E402
+import botocore.loaders  # noqa: E402
+import botocore.session  # noqa: E402
 
 # botocore logs request headers (the access key id among them) at DEBUG: keep it quiet even with --debug.
 for _name in ("boto3", "botocore", "urllib3", "s3transfer"):
@@ -371,10 +380,28 @@ def _credentials(settings: S3Settings) -> dict[str, str]:
     return keys
 
 
+class _JSONFiles(botocore.loaders.JSONFileLoader):
+    """botocore's data files (FILE.json, else FILE.json.gz, as botocore looks for them) decoded into
+    plain dicts, which keep the files' order as the OrderedDicts botocore asks json for do, at a
+    third of the cost: ~35 ms less for every S3 client (endpoints.json alone is 1.2 MB)."""
+
+    def load_file(self, file_path: str) -> Any:
+        for ext, opener in ((".json", open), (".json.gz", gzip.open)):
+            try:
+                with opener(file_path + ext, "rb") as fp:
+                    payload = fp.read()
+            except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
+                continue
+            return json.loads(payload)
+        return None
+
+
 class _S3Loader(botocore.loaders.Loader):
     """botocore's loader (same search path, same files, cached the same way) for a process that
     only makes S3 clients: it does not list the folders of the ~450 services botocore knows
     (thousands of stat calls, tens of ms of CPU, twice per client) to learn that S3 is one."""
+
+    FILE_LOADER_CLASS = _JSONFiles
 
     def list_available_services(self, type_name: str) -> list[str]:
         return ["s3"]
@@ -411,6 +438,10 @@ def _client(settings: S3Settings, where: str) -> Any:
         raise UsageError(f"S3 profile {settings.profile!r} is not in the AWS config or credentials files") from None
     except ValueError as exc:  # a malformed endpoint URL
         raise UsageError(f"[s3] endpoint {settings.endpoint!r} is not a URL ({exc})") from None
+    # botocore wraps a PutObject body that is bytes in a BytesIO: http.client then sends it 8 KiB per
+    # system call (512 per 4 MiB chunk), after an `Expect: 100-continue` round trip to the server.
+    # Left as bytes, headers and body go out in one send (the request is the same bytes on the wire).
+    client.meta.events.unregister("before-parameter-build.s3.PutObject", botocore.handlers.convert_body_to_file_like_object)
     if log.isEnabledFor(logging.DEBUG):
         client.meta.events.register("before-parameter-build.s3", _trace)
     return client
