@@ -115,7 +115,7 @@ def test_no_internal_jargon_in_help_man_page_or_readme():
 
 
 def test_a_process_ends_with_its_exit_status_and_all_its_output(tmp_path):
-    """A real process ends without the interpreter's teardown (cli._exit_now): its exit status,
+    """A real process ends without the interpreter's teardown (cli.leave): its exit status,
     stdout and stderr through pipes and its log file are still complete."""
     Repository.open(tmp_path / "repo", create=True)
     log = tmp_path / "log"
