@@ -122,24 +122,54 @@ class AllocationMap:
         return found
 
 
-def work_items(amap: AllocationMap, regions: Iterable[Extent], chunk_size: int) -> Iterator[tuple[int, list[Extent]]]:
-    """(bytes advanced, data extents to read into one chunk) over the regions.
-
-    Each item's extents lie in one chunk-aligned window of one region; an item
-    with no extents only reports progress over holes and zeroes.
-    """
-    for region in regions:
-        pos = region.offset
-        group: list[Extent] = []
-        for piece in pieces(amap.data_in(region), chunk_size):
-            if group and piece.offset // chunk_size != group[0].offset // chunk_size:
-                yield group[-1].end - pos, group
-                pos, group = group[-1].end, []
-            group.append(piece)
-        if group:
+def _region_items(amap: AllocationMap, region: Extent, chunk_size: int) -> Iterator[tuple[int, list[Extent]]]:
+    """(bytes advanced, data extents of one chunk-aligned window) over one region; an item with no
+    extents only reports progress over holes and zeroes."""
+    pos = region.offset
+    group: list[Extent] = []
+    for piece in pieces(amap.data_in(region), chunk_size):
+        if group and piece.offset // chunk_size != group[0].offset // chunk_size:
             yield group[-1].end - pos, group
-            pos = group[-1].end
-        yield region.end - pos, []
+            pos, group = group[-1].end, []
+        group.append(piece)
+    if group:
+        yield group[-1].end - pos, group
+        pos = group[-1].end
+    yield region.end - pos, []
+
+
+def work_items(amap: AllocationMap, regions: Iterable[Extent], chunk_size: int) -> Iterator[tuple[int, list[list[Extent]]]]:
+    """(bytes advanced, groups to store in one chunk) over the regions.
+
+    A group is the data extents of one chunk-aligned window of one region; its span (holes
+    inside it zeroed) becomes one index entry.  A region's windows go to chunks of their own,
+    so a full backup (one region: the disk) cuts its chunks at multiples of chunk_size and equal
+    data at equal alignment dedups.  The groups of different regions (an incremental's scattered
+    dirty ranges) are packed one after another into one chunk of at most chunk_size, each at its
+    own chunk offset: 655 scattered 64 KiB ranges make about 11 chunks, not 655 small ones.  An item
+    with no groups only reports progress over holes and zeroes.
+    """
+    packed: list[list[Extent]] = []
+    packed_length = advance = 0
+    for region in regions:
+        first = True
+        for step, group in _region_items(amap, region, chunk_size):
+            if not group:
+                if packed:
+                    advance += step
+                else:
+                    yield step, []
+                continue
+            span = group[-1].end - group[0].offset
+            if packed and (not first or packed_length + span > chunk_size):
+                yield advance, packed
+                packed, packed_length, advance = [], 0, 0
+            packed.append(group)
+            packed_length += span
+            advance += step
+            first = False
+    if packed:
+        yield advance, packed
 
 
 def capture(
@@ -154,41 +184,50 @@ def capture(
     """Read `regions` of the export and store them; returns entries covering their data."""
     result = CaptureResult(entries=[])
 
-    def work(reads: list[Extent]) -> tuple[IndexEntry | None, int, int]:
+    def work(groups: list[list[Extent]]) -> tuple[list[IndexEntry], int, int]:
         if cancel.signum is not None:
-            return None, 0, 0
-        span = Extent(reads[0].offset, reads[-1].end - reads[0].offset)
+            return [], 0, 0
+        spans = [Extent(g[0].offset, g[-1].end - g[0].offset) for g in groups]
+        total = sum(s.length for s in spans)
         ep = pipe.endpoint()
         local = pipe.local()
-        if getattr(local, "buffer", None) is None or len(local.buffer) < span.length:
-            local.buffer = memoryview(bytearray(max(span.length, tuning.chunk_size)))  # one per thread, reused
-        buf = local.buffer[:span.length]
-        ep.read_extents_into(buf, span.offset, reads)
-        pos = span.offset
-        for r in reads:  # the gaps between reads are holes: zero them in the reused buffer
-            if r.offset > pos:
-                buf[pos - span.offset:r.offset - span.offset] = _zeros(r.offset - pos)
-            pos = r.end
-        nread = sum(r.length for r in reads)
-        if is_zero(buf):
-            return None, nread, 0
+        if getattr(local, "buffer", None) is None or len(local.buffer) < total:
+            local.buffer = memoryview(bytearray(max(total, tuning.chunk_size)))  # one per thread, reused
+        buf = local.buffer[:total]
+        reads: list[tuple[memoryview, int]] = []
+        placed: list[tuple[Extent, int]] = []  # each group's span and where it starts in the chunk
+        at = 0
+        for group, span in zip(groups, spans, strict=True):
+            part = buf[at:at + span.length]
+            pos = span.offset
+            for r in group:  # the gaps between reads are holes: zero them in the reused buffer
+                if r.offset > pos:
+                    part[pos - span.offset:r.offset - span.offset] = _zeros(r.offset - pos)
+                reads.append((part[r.offset - span.offset:r.end - span.offset], r.offset))
+                pos = r.end
+            placed.append((span, at))
+            at += span.length
+        ep.read_into(reads)
+        nread = sum(len(dest) for dest, _ in reads)
+        kept = [(span, at) for span, at in placed if not is_zero(buf[at:at + span.length])]
+        if not kept:
+            return [], nread, 0
         cid = repo.chunk_id(buf)
         stored = repo.put_chunk(cid, buf, tuning.level)  # stored before this thread reuses buf
-        return IndexEntry(span.offset, span.length, cid, 0), nread, stored
+        return [IndexEntry(span.offset, span.length, cid, at) for span, at in kept], nread, stored
 
-    def collect(done: tuple[IndexEntry | None, int, int], advance: int) -> None:
-        entry, nread, stored = done
-        if entry is not None:
-            result.entries.append(entry)
+    def collect(done: tuple[list[IndexEntry], int, int], advance: int) -> None:
+        entries, nread, stored = done
+        result.entries.extend(entries)
         result.read_bytes += nread
         result.stored_bytes += stored
         progress(advance)
 
     with connect(contexts=(BASE_ALLOCATION,)) as mapper, Pipeline(tuning.workers, tuning.depth, connect, collect, "capture") as pipe:
-        for advance, reads in work_items(AllocationMap(mapper), regions, tuning.chunk_size):
+        for advance, groups in work_items(AllocationMap(mapper), regions, tuning.chunk_size):
             cancel.check()
-            if reads:
-                pipe.submit(work, reads, advance)
+            if groups:
+                pipe.submit(work, groups, advance)
             else:
                 progress(advance)
         pipe.drain()

@@ -78,21 +78,21 @@ class NbdEndpoint:
         """One read of at most MAX_REQUEST bytes."""
         return self._call("read", offset, self._h.pread, length, offset)
 
-    def read_extents_into(self, buf: memoryview, base: int, extents: list[Extent]) -> None:
-        """Read each extent into buf at (extent offset - base), all requests in flight at once.
+    def read_into(self, requests: Sequence[tuple[memoryview, int]]) -> None:
+        """Read each (destination, disk offset): len(destination) bytes from that offset, straight
+        into the destination (no intermediate bytes object), all requests in flight at once.
 
-        libnbd reads straight into buf (no intermediate bytes object); the
-        caller keeps buf alive and does not touch it until this returns.
+        The caller keeps the destinations alive and does not touch them until this returns.
         """
         h = self._h
         cookies = []
-        at = base
+        at = 0
         try:
-            for e in extents:
-                for at in range(e.offset, e.end, MAX_REQUEST):
-                    n = min(MAX_REQUEST, e.end - at)
-                    cookies.append((at, h.aio_pread(nbd.Buffer.from_buffer(buf[at - base:at - base + n]), at)))
-            for _at, cookie in cookies:
+            for dest, offset in requests:
+                for start in range(0, len(dest), MAX_REQUEST):
+                    at = offset + start
+                    cookies.append(h.aio_pread(nbd.Buffer.from_buffer(dest[start:start + MAX_REQUEST]), at))
+            for cookie in cookies:
                 while not h.aio_command_completed(cookie):
                     h.poll(-1)
         except nbd.Error as exc:

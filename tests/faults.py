@@ -126,7 +126,7 @@ def _install(point: str, after: int, where: Path) -> None:
         wrap(QMPSession, "execute", lambda command, *a, **k: command == "nbd-server-start")
     elif point == "read":
         wrap(NbdEndpoint, "pread", lambda *a, **k: True)
-        wrap(NbdEndpoint, "read_extents_into", lambda *a, **k: True)
+        wrap(NbdEndpoint, "read_into", lambda *a, **k: True)
     elif point == "index":
         wrap(LocalBackend, "write", lambda key, *a, **k: key.endswith(".index"))
     elif point == "manifest":
@@ -501,7 +501,8 @@ SIZES = {"vda": 8 * MiB, "vdb": 4 * MiB + 512}  # vdb ends inside a bitmap granu
 
 def prepare(vm_factory: Any, repo: Path) -> tuple[Any, dict[str, bytes]]:
     """A VM with a full backup "one", and changes on both disks for the next incremental:
-    in both 4 MiB chunk windows of vda (two reads) and on vdb.  Returns (vm, content at one)."""
+    in both 4 MiB chunk windows of vda, more than one chunk holds (two reads: an incremental packs
+    small changed ranges into one chunk) and on vdb.  Returns (vm, content at one)."""
     vm = vm_factory(SIZES)
     vm.start()
     vm.write("vda", 0, 1 * MiB, 0x11)
@@ -509,7 +510,7 @@ def prepare(vm_factory: Any, repo: Path) -> tuple[Any, dict[str, bytes]]:
     vm.write("vdb", 0, 512 * KiB, 0x21)
     backup(repo, vm, "full", "--checkpoint", "one")
     at_one = snapshot(vm)
-    vm.write("vda", 64 * KiB, 64 * KiB, 0x13)
-    vm.write("vda", 5 * MiB, 64 * KiB, 0x14)
+    vm.write("vda", 64 * KiB, 4 * MiB - 64 * KiB, 0x13)
+    vm.write("vda", 5 * MiB, 128 * KiB, 0x14)
     vm.write("vdb", 1 * MiB, 64 * KiB, 0x22)
     return vm, at_one

@@ -65,7 +65,7 @@ def backed_up(sock: Path, tuning: Tuning):
 def laid_back(repo: Repository, entries, size: int) -> bytes:
     image = bytearray(size)
     for e in entries:
-        image[e.offset:e.offset + e.length] = repo.get_chunk(e.chunk, f"offset {e.offset}")
+        image[e.offset:e.offset + e.length] = repo.get_chunk(e.chunk, f"offset {e.offset}")[e.chunk_offset:e.chunk_offset + e.length]
     return bytes(image)
 
 
@@ -94,3 +94,29 @@ def test_zeroes_read_as_data_are_not_stored_and_dedup_holds(tmp_path):
     assert [e.offset // (4 * MiB) for e in result.entries] == [0, 2, 3]  # the window of zeroes has no chunk
     assert result.entries[0].chunk == result.entries[1].chunk  # same bytes at the same alignment: one chunk
     assert source[-1] == 255 and source[4 * MiB:8 * MiB] == bytes(4 * MiB)
+
+
+def test_scattered_ranges_are_packed_into_few_chunks_each_at_its_own_offset(tmp_path):
+    # An incremental's regions: 200 changed 64 KiB ranges scattered over a 64 MiB disk of data,
+    # one range of written zeroes among them.  They are packed into chunks of at most 4 MiB (each
+    # range its own entry at its chunk offset) instead of one small chunk per range.
+    KiB = 1024
+    layout = f"@0 (1 2 3 4 5 6 7)*{64 * MiB // 7} @{32 * MiB} (0)*{64 * KiB}"
+    regions = sorted({Extent((i * 37 % 1024) * 64 * KiB, 64 * KiB) for i in range(200)} | {Extent(32 * MiB, 64 * KiB)},
+                     key=lambda e: e.offset)
+    repo = Repository.open(MemoryBackend(), create=True)
+    with nbdkit(tmp_path, "data", layout, f"size={64 * MiB}") as sock:
+        def connect(contexts=()):
+            return NbdEndpoint(sock, "", contexts=contexts)
+
+        with connect() as ep:
+            source = ep.pread(64 * MiB, 0)
+        result = capture(repo, connect, regions, tuning=Tuning(chunk_size=4 * MiB, workers=2, depth=4, level=1), cancel=CancelToken())
+    changed = [r for r in regions if r.offset != 32 * MiB]  # the zeroes are not stored
+    assert [(e.offset, e.length) for e in result.entries] == [(r.offset, r.length) for r in changed]
+    chunks = {e.chunk for e in result.entries}
+    assert len(chunks) == -(-len(regions) * 64 * KiB // (4 * MiB))  # 201 ranges of 64 KiB: 4 chunks
+    assert len({(e.chunk, e.chunk_offset) for e in result.entries}) == len(result.entries)
+    for e in result.entries:
+        assert repo.get_chunk(e.chunk, "")[e.chunk_offset:e.chunk_offset + e.length] == source[e.offset:e.end]
+    assert result.read_bytes in (len(changed) * 64 * KiB, len(regions) * 64 * KiB)  # the zeroes: a hole, or read as data
