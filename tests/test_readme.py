@@ -120,7 +120,7 @@ def test_every_option_readme_names_in_backquotes_exists():
     # Options of other programs that README names with the program.
     unknown -= {"--system-site-packages", "--now", "--request-size", "--rev", "--variant", "--fast"}
     unknown -= {"--map", "--offset", "--no-sr"}  # nbdinfo, losetup, nbdkit (Getting things back)
-    unknown -= {"--reps", "--phases"}  # the side-by-side comparison's run_all.sh (Performance)
+    unknown -= {"--reps", "--phases", "--tools", "--perf-extra"}  # the side-by-side comparison's run_all.sh (Performance)
     assert unknown == set()
 
 
