@@ -567,6 +567,31 @@ def test_a_put_is_one_send_of_headers_and_body(s3_repo):
     assert head["ContentLength"] == len(blob) and head["ETag"].strip('"') == hashlib.md5(blob).hexdigest()
 
 
+@pytest.mark.s3
+def test_background_upload_threads_end_at_sync(s3_repo):
+    """Once sync() has waited for the background uploads, their threads end: the program can then
+    leave without the interpreter's teardown (cli.leave falls back to it while one of our
+    non-daemon threads lives, and an idle upload pool's workers are such threads)."""
+    import threading
+
+    from nbdbackup.repository.location import S3Settings
+    from nbdbackup.repository.s3 import S3Backend
+
+    def uploaders() -> list[threading.Thread]:
+        return [t for t in threading.enumerate() if t.name.startswith("s3-upload") and t.is_alive()]
+
+    settings = S3Settings(endpoint=s3_repo.server.endpoint, region="us-east-1", addressing="path", retries=2)
+    backend = S3Backend(S3Location(s3_repo.bucket, "threads"), settings)
+    for i in range(6):
+        backend.write(f"chunks/{i}", bytes([i]) * 1000)
+    assert uploaders(), "the writes went out in the background"
+    backend.sync()
+    assert uploaders() == []
+    backend.write("chunks/again", b"y" * 10)  # a later write starts a new pool
+    backend.sync()
+    assert backend.read("chunks/again") == b"y" * 10 and backend.read("chunks/5") == bytes([5]) * 1000
+
+
 def test_the_s3_backend_takes_botocores_ssl_fallback_without_pyopenssl():
     """Importing the S3 backend does not import pyOpenSSL/cryptography's X.509 through urllib3's
     pyopenssl shim (~40 ms at every start): botocore takes its own fallback, the SSLContext that

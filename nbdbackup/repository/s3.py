@@ -208,6 +208,9 @@ class S3Backend:
         self._settle_below("")
         with self._mutex:
             failed, self._failed = self._failed, None
+            uploads, self._uploads = self._uploads, None
+        if uploads is not None:  # idle now: its threads end, so the program can leave at once (cli.leave)
+            uploads.shutdown()
         if failed is not None:
             raise failed
 
