@@ -150,9 +150,7 @@ class S3Backend:
             return False
 
     def list(self, prefix: str) -> Iterator[str]:
-        folder = self.root + (prefix.rstrip("/") + "/" if prefix else "")
-        self._settle_below(prefix.rstrip("/") + "/" if prefix else "")
-        self._checked()
+        folder = self._listing(prefix)
         try:
             pages = self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=folder)
             keys = [obj["Key"][len(self.root):] for page in pages for obj in page.get("Contents", ())]
@@ -162,14 +160,20 @@ class S3Backend:
 
     def list_first(self, prefix: str) -> tuple[builtins.list[str], bool]:
         """The keys of list(prefix) that one request returns (up to 1000), and whether that was all."""
-        folder = self.root + (prefix.rstrip("/") + "/" if prefix else "")
-        self._settle_below(prefix.rstrip("/") + "/" if prefix else "")
-        self._checked()
+        folder = self._listing(prefix)
         try:
             resp = self.client.list_objects_v2(Bucket=self.bucket, Prefix=folder)
         except Exception as exc:  # noqa: BLE001
             raise self._error(exc, f"list {prefix or 'the repository'}") from None
         return [obj["Key"][len(self.root):] for obj in resp.get("Contents", ())], not resp.get("IsTruncated")
+
+    def _listing(self, prefix: str) -> str:
+        """The object-key prefix to list for the repository folder prefix, once the uploads below it
+        have landed and the opening check has passed."""
+        folder = prefix.rstrip("/") + "/" if prefix else ""
+        self._settle_below(folder)
+        self._checked()
+        return self.root + folder
 
     def delete(self, key: str) -> None:
         self._settle(key)
