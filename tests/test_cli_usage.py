@@ -112,18 +112,3 @@ def test_no_internal_jargon_in_help_man_page_or_readme():
     for where, text in texts.items():
         for word in ("the seed", "seed's", "fleecing overlay", " 1 backups", " 1 chunks", " 1 VMs"):
             assert word not in text, f"{where}: {word!r}"
-
-
-def test_a_process_ends_with_its_exit_status_and_all_its_output(tmp_path):
-    """A real process ends without the interpreter's teardown (cli.leave): its exit status,
-    stdout and stderr through pipes and its log file are still complete."""
-    Repository.open(tmp_path / "repo", create=True)
-    log = tmp_path / "log"
-    ok = nbdbackup("--repo", tmp_path / "repo", "--log-file", log, "list", "--json", process=True)
-    assert ok.returncode == 0 and json.loads(ok.stdout) == []
-    failed = nbdbackup("--repo", tmp_path / "none", "--log-file", log, "list", "vm1", process=True)
-    assert failed.returncode == 7 and failed.stdout == ""
-    assert failed.stderr == f"nbdbackup: error: there is no repository at {tmp_path / 'none'}: check --repo; the first backup creates it\n"
-    assert log.read_text().rstrip().endswith(f"ERROR: there is no repository at {tmp_path / 'none'}: check --repo; the first backup creates it")
-    usage = nbdbackup("list", "--no-such-option", process=True)
-    assert usage.returncode == 2 and usage.stderr.startswith("nbdbackup: error:")

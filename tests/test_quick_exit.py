@@ -31,6 +31,20 @@ def test_a_real_process_flushes_its_output_and_log_before_it_leaves(tmp_path):
     assert lines and "ERROR" in lines[-1] and "there is no repository at" in lines[-1]
 
 
+def test_the_program_really_skips_the_teardown(tmp_path):
+    """The quick exit really happens: an atexit handler, which the teardown would run, stays silent
+    (the tests above pass either way; this one fails if cli.leave falls back to the teardown)."""
+    repo = tmp_path / "repo"
+    Repository.open(repo, create=True)
+    code = ("import atexit, sys; atexit.register(lambda: print('teardown ran'));"
+            "from nbdbackup.cli import main; sys.argv[0] = 'nbdbackup'; main()")
+    proc = subprocess.run([sys.executable, "-c", code, "--repo", str(repo), "list", "--json"], capture_output=True, text=True,
+                          env=cli.environment(), timeout=60)
+    assert proc.returncode == 0 and proc.stdout.strip() == "[]", proc.stderr
+    control = subprocess.run([sys.executable, "-c", code.replace("main()", "sys.exit(0)")], capture_output=True, text=True, timeout=60)
+    assert control.stdout.strip() == "teardown ran"  # the handler does print when the teardown runs
+
+
 def test_a_closed_pipe_ends_quietly_as_before(tmp_path):
     """stdout closed before nbdbackup writes (`nbdbackup list | true`): click ends the run with status 1 and
     nothing on stderr, as it did before the quick exit (whose flush must not turn that into an error)."""
