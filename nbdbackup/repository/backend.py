@@ -10,7 +10,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Protocol
+from typing import BinaryIO, Protocol
 
 from ..errors import RepositoryUnusable
 
@@ -91,6 +91,10 @@ class LocalBackend:
     def read(self, key: str) -> bytes:
         with open(self.path(key), "rb") as f:
             return f.read()
+
+    def open(self, key: str) -> BinaryIO:
+        """The object's file, open for reading (unbuffered): to read it in pieces."""
+        return open(self.path(key), "rb", buffering=0)
 
     def read_into(self, key: str, buffer: Callable[[int], memoryview]) -> memoryview:
         """read(), into buffer(size) (a buffer the caller reuses: no allocation per object);

@@ -36,19 +36,24 @@ class ChunkIds:
 
     algorithm: str
     _digest: Callable[[Buffer], bytes]
+    _new: Callable[[], Any]  # an incremental hasher: update(data) as often as needed, then digest()
 
     def __call__(self, data: Buffer) -> bytes:
         return self._digest(data)
 
+    def hasher(self) -> Any:
+        """A new incremental hasher (update(data)..., digest()): the same id as self(whole content)."""
+        return self._new()
+
     @classmethod
     def sha256(cls) -> ChunkIds:
-        return cls(SHA256, lambda data: hashlib.sha256(data).digest())
+        return cls(SHA256, lambda data: hashlib.sha256(data).digest(), hashlib.sha256)
 
     @classmethod
     def blake3(cls) -> ChunkIds:
         from blake3 import blake3  # imported only where chunks are hashed
 
-        return cls(BLAKE3, lambda data: blake3(data).digest())
+        return cls(BLAKE3, lambda data: blake3(data).digest(), blake3)
 
     @classmethod
     def keyed(cls, master_key: bytes) -> ChunkIds:
@@ -56,7 +61,7 @@ class ChunkIds:
         from blake3 import blake3
 
         key = derive_chunk_id_key(master_key)
-        return cls(BLAKE3_KEYED, lambda data: blake3(data, key=key).digest())
+        return cls(BLAKE3_KEYED, lambda data: blake3(data, key=key).digest(), lambda: blake3(key=key))
 
     @classmethod
     def for_config(cls, version: int, config: Mapping[str, Any], where: str, *, master_key: bytes | None = None) -> ChunkIds:

@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import struct
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from typing import BinaryIO
 
 import zstandard
 
@@ -121,6 +122,60 @@ def decode_into(blob: bytes | memoryview, expected_id: bytes, where: str, chunk_
     if chunk_id(view) != expected_id:
         raise RepositoryDamaged(f"chunk {expected_id.hex()} fails its checksum ({where})")
     return view
+
+
+STEP = 256 * 1024  # read_ranges' pieces: each hashed (and copied from) while in the CPU's cache
+
+
+def read_ranges(source: BinaryIO | bytes | memoryview, expected_id: bytes, where: str, chunk_id: ChunkIds,
+                ranges: Sequence[tuple[int, int]], out: memoryview, step: memoryview) -> None:
+    """Check a chunk whole, as decode() does (header, length, id), and copy the ranges (content
+    offset, length) of its content into out, one after another.  The content is decoded in pieces
+    through step (a small buffer the caller reuses, STEP bytes suit): no memory for the whole
+    content nor the whole chunk file, and each piece is hashed while it is in the CPU's cache.
+    Rollback's writers need a few ranges of each chunk.  source: the chunk file, open and at its
+    start, or its bytes.  out holds the ranges only once this returns; on damage (RepositoryDamaged)
+    what it holds must not be used."""
+    in_memory = isinstance(source, (bytes, bytearray, memoryview))
+    encoding, length, payload = _parse(source if in_memory else source.read(HEADER_SIZE), expected_id, where)
+    for at, n in ranges:
+        if at < 0 or n < 0 or at + n > length:
+            raise RepositoryDamaged(f"chunk {expected_id.hex()} is shorter than its index says ({where})")
+    spans = []  # (content offset, length, where in out)
+    total = 0
+    for at, n in ranges:
+        spans.append((at, n, total))
+        total += n
+    if len(out) < total:
+        raise ValueError(f"buffer of {len(out)} bytes for {total} bytes of ranges")
+    hasher = chunk_id.hasher()
+
+    def take(pos: int, piece: memoryview) -> None:
+        hasher.update(piece)
+        end = pos + len(piece)
+        for at, n, dest in spans:
+            lo, hi = max(at, pos), min(at + n, end)
+            if lo < hi:
+                out[dest + lo - at:dest + hi - at] = piece[lo - pos:hi - pos]
+
+    if encoding == STORED and in_memory:
+        if len(payload) != length:
+            raise RepositoryDamaged(f"chunk {expected_id.hex()} fails its checksum ({where})")
+        take(0, payload)
+    else:  # the file's content as it is, or a zstd frame from the file or the bytes: in pieces
+        done = 0
+        try:
+            reader = source if encoding == STORED else _decompressor().stream_reader(payload if in_memory else source, closefd=False)
+            while done < length and (got := reader.readinto(step[:min(len(step), length - done)])):
+                take(done, step[:got])
+                done += got
+            overrun = reader.read(1)
+        except zstandard.ZstdError as exc:
+            raise _undecompressable(expected_id, exc, where) from None
+        if done != length or overrun:
+            raise RepositoryDamaged(f"chunk {expected_id.hex()} fails its checksum ({where})")
+    if hasher.digest() != expected_id:
+        raise RepositoryDamaged(f"chunk {expected_id.hex()} fails its checksum ({where})")
 
 
 def _parse(blob: bytes | memoryview, expected_id: bytes, where: str) -> tuple[int, int, memoryview]:

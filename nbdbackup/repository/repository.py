@@ -363,6 +363,22 @@ class Repository:
         except FileNotFoundError:
             raise RepositoryDamaged(f"chunk {cid.hex()} is missing ({where})") from None
 
+    def read_chunk_ranges(self, cid: bytes, where: str, ranges: Sequence[tuple[int, int]], out: memoryview, step: memoryview) -> None:
+        """Check chunk cid whole and copy the ranges (content offset, length) of its content into out,
+        one after another (chunks.read_ranges: decoded in pieces through step).  From an unencrypted
+        local directory the chunk file is read piece by piece too; otherwise it is fetched (and
+        decrypted) whole first."""
+        backend = self.backend
+        if isinstance(backend, LocalBackend):
+            try:
+                f = backend.open(self._chunk_key(cid))
+            except FileNotFoundError:
+                raise RepositoryDamaged(f"chunk {cid.hex()} is missing ({where})") from None
+            with f:
+                chunks.read_ranges(f, cid, where, self.chunk_id, ranges, out, step)
+            return
+        chunks.read_ranges(self._plain_chunk(self.fetch_chunk(cid, where), cid, where), cid, where, self.chunk_id, ranges, out, step)
+
     def decode_chunk(self, blob: bytes | memoryview, cid: bytes, where: str) -> bytes:
         """The content of the chunk file blob (from fetch_chunk): authenticated and decrypted when
         the repository is encrypted (into this thread's buffer: decode copies out of it), checked."""
