@@ -12,11 +12,23 @@ import logging
 from collections import deque
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-
-import nbd
+from typing import TYPE_CHECKING
 
 from .errors import NbdIOError, VMUnreachable
 from .records import Extent
+
+if TYPE_CHECKING:
+    import nbd
+else:
+    nbd = None  # the bindings, imported by _bindings() at the first connection: a command's start-up goes without (5-8 ms)
+
+
+def _bindings() -> None:
+    global nbd
+    if nbd is None:
+        import nbd as bindings
+
+        nbd = bindings
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +49,7 @@ class NbdEndpoint:
 
     def __init__(self, socket: Path, export: str, *, contexts: tuple[str, ...] = (), writable: bool = False) -> None:
         self.socket, self.export, self.contexts = socket, export, contexts
+        _bindings()
         self._h = nbd.NBD()
         self._h.set_pread_initialize(False)  # a failed read raises; no need to zero buffers first
         self._h.set_export_name(export)
@@ -197,6 +210,7 @@ def _wait(h: nbd.NBD, cookie: int) -> None:
 
 def is_zero(buf: bytes | bytearray | memoryview) -> bool:
     """True if buf holds only zero bytes (libnbd's check: no zero buffer to compare with)."""
+    _bindings()
     return nbd.Buffer.from_buffer(buf).is_zero()
 
 
