@@ -126,6 +126,7 @@ def use_revision(rev: str, into: Path) -> None:
     tar = subprocess.run(["tar", "-x", "-C", str(into)], stdin=archive.stdout)
     if archive.wait() != 0 or tar.returncode != 0:
         raise BenchError(f"cannot export nbdbackup at {rev}")
+    subprocess.run([str(PYTHON), "-m", "compileall", "-q", str(into / "nbdbackup")], stdout=subprocess.DEVNULL, check=False)  # as installed
     NB_PREFIX = [str(PYTHON), "-m", "nbdbackup"]
     NB_ENV = {**os.environ, "PYTHONPATH": str(into)}
     NB_CWD = into
