@@ -14,7 +14,7 @@ from __future__ import annotations
 import struct
 import threading
 from collections.abc import Callable, Sequence
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 import zstandard
 
@@ -136,8 +136,12 @@ def read_ranges(source: BinaryIO | bytes | memoryview, expected_id: bytes, where
     Rollback's writers need a few ranges of each chunk.  source: the chunk file, open and at its
     start, or its bytes.  out holds the ranges only once this returns; on damage (RepositoryDamaged)
     what it holds must not be used."""
-    in_memory = isinstance(source, (bytes, bytearray, memoryview))
-    encoding, length, payload = _parse(source if in_memory else source.read(HEADER_SIZE), expected_id, where)
+    file: BinaryIO | None = None
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        encoding, length, payload = _parse(source, expected_id, where)
+    else:
+        file = source
+        encoding, length, payload = _parse(file.read(HEADER_SIZE), expected_id, where)
     for at, n in ranges:
         if at < 0 or n < 0 or at + n > length:
             raise RepositoryDamaged(f"chunk {expected_id.hex()} is shorter than its index says ({where})")
@@ -158,14 +162,16 @@ def read_ranges(source: BinaryIO | bytes | memoryview, expected_id: bytes, where
             if lo < hi:
                 out[dest + lo - at:dest + hi - at] = piece[lo - pos:hi - pos]
 
-    if encoding == STORED and in_memory:
+    if encoding == STORED and file is None:
         if len(payload) != length:
             raise RepositoryDamaged(f"chunk {expected_id.hex()} fails its checksum ({where})")
         take(0, payload)
     else:  # the file's content as it is, or a zstd frame from the file or the bytes: in pieces
         done = 0
+        reader: Any = file
         try:
-            reader = source if encoding == STORED else _decompressor().stream_reader(payload if in_memory else source, closefd=False)
+            if encoding == ZSTD:
+                reader = _decompressor().stream_reader(payload if file is None else file, closefd=False)
             while done < length and (got := reader.readinto(step[:min(len(step), length - done)])):
                 take(done, step[:got])
                 done += got
