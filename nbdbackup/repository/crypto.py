@@ -55,7 +55,7 @@ HEADER = struct.Struct("<4sBBH")
 NONCE_SIZE = 12
 TAG_SIZE = 16
 OVERHEAD = HEADER.size + NONCE_SIZE + TAG_SIZE
-SEAL_SLICE = 64 * 1024  # seal_stream: ciphertext made and written this much at a time (a buffer per thread: small)
+SEAL_SLICE = 256 * 1024  # seal_stream: ciphertext made and written this much at a time (64 KiB: +25% CPU in writing)
 NAME_PAD = 64  # names are at most 64 characters (names.py): padded, so the length does not show
 
 OBJECT_CONTEXT = "nbdbackup 2026-11 object key v2"
