@@ -364,13 +364,22 @@ def test_chunk_decrypted_where_it_was_read_in_one_call(monkeypatch):
         assert plain.obj is sealed and bytes(plain) == data
         assert bytes(sealed[len(sealed) - crypto.TAG_SIZE:]) == c.seal("chunks/ab/abcd", data, nonce=bytes(sealed[8:20]))[-crypto.TAG_SIZE:]
     calls = []
-    from cryptography.hazmat.backends.openssl.ciphers import _CipherContext
 
-    real = _CipherContext.update_into
-    monkeypatch.setattr(_CipherContext, "update_into", lambda self, data, buf: calls.append(len(data)) or real(self, data, buf))
+    class Counting:  # the library's decryptor, its calls counted
+        def __init__(self, inner):
+            self.inner = inner
+
+        def update_into(self, data, buf):
+            calls.append(len(data))
+            return self.inner.update_into(data, buf)
+
+        def finalize(self):
+            return self.inner.finalize()
+
+    real = crypto.Cipher._decryptor
+    monkeypatch.setattr(crypto.Cipher, "_decryptor", lambda self, *args: Counting(real(self, *args)))
     sealed = bytearray(c.seal("chunks/ab/abcd", bytes(4 << 20)))
-    calls.clear()
-    c.open_in_place("chunks/ab/abcd", memoryview(sealed))
+    assert bytes(c.open_in_place("chunks/ab/abcd", memoryview(sealed))) == bytes(4 << 20)
     assert calls == [4 << 20]
     for damage in (lambda b: b.__setitem__(100, b[100] ^ 1), lambda b: b.__delitem__(slice(-1, None))):
         sealed = bytearray(c.seal("chunks/ab/abcd", os.urandom(1000)))
