@@ -24,6 +24,7 @@ import random
 import resource
 import shutil
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -752,6 +753,13 @@ def encryption_case(args: argparse.Namespace, report: Report, rundir: Path, sock
                             f"CPU seconds of each, less sensitive to other load than time); peak RSS {rss_ratio:.2f}x "
                             f"({rss(enc) // 1024} vs {rss(base) // 1024} MiB); peak private memory (RssAnon) "
                             f"{anon_enc / anon_base if anon_base else 0:.2f}x ({anon_enc // 1024} vs {anon_base // 1024} MiB)")
+        # The peak of one run varies by a few MiB with how the allocator's arenas happen to fill
+        # (timing): every repetition's, and the ratio of the medians, beside the best run's.
+        peaks = {k: [rss(t) / 1024 for t in times[step][k]] for k in ("plain", "encrypted")}
+        medians = {k: statistics.median(v) for k, v in peaks.items()}
+        report.notes.append(f"ENCRYPTION OVERHEAD, {step}: peak RSS of each repetition (MiB): unencrypted "
+                            f"{', '.join(f'{v:.1f}' for v in peaks['plain'])}; encrypted {', '.join(f'{v:.1f}' for v in peaks['encrypted'])}; "
+                            f"ratio of the medians {medians['encrypted'] / medians['plain'] if medians['plain'] else 0:.2f}x")
     compare(rundir / "restore-encrypted" / "vda.qcow2", image.path, "restore from the encrypted repository == source image", report)
     for path in (plain.repo, encrypted.repo, rundir / "restore-plain", rundir / "restore-encrypted"):
         shutil.rmtree(path, ignore_errors=True)

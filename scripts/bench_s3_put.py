@@ -6,7 +6,8 @@ seconds per MiB of the client and of the server, for boto3 as nbdbackup configur
     flock /work/bench.lock .venv/bin/python scripts/bench_s3_put.py [--size 4M] [--mib 512] [--threads 8]
 
 The server's CPU per MiB is what the co-located server costs a backup on the same CPUs,
-whatever the client; --size shows whether it depends on the request count.
+whatever the client; --size shows whether it depends on the request count.  Where that CPU goes:
+NBDBACKUP_WEED_CPUPROFILE=/tmp/weed.prof before the command, then scripts/pprof_top.py /tmp/weed.prof.
 """
 
 from __future__ import annotations

@@ -8,6 +8,9 @@ authentication is really checked:
     OTHER_KEY/OTHER_SECRET  may use only the bucket OTHER_BUCKET (another account)
 
 Stopped by pid (SIGTERM, then SIGKILL) on every path.
+
+NBDBACKUP_WEED_CPUPROFILE=FILE makes the server write Go's CPU profile of its whole run to FILE
+when it stops (scripts/pprof_top.py FILE lists where its CPU went).
 """
 
 from __future__ import annotations
@@ -81,6 +84,9 @@ class SeaweedFS:
             "-webdav=false", "-admin.ui=false", "-s3.port.iceberg=0", "-s3.port.lance=0",
             f"-s3.config={config}", "-s3.autoCreateBucket=false",
         ]
+        profile = os.environ.get("NBDBACKUP_WEED_CPUPROFILE")
+        if profile:  # Go's CPU profile of the server, written when it stops: scripts/pprof_top.py reads it
+            self.args.insert(2, f"-cpuprofile={profile}")
         self._spawn()
         return self
 

@@ -321,8 +321,8 @@ def test_key_derivation_in_a_child_process_and_kept_for_the_run(env, monkeypatch
         assert keys._kek(b"nbdbackup", kdf) == keys._argon2id(b"nbdbackup", params)
     Repository.open(env / "r", create=True, encryption="repokey")
     derivations = []
-    real = keys._kek
-    monkeypatch.setattr(keys, "_kek", lambda *args: derivations.append(1) or real(*args))
+    real = keys._start_kek
+    monkeypatch.setattr(keys, "_start_kek", lambda *args: derivations.append(1) or real(*args))
     first = Repository.open(env / "r", create=False)
     second = Repository.open(env / "r", create=False)
     assert len(derivations) == 1 and first.cipher.master_key == second.cipher.master_key
@@ -349,3 +349,92 @@ def test_rollback_marker_of_an_encrypted_repository_names_nothing(env):
     plain = Repository.open(env / "p", create=True)
     Marker(plain, "vm1").write(SimpleNamespace(checkpoint="cp", disks=[]))
     assert json.loads((env / "p" / "rollbacks" / "vm1.json").read_text())["checkpoint"] == "cp"  # unchanged format
+
+
+def test_chunk_decrypted_where_it_was_read_in_one_call(monkeypatch):
+    """A restore's chunk is decrypted in the buffer it was read into (no second buffer, no copy):
+    the plaintext is a view of that buffer, equal to what was sealed, and the decryption is one
+    call into the library (the GIL released throughout), whatever the chunk's size.  A flipped
+    byte still fails authentication, and so does an object cut short."""
+    c = crypto.Cipher(MASTER)
+    for size in (0, 1, 4096, 3 * 65536 + 7, 4 << 20):
+        data = os.urandom(size)
+        sealed = bytearray(c.seal("chunks/ab/abcd", data))
+        plain = c.open_in_place("chunks/ab/abcd", memoryview(sealed))
+        assert plain.obj is sealed and bytes(plain) == data
+        assert bytes(sealed[len(sealed) - crypto.TAG_SIZE:]) == c.seal("chunks/ab/abcd", data, nonce=bytes(sealed[8:20]))[-crypto.TAG_SIZE:]
+    calls = []
+
+    class Counting:  # the library's decryptor, its calls counted
+        def __init__(self, inner):
+            self.inner = inner
+
+        def update_into(self, data, buf):
+            calls.append(len(data))
+            return self.inner.update_into(data, buf)
+
+        def finalize(self):
+            return self.inner.finalize()
+
+    real = crypto.Cipher._decryptor
+    monkeypatch.setattr(crypto.Cipher, "_decryptor", lambda self, *args: Counting(real(self, *args)))
+    sealed = bytearray(c.seal("chunks/ab/abcd", bytes(4 << 20)))
+    assert bytes(c.open_in_place("chunks/ab/abcd", memoryview(sealed))) == bytes(4 << 20)
+    assert calls == [4 << 20]
+    for damage in (lambda b: b.__setitem__(100, b[100] ^ 1), lambda b: b.__delitem__(slice(-1, None))):
+        sealed = bytearray(c.seal("chunks/ab/abcd", os.urandom(1000)))
+        damage(sealed)
+        with pytest.raises(RepositoryDamaged, match="authentication"):
+            c.open_in_place("chunks/ab/abcd", memoryview(sealed))
+
+
+def test_chunk_encrypted_while_written_through_a_small_buffer(tmp_path):
+    """A chunk is encrypted into the directory in slices of SEAL_SLICE bytes (a small buffer per
+    thread, not one the size of a chunk) and reads back as the whole object seal() makes."""
+    from nbdbackup.repository.backend import LocalBackend
+
+    assert crypto.SEAL_SLICE <= 256 * 1024
+    c = crypto.Cipher(MASTER)
+    data = os.urandom(4 << 20)
+    parts = list(c.seal_stream("chunks/ab/abcd", [data[:1000], data[1000:]]))
+    assert max(len(p) for p in parts) <= crypto.SEAL_SLICE
+    backend = crypto.EncryptedBackend(LocalBackend(tmp_path), c)
+    backend.write("chunks/ab/abcd", [data[:1000], data[1000:]])
+    assert backend.read("chunks/ab/abcd") == data
+    assert len((tmp_path / "chunks/ab/abcd").read_bytes()) == len(data) + crypto.OVERHEAD
+
+
+def test_key_derivation_overlaps_loading_the_library(tmp_path):
+    """Opening a key forks the Argon2id child before the cryptography package is imported, so the
+    two overlap instead of adding up at every start; the child is reaped even when the import
+    fails.  In a fresh interpreter: this one has the library loaded already."""
+    import subprocess
+    import sys
+
+    doc = keys.wrap(MASTER, b"pw", "repo", {"algorithm": "argon2id", "iterations": 1, "lanes": 1, "memory_cost": 8})
+    script = '''
+import json, os, sys
+from nbdbackup.repository import keys
+doc = json.loads(sys.argv[1])
+assert not [m for m in sys.modules if m.startswith("cryptography")]
+seen = []
+real = keys._fork_argon2id
+keys._fork_argon2id = lambda *a: seen.append("cryptography.hazmat.primitives.ciphers.aead" in sys.modules) or real(*a)
+assert keys.unwrap(doc, b"pw", "repo") == bytes(range(32))
+assert seen == [False], seen  # the first key opened: the library was not loaded when the child started
+assert keys.unwrap(doc, b"not it", "repo") is None
+sys.modules["cryptography.hazmat.primitives.ciphers.aead"] = None  # the import fails
+try:
+    keys.unwrap(doc, b"pw", "repo")
+except ImportError:
+    pass
+else:
+    raise AssertionError("the import did not fail")
+try:
+    os.waitpid(-1, os.WNOHANG)
+except ChildProcessError:
+    print("reaped")
+'''
+    done = subprocess.run([sys.executable, "-c", script, json.dumps(doc)], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "reaped"

@@ -55,7 +55,7 @@ HEADER = struct.Struct("<4sBBH")
 NONCE_SIZE = 12
 TAG_SIZE = 16
 OVERHEAD = HEADER.size + NONCE_SIZE + TAG_SIZE
-SEAL_SLICE = 256 * 1024  # seal_stream: ciphertext made and written this much at a time
+SEAL_SLICE = 256 * 1024  # seal_stream: ciphertext made and written this much at a time (64 KiB: +25% CPU in writing)
 NAME_PAD = 64  # names are at most 64 characters (names.py): padded, so the length does not show
 
 OBJECT_CONTEXT = "nbdbackup 2026-11 object key v2"
@@ -202,17 +202,19 @@ class Cipher:
         return out[:done]
 
     def open_in_place(self, key: str, sealed_object: memoryview) -> memoryview:
-        """open(), decrypting the writable buffer sealed_object in place (through a small bounce
-        buffer, as the streaming interface writes elsewhere): a restore holds one buffer per chunk
-        read, as without encryption.  The plaintext is returned only once the tag is checked."""
+        """open(), decrypting the writable buffer sealed_object where it is: a restore holds one
+        buffer per chunk read, as without encryption, and decrypts it in one call (no copy, the
+        GIL released throughout).  GCM is a stream cipher, so OpenSSL decrypts in place (output =
+        input, as its EVP interface allows); update_into wants room for 15 bytes more than it
+        writes, which the 16-byte tag behind the ciphertext gives (the tag was copied out first
+        and is not overwritten: exactly the ciphertext's length is written).  The plaintext is
+        returned only once the tag is checked."""
         nonce, sealed, aad = self._split(key, sealed_object)
         n = len(sealed) - TAG_SIZE
         decryptor = self._decryptor(nonce, sealed[n:], aad)
-        bounce = _buffer(SEAL_SLICE + 32, "bounce")
-        for start in range(0, n, SEAL_SLICE):
-            stop = min(n, start + SEAL_SLICE)
-            done = decryptor.update_into(sealed[start:stop], bounce)
-            sealed[start:start + done] = bounce[:done]  # GCM is a stream: done == stop - start
+        done = decryptor.update_into(sealed[:n], sealed) if n else 0
+        if done != n:  # a stream cipher writes what it is given; anything else is no AES-GCM
+            raise ObjectDamaged(key, "fails authentication (changed, truncated or swapped)")
         self._finalize(key, decryptor)
         return sealed[:n]
 

@@ -25,7 +25,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -119,11 +119,23 @@ def _kek(passphrase: bytes, kdf: dict[str, Any]) -> bytes:
     """Argon2id of passphrase with kdf's parameters: in a short-lived child process where fork() is
     possible, so that its memory (memory_cost KiB, freed at once) never counts in the long-running
     backup's peak memory nor raises its allocator's thresholds (docs/FORMAT.md, "Keys")."""
+    return _start_kek(passphrase, kdf)()
+
+
+def _start_kek(passphrase: bytes, kdf: dict[str, Any]) -> Callable[[], bytes]:
+    """_kek started: the child derives while this process goes on (it loads the cryptography
+    package meanwhile: the two overlap instead of adding up when a command starts); the function
+    returned waits for the result (or derives here when no child could)."""
     if kdf.get("algorithm") != "argon2id":
         raise KeyFileDamaged(f"unknown key derivation {kdf.get('algorithm')!r}")
     params = (_unb64(kdf["salt"]), int(kdf["iterations"]), int(kdf["lanes"]), int(kdf["memory_cost"]))
-    derived = _argon2id_in_child(passphrase, params)
-    return derived if derived is not None else _argon2id(passphrase, params)
+    child = _fork_argon2id(passphrase, params)
+
+    def result() -> bytes:
+        derived = _collect_argon2id(*child) if child is not None else None
+        return derived if derived is not None else _argon2id(passphrase, params)
+
+    return result
 
 
 def _argon2id(passphrase: bytes, params: tuple[bytes, int, int, int]) -> bytes:
@@ -142,6 +154,13 @@ CHILD_TIMEOUT = 120.0  # seconds a key derivation in the child may take before i
 def _argon2id_in_child(passphrase: bytes, params: tuple[bytes, int, int, int]) -> bytes | None:
     """_argon2id computed by a forked child, which sends the 32 bytes back through a pipe;
     None when that cannot be done (the caller then derives in this process)."""
+    child = _fork_argon2id(passphrase, params)
+    return _collect_argon2id(*child) if child is not None else None
+
+
+def _fork_argon2id(passphrase: bytes, params: tuple[bytes, int, int, int]) -> tuple[int, int] | None:
+    """A forked child computing _argon2id: (its pid, the pipe's read end it answers on), to pass to
+    _collect_argon2id (which reaps it: always call it); None when no child can be forked."""
     if not hasattr(os, "fork"):
         return None
     read_end, write_end = os.pipe()
@@ -160,6 +179,12 @@ def _argon2id_in_child(passphrase: bytes, params: tuple[bytes, int, int, int]) -
         finally:
             os._exit(status)
     os.close(write_end)
+    return pid, read_end
+
+
+def _collect_argon2id(pid: int, read_end: int) -> bytes | None:
+    """The 32 bytes the child of _fork_argon2id sent, once it has exited; None if it failed or did
+    not answer within CHILD_TIMEOUT seconds (it is killed then)."""
     received = b""
     deadline = time.monotonic() + CHILD_TIMEOUT
     try:
@@ -188,9 +213,12 @@ def wrap(master_key: bytes, passphrase: bytes, repo_id: str, kdf_params: dict[st
     kdf["salt"] = _b64(secrets.token_bytes(16))
     key_id = secrets.token_hex(8)
     nonce = secrets.token_bytes(12)
-    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
-
-    wrapped = AESGCM(_kek(passphrase, kdf)).encrypt(nonce, master_key, _aad(repo_id, key_id))
+    kek = _start_kek(passphrase, kdf)
+    try:
+        from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+    finally:
+        key = kek()  # always: this reaps the child
+    wrapped = AESGCM(key).encrypt(nonce, master_key, _aad(repo_id, key_id))
     return {"format": KEY_FORMAT, "version": KEY_VERSION, "repository": repo_id, "id": key_id, "created": utc_now(),
             "kdf": kdf, "cipher": "aes-256-gcm", "nonce": _b64(nonce), "wrapped": _b64(wrapped)}
 
@@ -214,11 +242,17 @@ def check_key(doc: Any, repo_id: str, where: str) -> dict[str, Any]:
 
 def unwrap(doc: dict[str, Any], passphrase: bytes, repo_id: str) -> bytes | None:
     """The master key, or None when passphrase does not open this key."""
-    from cryptography.exceptions import InvalidTag
-    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
-
     try:
-        master = AESGCM(_kek(passphrase, doc["kdf"])).decrypt(_unb64(doc["nonce"]), _unb64(doc["wrapped"]), _aad(repo_id, doc["id"]))
+        kek = _start_kek(passphrase, doc["kdf"])  # derived in a child while the library loads here
+    except (ValueError, KeyError, TypeError):
+        raise KeyFileDamaged(f"key {doc.get('id')} is damaged") from None
+    try:
+        from cryptography.exceptions import InvalidTag
+        from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+    finally:
+        key = kek()  # always: this reaps the child
+    try:
+        master = AESGCM(key).decrypt(_unb64(doc["nonce"]), _unb64(doc["wrapped"]), _aad(repo_id, doc["id"]))
     except InvalidTag:
         return None
     except (ValueError, KeyError, TypeError):

@@ -29,6 +29,7 @@ from __future__ import annotations
 import builtins
 import concurrent.futures as cf
 import configparser
+import datetime
 import email.utils
 import gzip
 import json
@@ -63,6 +64,7 @@ import botocore.exceptions as bex  # noqa: E402
 import botocore.handlers  # noqa: E402
 import botocore.loaders  # noqa: E402
 import botocore.session  # noqa: E402
+import botocore.utils  # noqa: E402
 
 # botocore logs request headers (the access key id among them) at DEBUG: keep it quiet even with --debug.
 for _name in ("boto3", "botocore", "urllib3", "s3transfer"):
@@ -421,9 +423,29 @@ def _loader(data_path: str | None) -> botocore.loaders.Loader:
     return _S3Loader(extra_search_paths=[os.path.expanduser(os.path.expandvars(p)) for p in data_path.split(os.pathsep)])
 
 
+def _timestamp(value: Any) -> datetime.datetime:
+    """botocore's timestamp parser, fast for the two forms S3 answers with: ISO 8601 in XML bodies
+    (`2026-11-30T10:53:48.000Z`: every key of a listing has one) and HTTP dates in headers
+    (`Last-Modified: Mon, 30 Nov 2026 10:53:48 GMT`).  botocore's own goes through dateutil at
+    ~0.1 ms each (60-110 ms of CPU to list 600 chunks); these take microseconds.  The same instants,
+    timezone-aware; anything else is left to botocore's."""
+    if isinstance(value, str):
+        try:
+            if value.endswith("Z") and "T" in value:
+                return datetime.datetime.fromisoformat(value)
+            if value.endswith(" GMT"):
+                parsed = email.utils.parsedate_to_datetime(value)
+                if parsed.tzinfo is not None:
+                    return parsed
+        except (TypeError, ValueError):
+            pass
+    return botocore.utils.parse_timestamp(value)
+
+
 def _client(settings: S3Settings, where: str) -> Any:
     keys = _credentials(settings)
     session = botocore.session.Session(profile=None if keys else settings.profile)
+    session.get_component("response_parser_factory").set_parser_defaults(timestamp_parser=_timestamp)
     if keys:
         session.set_credentials(keys["aws_access_key_id"], keys["aws_secret_access_key"], keys.get("aws_session_token"))
     config = botocore.config.Config(
