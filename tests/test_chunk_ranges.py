@@ -161,3 +161,17 @@ def test_spawned_daemon_dies_with_nbdbackup(how):
     finally:
         parent.kill()
         parent.wait()
+
+
+@pytest.mark.parametrize("ids", ["sha256", "blake3", "keyed"])
+def test_incremental_hasher_names_chunks_as_the_whole_content_does(ids):
+    """read_ranges hashes the content piece by piece: every kind of chunk id (version 1's SHA-256,
+    BLAKE3, an encrypted repository's keyed BLAKE3) gives the same id that way."""
+    from nbdbackup.repository.chunkid import ChunkIds
+
+    chunk_ids = ChunkIds.keyed(b"k" * 32) if ids == "keyed" else getattr(ChunkIds, ids)()
+    data = random.Random(1).randbytes(3 * MiB + 5)
+    hasher = chunk_ids.hasher()
+    for at in range(0, len(data), 100_000):
+        hasher.update(memoryview(data)[at:at + 100_000])
+    assert hasher.digest() == chunk_ids(data)
