@@ -29,6 +29,7 @@ import bisect
 import contextlib
 import dataclasses
 import functools
+import itertools
 import json
 import logging
 import mmap
@@ -462,6 +463,20 @@ def jobs(regions: Sequence[Extent], entries: Sequence[IndexEntry]) -> list[Job]:
     return out + [Job(cid, tuple(copies)) for cid, copies in by_chunk.items()]
 
 
+def chunk_spans(copies: Sequence[tuple[int, int, int]]) -> list[tuple[int, int]]:
+    """The parts of a chunk that copies (disk offset, offset in the chunk, length) need, as
+    (offset in the chunk, length), sorted and merged: each byte of the chunk at most once,
+    however many disk ranges hold the same data (a deduplicated chunk may serve thousands)."""
+    spans: list[tuple[int, int]] = []
+    for at, stop in sorted((at, at + length) for _, at, length in copies):
+        if spans and at <= spans[-1][0] + spans[-1][1]:
+            last_at, last_length = spans[-1]
+            spans[-1] = (last_at, max(last_length, stop - last_at))
+        else:
+            spans.append((at, stop - at))
+    return spans
+
+
 def write_disk(repo: Repository, m: Manifest, p: DiskRollback, entries: list[IndexEntry], socket: Path, export: str,
                tuning: Tuning, cancel: CancelToken, progress: Callable[[int], None]) -> tuple[int, int]:
     """Write p's regions from the backup's index; (data bytes written, bytes zeroed).  Each
@@ -484,15 +499,18 @@ def write_disk(repo: Repository, m: Manifest, p: DiskRollback, entries: list[Ind
             pipe.endpoint().write_batch([(offset, length, None) for offset, _, length in job.copies])
             return 0, sum(length for _, _, length in job.copies)
         where = f"backup {m.checkpoint}, disk {p.disk}, offset {job.copies[0][0]}"
-        out = buffer("ranges", sum(length for _, _, length in job.copies))
+        spans = chunk_spans(job.copies)
+        out = buffer("ranges", sum(length for _, length in spans))
         # the whole chunk is checked (decoded in small pieces) before any of it is written
-        repo.read_chunk_ranges(job.chunk, where, [(at, length) for _, at, length in job.copies], out, buffer("step", STEP))
+        repo.read_chunk_ranges(job.chunk, where, spans, out, buffer("step", STEP))
+        starts = [at for at, _ in spans]
+        places = list(itertools.accumulate((length for _, length in spans), initial=0))
         requests: list[tuple[int, int, memoryview | None]] = []
         written = zeroed = 0
-        pos = 0
-        for offset, _, length in job.copies:
+        for offset, at, length in job.copies:
+            i = bisect.bisect_right(starts, at) - 1  # the span holding this copy's bytes
+            pos = places[i] + at - starts[i]
             data = out[pos:pos + length]
-            pos += length
             for start, stop, is_zero in data_runs(offset, data):
                 if is_zero:  # zeroes in the data: a hole, as a restore leaves them
                     requests.append((start, stop - start, None))
