@@ -2,12 +2,15 @@
 
 Only click is imported at module level, so `--help` is fast and works even
 where libnbd or QEMU is missing; domain modules are imported by commands.
+Each command's module is imported only when that command is looked up
+(COMMANDS below), so `nbdbackup list` loads click, cli/common and cli/listing.
 All results go to stdout, all diagnostics to stderr; exit codes come from
 nbdbackup.errors and nowhere else.
 """
 
 from __future__ import annotations
 
+import importlib
 import os
 import sys
 
@@ -15,18 +18,85 @@ import click
 
 from .. import __version__
 from ..errors import exit_status_help
-from . import backup, checkpoints, copy, keys, listing, logs, mount, prune, recover, restore, rollback, serve, verify
+from . import logs
 from .common import Globals
+
+# The commands: name -> "module:attribute" under nbdbackup.cli, imported when the command is
+# looked up (click's "lazily loading subcommands").  A new command is one line here.
+COMMANDS = {
+    "full": "backup:full",
+    "incremental": "backup:incremental",
+    "auto": "backup:auto",
+    "restore": "restore:restore",
+    "rollback": "rollback:rollback",
+    "list": "listing:list_",
+    "checkpoints": "checkpoints:checkpoints",
+    "delete": "checkpoints:delete",
+    "prune": "prune:prune",
+    "verify": "verify:verify",
+    "copy": "copy:copy",
+    "serve": "serve:serve",
+    "mount": "mount:mount",
+    "umount": "mount:umount",
+    "recover": "recover:recover",
+    "init": "keys:init",
+    "key": "keys:key",
+}
+
+GLOBAL_EPILOG = ("Global options (--repo/-r, --config, --log-file, --metrics-file, --debug) may come before "
+                 "or after the command; see 'nbdbackup --help'.")
 
 
 class Group(click.Group):
-    """The command group; global options may also come after the command (as restic and borg take them)."""
+    """The command group; global options may also come after the command (as restic and borg take them).
+
+    Commands named in `lazy` are imported at their first lookup (get_command); `commands` (the
+    mapping click and the tests read) loads them all, so it lists every command as before."""
+
+    def __init__(self, *args, lazy: dict[str, str] | None = None, **kwargs) -> None:
+        self._loaded: dict[str, click.Command] = {}
+        self.lazy = dict(lazy or {})
+        super().__init__(*args, **kwargs)
+
+    @property
+    def commands(self) -> dict[str, click.Command]:  # type: ignore[override]
+        for name in list(self.lazy):
+            self._load(name)
+        return self._loaded
+
+    @commands.setter
+    def commands(self, value) -> None:
+        self._loaded = dict(value)
+
+    def add_command(self, cmd: click.Command, name: str | None = None) -> None:
+        name = name or cmd.name
+        self.lazy.pop(name, None)
+        self._loaded[name] = with_global_epilog(cmd)
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        return self._load(cmd_name) if cmd_name in self.lazy else self._loaded.get(cmd_name)
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted({*self._loaded, *self.lazy})
+
+    def _load(self, name: str) -> click.Command:
+        module, attribute = self.lazy.pop(name).split(":")
+        command = getattr(importlib.import_module(f"{__name__}.{module}"), attribute)
+        self._loaded[name] = with_global_epilog(command)
+        return command
 
     def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
-        return super().parse_args(ctx, hoist_global_options(self, args))
+        return super().parse_args(ctx, hoist_global_options(self, args, ctx))
 
 
-def hoist_global_options(group: click.Group, args: list[str]) -> list[str]:
+def with_global_epilog(command: click.Command) -> click.Command:
+    """The note on global options, once, at the end of the command's help."""
+    if not (command.epilog or "").endswith(GLOBAL_EPILOG):
+        command.epilog = ((command.epilog + "\n\n") if command.epilog else "") + GLOBAL_EPILOG
+    return command
+
+
+def hoist_global_options(group: click.Group, args: list[str], ctx: click.Context | None = None) -> list[str]:
     """Move the group's own options found after the command name to before it.
 
     `nbdbackup list vm1 --repo X` becomes `nbdbackup --repo X list vm1`. Stops at `--`;
@@ -45,9 +115,10 @@ def hoist_global_options(group: click.Group, args: list[str]) -> list[str]:
             i += 1
         else:
             break
-    if i >= len(args) or args[i] not in group.commands:
+    command = None if i >= len(args) else group.get_command(ctx or click.Context(group), args[i])
+    if command is None:
         return args
-    own = {name for p in group.commands[args[i]].params for name in getattr(p, "opts", ())}
+    own = {name for p in command.params for name in getattr(p, "opts", ())}
     flags, valued = flags - own, valued - own  # a command's own option of the same name stays its own
     hoisted: list[str] = []
     rest: list[str] = [args[i]]
@@ -77,7 +148,7 @@ Global options may come before or after the command.
 """
 
 
-@click.group(cls=Group, help=GLOBAL_HELP + exit_status_help(),
+@click.group(cls=Group, lazy=COMMANDS, help=GLOBAL_HELP + exit_status_help(),
              context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.option("--repo", "-r", metavar="PATH|s3://BUCKET/PREFIX", help="Repository: a directory or S3 object storage (settings in [s3]) [env NBDBACKUP_REPO; config 'repository'; default /var/lib/nbdbackup, or $XDG_DATA_HOME/nbdbackup for non-root].")
 @click.option("--config", metavar="FILE", help="TOML config file [env NBDBACKUP_CONFIG; default /etc/nbdbackup/config.toml, then $XDG_CONFIG_HOME/nbdbackup/config.toml].")
@@ -89,32 +160,6 @@ Global options may come before or after the command.
 def cli(ctx: click.Context, repo: str | None, config: str | None, debug: bool, log_file: str | None, metrics_file: str | None) -> None:
     logs.setup(debug=debug, log_file=log_file)
     ctx.obj = Globals(repo, config, debug, log_file, metrics_file)
-
-
-for command in (
-    backup.full,
-    backup.incremental,
-    backup.auto,
-    restore.restore,
-    rollback.rollback,
-    listing.list_,
-    checkpoints.checkpoints,
-    checkpoints.delete,
-    prune.prune,
-    verify.verify,
-    copy.copy,
-    serve.serve,
-    mount.mount,
-    mount.umount,
-    recover.recover,
-    keys.init,
-    keys.key,
-):
-    cli.add_command(command)
-
-for command in cli.commands.values():  # every command, also those registered above by others
-    command.epilog = ((command.epilog + "\n\n") if command.epilog else "") + (
-        "Global options (--repo/-r, --config, --log-file, --metrics-file, --debug) may come before or after the command; see 'nbdbackup --help'.")
 
 
 def main(argv: list[str] | None = None) -> None:
