@@ -58,8 +58,8 @@ class Group(click.Group):
         self.lazy = dict(lazy or {})
         super().__init__(*args, **kwargs)
 
-    @property
-    def commands(self) -> dict[str, click.Command]:  # type: ignore[override]
+    @property  # type: ignore[override]
+    def commands(self) -> dict[str, click.Command]:
         for name in list(self.lazy):
             self._load(name)
         return self._loaded
@@ -70,6 +70,8 @@ class Group(click.Group):
 
     def add_command(self, cmd: click.Command, name: str | None = None) -> None:
         name = name or cmd.name
+        if name is None:
+            raise TypeError("Command has no name.")  # as click's own add_command
         self.lazy.pop(name, None)
         self._loaded[name] = with_global_epilog(cmd)
 
@@ -80,9 +82,10 @@ class Group(click.Group):
         return sorted({*self._loaded, *self.lazy})
 
     def _load(self, name: str) -> click.Command:
-        module, attribute = self.lazy.pop(name).split(":")
+        module, attribute = self.lazy[name].split(":")
         command = getattr(importlib.import_module(f"{__name__}.{module}"), attribute)
         self._loaded[name] = with_global_epilog(command)
+        del self.lazy[name]
         return command
 
     def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
