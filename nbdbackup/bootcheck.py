@@ -31,7 +31,7 @@ from .errors import BackupDoesNotBoot, NbdBackupError, QEMUFailed, UsageError
 from .qmp import QMPSession
 from .repository import Repository
 from .restore import RestoreRequest, find_backup, run_restore
-from .storage_daemon import _die_with_parent
+from .storage_daemon import spawn_dying_with_parent
 
 log = logging.getLogger(__name__)
 
@@ -140,8 +140,7 @@ def _qemu(plan: BootPlan, logfile: Path) -> Iterator[tuple[subprocess.Popen, QMP
     with open(logfile, "wb") as out:
         try:
             # Its own session (Ctrl-C reaches only us, and we stop it), and SIGTERM if we die, even by SIGKILL.
-            proc = subprocess.Popen(plan.command, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-                                    start_new_session=True, preexec_fn=_die_with_parent)
+            proc = spawn_dying_with_parent(plan.command, stdout=out)
         except OSError as exc:
             raise QEMUFailed(f"cannot start QEMU for the boot test: {exc.strerror or exc}") from None
     qmp = QMPSession(plan.qmp, connect_timeout=30)

@@ -36,6 +36,7 @@ from .errors import QEMUFailed, ServeAddressError, ToolUnavailable, UsageError
 from .records import Manifest
 from .repository import Repository
 from .repository.keys import Unlocked
+from .storage_daemon import spawn_dying_with_parent
 
 log = logging.getLogger(__name__)
 
@@ -284,9 +285,12 @@ class Process:
     def start(self, ready: Callable[[], bool] | None = None, timeout: float = START_TIMEOUT) -> Process:
         log.debug("starting %s", self.cmd)
         with open(self.logfile, "wb") as out:
-            self.proc = subprocess.Popen(self.cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-                                         start_new_session=True, env=self.env, pass_fds=self.pass_fds,
-                                         preexec_fn=(_die_with_parent_kill if self.kill else _die_with_parent) if self.die_with_parent else None)
+            if self.die_with_parent:
+                self.proc = spawn_dying_with_parent(self.cmd, stdout=out, signum=signal.SIGKILL if self.kill else signal.SIGTERM,
+                                                    env=self.env, pass_fds=self.pass_fds)
+            else:
+                self.proc = subprocess.Popen(self.cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+                                             start_new_session=True, env=self.env, pass_fds=self.pass_fds)
         ready = ready or self.pidfile.exists
         deadline = time.monotonic() + timeout
         try:
@@ -339,20 +343,6 @@ class Process:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
-
-
-def _die_with_parent(sig: int = signal.SIGTERM) -> None:
-    import ctypes
-
-    PR_SET_PDEATHSIG = 1
-    try:
-        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, sig)
-    except (OSError, AttributeError):
-        pass
-
-
-def _die_with_parent_kill() -> None:
-    _die_with_parent(signal.SIGKILL)
 
 
 def _escape(path: Path) -> str:

@@ -4,6 +4,7 @@ VM's own images for a rollback (which also loads their persistent bitmaps)."""
 from __future__ import annotations
 
 import ctypes
+import functools
 import logging
 import os
 import select
@@ -191,30 +192,33 @@ def _accepts(path: Path) -> bool:
         probe.close()
 
 
-def spawn_dying_with_parent(cmd: list[str], *, stdout: IO[bytes]) -> subprocess.Popen:
+def spawn_dying_with_parent(cmd: Sequence[str], *, stdout: IO[bytes], signum: int = signal.SIGTERM,
+                            env: dict[str, str] | None = None, pass_fds: Sequence[int] = ()) -> subprocess.Popen:
     """Start cmd in its own session (a terminal's Ctrl-C reaches only nbdbackup), its output to
-    stdout; it gets SIGTERM if nbdbackup dies, even by SIGKILL.  setpriv(1) sets that up in the
+    stdout; it gets signum if nbdbackup dies, even by SIGKILL.  setpriv(1) sets that up in the
     child: a preexec_fn would do it too, but forces a full fork() of this process instead of
     vfork(), which costs the start 10 ms and the rest of the run as much again in page faults
-    (every page this process then writes was shared with the child)."""
+    (every page this process then writes was shared with the child).  The preexec_fn stays as
+    the way where setpriv is missing.  setpriv execs cmd: the pid is cmd's."""
     global _SETPRIV
     if _SETPRIV is None:
         _SETPRIV = shutil.which("setpriv") or ""
     if _SETPRIV:
-        return subprocess.Popen([_SETPRIV, "--pdeathsig", "TERM", "--", *cmd], stdin=subprocess.DEVNULL, stdout=stdout,
-                                stderr=subprocess.STDOUT, start_new_session=True)
-    return subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=stdout, stderr=subprocess.STDOUT, start_new_session=True,
-                            preexec_fn=_die_with_parent)
+        argv, preexec = [_SETPRIV, "--pdeathsig", signal.Signals(signum).name.removeprefix("SIG"), "--", *cmd], None
+    else:
+        argv, preexec = list(cmd), functools.partial(_die_with_parent, signum)
+    return subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=stdout, stderr=subprocess.STDOUT, start_new_session=True,
+                            env=env, pass_fds=tuple(pass_fds), preexec_fn=preexec)
 
 
 _SETPRIV: str | None = None  # its path once looked up ("" if there is none)
 
 
-def _die_with_parent() -> None:
-    """In the child: get SIGTERM (qemu-storage-daemon then quits cleanly) if nbdbackup dies, even by SIGKILL."""
+def _die_with_parent(signum: int = signal.SIGTERM) -> None:
+    """In the child: get signum (SIGTERM: the program quits cleanly) if nbdbackup dies, even by SIGKILL."""
     PR_SET_PDEATHSIG = 1
     try:
-        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signum)
     except (OSError, AttributeError):
         pass
 

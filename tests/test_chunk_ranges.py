@@ -122,13 +122,16 @@ def test_out_too_small_is_a_programming_error(tmp_path):
 
 
 CHILD = textwrap.dedent("""
-    import sys, time
+    import signal, sys, time
     from pathlib import Path
     from nbdbackup import storage_daemon
     if sys.argv[1] == "preexec":
         storage_daemon._SETPRIV = ""  # as where setpriv(1) is missing
+    signum = signal.Signals[sys.argv[2]]
+    # With SIGKILL asked for, the program ignores SIGTERM: only the signal asked for ends it.
+    cmd = ["sleep", "60"] if signum == signal.SIGTERM else ["sh", "-c", "trap '' TERM; exec sleep 60"]
     with open("/dev/null", "wb") as out:
-        proc = storage_daemon.spawn_dying_with_parent(["sleep", "60"], stdout=out)
+        proc = storage_daemon.spawn_dying_with_parent(cmd, stdout=out, signum=signum)
     print(proc.pid, flush=True)
     time.sleep(60)
 """)
@@ -142,9 +145,10 @@ def alive(pid: int) -> bool:
         return False
 
 
+@pytest.mark.parametrize("signame", ["SIGTERM", "SIGKILL"])  # SIGKILL: nbdkit's (serving.Process kill=True)
 @pytest.mark.parametrize("how", ["setpriv", "preexec"])
-def test_spawned_daemon_dies_with_nbdbackup(how):
-    parent = subprocess.Popen([sys.executable, "-c", CHILD, how], stdout=subprocess.PIPE, text=True)
+def test_spawned_daemon_dies_with_nbdbackup(how, signame):
+    parent = subprocess.Popen([sys.executable, "-c", CHILD, how, signame], stdout=subprocess.PIPE, text=True)
     try:
         pid = int(parent.stdout.readline())
         deadline = time.monotonic() + 5
