@@ -255,7 +255,8 @@ def _parse_vms(table: Any, path: Path | None) -> dict[str, VMConfig]:
                 raise UsageError(f"{path}: [vm.{name}] has unknown setting {key!r}", hint=f"known: {', '.join(sorted(VM_KEYS))}")
             if not isinstance(value, VM_KEYS[key]):
                 raise UsageError(f"{path}: [vm.{name}] {key} must be a {VM_KEYS[key].__name__}")
-        if not (MIN_LEVEL <= conf.get("compression", 3) <= MAX_LEVEL and conf.get("compression", 3)):
+        level = conf.get("compression", 1)
+        if not MIN_LEVEL <= level <= MAX_LEVEL or level == 0:
             raise UsageError(f"{path}: [vm.{name}] compression must be a zstd level from {MIN_LEVEL} to -1 (fast levels) "
                              f"or 1 to {MAX_LEVEL}")
         for key, low, high in (("workers", 1, 64), ("chunk_mib", 1, 32), ("queue_depth", 1, 64), ("boot_timeout", 1, 86400)):
