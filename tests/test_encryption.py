@@ -48,7 +48,7 @@ def test_vectors():
     assert c.decrypt_name("checkpoint", "vm1", c.encrypt_name("vm", "", "vm1")) is None  # a name moved elsewhere
     assert c.local_name("vm1") == "k32217fcf00e352662abee983"
     kdf = {"algorithm": "argon2id", "iterations": 1, "lanes": 1, "memory_cost": 47104, "salt": "AAAAAAAAAAAAAAAAAAAAAA=="}
-    assert keys._kek(b"nbdbackup", kdf).hex() == "266561d9f6854f4508f4947f49ce4aae7b8bfb3961cdda7c8b902a09bb1ae1d6"
+    assert keys._start_kek(b"nbdbackup", kdf)().hex() == "266561d9f6854f4508f4947f49ce4aae7b8bfb3961cdda7c8b902a09bb1ae1d6"
 
 
 def test_object_bound_to_its_name_and_content():
@@ -308,17 +308,24 @@ def test_swapped_chunk_fails_authentication(env):
     assert repo.get_chunk(cb, "t") == b
 
 
+def derived_in_child(passphrase: bytes, params: tuple[bytes, int, int, int]) -> bytes | None:
+    """Argon2id as the forked child computes it; None when the child gave no answer."""
+    child = keys._fork_argon2id(passphrase, params)
+    assert child is not None
+    return keys._collect_argon2id(*child)
+
+
 def test_key_derivation_in_a_child_process_and_kept_for_the_run(env, monkeypatch):
     """Argon2id runs in a forked child (its memory never counts in the backup's), with the
     same result; a run that opens the repository again reuses the master key, and a wrong
     passphrase is still refused after a right one."""
     params = (bytes(16), 1, 1, 8192)
-    assert keys._argon2id_in_child(b"nbdbackup", params) == keys._argon2id(b"nbdbackup", params)
+    assert derived_in_child(b"nbdbackup", params) == keys._argon2id(b"nbdbackup", params)
     with monkeypatch.context() as m:  # a child that does not answer in time is killed; derived here instead
         m.setattr(keys, "CHILD_TIMEOUT", 0.0)
-        assert keys._argon2id_in_child(b"nbdbackup", (bytes(16), 4, 1, 65536)) is None
+        assert derived_in_child(b"nbdbackup", (bytes(16), 4, 1, 65536)) is None
         kdf = {"algorithm": "argon2id", "iterations": 1, "lanes": 1, "memory_cost": 8192, "salt": "AAAAAAAAAAAAAAAAAAAAAA=="}
-        assert keys._kek(b"nbdbackup", kdf) == keys._argon2id(b"nbdbackup", params)
+        assert keys._start_kek(b"nbdbackup", kdf)() == keys._argon2id(b"nbdbackup", params)
     Repository.open(env / "r", create=True, encryption="repokey")
     derivations = []
     real = keys._start_kek

@@ -115,17 +115,13 @@ def _unb64(s: Any) -> bytes:
     return base64.b64decode(s, validate=True)
 
 
-def _kek(passphrase: bytes, kdf: dict[str, Any]) -> bytes:
-    """Argon2id of passphrase with kdf's parameters: in a short-lived child process where fork() is
-    possible, so that its memory (memory_cost KiB, freed at once) never counts in the long-running
-    backup's peak memory nor raises its allocator's thresholds (docs/FORMAT.md, "Keys")."""
-    return _start_kek(passphrase, kdf)()
-
-
 def _start_kek(passphrase: bytes, kdf: dict[str, Any]) -> Callable[[], bytes]:
-    """_kek started: the child derives while this process goes on (it loads the cryptography
-    package meanwhile: the two overlap instead of adding up when a command starts); the function
-    returned waits for the result (or derives here when no child could)."""
+    """Argon2id of passphrase with kdf's parameters, started: in a short-lived child process where
+    fork() is possible, so that its memory (memory_cost KiB, freed at once) never counts in the
+    long-running backup's peak memory nor raises its allocator's thresholds (docs/FORMAT.md,
+    "Keys").  The child derives while this process goes on (it loads the cryptography package
+    meanwhile: the two overlap instead of adding up when a command starts); the function returned
+    waits for the result (or derives here when no child could).  Always call it: it reaps the child."""
     if kdf.get("algorithm") != "argon2id":
         raise KeyFileDamaged(f"unknown key derivation {kdf.get('algorithm')!r}")
     params = (_unb64(kdf["salt"]), int(kdf["iterations"]), int(kdf["lanes"]), int(kdf["memory_cost"]))
@@ -149,13 +145,6 @@ def _argon2id(passphrase: bytes, params: tuple[bytes, int, int, int]) -> bytes:
 
 
 CHILD_TIMEOUT = 120.0  # seconds a key derivation in the child may take before it is derived here instead
-
-
-def _argon2id_in_child(passphrase: bytes, params: tuple[bytes, int, int, int]) -> bytes | None:
-    """_argon2id computed by a forked child, which sends the 32 bytes back through a pipe;
-    None when that cannot be done (the caller then derives in this process)."""
-    child = _fork_argon2id(passphrase, params)
-    return _collect_argon2id(*child) if child is not None else None
 
 
 def _fork_argon2id(passphrase: bytes, params: tuple[bytes, int, int, int]) -> tuple[int, int] | None:
