@@ -68,13 +68,6 @@ class Group(click.Group):
     def commands(self, value) -> None:
         self._loaded = dict(value)
 
-    def add_command(self, cmd: click.Command, name: str | None = None) -> None:
-        name = name or cmd.name
-        if name is None:
-            raise TypeError("Command has no name.")  # as click's own add_command
-        self.lazy.pop(name, None)
-        self._loaded[name] = with_global_epilog(cmd)
-
     def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
         return self._load(cmd_name) if cmd_name in self.lazy else self._loaded.get(cmd_name)
 
