@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import struct
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, BinaryIO
 
 import zstandard
@@ -105,16 +105,8 @@ def decode_into(blob: bytes | memoryview, expected_id: bytes, where: str, chunk_
         raise ValueError(f"buffer of {len(out)} bytes for a chunk of {length}")
     view = out[:length]
     if encoding == ZSTD:
-        n = 0
-        try:
-            reader = _decompressor().stream_reader(payload)
-            while n < length and (got := reader.readinto(out[n:length])):
-                n += got
-            overrun = reader.read(1)
-        except zstandard.ZstdError as exc:
-            raise _undecompressable(expected_id, exc, where) from None
-        if n != length or overrun:
-            raise RepositoryDamaged(f"chunk {expected_id.hex()} fails its checksum ({where})")
+        for _ in _pieces(payload, True, length, lambda done: out[done:length], expected_id, where):
+            pass  # each piece lands in out where it belongs
     else:
         if len(payload) != length:
             raise RepositoryDamaged(f"chunk {expected_id.hex()} fails its checksum ({where})")
@@ -168,19 +160,29 @@ def read_ranges(source: BinaryIO | bytes | memoryview, expected_id: bytes, where
         take(0, payload)
     else:  # the file's content as it is, or a zstd frame from the file or the bytes: in pieces
         done = 0
-        reader: Any = file
-        try:
-            if encoding == ZSTD:
-                reader = _decompressor().stream_reader(payload if file is None else file, closefd=False)
-            while done < length and (got := reader.readinto(step[:min(len(step), length - done)])):
-                take(done, step[:got])
-                done += got
-            overrun = reader.read(1)
-        except zstandard.ZstdError as exc:
-            raise _undecompressable(expected_id, exc, where) from None
-        if done != length or overrun:
-            raise RepositoryDamaged(f"chunk {expected_id.hex()} fails its checksum ({where})")
+        for piece in _pieces(payload if file is None else file, encoding == ZSTD, length,
+                             lambda n: step[:min(len(step), length - n)], expected_id, where):
+            take(done, piece)
+            done += len(piece)
     if hasher.digest() != expected_id:
+        raise RepositoryDamaged(f"chunk {expected_id.hex()} fails its checksum ({where})")
+
+
+def _pieces(source: Any, compressed: bool, length: int, into: Callable[[int], memoryview], expected_id: bytes,
+            where: str) -> Iterator[memoryview]:
+    """A chunk's content, read from source (a zstd frame, as bytes or the chunk file, when compressed;
+    else the chunk file, open at the content) into the views into(bytes done so far) gives, each
+    yielded once filled; RepositoryDamaged unless there are exactly length bytes."""
+    done = 0
+    try:
+        reader = _decompressor().stream_reader(source, closefd=False) if compressed else source
+        while done < length and (got := reader.readinto(view := into(done))):
+            yield view[:got]
+            done += got
+        overrun = reader.read(1)
+    except zstandard.ZstdError as exc:
+        raise _undecompressable(expected_id, exc, where) from None
+    if done != length or overrun:
         raise RepositoryDamaged(f"chunk {expected_id.hex()} fails its checksum ({where})")
 
 
