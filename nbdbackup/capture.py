@@ -212,8 +212,8 @@ def capture(
         kept = [(span, at) for span, at in placed if not is_zero(buf[at:at + span.length])]
         if not kept:
             return [], nread, 0
-        cid = repo.chunk_id(buf)
-        stored = repo.put_chunk(cid, buf, tuning.level)  # stored before this thread reuses buf
+        cid, hashes = repo.chunk_id.with_pieces(buf)
+        stored = repo.put_chunk(cid, buf, tuning.level, hashes)  # stored before this thread reuses buf
         return [IndexEntry(span.offset, span.length, cid, at) for span, at in kept], nread, stored
 
     def collect(done: tuple[list[IndexEntry], int, int], advance: int) -> None:

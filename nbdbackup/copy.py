@@ -4,7 +4,8 @@ Plan, then act.  For each backup chosen (oldest first) that the target lacks:
 
 1. every chunk its indexes reference that the target does not have is read from
    the source, checked against its id (chunks.decode), and written to the target
-   as the same bytes (no recompression), a bounded number in flight;
+   as the same bytes (no recompression) where its chunk file is valid there, a
+   bounded number in flight;
 2. its indexes are written as the same bytes (their SHA-256 is in the manifest);
 3. the target is synced, then the manifest is written: the copy exists only now.
 
@@ -12,7 +13,10 @@ Between repositories whose chunk ids differ (an encrypted one and any other:
 each has its own chunk-id key; or version 1 and 2), a chunk is stored in the
 target under the id the target computes from its content, and the indexes
 are rewritten with those ids (the manifest then names the new indexes'
-checksums).  Through the repositories' object layer, every object is
+checksums).  Its chunk file is the same bytes too, unless one of the two
+repositories stores pieces' hashes in its chunk files (version 3): then the
+chunk is encoded for the target (compressed at zstd level 1, the default).
+Through the repositories' object layer, every object is
 decrypted with the source's key and encrypted with the target's: a copy
 re-encrypts for the target's key.
 
@@ -28,7 +32,7 @@ import concurrent.futures as cf
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 
-from .capture import CancelToken
+from .capture import CancelToken, Tuning
 from .errors import RepositoryDamaged, UsageError
 from .records import Manifest
 from .repository import Repository
@@ -91,6 +95,8 @@ def copy_backups(source: Repository, target: Repository, req: CopyRequest, *, ca
 def _copy_one(source: Repository, target: Repository, m: Manifest, workers: int, cancel: CancelToken,
               progress: Callable[[int], None]) -> CopiedBackup:
     same_ids = source.chunk_id(PROBE) == target.chunk_id(PROBE)
+    # a chunk file names no id, but a version 3 one holds its pieces' hashes, which depend on the ids' keys
+    same_files = same_ids or not (source.chunk_id.piece or target.chunk_id.piece)
     indexes: dict[str, tuple[int, list]] = {}
     wanted: dict[bytes, None] = {}  # insertion-ordered set
     for d in m.disks:
@@ -113,12 +119,14 @@ def _copy_one(source: Repository, target: Repository, m: Manifest, workers: int,
         except RepositoryDamaged as exc:
             raise RepositoryDamaged(f"chunk {cid.hex()} is damaged ({where}): {exc}") from None
         data = decode(blob, cid, where, source.chunk_id)  # never send damage
-        new = cid if same_ids else target.chunk_id(data)
+        new, hashes = (cid, ()) if same_ids else target.chunk_id.with_pieces(data)
         renamed[cid] = new
         new_key = target._chunk_key(new)
         if not same_ids and target.backend.exists(new_key):
             return -1
-        target.backend.write(new_key, blob)  # the chunk file itself does not depend on the id
+        if not same_files:
+            return target.put_chunk(new, data, Tuning.level, hashes) or -1
+        target.backend.write(new_key, blob)
         if target.backend.size(new_key) != len(blob) + (OVERHEAD if target.encrypted else 0):
             raise RepositoryDamaged(f"chunk {new.hex()} arrived truncated in {target.backend.location}")
         return len(blob)

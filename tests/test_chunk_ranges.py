@@ -1,9 +1,12 @@
-"""A rollback's writers read only the ranges they need of each chunk, but check the whole chunk
-first (Repository.read_chunk_ranges, chunks.read_ranges): decoded in small pieces, from the
-chunk file itself in a local directory, or from the fetched (and decrypted) chunk elsewhere."""
+"""A rollback's writers read only the ranges they need of each chunk (Repository.read_chunk_ranges,
+chunks.read_ranges), every byte checked before they may use it: in a version 3 repository only the
+pieces holding the ranges are read, decoded and checked (each against its hash, the hashes against
+the chunk id); in older ones the whole chunk is checked, decoded in small pieces.  From the chunk
+file itself in a local directory, or from the fetched (and decrypted) chunk elsewhere."""
 
 from __future__ import annotations
 
+import io
 import os
 import random
 import signal
@@ -40,12 +43,14 @@ def expected(data: bytes, ranges: list[tuple[int, int]]) -> bytes:
     return b"".join(data[at:at + n] for at, n in ranges)
 
 
-REPOS = ["directory", "memory", "encrypted"]
+REPOS = ["directory", "memory", "encrypted", "directory-v2"]
 
 
 def make_repo(kind: str, tmp_path: Path) -> Repository:
     if kind == "directory":  # the chunk file is read piece by piece
         return Repository.open(tmp_path / "repo", create=True)
+    if kind == "directory-v2":  # format version 2: the content hashed whole, one zstd frame
+        return Repository.open(tmp_path / "repo", create=True, like=Repository(MemoryBackend("v2"), "0" * 32, version=2))
     if kind == "memory":  # fetched whole first
         return Repository.open(MemoryBackend("r"), create=True)
     return Repository.open(MemoryBackend("r"), create=True, encryption="repokey", passphrase=b"pass phrase")
@@ -68,9 +73,10 @@ def test_ranges_of_checked_chunks(kind, step_size, tmp_path):
 
 @pytest.mark.parametrize("encoding", ["zstd", "stored"])
 def test_damaged_chunk_files_are_refused_whole(encoding, tmp_path):
-    """Damage anywhere in the chunk, also after the last range asked for, is found before the
-    caller may use what was copied: the whole content is checked."""
-    repo = make_repo("directory", tmp_path)
+    """Version 2 and older: damage anywhere in the chunk, also after the last range asked for, is
+    found before the caller may use what was copied: the whole content is checked."""
+    repo = make_repo("directory-v2", tmp_path)
+    assert repo.version == 2
     data = contents()[0 if encoding == "zstd" else 1]
     cid = repo.chunk_id(data)
     repo.put_chunk(cid, data, 1)
@@ -93,6 +99,64 @@ def test_damaged_chunk_files_are_refused_whole(encoding, tmp_path):
     path.unlink()
     with pytest.raises(RepositoryDamaged, match="is missing"):
         repo.read_chunk_ranges(cid, "here", first, out, step)
+
+
+class CountingFile(io.BytesIO):
+    def __init__(self, data: bytes) -> None:
+        super().__init__(data)
+        self.got = 0
+
+    def read(self, n: int = -1) -> bytes:
+        out = super().read(n)
+        self.got += len(out)
+        return out
+
+
+@pytest.mark.parametrize("encoding", ["zstd", "stored"])
+def test_version_3_reads_and_checks_only_the_pieces_asked_for(encoding, tmp_path):
+    """Version 3: the header's piece hashes are checked against the chunk id, then only the pieces
+    holding the ranges are read and decoded, each checked against its hash.  Damage in a piece
+    read is refused; damage in one not read does not stop a reader of the others (who gets only
+    checked bytes), and `verify` (the whole chunk) finds it."""
+    repo = make_repo("directory", tmp_path)
+    piece = repo.chunk_id.piece
+    data = contents()[0 if encoding == "zstd" else 1]
+    cid = repo.chunk_id(data)
+    repo.put_chunk(cid, data, 1)
+    path = tmp_path / "repo" / "chunks" / cid.hex()[:2] / cid.hex()
+    blob = path.read_bytes()
+    pieces = -(-len(data) // piece)
+    table = pieces * 32 + (pieces * 4 if encoding == "zstd" else 0)
+    assert blob[:7] == b"NBDC\x02" + bytes([chunks.ZSTD if encoding == "zstd" else chunks.STORED, 18])
+    step = memoryview(bytearray(chunks.STEP))
+    out = memoryview(bytearray(len(data)))
+    middle = [(5 * piece + 10, 1000)]  # inside the sixth piece
+    f = CountingFile(blob)
+    chunks.read_ranges(f, cid, "here", repo.chunk_id, middle, out, step)
+    assert bytes(out[:1000]) == data[5 * piece + 10:5 * piece + 1010]
+    assert f.got <= chunks.HEADER_SIZE + table + piece + 64  # the header, its table and one piece
+    last, first = [(len(data) - 1, 1)], [(0, 100)]
+    damaged_last = bytearray(blob)
+    damaged_last[-3] ^= 0x40
+    for damaged, asked in ((blob[:chunks.HEADER_SIZE + 5] + bytes([blob[chunks.HEADER_SIZE + 5] ^ 1]) + blob[chunks.HEADER_SIZE + 6:], first),
+                           (blob[:8], first), (blob[:chunks.HEADER_SIZE + table - 1], middle), (blob[:4] + b"\x01" + blob[5:], first),
+                           (blob[:6] + b"\x11" + blob[7:], first), (bytes(damaged_last), last), (blob[:-5], last)):
+        path.write_bytes(damaged)
+        with pytest.raises(RepositoryDamaged, match="fails its checksum|does not decompress|truncated|bad header"):
+            repo.read_chunk_ranges(cid, "backup X, disk vda, offset 0", asked, out, step)
+    for damaged in (bytes(damaged_last), blob[:-5]):  # the first piece is still whole and checked
+        path.write_bytes(damaged)
+        repo.read_chunk_ranges(cid, "here", first, out, step)
+        assert bytes(out[:100]) == data[:100]
+        with pytest.raises(RepositoryDamaged):
+            repo.get_chunk(cid, "verify")
+    damaged_first = bytearray(blob)
+    damaged_first[chunks.HEADER_SIZE + table + 7] ^= 0x40
+    path.write_bytes(bytes(damaged_first))
+    with pytest.raises(RepositoryDamaged):
+        repo.read_chunk_ranges(cid, "here", first, out, step)
+    repo.read_chunk_ranges(cid, "here", last, out, step)  # the last piece is whole
+    assert bytes(out[:1]) == data[-1:]
 
 
 def test_damaged_chunk_in_an_encrypted_repository(tmp_path):
@@ -167,13 +231,14 @@ def test_spawned_daemon_dies_with_nbdbackup(how, signame):
         parent.wait()
 
 
-@pytest.mark.parametrize("ids", ["sha256", "blake3", "keyed"])
+@pytest.mark.parametrize("ids", ["sha256", "blake3", "keyed", "tree", "tree-keyed"])
 def test_incremental_hasher_names_chunks_as_the_whole_content_does(ids):
     """read_ranges hashes the content piece by piece: every kind of chunk id (version 1's SHA-256,
-    BLAKE3, an encrypted repository's keyed BLAKE3) gives the same id that way."""
+    BLAKE3, an encrypted repository's keyed BLAKE3, version 3's trees) gives the same id that way."""
     from nbdbackup.repository.chunkid import ChunkIds
 
-    chunk_ids = ChunkIds.keyed(b"k" * 32) if ids == "keyed" else getattr(ChunkIds, ids)()
+    chunk_ids = {"sha256": ChunkIds.sha256, "blake3": ChunkIds.blake3, "keyed": lambda: ChunkIds.keyed(b"k" * 32),
+                 "tree": ChunkIds.tree, "tree-keyed": lambda: ChunkIds.tree(b"k" * 32)}[ids]()
     data = random.Random(1).randbytes(3 * MiB + 5)
     hasher = chunk_ids.hasher()
     for at in range(0, len(data), 100_000):

@@ -95,7 +95,7 @@ def test_hostile_names_never_reach_the_filesystem(repo, tmp_path, name):
 def test_repository_of_a_newer_format(repo, tmp_path):
     proc = cli.run(repo, "list", "vm1", expect=7)  # only a backup creates a repository
     assert "no repository" in proc.stderr
-    (repo / "config.json").write_text(json.dumps({"format": "nbdbackup repository", "version": 3, "id": "x"}))
+    (repo / "config.json").write_text(json.dumps({"format": "nbdbackup repository", "version": 99, "id": "x"}))
     proc = cli.run(repo, "restore", "vm1", "--to", "x", "--output", tmp_path / "o", expect=7)
     assert "upgrade" in proc.stderr
 

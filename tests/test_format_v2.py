@@ -24,16 +24,19 @@ def chunk_files(root: Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in (root / "chunks").rglob("*") if p.is_file() and not p.name.startswith(".")}
 
 
-def test_new_repository_is_version_2_with_blake3_chunk_ids(tmp_path):
-    repo = Repository.open(tmp_path / "r", create=True)
+def test_version_2_repository_keeps_blake3_chunk_ids(tmp_path):
+    """Version 2 is what nbdbackup created before version 3: such a repository keeps its ids and
+    chunk files (version 1: the content hashed whole, one zstd frame)."""
+    assert FORMAT_VERSION == 3
+    shutil.copytree(GOLDEN / "v2" / "repo", tmp_path / "r")
+    repo = Repository.open(tmp_path / "r", create=False)
     config = json.loads((tmp_path / "r/config.json").read_text())
-    assert FORMAT_VERSION == 2
     assert config["version"] == 2 and config["chunk_id"] == {"algorithm": "blake3"}
     data = b"nbdbackup" * 50000
     cid = repo.chunk_id(data)
     assert cid == blake3(data).digest() and cid != hashlib.sha256(data).digest()
     repo.put_chunk(cid, data, 3)
-    assert (tmp_path / "r/chunks" / cid.hex()[:2] / cid.hex()).is_file()
+    assert (tmp_path / "r/chunks" / cid.hex()[:2] / cid.hex()).read_bytes()[:6] == b"NBDC\x01\x01"
     reopened = Repository.open(tmp_path / "r", create=False)
     assert reopened.version == 2 and reopened.chunk_id.algorithm == "blake3"
     assert reopened.get_chunk(cid, "t") == data
@@ -52,7 +55,8 @@ def test_version_1_repository_keeps_sha256_ids(tmp_path):
 
 
 def test_chunk_named_by_the_other_algorithm_fails_its_checksum(tmp_path):
-    repo = Repository.open(tmp_path / "r", create=True)
+    shutil.copytree(GOLDEN / "v2" / "repo", tmp_path / "r")
+    repo = Repository.open(tmp_path / "r", create=False)
     data = b"x" * 100000
     wrong = hashlib.sha256(data).digest()  # a version 1 name in a version 2 repository
     repo.put_chunk(wrong, data, 3)
@@ -67,7 +71,7 @@ def test_chunk_named_by_the_other_algorithm_fails_its_checksum(tmp_path):
     ("blake3", RepositoryDamaged, "how chunks are named"),
 ])
 def test_version_2_config_chunk_id_is_checked(tmp_path, chunk_id, error, message):
-    Repository.open(tmp_path / "r", create=True)
+    shutil.copytree(GOLDEN / "v2" / "repo", tmp_path / "r")
     conf = tmp_path / "r/config.json"
     doc = json.loads(conf.read_text())
     if chunk_id is None:
@@ -117,18 +121,18 @@ def test_backups_into_a_version_1_repository_stay_version_1(vm_factory, tmp_path
     assert_image_equals(cli.restore(repo, vm, inc, tmp_path / "b")["vda"], expected_inc, "qcow2")
 
 
-def test_backups_into_a_new_repository_are_version_2(vm_factory, repo, tmp_path):
+def test_backups_into_a_new_repository_are_version_3(vm_factory, repo, tmp_path):
     vm = vm_factory({"vda": 2 * MiB})
     vm.start()
     vm.write("vda", 64 * KiB, 900 * KiB, 0x42)
     full = cli.run(repo, "full", "vm1", "--qmp", vm.qmp_socket).stdout.strip()
     config = json.loads((repo / "config.json").read_text())
-    assert config["version"] == 2 and config["chunk_id"] == {"algorithm": "blake3"}
+    assert config["version"] == 3 and config["chunk_id"] == {"algorithm": "blake3-tree", "piece": 256 * KiB}
     names = chunk_files(repo)
     assert names
-    for name in names:
+    for name, blob in names.items():
         content = Repository.open(repo, create=False).get_chunk(bytes.fromhex(name), "t")
-        assert blake3(content).hexdigest() == name
+        assert ChunkIds.tree()(content).hex() == name and blob[:5] == b"NBDC\x02"
     cli.run(repo, "verify", "vm1")
     assert_image_equals(cli.restore(repo, vm, full, tmp_path / "a")["vda"], vm.expected("vda"), "qcow2")
 

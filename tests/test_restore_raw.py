@@ -17,7 +17,7 @@ from test_backupimage import make
 from nbdbackup.errors import RepositoryDamaged, RestoreTargetError
 from nbdbackup.rawimage import ALIGN, RawImage, aligned_buffer, create_raw
 from nbdbackup.records import DiskBackup, IndexEntry, Manifest
-from nbdbackup.repository import Repository, chunks
+from nbdbackup.repository import Repository
 from nbdbackup.restore import RestoreRequest, run_restore
 
 KiB, MiB = 1024, 1024 * 1024
@@ -106,7 +106,7 @@ def test_decode_into_a_reused_buffer_checks_like_decode(tmp_path):
     buf = aligned_buffer(4 * MiB)
     for data in (text, noise):
         cid = repo.chunk_id(data)
-        blob = b"".join(bytes(p) for p in chunks.encode(data, 2))
+        blob = b"".join(bytes(p) for p in repo.encode_chunk(data, 2))
         asked: list[int] = []
         view = repo.decode_chunk_into(blob, cid, "here", lambda n, asked=asked: asked.append(n) or buf)
         assert asked == [len(data)]

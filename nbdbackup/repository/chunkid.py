@@ -8,6 +8,10 @@ A repository's config.json says how (docs/FORMAT.md, "Chunk ids"):
                                                      BLAKE3 keyed with a key derived from the
                                                      repository's master key (encrypted
                                                      repositories: the store cannot test a guess)
+    version 3, "chunk_id": {"algorithm": "blake3-tree", "piece": 262144}
+                        (or "blake3-tree-keyed")     the content hashed in pieces, the id a hash
+                                                     of the pieces' hashes: a part of a chunk can
+                                                     be checked without the rest (chunks.py)
 
 Everything else (capture, verify, restore) asks the repository's ChunkIds
 for ids and never hashes content itself.  Encryption (a later version)
@@ -17,6 +21,7 @@ builds ChunkIds.keyed(master_key) once it has unwrapped the master key.
 from __future__ import annotations
 
 import hashlib
+import struct
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -26,8 +31,15 @@ from ..errors import RepositoryDamaged, RepositoryUnusable
 Buffer = bytes | bytearray | memoryview
 
 SHA256, BLAKE3, BLAKE3_KEYED = "sha256", "blake3", "blake3-keyed"
+TREE, TREE_KEYED = "blake3-tree", "blake3-tree-keyed"
 # The BLAKE3 derive_key context for the chunk-id key of an encrypted repository (never change it).
 KEYED_CONTEXT = "nbdbackup 2026-11 chunk id key v2"
+# Tree ids (version 3): the derive_key contexts of the piece key and the root key (never change them).
+PIECE_CONTEXT = "nbdbackup 2026-11 chunk piece key v3"
+ROOT_CONTEXT = "nbdbackup 2026-11 chunk root key v3"
+UNKEYED_MATERIAL = b"nbdbackup unkeyed"  # their key material in an unencrypted repository
+PIECE = 256 * 1024  # the piece size of tree ids: what a reader decodes and checks at least to read a byte
+_ROOT_PREFIX = struct.Struct("<IQ")  # piece size, content length
 
 
 @dataclass(frozen=True)
@@ -37,6 +49,9 @@ class ChunkIds:
     algorithm: str
     _digest: Callable[[Buffer], bytes]
     _new: Callable[[], Any]  # an incremental hasher: update(data) as often as needed, then digest()
+    piece: int = 0  # tree ids: the size of the pieces hashed one by one; 0: the content is hashed whole
+    _piece_key: bytes = b""
+    _root_key: bytes = b""
 
     def __call__(self, data: Buffer) -> bytes:
         return self._digest(data)
@@ -44,6 +59,37 @@ class ChunkIds:
     def hasher(self) -> Any:
         """A new incremental hasher (update(data)..., digest()): the same id as self(whole content)."""
         return self._new()
+
+    # -- tree ids (self.piece > 0) --------------------------------------------------------
+
+    def with_pieces(self, data: Buffer) -> tuple[bytes, tuple[bytes, ...]]:
+        """(the id of data, its pieces' hashes); the hashes are () for ids that are not tree ids.
+        A writer stores the hashes in the chunk file (chunks.encode) so that readers can check
+        any piece alone."""
+        if not self.piece:
+            return self._digest(data), ()
+        hashes = self.piece_hashes(data)
+        return self.root(len(data), b"".join(hashes)), hashes
+
+    def piece_hashes(self, data: Buffer) -> tuple[bytes, ...]:
+        from blake3 import blake3
+
+        view = memoryview(data)
+        key, step = self._piece_key, self.piece
+        return tuple(blake3(view[at:at + step], key=key).digest() for at in range(0, len(view), step))
+
+    def piece_hash(self, piece: Buffer) -> bytes:
+        from blake3 import blake3
+
+        return blake3(piece, key=self._piece_key).digest()
+
+    def root(self, length: int, table: Buffer) -> bytes:
+        """The id of content of length bytes whose pieces' hashes, one after another, are table."""
+        from blake3 import blake3
+
+        h = blake3(_ROOT_PREFIX.pack(self.piece, length), key=self._root_key)
+        h.update(table)
+        return h.digest()
 
     @classmethod
     def sha256(cls) -> ChunkIds:
@@ -64,6 +110,25 @@ class ChunkIds:
         return cls(BLAKE3_KEYED, lambda data: blake3(data, key=key).digest(), lambda: blake3(key=key))
 
     @classmethod
+    def tree(cls, master_key: bytes | None = None, piece: int = PIECE) -> ChunkIds:
+        """Version 3: tree ids, keyed with keys derived from master_key (encrypted repositories) or
+        from a fixed constant (unencrypted ones: the contexts still keep pieces and roots apart)."""
+        from blake3 import blake3
+
+        material = UNKEYED_MATERIAL if master_key is None else master_key
+        if master_key is not None and len(master_key) < 32:
+            raise ValueError("the master key must be at least 32 bytes")
+        piece_key = blake3(material, derive_key_context=PIECE_CONTEXT).digest()
+        root_key = blake3(material, derive_key_context=ROOT_CONTEXT).digest()
+        ids: ChunkIds
+
+        def digest(data: Buffer) -> bytes:
+            return ids.root(len(data), b"".join(ids.piece_hashes(data)))
+
+        ids = cls(TREE if master_key is None else TREE_KEYED, digest, lambda: _TreeHasher(ids), piece, piece_key, root_key)
+        return ids
+
+    @classmethod
     def for_config(cls, version: int, config: Mapping[str, Any], where: str, *, master_key: bytes | None = None) -> ChunkIds:
         """The ids a repository with this config.json uses (version already checked as known)."""
         if version == 1:
@@ -72,6 +137,15 @@ class ChunkIds:
         if not isinstance(spec, Mapping) or not isinstance(spec.get("algorithm"), str):
             raise RepositoryDamaged(f"{where} is damaged: it does not say how chunks are named")
         algorithm = spec["algorithm"]
+        if (algorithm in (TREE, TREE_KEYED)) != (version >= 3) and algorithm in (TREE, TREE_KEYED, BLAKE3, BLAKE3_KEYED):
+            raise RepositoryDamaged(f"{where} is damaged: chunk ids {algorithm!r} in a version {version} repository")
+        if algorithm in (TREE, TREE_KEYED):
+            piece = spec.get("piece")
+            if isinstance(piece, bool) or not isinstance(piece, int) or piece < 4096 or piece & (piece - 1) or piece > 1 << 24:
+                raise RepositoryDamaged(f"{where} is damaged: bad chunk piece size {piece!r}")
+            if algorithm == TREE_KEYED and master_key is None:
+                raise RepositoryDamaged(f"{where} is damaged: keyed chunk ids without an 'encryption' member")
+            return cls.tree(master_key if algorithm == TREE_KEYED else None, piece)
         if algorithm == BLAKE3:
             return cls.blake3()
         if algorithm == BLAKE3_KEYED and master_key is not None:
@@ -82,8 +156,35 @@ class ChunkIds:
                                  hint="upgrade nbdbackup")
 
     def config(self) -> dict[str, Any]:
-        """The "chunk_id" member of a version 2 config.json."""
-        return {"algorithm": self.algorithm}
+        """The "chunk_id" member of a version 2 or 3 config.json."""
+        return {"algorithm": self.algorithm, "piece": self.piece} if self.piece else {"algorithm": self.algorithm}
+
+
+class _TreeHasher:
+    """Tree ids computed incrementally: update(data)... cuts the content into pieces as it comes."""
+
+    def __init__(self, ids: ChunkIds) -> None:
+        from blake3 import blake3
+
+        self._ids, self._new = ids, lambda: blake3(key=ids._piece_key)
+        self._hashes: list[bytes] = []
+        self._current, self._filled, self._length = self._new(), 0, 0
+
+    def update(self, data: Buffer) -> None:
+        view, step = memoryview(data).cast("B"), self._ids.piece
+        while view:
+            take = min(len(view), step - self._filled)
+            self._current.update(view[:take])
+            self._filled += take
+            self._length += take
+            view = view[take:]
+            if self._filled == step:
+                self._hashes.append(self._current.digest())
+                self._current, self._filled = self._new(), 0
+
+    def digest(self) -> bytes:
+        hashes = self._hashes + ([self._current.digest()] if self._filled else [])
+        return self._ids.root(self._length, b"".join(hashes))
 
 
 def derive_chunk_id_key(master_key: bytes) -> bytes:

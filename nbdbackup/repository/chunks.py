@@ -1,16 +1,33 @@
 """Chunk files: the content of a disk range, named by its chunk id (chunkid.py).
 
+Version 1 (repositories of format 1 and 2, whose ids hash the content whole):
+
     offset  size  field
     0       4     magic b"NBDC"
-    4       1     format version (1)
+    4       1     chunk file version (1)
     5       1     encoding: 0 stored as is, 1 zstd frame (with its content checksum)
     6       2     reserved, zero
     8       4     uncompressed length, little-endian
     12      ...   payload
+
+Version 2 (format 3: tree ids, chunkid.ChunkIds.tree): the content in pieces of
+2**shift bytes, each piece's hash in the header, each piece its own zstd frame,
+so that a reader can check and decode any piece without the others:
+
+    0       4     magic b"NBDC"
+    4       1     chunk file version (2)
+    5       1     encoding: 0 stored as is, 1 one zstd frame per piece
+    6       1     shift: the piece size is 2**shift bytes
+    7       1     reserved, zero
+    8       4     uncompressed length, little-endian
+    12      32n   the n pieces' hashes (n = length / piece size, rounded up)
+    ..      4n    encoding 1 only: each frame's length, little-endian
+    ..      ...   payload: the content, or the n frames one after another
 """
 
 from __future__ import annotations
 
+import itertools
 import struct
 import threading
 from collections.abc import Callable, Iterator, Sequence
@@ -23,18 +40,22 @@ from .chunkid import ChunkIds
 
 MAGIC = b"NBDC"
 VERSION = 1
+VERSION_PIECES = 2
 STORED, ZSTD = 0, 1
 _HEADER = struct.Struct("<4sBBHI")
-HEADER_SIZE = _HEADER.size
+_HEADER_PIECES = struct.Struct("<4sBBBBI")
+HEADER_SIZE = _HEADER.size  # both versions' fixed part
+HASH_SIZE = 32
 
 _local = threading.local()
 
 
-def _compressor(level: int) -> zstandard.ZstdCompressor:
+def _compressor(level: int, checksum: bool = True) -> zstandard.ZstdCompressor:
+    """This thread's compressor; without checksum for pieces, which their hashes check."""
     cache = _local.__dict__.setdefault("compressors", {})
-    if level not in cache:
-        cache[level] = zstandard.ZstdCompressor(level=level, write_checksum=True, write_content_size=True)
-    return cache[level]
+    if (level, checksum) not in cache:
+        cache[level, checksum] = zstandard.ZstdCompressor(level=level, write_checksum=checksum, write_content_size=True)
+    return cache[level, checksum]
 
 
 def _decompressor() -> zstandard.ZstdDecompressor:
@@ -47,8 +68,10 @@ PROBES = 4  # samples of a chunk tried before compressing it whole
 SAMPLE = 16 * 1024  # bytes per sample
 
 
-def encode(data: bytes | bytearray | memoryview, level: int) -> list[bytes | bytearray | memoryview]:
-    """The chunk file for data, as parts to write in order (header, payload).
+def encode(data: bytes | bytearray | memoryview, level: int, hashes: Sequence[bytes] = (), piece: int = 0
+           ) -> list[bytes | bytearray | memoryview]:
+    """The chunk file for data, as parts to write in order (header, payload...): version 1, or
+    with piece (the repository's ChunkIds.piece) version 2, hashes being data's piece hashes.
 
     Data is stored as is when compression does not pay: when none of PROBES
     samples spread over it (the middle of each quarter) compresses at level 1
@@ -58,12 +81,31 @@ def encode(data: bytes | bytearray | memoryview, level: int) -> list[bytes | byt
     compressible data (a disk's neighbouring files) is compressed, zstd passing
     over the incompressible parts quickly.
     """
+    if piece:
+        return _encode_pieces(memoryview(data), level, hashes, piece)
     if len(data) >= 4 * PROBES * SAMPLE and incompressible(memoryview(data)):
         return [_HEADER.pack(MAGIC, VERSION, STORED, 0, len(data)), data]
     packed = _compressor(level).compress(data)
     if len(packed) < len(data) - len(data) // 64:
         return [_HEADER.pack(MAGIC, VERSION, ZSTD, 0, len(data)), packed]
     return [_HEADER.pack(MAGIC, VERSION, STORED, 0, len(data)), data]
+
+
+def _encode_pieces(view: memoryview, level: int, hashes: Sequence[bytes], piece: int) -> list[bytes | bytearray | memoryview]:
+    length = len(view)
+    if len(hashes) != -(-length // piece) or any(len(h) != HASH_SIZE for h in hashes):
+        raise ValueError(f"{len(hashes)} piece hashes for {length} bytes in pieces of {piece}")
+    table = b"".join(hashes)
+
+    def header(encoding: int) -> bytes:
+        return _HEADER_PIECES.pack(MAGIC, VERSION_PIECES, encoding, piece.bit_length() - 1, 0, length) + table
+
+    if length < 4 * PROBES * SAMPLE or not incompressible(view):
+        compressor = _compressor(level, checksum=False)
+        frames = [compressor.compress(view[at:at + piece]) for at in range(0, length, piece)]
+        if sum(len(f) for f in frames) < length - length // 64:
+            return [header(ZSTD) + struct.pack(f"<{len(frames)}I", *(len(f) for f in frames)), *frames]
+    return [header(STORED), view]
 
 
 def incompressible(view: memoryview) -> bool:
@@ -80,7 +122,9 @@ def incompressible(view: memoryview) -> bool:
 
 def decode(blob: bytes | memoryview, expected_id: bytes, where: str, chunk_id: ChunkIds) -> bytes:
     """The chunk's content, checked against its name; RepositoryDamaged otherwise."""
-    encoding, length, payload = _parse(blob, expected_id, where)
+    if chunk_id.piece:
+        return bytes(decode_into(blob, expected_id, where, chunk_id, lambda n: memoryview(bytearray(n))))
+    encoding, length, payload = _parse(blob, expected_id, where, chunk_id)
     if encoding == ZSTD:
         try:
             data = _decompressor().decompress(payload, max_output_size=length)
@@ -89,7 +133,7 @@ def decode(blob: bytes | memoryview, expected_id: bytes, where: str, chunk_id: C
     else:
         data = bytes(payload)
     if len(data) != length or chunk_id(data) != expected_id:
-        raise RepositoryDamaged(f"chunk {expected_id.hex()} fails its checksum ({where})")
+        raise _damaged(expected_id, where)
     return data
 
 
@@ -99,20 +143,28 @@ def decode_into(blob: bytes | memoryview, expected_id: bytes, where: str, chunk_
     length; the result is the view of it that holds the checked content.  Restore reuses its
     (page-aligned) buffers this way: no new 4 MiB object per chunk, and the content can go to
     disk with O_DIRECT."""
-    encoding, length, payload = _parse(blob, expected_id, where)
+    encoding, length, payload = _parse(blob, expected_id, where, chunk_id)
     out = buffer(length)
     if len(out) < length:
         raise ValueError(f"buffer of {len(out)} bytes for a chunk of {length}")
     view = out[:length]
+    if chunk_id.piece:
+        pieces = _Pieces(blob, encoding, length, chunk_id, expected_id, where)
+        for i in range(pieces.count):
+            dest = view[i * pieces.size:(i + 1) * pieces.size]
+            content = pieces.read(i, payload, dest)
+            if content.obj is not dest.obj:  # stored as is: checked where it is, copied now
+                dest[:] = content
+        return view
     if encoding == ZSTD:
         for _ in _pieces(payload, True, length, lambda done: out[done:length], expected_id, where):
             pass  # each piece lands in out where it belongs
     else:
         if len(payload) != length:
-            raise RepositoryDamaged(f"chunk {expected_id.hex()} fails its checksum ({where})")
+            raise _damaged(expected_id, where)
         view[:] = payload
     if chunk_id(view) != expected_id:
-        raise RepositoryDamaged(f"chunk {expected_id.hex()} fails its checksum ({where})")
+        raise _damaged(expected_id, where)
     return view
 
 
@@ -121,19 +173,25 @@ STEP = 256 * 1024  # read_ranges' pieces: each hashed (and copied from) while in
 
 def read_ranges(source: BinaryIO | bytes | memoryview, expected_id: bytes, where: str, chunk_id: ChunkIds,
                 ranges: Sequence[tuple[int, int]], out: memoryview, step: memoryview) -> None:
-    """Check a chunk whole, as decode() does (header, length, id), and copy the ranges (content
-    offset, length) of its content into out, one after another.  The content is decoded in pieces
-    through step (a small buffer the caller reuses, STEP bytes suit): no memory for the whole
-    content nor the whole chunk file, and each piece is hashed while it is in the CPU's cache.
-    Rollback's writers need a few ranges of each chunk.  source: the chunk file, open and at its
-    start, or its bytes.  out holds the ranges only once this returns; on damage (RepositoryDamaged)
-    what it holds must not be used."""
+    """Copy the ranges (content offset, length) of a chunk's content into out, one after another,
+    each byte checked as decode() checks it.  A chunk of tree ids (file version 2): only the pieces
+    the ranges touch are read, decoded and checked (each against its hash in the header, checked
+    against the chunk id first).  Otherwise the chunk is checked whole (header, length, id), its
+    content decoded in pieces through step.  step: a buffer the caller reuses, of STEP bytes (or the
+    piece size, if larger): no memory for the whole content nor the whole chunk file, each piece
+    hashed while it is in the CPU's cache.  Rollback's writers need a few ranges of each chunk.
+    source: the chunk file, open and at its start, or its bytes.  out holds the ranges only once
+    this returns; on damage (RepositoryDamaged) what it holds must not be used."""
     file: BinaryIO | None = None
     if isinstance(source, (bytes, bytearray, memoryview)):
-        encoding, length, payload = _parse(source, expected_id, where)
+        encoding, length, payload = _parse(source, expected_id, where, chunk_id)
+        head: Any = source
     else:
         file = source
-        encoding, length, payload = _parse(file.read(HEADER_SIZE), expected_id, where)
+        head = file.read(HEADER_SIZE)
+        encoding, length, payload = _parse(head, expected_id, where, chunk_id)
+        if chunk_id.piece:
+            head += file.read(_table_size(encoding, length, chunk_id.piece))
     for at, n in ranges:
         if at < 0 or n < 0 or at + n > length:
             raise RepositoryDamaged(f"chunk {expected_id.hex()} is shorter than its index says ({where})")
@@ -144,28 +202,94 @@ def read_ranges(source: BinaryIO | bytes | memoryview, expected_id: bytes, where
         total += n
     if len(out) < total:
         raise ValueError(f"buffer of {len(out)} bytes for {total} bytes of ranges")
-    hasher = chunk_id.hasher()
 
     def take(pos: int, piece: memoryview) -> None:
-        hasher.update(piece)
         end = pos + len(piece)
         for at, n, dest in spans:
             lo, hi = max(at, pos), min(at + n, end)
             if lo < hi:
                 out[dest + lo - at:dest + hi - at] = piece[lo - pos:hi - pos]
 
+    if chunk_id.piece:
+        pieces = _Pieces(head, encoding, length, chunk_id, expected_id, where)
+        size = pieces.size
+        if len(step) < size:
+            step = memoryview(bytearray(size))
+        wanted = sorted({i for at, n, _ in spans if n for i in range(at // size, (at + n - 1) // size + 1)})
+        for i in wanted:
+            take(i * size, pieces.read(i, payload if file is None else file, step[:size]))
+        return
+    hasher = chunk_id.hasher()
     if encoding == STORED and file is None:
         if len(payload) != length:
-            raise RepositoryDamaged(f"chunk {expected_id.hex()} fails its checksum ({where})")
+            raise _damaged(expected_id, where)
+        hasher.update(payload)
         take(0, payload)
     else:  # the file's content as it is, or a zstd frame from the file or the bytes: in pieces
         done = 0
         for piece in _pieces(payload if file is None else file, encoding == ZSTD, length,
                              lambda n: step[:min(len(step), length - n)], expected_id, where):
+            hasher.update(piece)
             take(done, piece)
             done += len(piece)
     if hasher.digest() != expected_id:
-        raise RepositoryDamaged(f"chunk {expected_id.hex()} fails its checksum ({where})")
+        raise _damaged(expected_id, where)
+
+
+class _Pieces:
+    """A version 2 chunk file's pieces: its header's table, checked against the chunk id at once,
+    then read(i) gives piece i's content, decoded and checked against its hash."""
+
+    def __init__(self, head: bytes | memoryview, encoding: int, length: int, chunk_id: ChunkIds, expected_id: bytes,
+                 where: str) -> None:
+        self.size, self.encoding, self.length = chunk_id.piece, encoding, length
+        self.count = -(-length // self.size)
+        self.chunk_id, self.expected_id, self.where = chunk_id, expected_id, where
+        table = memoryview(head)[HEADER_SIZE:HEADER_SIZE + _table_size(encoding, length, self.size)]
+        if len(table) < _table_size(encoding, length, self.size):
+            raise RepositoryDamaged(f"chunk {expected_id.hex()} is truncated ({where})")
+        self.hashes = table[:self.count * HASH_SIZE]
+        if chunk_id.root(length, self.hashes) != expected_id:
+            raise _damaged(expected_id, where)
+        self.start = HEADER_SIZE + len(table)  # where the payload starts in the file
+        if encoding == ZSTD:
+            sizes = struct.unpack_from(f"<{self.count}I", table, self.count * HASH_SIZE)
+            self.offsets = list(itertools.accumulate(sizes, initial=0))
+        else:
+            self.offsets = [min(i * self.size, length) for i in range(self.count + 1)]
+
+    def read(self, i: int, source: BinaryIO | memoryview, dest: memoryview) -> memoryview:
+        """Piece i's checked content, from source (the payload's bytes, or the chunk file):
+        decoded into dest, or (stored as is, from bytes) the payload's own view."""
+        n = min(self.size, self.length - i * self.size)
+        lo, hi = self.offsets[i], self.offsets[i + 1]
+        if isinstance(source, memoryview):
+            if hi > len(source) or (i == self.count - 1 and hi != len(source)):
+                raise _damaged(self.expected_id, self.where)
+            raw: memoryview | bytes = source[lo:hi]
+        else:
+            source.seek(self.start + lo)
+            raw = source.read(hi - lo)
+            if len(raw) != hi - lo:
+                raise RepositoryDamaged(f"chunk {self.expected_id.hex()} is truncated ({self.where})")
+        if self.encoding == ZSTD:
+            content = dest[:n]
+            for _ in _pieces(raw, True, n, lambda done: content[done:], self.expected_id, self.where):
+                pass
+        elif isinstance(raw, memoryview):
+            content = raw
+        else:
+            content = dest[:n]
+            content[:] = raw
+        if len(content) != n or self.chunk_id.piece_hash(content) != self.hashes[i * HASH_SIZE:(i + 1) * HASH_SIZE]:
+            raise _damaged(self.expected_id, self.where)
+        return content
+
+
+def _table_size(encoding: int, length: int, piece: int) -> int:
+    """The bytes between a version 2 header's fixed part and its payload."""
+    count = -(-length // piece)
+    return count * HASH_SIZE + (count * 4 if encoding == ZSTD else 0)
 
 
 def _pieces(source: Any, compressed: bool, length: int, into: Callable[[int], memoryview], expected_id: bytes,
@@ -183,19 +307,26 @@ def _pieces(source: Any, compressed: bool, length: int, into: Callable[[int], me
     except zstandard.ZstdError as exc:
         raise _undecompressable(expected_id, exc, where) from None
     if done != length or overrun:
-        raise RepositoryDamaged(f"chunk {expected_id.hex()} fails its checksum ({where})")
+        raise _damaged(expected_id, where)
 
 
-def _parse(blob: bytes | memoryview, expected_id: bytes, where: str) -> tuple[int, int, memoryview]:
-    """(encoding, content length, payload) from a chunk file's header."""
+def _parse(blob: bytes | memoryview, expected_id: bytes, where: str, chunk_id: ChunkIds) -> tuple[int, int, memoryview]:
+    """(encoding, content length, payload) from a chunk file's header: the version chunk_id's
+    repository writes (1, or 2 for tree ids, whose payload starts after the table)."""
     if len(blob) < HEADER_SIZE:
         raise RepositoryDamaged(f"chunk {expected_id.hex()} is truncated ({where})")
-    magic, version, encoding, _reserved, length = _HEADER.unpack_from(blob)
-    if magic != MAGIC or version != VERSION:
+    magic, version, encoding, shift, _reserved, length = _HEADER_PIECES.unpack_from(blob)
+    if magic != MAGIC or version != (VERSION_PIECES if chunk_id.piece else VERSION) or (
+            chunk_id.piece and 1 << min(shift, 63) != chunk_id.piece):
         raise RepositoryDamaged(f"chunk {expected_id.hex()} has a bad header ({where})")
     if encoding not in (STORED, ZSTD):
         raise RepositoryDamaged(f"chunk {expected_id.hex()} has unknown encoding {encoding} ({where})")
-    return encoding, length, memoryview(blob)[HEADER_SIZE:]
+    start = HEADER_SIZE + (_table_size(encoding, length, chunk_id.piece) if chunk_id.piece else 0)
+    return encoding, length, memoryview(blob)[start:]
+
+
+def _damaged(expected_id: bytes, where: str) -> RepositoryDamaged:
+    return RepositoryDamaged(f"chunk {expected_id.hex()} fails its checksum ({where})")
 
 
 def _undecompressable(expected_id: bytes, exc: Exception, where: str) -> RepositoryDamaged:

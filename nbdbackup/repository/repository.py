@@ -40,8 +40,8 @@ from .location import Location, S3Location, S3Settings, backend_for
 log = logging.getLogger(__name__)
 
 FORMAT_NAME = "nbdbackup repository"
-FORMAT_VERSION = 2  # what new repositories get; every version from 1 up is read and written
-READABLE_VERSIONS = (1, 2)
+FORMAT_VERSION = 3  # what new repositories get; every version from 1 up is read and written
+READABLE_VERSIONS = (1, 2, 3)
 PRESENT_LIMIT = 250_000  # chunk ids put_chunk keeps in memory (~25 MiB) to skip a HEAD per chunk
 REMOVAL_FORMAT = "nbdbackup removal"  # vms/<vm>/removed/<random>.json (encrypted repositories)
 LOCAL_CACHE = Path("/var/tmp")  # scratch of repositories that are not local directories
@@ -70,7 +70,7 @@ class Repository:
         self.id = repo_id
         self.root = root
         self.version = version
-        self.chunk_id = chunk_id or (ChunkIds.sha256() if version == 1 else ChunkIds.blake3())
+        self.chunk_id = chunk_id or (ChunkIds.sha256() if version == 1 else ChunkIds.blake3() if version == 2 else ChunkIds.tree())
         self.cipher: crypto.Cipher | None = None  # set when the repository is encrypted and unlocked
         self.key_store: keys.KeyStore | None = None
         self.key_id: str | None = None
@@ -186,7 +186,7 @@ class Repository:
         if like is not None and not like.encrypted and encryption == keys.NONE:
             version, ids = like.version, like.chunk_id
         else:
-            version, ids = FORMAT_VERSION, ChunkIds.blake3()
+            version, ids = FORMAT_VERSION, ChunkIds.tree()
         config: dict[str, Any] = {"format": FORMAT_NAME, "version": version, "id": repo_id, "created": utc_now()}
         store = None
         if encryption == keys.NONE:
@@ -195,7 +195,7 @@ class Repository:
         else:
             secret = passphrase if passphrase is not None else passphrase_source.get(confirm=True)
             master = keys.new_master_key()
-            config["chunk_id"] = ChunkIds.keyed(master).config()
+            config["chunk_id"] = ChunkIds.tree(master).config()
             config["encryption"] = {"mode": encryption, "cipher": crypto.CIPHER_NAME}
             config["encryption"]["config_mac"] = _config_mac(config, master)
             store = keys.KeyStore(encryption, repo_id, backend)
@@ -212,7 +212,7 @@ class Repository:
                             passphrase_source=passphrase_source)
         if store is None:
             return cls(backend, repo_id, local, version=version, chunk_id=ids)
-        return cls._encrypted(backend, repo_id, FORMAT_VERSION, ChunkIds.keyed(master), store, keys.Unlocked(master, ours["id"]))
+        return cls._encrypted(backend, repo_id, FORMAT_VERSION, ChunkIds.tree(master), store, keys.Unlocked(master, ours["id"]))
 
     @property
     def encrypted(self) -> bool:
@@ -287,19 +287,30 @@ class Repository:
         h = cid.hex()
         return f"chunks/{h[:2]}/{h}"
 
-    def put_chunk(self, cid: bytes, data: bytes | bytearray | memoryview, level: int) -> int:
+    def put_chunk(self, cid: bytes, data: bytes | bytearray | memoryview, level: int, hashes: Sequence[bytes] | None = None) -> int:
         """Store data under cid (= self.chunk_id(data)) unless it is there already; returns bytes written.
-        data may be a view of a buffer the caller reuses as soon as this returns: nothing may keep it."""
+        hashes: data's piece hashes when the caller has them (self.chunk_id.with_pieces), else computed
+        here if the chunk file needs them.  data may be a view of a buffer the caller reuses as soon
+        as this returns: nothing may keep it."""
         key = self._chunk_key(cid)
         present = self._known_chunks()
         if cid in present if present is not None else self.backend.exists(key):
             return 0
-        parts = chunks.encode(data, level)
+        parts = self.encode_chunk(data, level, hashes)
         self.backend.write(key, parts)
         self.new_chunks.add(cid)
         if present is not None:
             present.add(cid)
         return sum(len(p) for p in parts)
+
+    def encode_chunk(self, data: bytes | bytearray | memoryview, level: int, hashes: Sequence[bytes] | None = None
+                     ) -> list[bytes | bytearray | memoryview]:
+        """The chunk file of data for this repository, as parts to write in order (chunks.encode):
+        version 2 with its pieces' hashes (given, or computed here) when the ids are tree ids."""
+        piece = self.chunk_id.piece
+        if piece and hashes is None:
+            hashes = self.chunk_id.piece_hashes(data)
+        return chunks.encode(data, level, hashes or (), piece)
 
     def _known_chunks(self) -> set[bytes] | None:
         """The chunks in a repository that is not a directory, listed once while a lock is held
