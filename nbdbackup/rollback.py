@@ -9,8 +9,9 @@
                into a temporary bitmap, read over NBD (qemu:dirty-bitmap:).  --full: the
                whole disk.  Nothing changes on the images (--dry-run stops here).
     4. write:  those ranges from the backup at CP: data as data, zeroes as zero writes
-               (which may punch holes); each chunk needed is read and decoded once, its
-               writes all in flight at once.  The active bitmap and its twin record the
+               (which may punch holes); each chunk needed is read once, its writes all in
+               flight at once (in a version 3 repository only its 256 KiB pieces that hold
+               the ranges are decoded and checked: a 64 KiB change costs 256 KiB, not 4 MiB).  The active bitmap and its twin record the
                writes like guest writes, so the next incremental backs them up.  A disk
                without changes since CP is not touched.
     5. close:  the daemon quits: it flushes the writes and stores the bitmaps in the images.
@@ -480,8 +481,9 @@ def chunk_spans(copies: Sequence[tuple[int, int, int]]) -> list[tuple[int, int]]
 def write_disk(repo: Repository, m: Manifest, p: DiskRollback, entries: list[IndexEntry], socket: Path, export: str,
                tuning: Tuning, cancel: CancelToken, progress: Callable[[int], None]) -> tuple[int, int]:
     """Write p's regions from the backup's index; (data bytes written, bytes zeroed).  Each
-    writer checks one chunk at a time, keeping only the ranges it needs of it, and then has all
-    of their writes in flight at once."""
+    writer reads one chunk at a time, keeping only the ranges it needs of it (checked: the pieces
+    holding them, or the whole chunk in repositories before version 3), and then has all of their
+    writes in flight at once."""
     totals = [0, 0]
 
     def buffer(name: str, length: int) -> memoryview:
@@ -501,7 +503,7 @@ def write_disk(repo: Repository, m: Manifest, p: DiskRollback, entries: list[Ind
         where = f"backup {m.checkpoint}, disk {p.disk}, offset {job.copies[0][0]}"
         spans = chunk_spans(job.copies)
         out = buffer("ranges", sum(length for _, length in spans))
-        # the whole chunk is checked (decoded in small pieces) before any of it is written
+        # every byte is checked before any of it is written
         repo.read_chunk_ranges(job.chunk, where, spans, out, buffer("step", STEP))
         starts = [at for at, _ in spans]
         places = list(itertools.accumulate((length for _, length in spans), initial=0))

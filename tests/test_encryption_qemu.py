@@ -49,7 +49,7 @@ def test_full_and_incremental_into_encrypted_repository(vm_factory, repo, tmp_pa
     expected_inc = {d: vm.expected(d) for d in vm.disks}
 
     config = json.loads((repo / "config.json").read_text())
-    assert config["encryption"]["mode"] == "repokey" and config["chunk_id"] == {"algorithm": "blake3-keyed"}
+    assert config["encryption"]["mode"] == "repokey" and config["chunk_id"] == {"algorithm": "blake3-tree-keyed", "piece": 262144}
 
     for name, expected in ((full, expected_full), (inc, expected_inc)):
         for disk, path in cli.restore(repo, vm, name, tmp_path / name).items():

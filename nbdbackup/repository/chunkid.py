@@ -137,23 +137,23 @@ class ChunkIds:
         if not isinstance(spec, Mapping) or not isinstance(spec.get("algorithm"), str):
             raise RepositoryDamaged(f"{where} is damaged: it does not say how chunks are named")
         algorithm = spec["algorithm"]
-        if (algorithm in (TREE, TREE_KEYED)) != (version >= 3) and algorithm in (TREE, TREE_KEYED, BLAKE3, BLAKE3_KEYED):
+        known = {BLAKE3: 2, BLAKE3_KEYED: 2, TREE: 3, TREE_KEYED: 3}  # the version each belongs to
+        if algorithm not in known:
+            raise RepositoryUnusable(f"{where}: chunks are named with {algorithm!r}, which this nbdbackup does not know",
+                                     hint="upgrade nbdbackup")
+        if known[algorithm] != version:
             raise RepositoryDamaged(f"{where} is damaged: chunk ids {algorithm!r} in a version {version} repository")
-        if algorithm in (TREE, TREE_KEYED):
-            piece = spec.get("piece")
-            if isinstance(piece, bool) or not isinstance(piece, int) or piece < 4096 or piece & (piece - 1) or piece > 1 << 24:
-                raise RepositoryDamaged(f"{where} is damaged: bad chunk piece size {piece!r}")
-            if algorithm == TREE_KEYED and master_key is None:
-                raise RepositoryDamaged(f"{where} is damaged: keyed chunk ids without an 'encryption' member")
-            return cls.tree(master_key if algorithm == TREE_KEYED else None, piece)
-        if algorithm == BLAKE3:
-            return cls.blake3()
-        if algorithm == BLAKE3_KEYED and master_key is not None:
-            return cls.keyed(master_key)
-        if algorithm == BLAKE3_KEYED:
+        keyed = algorithm in (BLAKE3_KEYED, TREE_KEYED)
+        if keyed and master_key is None:
             raise RepositoryDamaged(f"{where} is damaged: keyed chunk ids without an 'encryption' member")
-        raise RepositoryUnusable(f"{where}: chunks are named with {algorithm!r}, which this nbdbackup does not know",
-                                 hint="upgrade nbdbackup")
+        if master_key is not None and not keyed:
+            raise RepositoryDamaged(f"{where} is damaged: an encrypted repository with unkeyed chunk ids")
+        if algorithm in (BLAKE3, BLAKE3_KEYED):
+            return cls.keyed(master_key) if keyed else cls.blake3()
+        piece = spec.get("piece")
+        if isinstance(piece, bool) or not isinstance(piece, int) or not 4096 <= piece <= 1 << 24 or piece & (piece - 1):
+            raise RepositoryDamaged(f"{where} is damaged: bad chunk piece size {piece!r}")
+        return cls.tree(master_key, piece)
 
     def config(self) -> dict[str, Any]:
         """The "chunk_id" member of a version 2 or 3 config.json."""

@@ -148,22 +148,15 @@ def decode_into(blob: bytes | memoryview, expected_id: bytes, where: str, chunk_
     if len(out) < length:
         raise ValueError(f"buffer of {len(out)} bytes for a chunk of {length}")
     view = out[:length]
-    if chunk_id.piece:
-        pieces = _Pieces(blob, encoding, length, chunk_id, expected_id, where)
-        for i in range(pieces.count):
-            dest = view[i * pieces.size:(i + 1) * pieces.size]
-            content = pieces.read(i, payload, dest)
-            if content.obj is not dest.obj:  # stored as is: checked where it is, copied now
-                dest[:] = content
-        return view
-    if encoding == ZSTD:
-        for _ in _pieces(payload, True, length, lambda done: out[done:length], expected_id, where):
+    pieces = _Pieces(blob, encoding, length, chunk_id, expected_id, where) if chunk_id.piece else None
+    if encoding == ZSTD:  # one frame, or one per piece read as one stream
+        for _ in _pieces(payload, True, length, lambda done: out[done:length], expected_id, where, across=pieces is not None):
             pass  # each piece lands in out where it belongs
     else:
         if len(payload) != length:
             raise _damaged(expected_id, where)
         view[:] = payload
-    if chunk_id(view) != expected_id:
+    if not (pieces.match(view) if pieces is not None else chunk_id(view) == expected_id):
         raise _damaged(expected_id, where)
     return view
 
@@ -258,6 +251,10 @@ class _Pieces:
         else:
             self.offsets = [min(i * self.size, length) for i in range(self.count + 1)]
 
+    def match(self, content: memoryview) -> bool:
+        """Whether the whole content has the pieces' hashes."""
+        return b"".join(self.chunk_id.piece_hashes(content)) == self.hashes
+
     def read(self, i: int, source: BinaryIO | memoryview, dest: memoryview) -> memoryview:
         """Piece i's checked content, from source (the payload's bytes, or the chunk file):
         decoded into dest, or (stored as is, from bytes) the payload's own view."""
@@ -293,13 +290,14 @@ def _table_size(encoding: int, length: int, piece: int) -> int:
 
 
 def _pieces(source: Any, compressed: bool, length: int, into: Callable[[int], memoryview], expected_id: bytes,
-            where: str) -> Iterator[memoryview]:
-    """A chunk's content, read from source (a zstd frame, as bytes or the chunk file, when compressed;
-    else the chunk file, open at the content) into the views into(bytes done so far) gives, each
-    yielded once filled; RepositoryDamaged unless there are exactly length bytes."""
+            where: str, across: bool = False) -> Iterator[memoryview]:
+    """A chunk's content, read from source (a zstd frame, or with across several one after another,
+    as bytes or the chunk file, when compressed; else the chunk file, open at the content) into
+    the views into(bytes done so far) gives, each yielded once filled; RepositoryDamaged unless
+    there are exactly length bytes."""
     done = 0
     try:
-        reader = _decompressor().stream_reader(source, closefd=False) if compressed else source
+        reader = _decompressor().stream_reader(source, closefd=False, read_across_frames=across) if compressed else source
         while done < length and (got := reader.readinto(view := into(done))):
             yield view[:got]
             done += got

@@ -375,10 +375,11 @@ class Repository:
             raise RepositoryDamaged(f"chunk {cid.hex()} is missing ({where})") from None
 
     def read_chunk_ranges(self, cid: bytes, where: str, ranges: Sequence[tuple[int, int]], out: memoryview, step: memoryview) -> None:
-        """Check chunk cid whole and copy the ranges (content offset, length) of its content into out,
-        one after another (chunks.read_ranges: decoded in pieces through step).  From an unencrypted
-        local directory the chunk file is read piece by piece too; otherwise it is fetched (and
-        decrypted) whole first."""
+        """Copy the ranges (content offset, length) of chunk cid's content into out, one after
+        another, every byte checked (chunks.read_ranges: version 3 decodes and checks only the
+        pieces holding the ranges, older versions the whole chunk, in pieces through step).  From
+        an unencrypted local directory only the parts of the chunk file needed are read; otherwise
+        it is fetched (and decrypted) whole first."""
         backend = self.backend
         if isinstance(backend, LocalBackend):
             try:
