@@ -18,7 +18,8 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM, AESSIV
 from nbdbackup.errors import EncryptionMismatch, RepositoryDamaged
 from nbdbackup.repository import Repository, crypto, keys
 
-GOLDEN = Path(__file__).parent / "golden" / "v2-encrypted"
+GOLDENS = [Path(__file__).parent / "golden" / name for name in ("v2-encrypted", "v3-encrypted")]
+GOLDEN = GOLDENS[0]
 MASTER = bytes(range(32))
 PASSPHRASE = "correct horse battery staple"
 
@@ -84,6 +85,36 @@ def independent_read(repo: Path, passphrase: bytes) -> dict[str, dict[str, bytes
 
     aead, siv = AESGCM(dk("nbdbackup 2026-11 object key v2")), AESSIV(dk("nbdbackup 2026-11 name key v2", 64))
     chunk_key = dk("nbdbackup 2026-11 chunk id key v2")
+    piece_key, root_key = dk("nbdbackup 2026-11 chunk piece key v3"), dk("nbdbackup 2026-11 chunk root key v3")
+
+    def chunk_content(chunk: bytes, cid: bytes) -> bytes:
+        """A chunk file's content, checked against its id (FORMAT.md, "Chunk files")."""
+        version, encoding, clen = chunk[4], chunk[5], struct.unpack_from("<I", chunk, 8)[0]
+        if version == 1:
+            assert config["version"] == 2 and config["chunk_id"] == {"algorithm": "blake3-keyed"}
+            data = zstandard.ZstdDecompressor().decompress(chunk[12:], max_output_size=clen) if encoding == 1 else chunk[12:]
+            assert blake3(data, key=chunk_key).digest() == cid
+            return data
+        assert version == 2 and config["version"] == 3 and config["chunk_id"]["algorithm"] == "blake3-tree-keyed"
+        piece = config["chunk_id"]["piece"]
+        assert 1 << chunk[6] == piece
+        k = -(-clen // piece)
+        table = chunk[12:12 + 32 * k]
+        assert blake3(struct.pack("<IQ", piece, clen) + table, key=root_key).digest() == cid
+        at = 12 + 32 * k + (4 * k if encoding == 1 else 0)
+        parts = []
+        for i in range(k):
+            if encoding == 1:
+                n = struct.unpack_from("<I", chunk, 12 + 32 * k + 4 * i)[0]
+                part = zstandard.ZstdDecompressor().decompress(chunk[at:at + n], max_output_size=piece)
+            else:
+                n = min(piece, clen - i * piece)
+                part = chunk[at:at + n]
+            assert blake3(part, key=piece_key).digest() == table[32 * i:32 * i + 32]
+            parts.append(part)
+            at += n
+        assert at == len(chunk)
+        return b"".join(parts)
 
     def name(text, role, parent):
         raw = siv.decrypt(base64.b32decode(text.upper() + "=" * (-len(text) % 8)), [role.encode(), parent.encode()])
@@ -109,20 +140,18 @@ def independent_read(repo: Path, passphrase: bytes) -> dict[str, dict[str, bytes
                 for i in range(count):
                     off, length, coff, cid = struct.unpack_from("<QII32s", idx, 32 + 48 * i)
                     h = cid.hex()
-                    chunk = obj(repo / "chunks" / h[:2] / h, f"chunks/{h[:2]}/{h}")
-                    encoding, clen = chunk[5], struct.unpack_from("<I", chunk, 8)[0]
-                    data = zstandard.ZstdDecompressor().decompress(chunk[12:], max_output_size=clen) if encoding == 1 else chunk[12:]
-                    assert blake3(data, key=chunk_key).digest() == cid
+                    data = chunk_content(obj(repo / "chunks" / h[:2] / h, f"chunks/{h[:2]}/{h}"), cid)
                     image[off:off + length] = data[coff:coff + length]
                 disks.setdefault(cp, {})[d["id"]] = bytes(image)
     return disks
 
 
-def test_golden_encrypted_repository_decrypts_without_nbdbackup():
+@pytest.mark.parametrize("golden", GOLDENS, ids=lambda p: p.name)
+def test_golden_encrypted_repository_decrypts_without_nbdbackup(golden):
     import hashlib
 
-    expected = json.loads((GOLDEN / "expected.json").read_text())
-    disks = independent_read(GOLDEN / "repo", (GOLDEN / "passphrase").read_text().strip().encode())
+    expected = json.loads((golden / "expected.json").read_text())
+    disks = independent_read(golden / "repo", (golden / "passphrase").read_text().strip().encode())
     assert {cp: {d: hashlib.sha256(b).hexdigest() for d, b in v.items()} for cp, v in disks.items()} == expected
 
 
