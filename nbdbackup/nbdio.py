@@ -20,10 +20,11 @@ from .records import Extent
 if TYPE_CHECKING:
     import nbd
 else:
-    nbd = None  # the bindings, imported by _bindings() at the first connection: a command's start-up goes without (5-8 ms)
+    nbd = None  # the bindings, imported by load_bindings() at the first connection: a command's start-up goes without (5-8 ms)
 
 
-def _bindings() -> None:
+def load_bindings() -> None:
+    """Import libnbd's bindings now (a caller with time to spare: while a daemon starts)."""
     global nbd
     if nbd is None:
         import nbd as bindings
@@ -49,7 +50,7 @@ class NbdEndpoint:
 
     def __init__(self, socket: Path, export: str, *, contexts: tuple[str, ...] = (), writable: bool = False) -> None:
         self.socket, self.export, self.contexts = socket, export, contexts
-        _bindings()
+        load_bindings()
         self._h = nbd.NBD()
         self._h.set_pread_initialize(False)  # a failed read raises; no need to zero buffers first
         self._h.set_export_name(export)
@@ -210,7 +211,7 @@ def _wait(h: nbd.NBD, cookie: int) -> None:
 
 def is_zero(buf: bytes | bytearray | memoryview) -> bool:
     """True if buf holds only zero bytes (libnbd's check: no zero buffer to compare with)."""
-    _bindings()
+    load_bindings()
     return nbd.Buffer.from_buffer(buf).is_zero()
 
 

@@ -256,6 +256,9 @@ def run_rollback(
         # What the plan and the writes need loads while the daemon starts (20-30 ms, in its own process);
         # session() waits for it, then connects.
         from . import checkpoints, qmp, vm  # noqa: F401
+        from .nbdio import load_bindings
+
+        load_bindings()
         with daemon.session() as session:
             return roll_back(repo, req, m, ImageTarget(daemon, session, images), tuning=tuning, cancel=cancel, progress=progress,
                              on_start=on_start)

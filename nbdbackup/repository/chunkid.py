@@ -149,7 +149,7 @@ class ChunkIds:
         if master_key is not None and not keyed:
             raise RepositoryDamaged(f"{where} is damaged: an encrypted repository with unkeyed chunk ids")
         if algorithm in (BLAKE3, BLAKE3_KEYED):
-            return cls.keyed(master_key) if keyed else cls.blake3()
+            return cls.blake3() if master_key is None else cls.keyed(master_key)
         piece = spec.get("piece")
         if isinstance(piece, bool) or not isinstance(piece, int) or not 4096 <= piece <= 1 << 24 or piece & (piece - 1):
             raise RepositoryDamaged(f"{where} is damaged: bad chunk piece size {piece!r}")

@@ -150,8 +150,8 @@ def decode_into(blob: bytes | memoryview, expected_id: bytes, where: str, chunk_
     view = out[:length]
     pieces = _Pieces(blob, encoding, length, chunk_id, expected_id, where) if chunk_id.piece else None
     if encoding == ZSTD:  # one frame, or one per piece read as one stream
-        for _ in _pieces(payload, True, length, lambda done: out[done:length], expected_id, where, across=pieces is not None):
-            pass  # each piece lands in out where it belongs
+        for _ in _stream(payload, True, length, lambda done: out[done:length], expected_id, where, across=pieces is not None):
+            pass  # each part lands in out where it belongs
     else:
         if len(payload) != length:
             raise _damaged(expected_id, where)
@@ -161,7 +161,7 @@ def decode_into(blob: bytes | memoryview, expected_id: bytes, where: str, chunk_
     return view
 
 
-STEP = 256 * 1024  # read_ranges' pieces: each hashed (and copied from) while in the CPU's cache
+STEP = 256 * 1024  # read_ranges' parts (before version 3): each hashed (and copied from) while in the CPU's cache
 
 
 def read_ranges(source: BinaryIO | bytes | memoryview, expected_id: bytes, where: str, chunk_id: ChunkIds,
@@ -170,8 +170,8 @@ def read_ranges(source: BinaryIO | bytes | memoryview, expected_id: bytes, where
     each byte checked as decode() checks it.  A chunk of tree ids (file version 2): only the pieces
     the ranges touch are read, decoded and checked (each against its hash in the header, checked
     against the chunk id first).  Otherwise the chunk is checked whole (header, length, id), its
-    content decoded in pieces through step.  step: a buffer the caller reuses, of STEP bytes (or the
-    piece size, if larger): no memory for the whole content nor the whole chunk file, each piece
+    content decoded in parts through step.  step: a buffer the caller reuses, of STEP bytes (or the
+    piece size, if larger): no memory for the whole content nor the whole chunk file, each part
     hashed while it is in the CPU's cache.  Rollback's writers need a few ranges of each chunk.
     source: the chunk file, open and at its start, or its bytes.  out holds the ranges only once
     this returns; on damage (RepositoryDamaged) what it holds must not be used."""
@@ -196,12 +196,13 @@ def read_ranges(source: BinaryIO | bytes | memoryview, expected_id: bytes, where
     if len(out) < total:
         raise ValueError(f"buffer of {len(out)} bytes for {total} bytes of ranges")
 
-    def take(pos: int, piece: memoryview) -> None:
-        end = pos + len(piece)
+    def take(pos: int, part: memoryview) -> None:
+        """Copy what the ranges want of the content's bytes pos.. (part) into out."""
+        end = pos + len(part)
         for at, n, dest in spans:
             lo, hi = max(at, pos), min(at + n, end)
             if lo < hi:
-                out[dest + lo - at:dest + hi - at] = piece[lo - pos:hi - pos]
+                out[dest + lo - at:dest + hi - at] = part[lo - pos:hi - pos]
 
     if chunk_id.piece:
         pieces = _Pieces(head, encoding, length, chunk_id, expected_id, where)
@@ -218,13 +219,13 @@ def read_ranges(source: BinaryIO | bytes | memoryview, expected_id: bytes, where
             raise _damaged(expected_id, where)
         hasher.update(payload)
         take(0, payload)
-    else:  # the file's content as it is, or a zstd frame from the file or the bytes: in pieces
+    else:  # the file's content as it is, or a zstd frame from the file or the bytes: in parts
         done = 0
-        for piece in _pieces(payload if file is None else file, encoding == ZSTD, length,
-                             lambda n: step[:min(len(step), length - n)], expected_id, where):
-            hasher.update(piece)
-            take(done, piece)
-            done += len(piece)
+        for part in _stream(payload if file is None else file, encoding == ZSTD, length,
+                            lambda n: step[:min(len(step), length - n)], expected_id, where):
+            hasher.update(part)
+            take(done, part)
+            done += len(part)
     if hasher.digest() != expected_id:
         raise _damaged(expected_id, where)
 
@@ -271,7 +272,7 @@ class _Pieces:
                 raise RepositoryDamaged(f"chunk {self.expected_id.hex()} is truncated ({self.where})")
         if self.encoding == ZSTD:
             content = dest[:n]
-            for _ in _pieces(raw, True, n, lambda done: content[done:], self.expected_id, self.where):
+            for _ in _stream(raw, True, n, lambda done: content[done:], self.expected_id, self.where):
                 pass
         elif isinstance(raw, memoryview):
             content = raw
@@ -289,12 +290,12 @@ def _table_size(encoding: int, length: int, piece: int) -> int:
     return count * HASH_SIZE + (count * 4 if encoding == ZSTD else 0)
 
 
-def _pieces(source: Any, compressed: bool, length: int, into: Callable[[int], memoryview], expected_id: bytes,
+def _stream(source: Any, compressed: bool, length: int, into: Callable[[int], memoryview], expected_id: bytes,
             where: str, across: bool = False) -> Iterator[memoryview]:
-    """A chunk's content, read from source (a zstd frame, or with across several one after another,
-    as bytes or the chunk file, when compressed; else the chunk file, open at the content) into
-    the views into(bytes done so far) gives, each yielded once filled; RepositoryDamaged unless
-    there are exactly length bytes."""
+    """A chunk's content (or a piece's), read from source (a zstd frame, or with across several one
+    after another, as bytes or the chunk file, when compressed; else the chunk file, open at the
+    content) into the views into(bytes done so far) gives, each yielded once filled;
+    RepositoryDamaged unless there are exactly length bytes."""
     done = 0
     try:
         reader = _decompressor().stream_reader(source, closefd=False, read_across_frames=across) if compressed else source
