@@ -11,9 +11,9 @@
     4. write:  those ranges from the backup at CP: data as data, zeroes as zero writes
                (which may punch holes); each chunk needed is read once, its writes all in
                flight at once (in a version 3 repository only its 256 KiB pieces that hold
-               the ranges are decoded and checked: a 64 KiB change costs 256 KiB, not 4 MiB).  The active bitmap and its twin record the
-               writes like guest writes, so the next incremental backs them up.  A disk
-               without changes since CP is not touched.
+               the ranges are decoded and checked: a 64 KiB change costs 256 KiB, not 4 MiB).
+               The active bitmap and its twin record the writes like guest writes, so the
+               next incremental backs them up.  A disk without changes since CP is not touched.
     5. close:  the daemon quits: it flushes the writes and stores the bitmaps in the images.
 
 Re-running is always safe: what a stopped run wrote is recorded by the active bitmap,

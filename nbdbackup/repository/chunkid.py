@@ -14,8 +14,9 @@ A repository's config.json says how (docs/FORMAT.md, "Chunk ids"):
                                                      be checked without the rest (chunks.py)
 
 Everything else (capture, verify, restore) asks the repository's ChunkIds
-for ids and never hashes content itself.  Encryption (a later version)
-builds ChunkIds.keyed(master_key) once it has unwrapped the master key.
+for ids and never hashes content itself.  An encrypted repository builds
+ChunkIds.keyed(master_key) (version 2) or ChunkIds.tree(master_key) (version 3)
+once it has unwrapped the master key.
 """
 
 from __future__ import annotations
