@@ -83,6 +83,10 @@ class SeaweedFS:
             f"-admin.port={p[8]}", f"-admin.port.grpc={p[9]}", f"-metricsPort={p[10]}",
             "-webdav=false", "-admin.ui=false", "-s3.port.iceberg=0", "-s3.port.lance=0",
             f"-s3.config={config}", "-s3.autoCreateBucket=false",
+            # Each bucket takes a volume of its own; by default their number is the free disk space
+            # over the volume size (39 with 40 GB free), fewer than the tests' buckets.  Volumes
+            # grow as they are written, so a high cap costs no space.
+            "-volume.max=1000",
         ]
         profile = os.environ.get("NBDBACKUP_WEED_CPUPROFILE")
         if profile:  # Go's CPU profile of the server, written when it stops: scripts/pprof_top.py reads it
