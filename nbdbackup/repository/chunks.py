@@ -71,7 +71,23 @@ SAMPLE = 16 * 1024  # bytes per sample
 def encode(data: bytes | bytearray | memoryview, level: int, hashes: Sequence[bytes] = (), piece: int = 0
            ) -> list[bytes | bytearray | memoryview]:
     """The chunk file for data, as parts to write in order (header, payload...): version 1, or
-    with piece (the repository's ChunkIds.piece) version 2, hashes being data's piece hashes.
+    with piece (the repository's ChunkIds.piece) version 2, hashes being data's piece hashes."""
+    view = memoryview(data)
+    length = len(view)
+    if piece and (len(hashes) != -(-length // piece) or any(len(h) != HASH_SIZE for h in hashes)):
+        raise ValueError(f"{len(hashes)} piece hashes for {length} bytes in pieces of {piece}")
+    frames = _compressed(view, level, piece)
+    encoding = STORED if frames is None else ZSTD
+    if not piece:
+        return [_HEADER.pack(MAGIC, VERSION, encoding, 0, length), data if frames is None else frames[0]]
+    header = _HEADER_PIECES.pack(MAGIC, VERSION_PIECES, encoding, piece.bit_length() - 1, 0, length) + b"".join(hashes)
+    if frames is None:
+        return [header, view]
+    return [header + struct.pack(f"<{len(frames)}I", *(len(f) for f in frames)), *frames]
+
+
+def _compressed(view: memoryview, level: int, piece: int) -> list[bytes] | None:
+    """The content as zstd frames (one, or with piece one per piece), or None: store it as is.
 
     Data is stored as is when compression does not pay: when none of PROBES
     samples spread over it (the middle of each quarter) compresses at level 1
@@ -81,31 +97,15 @@ def encode(data: bytes | bytearray | memoryview, level: int, hashes: Sequence[by
     compressible data (a disk's neighbouring files) is compressed, zstd passing
     over the incompressible parts quickly.
     """
-    if piece:
-        return _encode_pieces(memoryview(data), level, hashes, piece)
-    if len(data) >= 4 * PROBES * SAMPLE and incompressible(memoryview(data)):
-        return [_HEADER.pack(MAGIC, VERSION, STORED, 0, len(data)), data]
-    packed = _compressor(level).compress(data)
-    if len(packed) < len(data) - len(data) // 64:
-        return [_HEADER.pack(MAGIC, VERSION, ZSTD, 0, len(data)), packed]
-    return [_HEADER.pack(MAGIC, VERSION, STORED, 0, len(data)), data]
-
-
-def _encode_pieces(view: memoryview, level: int, hashes: Sequence[bytes], piece: int) -> list[bytes | bytearray | memoryview]:
     length = len(view)
-    if len(hashes) != -(-length // piece) or any(len(h) != HASH_SIZE for h in hashes):
-        raise ValueError(f"{len(hashes)} piece hashes for {length} bytes in pieces of {piece}")
-    table = b"".join(hashes)
-
-    def header(encoding: int) -> bytes:
-        return _HEADER_PIECES.pack(MAGIC, VERSION_PIECES, encoding, piece.bit_length() - 1, 0, length) + table
-
-    if length < 4 * PROBES * SAMPLE or not incompressible(view):
+    if length >= 4 * PROBES * SAMPLE and incompressible(view):
+        return None
+    if piece:  # each piece alone (its hash checks it: no zstd checksum)
         compressor = _compressor(level, checksum=False)
         frames = [compressor.compress(view[at:at + piece]) for at in range(0, length, piece)]
-        if sum(len(f) for f in frames) < length - length // 64:
-            return [header(ZSTD) + struct.pack(f"<{len(frames)}I", *(len(f) for f in frames)), *frames]
-    return [header(STORED), view]
+    else:
+        frames = [_compressor(level).compress(view)]
+    return frames if sum(len(f) for f in frames) < length - length // 64 else None
 
 
 def incompressible(view: memoryview) -> bool:
@@ -239,9 +239,10 @@ class _Pieces:
         self.size, self.encoding, self.length = chunk_id.piece, encoding, length
         self.count = -(-length // self.size)
         self.chunk_id, self.expected_id, self.where = chunk_id, expected_id, where
-        table = memoryview(head)[HEADER_SIZE:HEADER_SIZE + _table_size(encoding, length, self.size)]
-        if len(table) < _table_size(encoding, length, self.size):
-            raise RepositoryDamaged(f"chunk {expected_id.hex()} is truncated ({where})")
+        table_size = _table_size(encoding, length, self.size)
+        table = memoryview(head)[HEADER_SIZE:HEADER_SIZE + table_size]
+        if len(table) < table_size:
+            raise _truncated(expected_id, where)
         self.hashes = table[:self.count * HASH_SIZE]
         if chunk_id.root(length, self.hashes) != expected_id:
             raise _damaged(expected_id, where)
@@ -269,7 +270,7 @@ class _Pieces:
             source.seek(self.start + lo)
             raw = source.read(hi - lo)
             if len(raw) != hi - lo:
-                raise RepositoryDamaged(f"chunk {self.expected_id.hex()} is truncated ({self.where})")
+                raise _truncated(self.expected_id, self.where)
         if self.encoding == ZSTD:
             content = dest[:n]
             for _ in _stream(raw, True, n, lambda done: content[done:], self.expected_id, self.where):
@@ -313,7 +314,7 @@ def _parse(blob: bytes | memoryview, expected_id: bytes, where: str, chunk_id: C
     """(encoding, content length, payload) from a chunk file's header: the version chunk_id's
     repository writes (1, or 2 for tree ids, whose payload starts after the table)."""
     if len(blob) < HEADER_SIZE:
-        raise RepositoryDamaged(f"chunk {expected_id.hex()} is truncated ({where})")
+        raise _truncated(expected_id, where)
     magic, version, encoding, shift, _reserved, length = _HEADER_PIECES.unpack_from(blob)
     if magic != MAGIC or version != (VERSION_PIECES if chunk_id.piece else VERSION) or (
             chunk_id.piece and 1 << min(shift, 63) != chunk_id.piece):
@@ -322,6 +323,10 @@ def _parse(blob: bytes | memoryview, expected_id: bytes, where: str, chunk_id: C
         raise RepositoryDamaged(f"chunk {expected_id.hex()} has unknown encoding {encoding} ({where})")
     start = HEADER_SIZE + (_table_size(encoding, length, chunk_id.piece) if chunk_id.piece else 0)
     return encoding, length, memoryview(blob)[start:]
+
+
+def _truncated(expected_id: bytes, where: str) -> RepositoryDamaged:
+    return RepositoryDamaged(f"chunk {expected_id.hex()} is truncated ({where})")
 
 
 def _damaged(expected_id: bytes, where: str) -> RepositoryDamaged:
