@@ -49,7 +49,7 @@ class ChunkIds:
 
     algorithm: str
     _digest: Callable[[Buffer], bytes]
-    _new: Callable[[], Any]  # an incremental hasher: update(data) as often as needed, then digest()
+    _new: Callable[[], Any] | None  # an incremental hasher (update(data) as often as needed, then digest()); None: tree ids
     piece: int = 0  # tree ids: the size of the pieces hashed one by one; 0: the content is hashed whole
     _piece_key: bytes = b""
     _root_key: bytes = b""
@@ -58,7 +58,10 @@ class ChunkIds:
         return self._digest(data)
 
     def hasher(self) -> Any:
-        """A new incremental hasher (update(data)..., digest()): the same id as self(whole content)."""
+        """A new incremental hasher (update(data)..., digest()): the same id as self(whole content).
+        Ids that hash the content whole only: tree ids are checked piece by piece (piece_hash, root)."""
+        if self._new is None:
+            raise TypeError(f"{self.algorithm} ids are checked piece by piece, not with an incremental hasher")
         return self._new()
 
     # -- tree ids (self.piece > 0) --------------------------------------------------------
@@ -121,12 +124,8 @@ class ChunkIds:
             raise ValueError("the master key must be at least 32 bytes")
         piece_key = blake3(material, derive_key_context=PIECE_CONTEXT).digest()
         root_key = blake3(material, derive_key_context=ROOT_CONTEXT).digest()
-        ids: ChunkIds
-
-        def digest(data: Buffer) -> bytes:
-            return ids.root(len(data), b"".join(ids.piece_hashes(data)))
-
-        ids = cls(TREE if master_key is None else TREE_KEYED, digest, lambda: _TreeHasher(ids), piece, piece_key, root_key)
+        ids: ChunkIds = cls(TREE if master_key is None else TREE_KEYED, lambda data: ids.with_pieces(data)[0], None,
+                            piece, piece_key, root_key)
         return ids
 
     @classmethod
@@ -159,33 +158,6 @@ class ChunkIds:
     def config(self) -> dict[str, Any]:
         """The "chunk_id" member of a version 2 or 3 config.json."""
         return {"algorithm": self.algorithm, "piece": self.piece} if self.piece else {"algorithm": self.algorithm}
-
-
-class _TreeHasher:
-    """Tree ids computed incrementally: update(data)... cuts the content into pieces as it comes."""
-
-    def __init__(self, ids: ChunkIds) -> None:
-        from blake3 import blake3
-
-        self._ids, self._new = ids, lambda: blake3(key=ids._piece_key)
-        self._hashes: list[bytes] = []
-        self._current, self._filled, self._length = self._new(), 0, 0
-
-    def update(self, data: Buffer) -> None:
-        view, step = memoryview(data).cast("B"), self._ids.piece
-        while view:
-            take = min(len(view), step - self._filled)
-            self._current.update(view[:take])
-            self._filled += take
-            self._length += take
-            view = view[take:]
-            if self._filled == step:
-                self._hashes.append(self._current.digest())
-                self._current, self._filled = self._new(), 0
-
-    def digest(self) -> bytes:
-        hashes = self._hashes + ([self._current.digest()] if self._filled else [])
-        return self._ids.root(self._length, b"".join(hashes))
 
 
 def derive_chunk_id_key(master_key: bytes) -> bytes:
