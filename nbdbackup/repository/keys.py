@@ -134,6 +134,18 @@ def _start_kek(passphrase: bytes, kdf: dict[str, Any]) -> Callable[[], bytes]:
     return result
 
 
+def _kek(passphrase: bytes, kdf: dict[str, Any]) -> bytes:
+    """The key-encryption key: _start_kek's child derives it while the cryptography package
+    (which every caller then needs) loads here, so that the two overlap; the child is reaped
+    even when the import fails."""
+    collect = _start_kek(passphrase, kdf)
+    try:
+        from cryptography.hazmat.primitives.ciphers import aead  # noqa: F401 - loaded now, used by the caller
+    finally:
+        key = collect()
+    return key
+
+
 def _argon2id(passphrase: bytes, params: tuple[bytes, int, int, int]) -> bytes:
     # argon2-cffi (libargon2, the reference implementation): only for encrypted repositories, and only
     # in the child where it can fork
@@ -202,11 +214,9 @@ def wrap(master_key: bytes, passphrase: bytes, repo_id: str, kdf_params: dict[st
     kdf["salt"] = _b64(secrets.token_bytes(16))
     key_id = secrets.token_hex(8)
     nonce = secrets.token_bytes(12)
-    kek = _start_kek(passphrase, kdf)
-    try:
-        from cryptography.hazmat.primitives.ciphers.aead import AESGCM
-    finally:
-        key = kek()  # always: this reaps the child
+    key = _kek(passphrase, kdf)
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
     wrapped = AESGCM(key).encrypt(nonce, master_key, _aad(repo_id, key_id))
     return {"format": KEY_FORMAT, "version": KEY_VERSION, "repository": repo_id, "id": key_id, "created": utc_now(),
             "kdf": kdf, "cipher": "aes-256-gcm", "nonce": _b64(nonce), "wrapped": _b64(wrapped)}
@@ -232,14 +242,12 @@ def check_key(doc: Any, repo_id: str, where: str) -> dict[str, Any]:
 def unwrap(doc: dict[str, Any], passphrase: bytes, repo_id: str) -> bytes | None:
     """The master key, or None when passphrase does not open this key."""
     try:
-        kek = _start_kek(passphrase, doc["kdf"])  # derived in a child while the library loads here
+        key = _kek(passphrase, doc["kdf"])
     except (ValueError, KeyError, TypeError):
         raise KeyFileDamaged(f"key {doc.get('id')} is damaged") from None
-    try:
-        from cryptography.exceptions import InvalidTag
-        from cryptography.hazmat.primitives.ciphers.aead import AESGCM
-    finally:
-        key = kek()  # always: this reaps the child
+    from cryptography.exceptions import InvalidTag
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
     try:
         master = AESGCM(key).decrypt(_unb64(doc["nonce"]), _unb64(doc["wrapped"]), _aad(repo_id, doc["id"]))
     except InvalidTag:
