@@ -360,7 +360,7 @@ class Repository:
         try:  # read and decrypted in this thread's buffer (decode copies out of it)
             plain = backend.read_plain_view(self._chunk_key(cid))
         except FileNotFoundError:
-            raise RepositoryDamaged(f"chunk {cid.hex()} is missing ({where})") from None
+            raise _missing(cid, where) from None
         except crypto.ObjectDamaged as exc:
             raise RepositoryDamaged(f"chunk {cid.hex()} {exc.reason} ({where})") from None
         return chunks.decode(plain, cid, where, self.chunk_id)
@@ -372,7 +372,7 @@ class Repository:
         try:
             return backend.read_sealed(key) if isinstance(backend, crypto.EncryptedBackend) else backend.read(key)
         except FileNotFoundError:
-            raise RepositoryDamaged(f"chunk {cid.hex()} is missing ({where})") from None
+            raise _missing(cid, where) from None
 
     def read_chunk_ranges(self, cid: bytes, where: str, ranges: Sequence[tuple[int, int]], out: memoryview, step: memoryview) -> None:
         """Copy the ranges (content offset, length) of chunk cid's content into out, one after
@@ -385,7 +385,7 @@ class Repository:
             try:
                 f = backend.open(self._chunk_key(cid))
             except FileNotFoundError:
-                raise RepositoryDamaged(f"chunk {cid.hex()} is missing ({where})") from None
+                raise _missing(cid, where) from None
             with f:
                 chunks.read_ranges(f, cid, where, self.chunk_id, ranges, out, step)
             return
@@ -607,3 +607,7 @@ class Repository:
         check_name("VM", vm)
         blob = manifest.checkpoints_to_bytes(list(records))
         self.backend.write(f"vms/{vm}/checkpoints.json", blob, durable=True)
+
+
+def _missing(cid: bytes, where: str) -> RepositoryDamaged:
+    return RepositoryDamaged(f"chunk {cid.hex()} is missing ({where})")
