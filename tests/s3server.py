@@ -134,8 +134,29 @@ class SeaweedFS:
             proc.wait()
 
     def restart(self) -> None:
-        """Start again on the same ports and data (after kill())."""
+        """Start again on the same ports and data (after kill()), and wait until it serves them.
+
+        S3 answers before the volume server has told the master about the volumes it found on
+        disk; until then a read of an existing object fails with InternalError.  So the server
+        is back when one object of every bucket reads back."""
         self._spawn()
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                self._read_one_object_per_bucket()
+                return
+            except Exception as e:  # botocore's errors: the server is not ready yet
+                if time.monotonic() > deadline:
+                    self.stop()
+                    raise RuntimeError(f"SeaweedFS did not serve its data again within 60 s ({e}); "
+                                       f"see {self.workdir / 'weed.log'}") from e
+                time.sleep(0.2)
+
+    def _read_one_object_per_bucket(self) -> None:
+        client = self.client()
+        for bucket in client.list_buckets()["Buckets"]:
+            for obj in client.list_objects_v2(Bucket=bucket["Name"], MaxKeys=1).get("Contents", []):
+                client.get_object(Bucket=bucket["Name"], Key=obj["Key"])["Body"].read()
 
     def __enter__(self) -> SeaweedFS:
         return self.start()
