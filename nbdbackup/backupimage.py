@@ -7,6 +7,12 @@ once and kept in a small shared cache: NBD clients read in requests much
 smaller than a chunk.  Ranges no index entry covers read as zeroes and are
 reported as holes, so clients stay sparse.
 
+The cache's unit is a piece of a chunk where a piece can be read alone
+(Repository.reads_pieces: format 3 in a local directory): a random 4 KiB read,
+as a booting guest or a file restore makes, then reads and decodes one 256 KiB
+piece instead of a 4 MiB chunk.  Elsewhere (S3, encrypted repositories: the
+chunk is fetched or decrypted whole anyway) the unit is the chunk.
+
 Read-ahead (repositories that are not local directories, such as S3, where
 each chunk costs a round trip): a reader that moves on to the next chunk
 (the previous entry's chunk is still cached) gets the following READ_AHEAD
@@ -31,8 +37,11 @@ from .records import IndexEntry, Manifest
 from .repository import Repository
 
 CACHE_CHUNKS = 32  # decompressed chunks kept (at most 32 x chunk size of memory, read-ahead included)
+CHUNK = 4 * 1024 * 1024  # the largest chunk (capture.Capture.chunk_size): the cache's memory per chunk
 READ_AHEAD = 4  # chunks loaded ahead of a reader moving forward (remote repositories)
 LOADS = 8  # chunks loaded at once (each holds its stored and its decoded form: memory)
+
+Unit = tuple[bytes, "int | None"]  # what the cache holds: (chunk id, piece index), or (chunk id, None) the whole chunk
 
 
 class BackupImage:
@@ -46,17 +55,18 @@ class BackupImage:
         self.disk_id = disk_id
         self.size, self.entries = repo.read_index(manifest, disk_id)
         self._starts = [e.offset for e in self.entries]
-        self._cache: OrderedDict[bytes, bytes] = OrderedDict()
-        self._loading: dict[bytes, threading.Event] = {}
+        self._cache: OrderedDict[Unit, bytes | memoryview] = OrderedDict()
+        self._loading: dict[Unit, threading.Event] = {}
         self._lock = threading.Lock()
         self._load_slots = threading.BoundedSemaphore(LOADS)
         ahead = (READ_AHEAD if repo.root is None else 0) if read_ahead is None else read_ahead
         self._ahead = max(0, min(ahead, cache_chunks // 4))  # never so much that it evicts what readers use
-        self._limit = cache_chunks
+        self._piece = repo.chunk_id.piece if repo.reads_pieces and not self._ahead else 0  # 0: whole chunks
+        self._limit = cache_chunks * (max(1, CHUNK // self._piece) if self._piece else 1)  # units kept
         self._marks: set[bytes] = set()  # read-ahead chunks no reader has used yet
         self._queued = 0  # read-ahead loads not yet done
         self._pool = ThreadPoolExecutor(self._ahead, f"read-ahead-{disk_id}") if self._ahead else None
-        self.loads = 0  # chunks loaded from the repository (tests, statistics)
+        self.loads = 0  # units (chunks, or pieces) loaded from the repository (tests, statistics)
 
     def entries_in(self, offset: int, length: int) -> Iterator[IndexEntry]:
         """The index entries overlapping [offset, offset+length), in order."""
@@ -84,14 +94,22 @@ class BackupImage:
                 buf[pos - offset:e.offset - offset] = bytes(e.offset - pos)
                 pos = e.offset
             stop = min(e.end, offset + length)
-            data = self._chunk(e.chunk, pos)
+            dest = buf[pos - offset:stop - offset]
+            at = e.chunk_offset + (pos - e.offset)  # in the chunk's content
+            done = 0
+            while done < len(dest):  # a piece at a time, or all from the chunk
+                if self._piece:
+                    index, inner = divmod(at + done, self._piece)
+                    want = min(self._piece - inner, len(dest) - done)
+                else:
+                    index, inner, want = None, at, len(dest)
+                part = memoryview(self._unit((e.chunk, index), pos + done))[inner:inner + want]
+                if len(part) != want:
+                    raise RepositoryDamaged(f"chunk {e.chunk.hex()} is shorter than its index says ({self._where(pos)})")
+                dest[done:done + want] = part
+                done += want
             if self._pool is not None:
                 self._read_ahead(i)
-            start_in_chunk = e.chunk_offset + (pos - e.offset)
-            piece = memoryview(data)[start_in_chunk:start_in_chunk + (stop - pos)]
-            if len(piece) != stop - pos:
-                raise RepositoryDamaged(f"chunk {e.chunk.hex()} is shorter than its index says ({self._where(pos)})")
-            buf[pos - offset:stop - offset] = piece
             pos = stop
         if pos < offset + length:
             buf[pos - offset:] = bytes(offset + length - pos)
@@ -139,7 +157,7 @@ class BackupImage:
         with self._lock:
             if cid in self._marks:
                 self._marks.discard(cid)  # a reader reached the window: move it on
-            elif not (i > 0 and self.entries[i - 1].chunk in self._cache and self.entries[i - 1].chunk != cid):
+            elif not (i > 0 and (self.entries[i - 1].chunk, None) in self._cache and self.entries[i - 1].chunk != cid):
                 return  # not a reader moving on from the previous chunk: random access, no read-ahead
             wanted: list[tuple[bytes, int]] = []
             seen = {cid}
@@ -148,7 +166,7 @@ class BackupImage:
                 e = self.entries[j]
                 if e.chunk not in seen:
                     seen.add(e.chunk)
-                    if e.chunk not in self._cache and e.chunk not in self._loading and self._queued < 2 * self._ahead:
+                    if (e.chunk, None) not in self._cache and (e.chunk, None) not in self._loading and self._queued < 2 * self._ahead:
                         wanted.append((e.chunk, e.offset))
                         self._marks.add(e.chunk)
                         self._queued += 1
@@ -162,7 +180,7 @@ class BackupImage:
 
     def _load_ahead(self, cid: bytes, offset: int) -> None:
         try:
-            self._chunk(cid, offset)
+            self._unit((cid, None), offset)
         except Exception:  # noqa: BLE001 - a reader that needs it loads it again and reports the error
             with self._lock:
                 self._marks.discard(cid)
@@ -173,30 +191,33 @@ class BackupImage:
     def _where(self, offset: int) -> str:
         return f"backup {self.manifest.checkpoint}, disk {self.disk_id}, offset {offset}"
 
-    def _chunk(self, cid: bytes, offset: int) -> bytes:
-        """The decompressed chunk; concurrent readers of one chunk wait for a single load."""
+    def _unit(self, unit: Unit, offset: int) -> bytes | memoryview:
+        """The decompressed chunk (unit (cid, None)) or piece (cid, index); concurrent readers of
+        one unit wait for a single load."""
         while True:
             with self._lock:
-                data = self._cache.get(cid)
+                data = self._cache.get(unit)
                 if data is not None:
-                    self._cache.move_to_end(cid)
+                    self._cache.move_to_end(unit)
                     return data
-                pending = self._loading.get(cid)
+                pending = self._loading.get(unit)
                 if pending is None:
-                    pending = self._loading[cid] = threading.Event()
+                    pending = self._loading[unit] = threading.Event()
                     break
             pending.wait()  # another thread loads it; if that failed, try ourselves
         try:
+            cid, index = unit
             with self._load_slots:
-                data = self.repo.get_chunk(cid, self._where(offset))
+                data = self.repo.get_chunk(cid, self._where(offset)) if index is None else \
+                    self.repo.read_chunk_piece(cid, self._where(offset), index)
             with self._lock:
                 self.loads += 1
-                self._cache[cid] = data
+                self._cache[unit] = data
                 while len(self._cache) > self._limit:
-                    old, _ = self._cache.popitem(last=False)
+                    (old, _), _ = self._cache.popitem(last=False)
                     self._marks.discard(old)
             return data
         finally:
             with self._lock:
-                del self._loading[cid]
+                del self._loading[unit]
             pending.set()

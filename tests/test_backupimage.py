@@ -12,13 +12,18 @@ from nbdbackup.backupimage import BackupImage
 from nbdbackup.errors import RepositoryDamaged
 from nbdbackup.records import DiskBackup, IndexEntry, Manifest
 from nbdbackup.repository import Repository
+from nbdbackup.repository.memory import MemoryBackend
 
 KiB, MiB = 1024, 1024 * 1024
 DISK = 4 * MiB + 512
 
 
-def make(tmp_path):
-    repo = Repository.open(tmp_path / "repo", create=True)
+def make(tmp_path, version=3):
+    """A backup of hand-made entries; version 3 is read a piece at a time (Repository.reads_pieces),
+    version 2 a chunk at a time."""
+    like = Repository(MemoryBackend("v2"), "0" * 32, version=2) if version == 2 else None
+    repo = Repository.open(tmp_path / "repo", create=True, like=like)
+    assert repo.reads_pieces == (version == 3)
     a = os.urandom(256 * KiB)
     b = bytes(range(256)) * 256  # 64 KiB
     ids = {}
@@ -43,8 +48,9 @@ def make(tmp_path):
     return repo, m, bytes(expected), entries
 
 
-def test_reads_match_the_backup_at_any_offset_and_from_many_threads(tmp_path):
-    repo, m, expected, _ = make(tmp_path)
+@pytest.mark.parametrize("version", [3, 2])
+def test_reads_match_the_backup_at_any_offset_and_from_many_threads(tmp_path, version):
+    repo, m, expected, _ = make(tmp_path, version)
     image = BackupImage(repo, m, "vda", cache_chunks=1)
     assert image.size == DISK
     assert image.read(0, DISK) == expected
@@ -77,8 +83,9 @@ def test_extents_are_data_exactly_where_the_index_has_entries(tmp_path):
     assert list(image.extents(1 * MiB - 4 * KiB, 8 * KiB)) == [(1 * MiB - 4 * KiB, 4 * KiB, False), (1 * MiB, 4 * KiB, True)]
 
 
-def test_a_damaged_chunk_is_an_error_not_data(tmp_path):
-    repo, m, _, entries = make(tmp_path)
+@pytest.mark.parametrize("version", [3, 2])
+def test_a_damaged_chunk_is_an_error_not_data(tmp_path, version):
+    repo, m, _, entries = make(tmp_path, version)
     h = entries[0].chunk.hex()
     path = tmp_path / "repo" / "chunks" / h[:2] / h
     blob = bytearray(path.read_bytes())
@@ -138,3 +145,63 @@ def test_read_ahead_loads_the_next_chunks_of_a_reader_moving_forward(tmp_path):
         assert image.read(i * 64 * KiB, 4 * KiB) == expected[i * 64 * KiB:i * 64 * KiB + 4 * KiB]
     image.close()
     assert image.loads == 4
+
+
+def one_chunk_backup(repo, data, entries):
+    cid = repo.chunk_id(data)
+    repo.put_chunk(cid, data, 3)
+    entries = [IndexEntry(off, n, cid, at) for off, n, at in entries]
+    size = max(e.end for e in entries)
+    sha = repo.write_index("vm1", "cp1", "vda", size, entries)
+    m = Manifest(vm="vm1", checkpoint="cp1", kind="full", since=None, created="2026-01-01T00:00:00Z", chain="c" * 32,
+                 disks=(DiskBackup("vda", size, sha, sum(e.length for e in entries), 0, True),))
+    repo.commit(m)
+    return m, cid
+
+
+def test_a_random_read_decodes_one_piece_not_the_chunk(tmp_path):
+    """Format 3 in a directory: a 4 KiB read loads the one 256 KiB piece that holds it; a read
+    across a piece boundary loads both; a damaged piece stops only the reads that need it."""
+    repo = Repository.open(tmp_path / "repo", create=True)
+    piece = repo.chunk_id.piece
+    data = bytes(random.Random(3).choices(b"nbdbackup pieces ", k=4 * MiB))
+    m, cid = one_chunk_backup(repo, data, [(0, 4 * MiB, 0)])
+    image = BackupImage(repo, m, "vda")
+    assert image.read(5 * piece + 100, 4 * KiB) == data[5 * piece + 100:5 * piece + 100 + 4 * KiB]
+    assert image.loads == 1
+    assert list(image._cache) == [(cid, 5)] and len(image._cache[cid, 5]) == piece
+    assert image.read(7 * piece - 10, 20) == data[7 * piece - 10:7 * piece + 10]
+    assert image.loads == 3
+    assert image.read(5 * piece, 8 * KiB) == data[5 * piece:5 * piece + 8 * KiB] and image.loads == 3  # cached
+
+    h = cid.hex()
+    path = tmp_path / "repo" / "chunks" / h[:2] / h
+    blob = bytearray(path.read_bytes())
+    blob[-1] ^= 1  # in the last piece's frame
+    path.write_bytes(bytes(blob))
+    image = BackupImage(repo, m, "vda")
+    assert image.read(0, 64 * KiB) == data[:64 * KiB]
+    with pytest.raises(RepositoryDamaged, match="fails its checksum|does not decompress"):
+        image.read(4 * MiB - 4 * KiB, 4 * KiB)
+
+
+@pytest.mark.parametrize("version", [3, 2])
+def test_an_index_entry_beyond_its_chunk_is_an_error(tmp_path, version):
+    like = Repository(MemoryBackend("v2"), "0" * 32, version=2) if version == 2 else None
+    repo = Repository.open(tmp_path / "repo", create=True, like=like)
+    data = os.urandom(300 * KiB)  # two pieces, the second short
+    m, _ = one_chunk_backup(repo, data, [(0, 256 * KiB, 0), (256 * KiB, 64 * KiB, 256 * KiB)])  # 20 KiB too many
+    image = BackupImage(repo, m, "vda")
+    assert image.read(0, 300 * KiB) == data
+    with pytest.raises(RepositoryDamaged, match="shorter than its index says"):
+        image.read(300 * KiB, 4 * KiB)
+
+
+def test_the_piece_cache_holds_as_much_memory_as_the_chunk_cache(tmp_path):
+    repo = Repository.open(tmp_path / "repo", create=True)
+    data = bytes(random.Random(4).choices(b"xyz ", k=4 * MiB))
+    m, _ = one_chunk_backup(repo, data, [(0, 4 * MiB, 0)])
+    image = BackupImage(repo, m, "vda", cache_chunks=1)
+    assert image.read(0, 4 * MiB) == data  # 16 pieces: all fit in one chunk's memory
+    assert image.loads == 16 and len(image._cache) == 16
+    assert image.read(0, 4 * MiB) == data and image.loads == 16

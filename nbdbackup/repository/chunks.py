@@ -175,16 +175,7 @@ def read_ranges(source: BinaryIO | bytes | memoryview, expected_id: bytes, where
     hashed while it is in the CPU's cache.  Rollback's writers need a few ranges of each chunk.
     source: the chunk file, open and at its start, or its bytes.  out holds the ranges only once
     this returns; on damage (RepositoryDamaged) what it holds must not be used."""
-    file: BinaryIO | None = None
-    if isinstance(source, (bytes, bytearray, memoryview)):
-        encoding, length, payload = _parse(source, expected_id, where, chunk_id)
-        head: Any = source
-    else:
-        file = source
-        head = file.read(HEADER_SIZE)
-        encoding, length, payload = _parse(head, expected_id, where, chunk_id)
-        if chunk_id.piece:
-            head += file.read(_table_size(encoding, length, chunk_id.piece))
+    file, head, encoding, length, payload = _head(source, expected_id, where, chunk_id)
     for at, n in ranges:
         if at < 0 or n < 0 or at + n > length:
             raise RepositoryDamaged(f"chunk {expected_id.hex()} is shorter than its index says ({where})")
@@ -228,6 +219,36 @@ def read_ranges(source: BinaryIO | bytes | memoryview, expected_id: bytes, where
             done += len(part)
     if hasher.digest() != expected_id:
         raise _damaged(expected_id, where)
+
+
+def read_piece(source: BinaryIO | bytes | memoryview, expected_id: bytes, where: str, chunk_id: ChunkIds, i: int) -> memoryview:
+    """Piece i of a version 2 chunk file's content (chunk_id.piece bytes, the last piece shorter),
+    checked as read_ranges checks it, in a buffer of its own: what a random reader of a served
+    backup needs, without decoding the other pieces.  source: as for read_ranges."""
+    file, head, encoding, length, payload = _head(source, expected_id, where, chunk_id)
+    pieces = _Pieces(head, encoding, length, chunk_id, expected_id, where)
+    if not 0 <= i < pieces.count:
+        raise RepositoryDamaged(f"chunk {expected_id.hex()} is shorter than its index says ({where})")
+    dest = memoryview(bytearray(chunk_id.piece))
+    content = pieces.read(i, payload if file is None else file, dest)
+    if content.obj is not dest.obj:  # stored as is, a view of source: copied, source may be reused
+        dest[:len(content)] = content
+        content = dest[:len(content)]
+    return content
+
+
+def _head(source: BinaryIO | bytes | memoryview, expected_id: bytes, where: str, chunk_id: ChunkIds
+          ) -> tuple[BinaryIO | None, Any, int, int, memoryview]:
+    """(the file or None, the header with its piece table, encoding, content length, the payload
+    when source is bytes) of a chunk file given as bytes or as a file open at its start."""
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        encoding, length, payload = _parse(source, expected_id, where, chunk_id)
+        return None, source, encoding, length, payload
+    head = source.read(HEADER_SIZE)
+    encoding, length, payload = _parse(head, expected_id, where, chunk_id)
+    if chunk_id.piece:
+        head += source.read(_table_size(encoding, length, chunk_id.piece))
+    return source, head, encoding, length, payload
 
 
 class _Pieces:

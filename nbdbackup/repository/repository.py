@@ -26,7 +26,7 @@ import uuid
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from ..errors import EncryptionMismatch, RepositoryDamaged, RepositoryUnusable, UsageError
 from ..lock import file_lock, object_lock, remove_dead_holders
@@ -380,16 +380,34 @@ class Repository:
         pieces holding the ranges, older versions the whole chunk, in pieces through step).  From
         an unencrypted local directory only the parts of the chunk file needed are read; otherwise
         it is fetched (and decrypted) whole first."""
-        backend = self.backend
-        if isinstance(backend, LocalBackend):
+        with self._chunk_source(cid, where) as source:
+            chunks.read_ranges(source, cid, where, self.chunk_id, ranges, out, step)
+
+    @property
+    def reads_pieces(self) -> bool:
+        """Whether one piece of a chunk costs less than the chunk: tree ids (format 3), whose pieces
+        are checked alone, in an unencrypted local directory, where a piece is read alone."""
+        return bool(self.chunk_id.piece) and isinstance(self.backend, LocalBackend)
+
+    def read_chunk_piece(self, cid: bytes, where: str, i: int) -> memoryview:
+        """Piece i of chunk cid's content (chunk_id.piece bytes, the last piece shorter), checked
+        (chunks.read_piece), in a buffer of its own.  Tree ids only."""
+        with self._chunk_source(cid, where) as source:
+            return chunks.read_piece(source, cid, where, self.chunk_id, i)
+
+    @contextlib.contextmanager
+    def _chunk_source(self, cid: bytes, where: str) -> Iterator[BinaryIO | bytes | memoryview]:
+        """Chunk cid's file for reading in part: open, from an unencrypted local directory; else
+        fetched (and decrypted, into this thread's buffer) whole."""
+        if isinstance(self.backend, LocalBackend):
             try:
-                f = backend.open(self._chunk_key(cid))
+                f = self.backend.open(self._chunk_key(cid))
             except FileNotFoundError:
                 raise _missing(cid, where) from None
             with f:
-                chunks.read_ranges(f, cid, where, self.chunk_id, ranges, out, step)
-            return
-        chunks.read_ranges(self._plain_chunk(self.fetch_chunk(cid, where), cid, where), cid, where, self.chunk_id, ranges, out, step)
+                yield f
+        else:
+            yield self._plain_chunk(self.fetch_chunk(cid, where), cid, where)
 
     def decode_chunk(self, blob: bytes | memoryview, cid: bytes, where: str) -> bytes:
         """The content of the chunk file blob (from fetch_chunk): authenticated and decrypted when
