@@ -32,16 +32,24 @@ def thread_model():
     return nbdkit.THREAD_MODEL_PARALLEL
 
 
+def use_path(ours):
+    """sys.path = nbdbackup's own sys.path (ours), in its order, AHEAD of the embedded Python's:
+    the system's dist-packages may hold older versions of the same packages (cryptography, for
+    one), and an entry both have (PYTHONPATH, which nbdkit inherits) must not fall behind an
+    installed nbdbackup, or this file would import another nbdbackup than its own.  The .pth
+    files of ours' directories run (an editable install may import there); what they add
+    that ours lacks goes right behind ours."""
+    before = list(sys.path)
+    ours = list(dict.fromkeys(p for p in ours if p))
+    for p in ours:
+        site.addsitedir(p)
+    added = [p for p in sys.path if p not in ours and p not in before]
+    sys.path[:] = ours + added + [p for p in before if p not in ours]
+
+
 def config(key, value):
     if key == "path":
-        # nbdbackup's own sys.path, in its order and AHEAD of the embedded Python's: the system's
-        # dist-packages may hold older versions of the same packages (cryptography, for one)
-        before = list(sys.path)
-        for p in value.split(os.pathsep):
-            if p:
-                site.addsitedir(p)  # also runs the .pth files there (an editable install)
-        ours = [p for p in sys.path if p not in before]
-        sys.path[:] = ours + before
+        use_path(value.split(os.pathsep))
     elif key == "disk":
         _params["disk"].append(value)
     elif key == "keyfd":
