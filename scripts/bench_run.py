@@ -575,6 +575,88 @@ def serve_case(nb: Nbdbackup, report: Report, virtual: int, restore: Timed, repe
     report.notes.append(f"serve{where}{how}: first URI after {min(starts):.2f}s (best of {len(starts)})")
 
 
+RANDOM_READS = 1000  # --serve-only: 4 KiB reads at random places in the disk's data, one at a time
+RANDOM_READ_SIZE = 4096
+
+
+def random_read_offsets(image: Path, n: int, seed: int) -> list[int]:
+    """n offsets of RANDOM_READ_SIZE-aligned reads inside the image's data (qemu-img map), every
+    byte of data equally likely: where a booting guest or a file restore reads, not the holes."""
+    extents = [(e["start"], e["length"]) for e in json.loads(sh(["qemu-img", "map", "--output=json", str(image)], "qemu-img map"))
+               if e["data"] and e["length"] >= RANDOM_READ_SIZE]
+    rnd = random.Random(seed)
+    picks = rnd.choices(extents, weights=[n for _, n in extents], k=n)
+    return [start + rnd.randrange(0, length - RANDOM_READ_SIZE + 1) // RANDOM_READ_SIZE * RANDOM_READ_SIZE
+            for start, length in picks]
+
+
+def timed_reads(uri: str, offsets: list[int]) -> tuple[float, list[bytes]]:
+    """Seconds for the reads at offsets, one request at a time over one NBD connection (libnbd),
+    and what they read."""
+    import nbd
+
+    h = nbd.NBD()
+    h.connect_uri(uri)
+    try:
+        t0 = time.perf_counter()
+        got = [h.pread(RANDOM_READ_SIZE, off) for off in offsets]
+        return time.perf_counter() - t0, got
+    finally:
+        h.shutdown()
+
+
+def serve_reads_case(args: argparse.Namespace, report: Report, rundir: Path, sockdir: Path, config: Path) -> None:
+    """--serve-only: a full backup, then RANDOM_READS random 4 KiB reads of the served backup
+    (`nbdbackup serve`, a fresh server each time: nothing cached) against the same reads of the
+    backed-up image itself (qemu-storage-daemon); the data read must be the same."""
+    image = build_in_subprocess(args.workdir, args.size, args.data, seed=args.seed)
+    report.images["main"] = {"path": str(image.path), **image.stats}
+    disk = rundir / "vm1-vda.qcow2"
+    log(f"copying the image to {disk}")
+    sh(["cp", "--sparse=never", str(image.path), str(disk)], "cp")
+    nb = Nbdbackup(rundir / "repo", config)
+    with VM(disk, rundir, sockdir) as vm:
+        log("nbdbackup full")
+        t = nb.run("full", "vm1", "--qmp", str(vm.tool_qmp))
+        log(f"  {t.seconds:.2f}s")
+    offsets = random_read_offsets(disk, RANDOM_READS, args.seed)
+    refs, serves, starts = [], [], []
+    for i in range(args.repeat):
+        sync()
+        log(f"reference: {RANDOM_READS} random 4 KiB reads of the image, qemu-storage-daemon ({i + 1}/{args.repeat})")
+        with StorageDaemon(disk, sockdir / "ref.sock", export="vda"):
+            seconds, expected = timed_reads(f"nbd+unix:///vda?socket={sockdir / 'ref.sock'}", offsets)
+        refs.append(seconds)
+        log(f"  {seconds:.3f}s")
+        log(f"nbdbackup serve: the same reads ({i + 1}/{args.repeat})")
+        t0 = time.monotonic()
+        proc = subprocess.Popen(nb.argv("serve", "vm1", "--to", "latest", "--disk", "vda"), stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True, env=NB_ENV, cwd=NB_CWD)
+        try:
+            uri = proc.stdout.readline().strip()
+            if not uri.startswith("nbd"):
+                raise BenchError(f"nbdbackup serve printed no URI: {proc.stderr.read()[-500:]}")
+            starts.append(time.monotonic() - t0)
+            seconds, got = timed_reads(uri, offsets)
+        finally:
+            proc.send_signal(signal.SIGINT)
+            proc.communicate(timeout=60)
+        if got != expected:
+            raise BenchError("the served backup read differently from the image it is a backup of")
+        serves.append(seconds)
+        log(f"  {seconds:.3f}s")
+    ref, served = min(refs), min(serves)
+    ratio = served / ref
+    per_read = 1000 * served / RANDOM_READS
+    report.rows.append(Row(f"reference: {RANDOM_READS} random 4 KiB reads of the image (qemu-storage-daemon)", ref,
+                           RANDOM_READS * RANDOM_READ_SIZE, None, f"{1000 * ref / RANDOM_READS:.3f} ms/read", None, None, None, refs))
+    report.rows.append(Row(f"serve: the same reads of the served full backup", served, RANDOM_READS * RANDOM_READ_SIZE, ratio,
+                           f"{ratio:.2f}x reference, {per_read:.3f} ms/read", None, None, None, serves,
+                           {"serve_start_seconds": [round(x, 3) for x in starts]}))
+    report.notes.append(f"--serve-only: {RANDOM_READS} reads of 4 KiB at random places in the disk's data, one at a time, "
+                        "a fresh server each repetition; every read equal to the image's")
+
+
 def server_peak_kib(socket: str) -> int:
     """VmHWM of the nbdkit serving on socket (its Python plugin: cache and read-ahead included); 0 if not found."""
     for proc in Path("/proc").iterdir():
@@ -992,6 +1074,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                     help="measure only full backup and restore into an encrypted vs an unencrypted repository")
     ap.add_argument("--rollback-only", action="store_true",
                     help="measure only the rollback of the shut-down VM against the restore of the same point")
+    ap.add_argument("--serve-only", action="store_true",
+                    help="measure only random 4 KiB reads of a served full backup against the same reads of the image")
     ap.add_argument("--no-encryption", action="store_true", help="skip the encrypted-vs-unencrypted comparison")
     ap.add_argument("--compression", type=int, help="nbdbackup's zstd level (default: nbdbackup's default)")
     ap.add_argument("--workers", type=int, help="nbdbackup's workers setting (default: nbdbackup's default)")
@@ -1058,13 +1142,15 @@ def main(argv: list[str]) -> int:
     try:
         if args.rollback_only:
             rollback_case(args, report, rundir, sockdir, config)
+        elif args.serve_only:
+            serve_reads_case(args, report, rundir, sockdir, config)
         elif not (args.s3_only or args.encryption_only):
             main_case(args, report, rundir, sockdir, config)
             for size in args.sparse_sizes:
                 sparse_case(args, report, rundir, sockdir, config, size)
         if args.s3 or args.s3_only:
             s3_case(args, report, rundir, sockdir)
-        if not (args.no_encryption or args.s3_only or args.rollback_only):
+        if not (args.no_encryption or args.s3_only or args.rollback_only or args.serve_only):
             encryption_case(args, report, rundir, sockdir, config)
     except BenchError as exc:
         report.errors.append(str(exc))
