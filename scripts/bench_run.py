@@ -620,12 +620,16 @@ def serve_reads_case(args: argparse.Namespace, report: Report, rundir: Path, soc
         t = nb.run("full", "vm1", "--qmp", str(vm.tool_qmp))
         log(f"  {t.seconds:.2f}s")
     offsets = random_read_offsets(disk, RANDOM_READS, args.seed)
+    copies = {how: ([], []) for how in SERVE_COPIES}  # nbdcopy to null: of the image, of the served backup
     refs, serves, starts = [], [], []
     for i in range(args.repeat):
         sync()
         log(f"reference: {RANDOM_READS} random 4 KiB reads of the image, qemu-storage-daemon ({i + 1}/{args.repeat})")
+        ref_uri = f"nbd+unix:///vda?socket={sockdir / 'ref.sock'}"
         with StorageDaemon(disk, sockdir / "ref.sock", export="vda"):
-            seconds, expected = timed_reads(f"nbd+unix:///vda?socket={sockdir / 'ref.sock'}", offsets)
+            seconds, expected = timed_reads(ref_uri, offsets)
+            for how, options in SERVE_COPIES.items():
+                copies[how][0].append(nbdcopy_to_null(ref_uri, options))
         refs.append(seconds)
         log(f"  {seconds:.3f}s")
         log(f"nbdbackup serve: the same reads ({i + 1}/{args.repeat})")
@@ -638,6 +642,8 @@ def serve_reads_case(args: argparse.Namespace, report: Report, rundir: Path, soc
                 raise BenchError(f"nbdbackup serve printed no URI: {proc.stderr.read()[-500:]}")
             starts.append(time.monotonic() - t0)
             seconds, got = timed_reads(uri, offsets)
+            for how, options in SERVE_COPIES.items():
+                copies[how][1].append(nbdcopy_to_null(uri, options))
         finally:
             proc.send_signal(signal.SIGINT)
             proc.communicate(timeout=60)
@@ -653,8 +659,24 @@ def serve_reads_case(args: argparse.Namespace, report: Report, rundir: Path, soc
     report.rows.append(Row(f"serve: the same reads of the served full backup", served, RANDOM_READS * RANDOM_READ_SIZE, ratio,
                            f"{ratio:.2f}x reference, {per_read:.3f} ms/read", None, None, None, serves,
                            {"serve_start_seconds": [round(x, 3) for x in starts]}))
+    for how, (ref_copies, served_copies) in copies.items():
+        ref_copy, served_copy = min(ref_copies), min(served_copies)
+        report.rows.append(Row(f"reference: nbdcopy{how} of the image -> null:", ref_copy, args.size, None, "", None, None, None, ref_copies))
+        report.rows.append(Row(f"serve: nbdcopy{how} of the served full backup -> null:", served_copy, args.size,
+                               served_copy / ref_copy, f"{served_copy / ref_copy:.2f}x reference", None, None, None, served_copies))
     report.notes.append(f"--serve-only: {RANDOM_READS} reads of 4 KiB at random places in the disk's data, one at a time, "
-                        "a fresh server each repetition; every read equal to the image's")
+                        "a fresh server each repetition, every read equal to the image's; then nbdcopy of the whole disk "
+                        "to null: from the same server (after the random reads)")
+
+
+SERVE_COPIES = {"": (), " (1 request at a time, 512 KiB)": ("--connections=1", "--requests=1", "--request-size=524288")}
+
+
+def nbdcopy_to_null(uri: str, options: tuple[str, ...]) -> float:
+    t = run_timed(["nbdcopy", *options, uri, "null:"])
+    if not t.ok:
+        raise BenchError(f"nbdcopy of {uri} failed: {t.stderr.strip()[-500:]}")
+    return t.seconds
 
 
 def server_peak_kib(socket: str) -> int:
