@@ -7,11 +7,14 @@ once and kept in a small shared cache: NBD clients read in requests much
 smaller than a chunk.  Ranges no index entry covers read as zeroes and are
 reported as holes, so clients stay sparse.
 
-The cache's unit is a piece of a chunk where a piece can be read alone
-(Repository.reads_pieces: format 3 in a local directory): a random 4 KiB read,
-as a booting guest or a file restore makes, then reads and decodes one 256 KiB
-piece instead of a 4 MiB chunk.  Elsewhere (S3, encrypted repositories: the
-chunk is fetched or decrypted whole anyway) the unit is the chunk.
+Where a piece of a chunk can be read alone (Repository.reads_pieces: format 3
+in a local directory), a read smaller than a piece loads only the 256 KiB
+piece it needs: a random 4 KiB read, as a booting guest or a file restore
+makes, then decodes 256 KiB instead of a 4 MiB chunk (scripts/bench
+--serve-only).  Larger reads (nbdcopy, QEMU's block jobs) load whole chunks,
+which cost less per byte for a reader that wants all of them.  Elsewhere (S3,
+encrypted repositories: the chunk is fetched or decrypted whole anyway) every
+load is a whole chunk.  The cache is bounded in bytes, whatever it holds.
 
 Read-ahead (repositories that are not local directories, such as S3, where
 each chunk costs a round trip): a reader that moves on to the next chunk
@@ -21,7 +24,7 @@ like the kernel's read-ahead marker.  Clients with one request in flight
 (QEMU's block-stream, a booting guest) then wait for S3 once, not per chunk.
 Memory stays bounded: read-ahead fills the same cache, within its limit,
 and at most LOADS chunks are loaded at once, whatever the number of server
-threads: (CACHE_CHUNKS + 3 x LOADS) x chunk size at most.
+threads: CACHE_BYTES + 3 x LOADS x chunk size at most.
 """
 
 from __future__ import annotations
@@ -36,8 +39,8 @@ from .errors import RepositoryDamaged
 from .records import IndexEntry, Manifest
 from .repository import Repository
 
-CACHE_CHUNKS = 32  # decompressed chunks kept (at most 32 x chunk size of memory, read-ahead included)
-CHUNK = 4 * 1024 * 1024  # the largest chunk (capture.Capture.chunk_size): the cache's memory per chunk
+CHUNK = 4 * 1024 * 1024  # the largest chunk (capture.Capture.chunk_size)
+CACHE_BYTES = 32 * CHUNK  # decompressed content kept (read-ahead included)
 READ_AHEAD = 4  # chunks loaded ahead of a reader moving forward (remote repositories)
 LOADS = 8  # chunks loaded at once (each holds its stored and its decoded form: memory)
 
@@ -47,7 +50,7 @@ Unit = tuple[bytes, "int | None"]  # what the cache holds: (chunk id, piece inde
 class BackupImage:
     """Thread-safe reads of disk `disk_id` of backup `manifest`."""
 
-    def __init__(self, repo: Repository, manifest: Manifest, disk_id: str, cache_chunks: int = CACHE_CHUNKS,
+    def __init__(self, repo: Repository, manifest: Manifest, disk_id: str, cache_bytes: int = CACHE_BYTES,
                  read_ahead: int | None = None) -> None:
         """read_ahead: chunks to load ahead (None: READ_AHEAD for a remote repository, 0 for a directory)."""
         self.repo = repo
@@ -60,9 +63,10 @@ class BackupImage:
         self._lock = threading.Lock()
         self._load_slots = threading.BoundedSemaphore(LOADS)
         ahead = (READ_AHEAD if repo.root is None else 0) if read_ahead is None else read_ahead
-        self._ahead = max(0, min(ahead, cache_chunks // 4))  # never so much that it evicts what readers use
-        self._piece = repo.chunk_id.piece if repo.reads_pieces and not self._ahead else 0  # 0: whole chunks
-        self._limit = cache_chunks * (max(1, CHUNK // self._piece) if self._piece else 1)  # units kept
+        self._ahead = max(0, min(ahead, cache_bytes // CHUNK // 4))  # never so much that it evicts what readers use
+        self._piece = repo.chunk_id.piece if repo.reads_pieces and not self._ahead else 0  # 0: whole chunks only
+        self._limit = cache_bytes
+        self._held = 0  # bytes in the cache
         self._marks: set[bytes] = set()  # read-ahead chunks no reader has used yet
         self._queued = 0  # read-ahead loads not yet done
         self._pool = ThreadPoolExecutor(self._ahead, f"read-ahead-{disk_id}") if self._ahead else None
@@ -96,9 +100,10 @@ class BackupImage:
             stop = min(e.end, offset + length)
             dest = buf[pos - offset:stop - offset]
             at = e.chunk_offset + (pos - e.offset)  # in the chunk's content
+            pieces = self._piece and length < self._piece and (e.chunk, None) not in self._cache
             done = 0
             while done < len(dest):  # a piece at a time, or all from the chunk
-                if self._piece:
+                if pieces:
                     index, inner = divmod(at + done, self._piece)
                     want = min(self._piece - inner, len(dest) - done)
                 else:
@@ -213,8 +218,10 @@ class BackupImage:
             with self._lock:
                 self.loads += 1
                 self._cache[unit] = data
-                while len(self._cache) > self._limit:
-                    (old, _), _ = self._cache.popitem(last=False)
+                self._held += len(data)
+                while self._held > self._limit and len(self._cache) > 1:
+                    (old, _), gone = self._cache.popitem(last=False)
+                    self._held -= len(gone)
                     self._marks.discard(old)
             return data
         finally:

@@ -51,7 +51,7 @@ def make(tmp_path, version=3):
 @pytest.mark.parametrize("version", [3, 2])
 def test_reads_match_the_backup_at_any_offset_and_from_many_threads(tmp_path, version):
     repo, m, expected, _ = make(tmp_path, version)
-    image = BackupImage(repo, m, "vda", cache_chunks=1)
+    image = BackupImage(repo, m, "vda", cache_bytes=64 * KiB)  # less than a chunk: evictions all the time
     assert image.size == DISK
     assert image.read(0, DISK) == expected
     rnd = random.Random(7)
@@ -117,7 +117,7 @@ def test_read_ahead_loads_the_next_chunks_of_a_reader_moving_forward(tmp_path):
     repo.commit(m)
     expected = b"".join(chunks)
 
-    image = BackupImage(repo, m, "vda", cache_chunks=16, read_ahead=3)
+    image = BackupImage(repo, m, "vda", cache_bytes=64 * MiB, read_ahead=3)
     waited, by_reader = [], []
     real_get = repo.get_chunk
 
@@ -140,7 +140,7 @@ def test_read_ahead_loads_the_next_chunks_of_a_reader_moving_forward(tmp_path):
     assert len(by_reader) < 6, f"the reader itself loaded {len(by_reader)} of {len(chunks)} chunks"  # 12 without read-ahead
 
     # random access: nothing is loaded that nobody asked for
-    image = BackupImage(repo, m, "vda", cache_chunks=16, read_ahead=3)
+    image = BackupImage(repo, m, "vda", cache_bytes=64 * MiB, read_ahead=3)
     for i in (7, 2, 10, 5):
         assert image.read(i * 64 * KiB, 4 * KiB) == expected[i * 64 * KiB:i * 64 * KiB + 4 * KiB]
     image.close()
@@ -160,8 +160,9 @@ def one_chunk_backup(repo, data, entries):
 
 
 def test_a_random_read_decodes_one_piece_not_the_chunk(tmp_path):
-    """Format 3 in a directory: a 4 KiB read loads the one 256 KiB piece that holds it; a read
-    across a piece boundary loads both; a damaged piece stops only the reads that need it."""
+    """Format 3 in a directory: a 4 KiB read loads the one 256 KiB piece that holds it; a small
+    read across a piece boundary loads both; a read of a piece or more loads the whole chunk,
+    which then serves small reads too; a damaged piece stops only the reads that need it."""
     repo = Repository.open(tmp_path / "repo", create=True)
     piece = repo.chunk_id.piece
     data = bytes(random.Random(3).choices(b"nbdbackup pieces ", k=4 * MiB))
@@ -173,6 +174,8 @@ def test_a_random_read_decodes_one_piece_not_the_chunk(tmp_path):
     assert image.read(7 * piece - 10, 20) == data[7 * piece - 10:7 * piece + 10]
     assert image.loads == 3
     assert image.read(5 * piece, 8 * KiB) == data[5 * piece:5 * piece + 8 * KiB] and image.loads == 3  # cached
+    assert image.read(piece, piece) == data[piece:2 * piece] and image.loads == 4 and (cid, None) in image._cache
+    assert image.read(9 * piece, 4 * KiB) == data[9 * piece:9 * piece + 4 * KiB] and image.loads == 4  # from the chunk
 
     h = cid.hex()
     path = tmp_path / "repo" / "chunks" / h[:2] / h
@@ -183,6 +186,8 @@ def test_a_random_read_decodes_one_piece_not_the_chunk(tmp_path):
     assert image.read(0, 64 * KiB) == data[:64 * KiB]
     with pytest.raises(RepositoryDamaged, match="fails its checksum|does not decompress"):
         image.read(4 * MiB - 4 * KiB, 4 * KiB)
+    with pytest.raises(RepositoryDamaged, match="fails its checksum|does not decompress"):
+        image.read(0, piece)  # the whole chunk
 
 
 @pytest.mark.parametrize("version", [3, 2])
@@ -191,17 +196,22 @@ def test_an_index_entry_beyond_its_chunk_is_an_error(tmp_path, version):
     repo = Repository.open(tmp_path / "repo", create=True, like=like)
     data = os.urandom(300 * KiB)  # two pieces, the second short
     m, _ = one_chunk_backup(repo, data, [(0, 256 * KiB, 0), (256 * KiB, 64 * KiB, 256 * KiB)])  # 20 KiB too many
-    image = BackupImage(repo, m, "vda")
-    assert image.read(0, 300 * KiB) == data
-    with pytest.raises(RepositoryDamaged, match="shorter than its index says"):
-        image.read(300 * KiB, 4 * KiB)
+    assert BackupImage(repo, m, "vda").read(0, 300 * KiB) == data
+    assert BackupImage(repo, m, "vda").read(256 * KiB, 40 * KiB) == data[256 * KiB:296 * KiB]
+    for at, n in ((300 * KiB, 4 * KiB), (0, 320 * KiB)):  # a piece, the whole chunk
+        with pytest.raises(RepositoryDamaged, match="shorter than its index says"):
+            BackupImage(repo, m, "vda").read(at, n)
 
 
-def test_the_piece_cache_holds_as_much_memory_as_the_chunk_cache(tmp_path):
+def test_the_cache_is_bounded_in_bytes_whatever_it_holds(tmp_path):
     repo = Repository.open(tmp_path / "repo", create=True)
+    piece = repo.chunk_id.piece
     data = bytes(random.Random(4).choices(b"xyz ", k=4 * MiB))
-    m, _ = one_chunk_backup(repo, data, [(0, 4 * MiB, 0)])
-    image = BackupImage(repo, m, "vda", cache_chunks=1)
-    assert image.read(0, 4 * MiB) == data  # 16 pieces: all fit in one chunk's memory
-    assert image.loads == 16 and len(image._cache) == 16
-    assert image.read(0, 4 * MiB) == data and image.loads == 16
+    m, cid = one_chunk_backup(repo, data, [(0, 4 * MiB, 0)])
+    image = BackupImage(repo, m, "vda", cache_bytes=4 * MiB)
+    for i in range(16):  # 16 pieces: a chunk's worth, all kept
+        assert image.read(i * piece + 1, 4 * KiB) == data[i * piece + 1:i * piece + 1 + 4 * KiB]
+    assert image.loads == 16 and len(image._cache) == 16 and image._held == 4 * MiB
+    assert image.read(0, 4 * MiB) == data and image.loads == 17  # the whole chunk pushes the pieces out
+    assert list(image._cache) == [(cid, None)] and image._held == 4 * MiB
+    assert image.read(3 * piece, 4 * KiB) == data[3 * piece:3 * piece + 4 * KiB] and image.loads == 17
