@@ -17,6 +17,7 @@ guest writes); check every restore byte for byte; optionally the same on large s
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -29,6 +30,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -502,13 +504,19 @@ def rollback_step(nb: Nbdbackup, report: Report, args: argparse.Namespace, disk:
     compare(disk, source, "nbdbackup rollback to the full point == source image", report)
 
 
-def rollback_case(args: argparse.Namespace, report: Report, rundir: Path, sockdir: Path, config: Path) -> None:
-    """--rollback-only: full backup, restore of it (the reference), guest writes, VM shut down, rollback."""
+def vm_disk(args: argparse.Namespace, report: Report, rundir: Path) -> tuple[Any, Path]:
+    """The built (or cached) image, and a copy of it in the run directory for the VM to use."""
     image = build_in_subprocess(args.workdir, args.size, args.data, seed=args.seed)
     report.images["main"] = {"path": str(image.path), **image.stats}
     disk = rundir / "vm1-vda.qcow2"
     log(f"copying the image to {disk}")
     sh(["cp", "--sparse=never", str(image.path), str(disk)], "cp")
+    return image, disk
+
+
+def rollback_case(args: argparse.Namespace, report: Report, rundir: Path, sockdir: Path, config: Path) -> None:
+    """--rollback-only: full backup, restore of it (the reference), guest writes, VM shut down, rollback."""
+    image, disk = vm_disk(args, report, rundir)
     nb = Nbdbackup(rundir / "repo", config)
     vm = VM(disk, rundir, sockdir)
     vm.start()
@@ -539,6 +547,22 @@ def rollback_case(args: argparse.Namespace, report: Report, rundir: Path, sockdi
     rollback_step(nb, report, args, disk, image.path, cp_full, rs)
 
 
+@contextlib.contextmanager
+def serving(nb: Nbdbackup, vm: str) -> Iterator[tuple[str, float]]:
+    """`nbdbackup serve VM --to latest --disk vda` running: its URI, and the seconds it took to print it."""
+    t0 = time.monotonic()
+    proc = subprocess.Popen(nb.argv("serve", vm, "--to", "latest", "--disk", "vda"), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=NB_ENV, cwd=NB_CWD)
+    try:
+        uri = proc.stdout.readline().strip()
+        if not uri.startswith("nbd"):
+            raise BenchError(f"nbdbackup serve printed no URI: {proc.stderr.read()[-500:]}")
+        yield uri, time.monotonic() - t0
+    finally:
+        proc.send_signal(signal.SIGINT)
+        proc.communicate(timeout=60)
+
+
 def serve_case(nb: Nbdbackup, report: Report, virtual: int, restore: Timed, repeat: int, vm: str = "vm1", where: str = "",
                nbdcopy: tuple[str, ...] = (), how: str = "") -> None:
     """`nbdbackup serve` of the incremental point: time to the first URI, and nbdcopy of the
@@ -547,14 +571,8 @@ def serve_case(nb: Nbdbackup, report: Report, virtual: int, restore: Timed, repe
     starts, copies, peaks = [], [], []
     for i in range(repeat):
         sync()
-        t0 = time.monotonic()
-        proc = subprocess.Popen(nb.argv("serve", vm, "--to", "latest", "--disk", "vda"), stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, text=True, env=NB_ENV, cwd=NB_CWD)
-        try:
-            uri = proc.stdout.readline().strip()
-            if not uri.startswith("nbd"):
-                raise BenchError(f"nbdbackup serve printed no URI: {proc.stderr.read()[-500:]}")
-            starts.append(time.monotonic() - t0)
+        with serving(nb, vm) as (uri, start):
+            starts.append(start)
             log(f"nbdcopy {uri} null: ({i + 1}/{repeat})")
             t = run_timed(["nbdcopy", *nbdcopy, uri, "null:"])
             if not t.ok:
@@ -562,9 +580,6 @@ def serve_case(nb: Nbdbackup, report: Report, virtual: int, restore: Timed, repe
             copies.append(t)
             peaks.append(server_peak_kib(uri.split("socket=", 1)[-1]))
             log(f"  {t.seconds:.2f}s (serving after {starts[-1]:.2f}s)")
-        finally:
-            proc.send_signal(signal.SIGINT)
-            proc.communicate(timeout=60)
     cp = best(copies)
     ratio = cp.seconds / restore.seconds
     report.rows.append(Row(f"serve{where}: nbdcopy{how} served disk -> null: (incremental point)", cp.seconds, virtual, ratio,
@@ -609,11 +624,7 @@ def serve_reads_case(args: argparse.Namespace, report: Report, rundir: Path, soc
     """--serve-only: a full backup, then RANDOM_READS random 4 KiB reads of the served backup
     (`nbdbackup serve`, a fresh server each time: nothing cached) against the same reads of the
     backed-up image itself (qemu-storage-daemon); the data read must be the same."""
-    image = build_in_subprocess(args.workdir, args.size, args.data, seed=args.seed)
-    report.images["main"] = {"path": str(image.path), **image.stats}
-    disk = rundir / "vm1-vda.qcow2"
-    log(f"copying the image to {disk}")
-    sh(["cp", "--sparse=never", str(image.path), str(disk)], "cp")
+    _, disk = vm_disk(args, report, rundir)
     nb = Nbdbackup(rundir / "repo", config)
     with VM(disk, rundir, sockdir) as vm:
         log("nbdbackup full")
@@ -633,20 +644,11 @@ def serve_reads_case(args: argparse.Namespace, report: Report, rundir: Path, soc
         refs.append(seconds)
         log(f"  {seconds:.3f}s")
         log(f"nbdbackup serve: the same reads ({i + 1}/{args.repeat})")
-        t0 = time.monotonic()
-        proc = subprocess.Popen(nb.argv("serve", "vm1", "--to", "latest", "--disk", "vda"), stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, text=True, env=NB_ENV, cwd=NB_CWD)
-        try:
-            uri = proc.stdout.readline().strip()
-            if not uri.startswith("nbd"):
-                raise BenchError(f"nbdbackup serve printed no URI: {proc.stderr.read()[-500:]}")
-            starts.append(time.monotonic() - t0)
+        with serving(nb, "vm1") as (uri, start):
+            starts.append(start)
             seconds, got = timed_reads(uri, offsets)
             for how, options in SERVE_COPIES.items():
                 copies[how][1].append(nbdcopy_to_null(uri, options))
-        finally:
-            proc.send_signal(signal.SIGINT)
-            proc.communicate(timeout=60)
         if got != expected:
             raise BenchError("the served backup read differently from the image it is a backup of")
         serves.append(seconds)
@@ -656,7 +658,7 @@ def serve_reads_case(args: argparse.Namespace, report: Report, rundir: Path, soc
     per_read = 1000 * served / RANDOM_READS
     report.rows.append(Row(f"reference: {RANDOM_READS} random 4 KiB reads of the image (qemu-storage-daemon)", ref,
                            RANDOM_READS * RANDOM_READ_SIZE, None, f"{1000 * ref / RANDOM_READS:.3f} ms/read", None, None, None, refs))
-    report.rows.append(Row(f"serve: the same reads of the served full backup", served, RANDOM_READS * RANDOM_READ_SIZE, ratio,
+    report.rows.append(Row("serve: the same reads of the served full backup", served, RANDOM_READS * RANDOM_READ_SIZE, ratio,
                            f"{ratio:.2f}x reference, {per_read:.3f} ms/read", None, None, None, serves,
                            {"serve_start_seconds": [round(x, 3) for x in starts]}))
     for how, (ref_copies, served_copies) in copies.items():
