@@ -31,7 +31,7 @@ from .repository import Repository
 
 # Offsets named per damaged chunk and disk; the rest are only counted.
 FIRST_OFFSETS = 3
-# get_chunk() appends "(<where>)" to its messages; the report names the uses itself.
+# check_chunk() appends "(<where>)" to its messages; the report names the uses itself.
 _WHERE = "verify"
 
 
@@ -241,7 +241,7 @@ def _check_chunks(repo: Repository, chunk_ids: list[bytes], workers: int,
 
     def check(cid: bytes) -> tuple[bytes, int, str | None]:
         try:
-            return cid, len(repo.get_chunk(cid, _WHERE)), None  # the content is dropped here
+            return cid, repo.check_chunk(cid, _WHERE), None
         except RepositoryDamaged as exc:
             return cid, 0, exc.message.removesuffix(f" ({_WHERE})")
         except OSError as exc:

@@ -151,7 +151,9 @@ def test_version_3_reads_and_checks_only_the_pieces_asked_for(encoding, tmp_path
         repo.read_chunk_ranges(cid, "here", first, out, step)
         assert bytes(out[:100]) == data[:100]
         with pytest.raises(RepositoryDamaged):
-            repo.get_chunk(cid, "verify")
+            repo.get_chunk(cid, "serve")
+        with pytest.raises(RepositoryDamaged):
+            repo.check_chunk(cid, "verify")
     damaged_first = bytearray(blob)
     damaged_first[chunks.HEADER_SIZE + table + 7] ^= 0x40
     path.write_bytes(bytes(damaged_first))
@@ -323,3 +325,26 @@ def test_rollback_writer_lays_back_shared_and_zero_ranges(tmp_path):
         expected[r.offset:r.end] = backup[r.offset:r.end]
     assert after == bytes(expected)
     assert written + zeroed == sum(r.length for r in regions)
+
+
+@pytest.mark.parametrize("kind", REPOS)
+def test_check_chunk_checks_what_get_chunk_checks_and_reuses_its_buffers(kind, tmp_path):
+    """verify's check_chunk: the content's length for a sound chunk, RepositoryDamaged for a
+    damaged one, from every kind of repository; chunk after chunk through the same buffers."""
+    repo = make_repo(kind, tmp_path)
+    for data in contents():
+        cid = repo.chunk_id(data)
+        repo.put_chunk(cid, data, 1)
+        assert repo.check_chunk(cid, "verify") == len(data) == len(repo.get_chunk(cid, "verify"))
+    with pytest.raises(RepositoryDamaged, match="missing"):
+        repo.check_chunk(bytes(32), "verify")
+    data = os.urandom(300 * 1024)
+    cid = repo.chunk_id(data)
+    repo.put_chunk(cid, data, 1)
+    key = repo._chunk_key(cid)
+    store, name = (repo.backend.inner, repo.backend.physical(key)) if repo.encrypted else (repo.backend, key)
+    blob = bytearray(store.read(name))
+    blob[-20] ^= 1
+    store.write(name, bytes(blob))
+    with pytest.raises(RepositoryDamaged):
+        repo.check_chunk(cid, "verify")

@@ -80,13 +80,13 @@ def shared(tmp_path):
 def test_a_shared_chunk_is_read_once_and_blamed_on_every_backup_using_it(shared, monkeypatch):
     root, repo, s, own = shared
     reads = defaultdict(int)
-    get_chunk = repo.get_chunk
+    check_chunk = repo.check_chunk
 
     def counting(cid, where):
         reads[cid] += 1
-        return get_chunk(cid, where)
+        return check_chunk(cid, where)
 
-    monkeypatch.setattr(repo, "get_chunk", counting)
+    monkeypatch.setattr(repo, "check_chunk", counting)
     healthy = run_verify(repo, VerifyRequest("vm1"))
     assert [b.ok for b in healthy.backups] == [True, True, True]
     assert (healthy.chunks_referenced, healthy.chunks_checked, healthy.damaged_chunks) == (4, 4, 0)

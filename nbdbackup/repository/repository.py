@@ -365,6 +365,19 @@ class Repository:
             raise RepositoryDamaged(f"chunk {cid.hex()} {exc.reason} ({where})") from None
         return chunks.decode(plain, cid, where, self.chunk_id)
 
+    def check_chunk(self, cid: bytes, where: str) -> int:
+        """Read and check chunk cid as get_chunk does, keeping nothing (verify): its content's
+        length.  The chunk file and its content go through this thread's buffers, reused from
+        chunk to chunk: no new memory per chunk, so none of its page faults."""
+        if isinstance(self.backend, LocalBackend):
+            try:
+                blob: bytes | memoryview = self.backend.read_into(self._chunk_key(cid), lambda n: _scratch("file", n))
+            except FileNotFoundError:
+                raise _missing(cid, where) from None
+        else:
+            blob = self.fetch_chunk(cid, where)
+        return len(self.decode_chunk_into(blob, cid, where, lambda n: _scratch("content", n)))
+
     def fetch_chunk(self, cid: bytes, where: str) -> bytes | memoryview:
         """The stored chunk file, unchecked (decode_chunk checks it): get_chunk in two steps, so
         downloads can run ahead of decompression (restore from S3)."""
@@ -625,6 +638,18 @@ class Repository:
         check_name("VM", vm)
         blob = manifest.checkpoints_to_bytes(list(records))
         self.backend.write(f"vms/{vm}/checkpoints.json", blob, durable=True)
+
+
+_scratch_buffers = threading.local()
+
+
+def _scratch(name: str, size: int) -> memoryview:
+    """This thread's reusable buffer `name`, of at least size bytes (4 MiB at least: a chunk)."""
+    buf = getattr(_scratch_buffers, name, None)
+    if buf is None or len(buf) < size:
+        buf = memoryview(bytearray(max(size, 4 << 20)))
+        setattr(_scratch_buffers, name, buf)
+    return buf
 
 
 def _missing(cid: bytes, where: str) -> RepositoryDamaged:
