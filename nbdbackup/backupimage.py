@@ -58,7 +58,7 @@ class BackupImage:
         self.disk_id = disk_id
         self.size, self.entries = repo.read_index(manifest, disk_id)
         self._starts = [e.offset for e in self.entries]
-        self._cache: OrderedDict[Unit, bytes | memoryview] = OrderedDict()
+        self._cache: OrderedDict[Unit, bytes | bytearray | memoryview] = OrderedDict()
         self._loading: dict[Unit, threading.Event] = {}
         self._lock = threading.Lock()
         self._load_slots = threading.BoundedSemaphore(LOADS)
@@ -196,7 +196,7 @@ class BackupImage:
     def _where(self, offset: int) -> str:
         return f"backup {self.manifest.checkpoint}, disk {self.disk_id}, offset {offset}"
 
-    def _unit(self, unit: Unit, offset: int) -> bytes | memoryview:
+    def _unit(self, unit: Unit, offset: int) -> bytes | bytearray | memoryview:
         """The decompressed chunk (unit (cid, None)) or piece (cid, index); concurrent readers of
         one unit wait for a single load."""
         while True:

@@ -120,10 +120,18 @@ def incompressible(view: memoryview) -> bool:
     return True
 
 
-def decode(blob: bytes | memoryview, expected_id: bytes, where: str, chunk_id: ChunkIds) -> bytes:
-    """The chunk's content, checked against its name; RepositoryDamaged otherwise."""
+def decode(blob: bytes | memoryview, expected_id: bytes, where: str, chunk_id: ChunkIds) -> bytes | bytearray:
+    """The chunk's content, checked against its name, in memory of its own (blob may be a buffer
+    its caller reuses); RepositoryDamaged otherwise."""
     if chunk_id.piece:
-        return bytes(decode_into(blob, expected_id, where, chunk_id, lambda n: memoryview(bytearray(n))))
+        made: list[bytearray] = []
+
+        def fresh(length: int) -> memoryview:
+            made.append(bytearray(length))
+            return memoryview(made[0])
+
+        decode_into(blob, expected_id, where, chunk_id, fresh)
+        return made[0]  # decoded in place: not copied again
     encoding, length, payload = _parse(blob, expected_id, where, chunk_id)
     if encoding == ZSTD:
         try:

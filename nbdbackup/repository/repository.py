@@ -353,10 +353,11 @@ class Repository:
         self._listing = listing
         threading.Thread(target=run, name="list-chunks", daemon=True).start()
 
-    def get_chunk(self, cid: bytes, where: str) -> bytes:
+    def get_chunk(self, cid: bytes, where: str) -> bytes | bytearray:
+        """Chunk cid's content, checked, in memory of its own (serve's cache keeps it)."""
         backend = self.backend
         if not isinstance(backend, crypto.EncryptedBackend):
-            return self.decode_chunk(self.fetch_chunk(cid, where), cid, where)
+            return self.decode_chunk(self._chunk_file(cid, where), cid, where)
         try:  # read and decrypted in this thread's buffer (decode copies out of it)
             plain = backend.read_plain_view(self._chunk_key(cid))
         except FileNotFoundError:
@@ -369,14 +370,17 @@ class Repository:
         """Read and check chunk cid as get_chunk does, keeping nothing (verify): its content's
         length.  The chunk file and its content go through this thread's buffers, reused from
         chunk to chunk: no new memory per chunk, so none of its page faults."""
-        if isinstance(self.backend, LocalBackend):
-            try:
-                blob: bytes | memoryview = self.backend.read_into(self._chunk_key(cid), lambda n: _scratch("file", n))
-            except FileNotFoundError:
-                raise _missing(cid, where) from None
-        else:
-            blob = self.fetch_chunk(cid, where)
-        return len(self.decode_chunk_into(blob, cid, where, lambda n: _scratch("content", n)))
+        return len(self.decode_chunk_into(self._chunk_file(cid, where), cid, where, lambda n: _scratch("content", n)))
+
+    def _chunk_file(self, cid: bytes, where: str) -> bytes | memoryview:
+        """fetch_chunk for a caller done with the chunk file before this thread reads the next
+        one: from a directory it is read into this thread's reused buffer."""
+        if not isinstance(self.backend, LocalBackend):
+            return self.fetch_chunk(cid, where)
+        try:
+            return self.backend.read_into(self._chunk_key(cid), lambda n: _scratch("file", n))
+        except FileNotFoundError:
+            raise _missing(cid, where) from None
 
     def fetch_chunk(self, cid: bytes, where: str) -> bytes | memoryview:
         """The stored chunk file, unchecked (decode_chunk checks it): get_chunk in two steps, so
@@ -422,7 +426,7 @@ class Repository:
         else:
             yield self._plain_chunk(self.fetch_chunk(cid, where), cid, where)
 
-    def decode_chunk(self, blob: bytes | memoryview, cid: bytes, where: str) -> bytes:
+    def decode_chunk(self, blob: bytes | memoryview, cid: bytes, where: str) -> bytes | bytearray:
         """The content of the chunk file blob (from fetch_chunk): authenticated and decrypted when
         the repository is encrypted (into this thread's buffer: decode copies out of it), checked."""
         return chunks.decode(self._plain_chunk(blob, cid, where), cid, where, self.chunk_id)
