@@ -357,7 +357,7 @@ class Repository:
         """Chunk cid's content, checked, in memory of its own (serve's cache keeps it)."""
         backend = self.backend
         if not isinstance(backend, crypto.EncryptedBackend):
-            return self.decode_chunk(self._chunk_file(cid, where), cid, where)
+            return self.decode_chunk(self._fetch_chunk_transient(cid, where), cid, where)
         try:  # read and decrypted in this thread's buffer (decode copies out of it)
             plain = backend.read_plain_view(self._chunk_key(cid))
         except FileNotFoundError:
@@ -370,9 +370,9 @@ class Repository:
         """Read and check chunk cid as get_chunk does, keeping nothing (verify): its content's
         length.  The chunk file and its content go through this thread's buffers, reused from
         chunk to chunk: no new memory per chunk, so none of its page faults."""
-        return len(self.decode_chunk_into(self._chunk_file(cid, where), cid, where, lambda n: _scratch("content", n)))
+        return len(self.decode_chunk_into(self._fetch_chunk_transient(cid, where), cid, where, lambda n: _scratch("content", n)))
 
-    def _chunk_file(self, cid: bytes, where: str) -> bytes | memoryview:
+    def _fetch_chunk_transient(self, cid: bytes, where: str) -> bytes | memoryview:
         """fetch_chunk for a caller done with the chunk file before this thread reads the next
         one: from a directory it is read into this thread's reused buffer."""
         if not isinstance(self.backend, LocalBackend):
