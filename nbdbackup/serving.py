@@ -36,6 +36,7 @@ from .errors import QEMUFailed, ServeAddressError, ToolUnavailable, UsageError
 from .records import Manifest
 from .repository import Repository
 from .repository.keys import Unlocked
+from .repository.location import S3Location, parse_location
 from .storage_daemon import spawn_dying_with_parent
 
 log = logging.getLogger(__name__)
@@ -43,7 +44,7 @@ log = logging.getLogger(__name__)
 PLUGIN = Path(__file__).with_name("nbdkit_plugin.py")
 START_TIMEOUT = 60.0
 STOP_TIMEOUT = 3.0  # nbdkit waits for its clients to disconnect; a read-only server can be killed
-THREADS = 16
+THREADS = 16  # nbdkit's worker threads at most (nbdkit_threads)
 SOCKET_MAX = 107  # bytes in a unix socket path
 
 
@@ -235,11 +236,21 @@ def key_pipe(key: Unlocked | None) -> Iterator[int | None]:
         os.close(r)  # the server has its own copy (or died): nothing stays readable here
 
 
+def nbdkit_threads(repo: str) -> int:
+    """nbdkit's worker threads for repo (as the CLI names it).  Reading from a directory is CPU
+    work (decompressing, hashing): more threads than twice the CPUs only switch between each other
+    and wait for Python's lock (16 threads on 2 CPUs: a whole-disk copy took 20% longer than with
+    4; docs/PERFORMANCE.md).  S3's threads mostly wait for the network: THREADS."""
+    if isinstance(parse_location(repo), S3Location):
+        return THREADS
+    return min(THREADS, max(4, 2 * len(os.sched_getaffinity(0))))
+
+
 def nbdkit_command(source: Source, *, filters: Sequence[str] = (), readonly: bool = True, stdio: bool = False,
                    keyfd: int | None = None) -> list[str]:
     """The nbdkit command line serving source (listening options are added by the caller);
     keyfd: the inherited pipe holding source's key (key_pipe)."""
-    cmd = [need_program("nbdkit", "nbdkit"), "--threads", str(THREADS)]
+    cmd = [need_program("nbdkit", "nbdkit"), "--threads", str(nbdkit_threads(source.repo))]
     if stdio:
         cmd += ["--single", "--exit-with-parent"]  # under nbdfuse, which unmounts (disconnects) first
     else:

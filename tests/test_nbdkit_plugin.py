@@ -1,5 +1,6 @@
-"""nbdkit_plugin.py's own logic, without nbdkit (a stand-in `nbdkit` module): which nbdbackup
-nbdkit's embedded Python imports.  Serving itself is tested end to end in test_serve.py."""
+"""nbdkit's side of serving, without running nbdkit: which nbdbackup nbdkit's embedded Python
+imports (the plugin, with a stand-in `nbdkit` module) and how many threads nbdkit gets.  Serving
+itself is tested end to end in test_serve.py."""
 
 from __future__ import annotations
 
@@ -43,3 +44,19 @@ def test_what_a_pth_file_adds_goes_behind_nbdbackups_path(monkeypatch, tmp_path)
     monkeypatch.setattr(sys, "path", [str(system)])
     plugin.config("path", str(site_packages))
     assert sys.path == [str(site_packages), str(extra), str(system)]
+
+
+def test_nbdkit_threads_follow_the_cpus_for_a_directory_and_stay_many_for_s3(monkeypatch):
+    """A directory's reads are CPU work: at most twice the CPUs (at least 4, at most THREADS);
+    S3's wait for the network: THREADS."""
+    from nbdbackup import serving
+
+    for cpus, want in ((1, 4), (2, 4), (3, 6), (8, serving.THREADS), (64, serving.THREADS)):
+        monkeypatch.setattr(serving.os, "sched_getaffinity", lambda pid, n=cpus: set(range(n)))
+        assert serving.nbdkit_threads("/srv/backups") == want
+        assert serving.nbdkit_threads("s3://bucket/prefix") == serving.THREADS
+    source = serving.Source("/srv/backups", None, "vm1", "cp", ("vda",))
+    monkeypatch.setattr(serving.os, "sched_getaffinity", lambda pid: {0, 1})
+    monkeypatch.setattr(serving, "need_program", lambda name, package: name)
+    cmd = serving.nbdkit_command(source)
+    assert cmd[cmd.index("--threads") + 1] == "4"
