@@ -7,14 +7,17 @@ once and kept in a small shared cache: NBD clients read in requests much
 smaller than a chunk.  Ranges no index entry covers read as zeroes and are
 reported as holes, so clients stay sparse.
 
-Where a piece of a chunk can be read alone (Repository.reads_pieces: format 3
-in a local directory), a read smaller than a piece loads only the 256 KiB
-piece it needs: a random 4 KiB read, as a booting guest or a file restore
-makes, then decodes 256 KiB instead of a 4 MiB chunk (scripts/bench
---serve-only).  Larger reads (nbdcopy, QEMU's block jobs) load whole chunks,
-which cost less per byte for a reader that wants all of them.  Elsewhere (S3,
-encrypted repositories: the chunk is fetched or decrypted whole anyway) every
-load is a whole chunk.  The cache is bounded in bytes, whatever it holds.
+Where a piece of a chunk can be read alone (Repository.reads_pieces: format 3,
+unencrypted), a small read loads only the 256 KiB piece it needs: a random
+4 KiB read, as a booting guest or a file restore makes, then decodes 256 KiB
+instead of a 4 MiB chunk, and from S3 fetches the chunk file's header and one
+frame (two ranged GETs) instead of all of it (scripts/bench --serve-only).
+Reads of a piece or more (nbdcopy, QEMU's block jobs), and a read that starts
+where the last one ended (a reader going through the disk in small steps),
+load whole chunks: cheaper per byte for a reader that wants all of them, and
+what read-ahead builds on.  Encrypted chunks are authenticated whole, so
+every load is a whole chunk there.  The cache is bounded in bytes, whatever
+it holds.
 
 Read-ahead (repositories that are not local directories, such as S3, where
 each chunk costs a round trip): a reader that moves on to the next chunk
@@ -64,7 +67,8 @@ class BackupImage:
         self._load_slots = threading.BoundedSemaphore(LOADS)
         ahead = (READ_AHEAD if repo.root is None else 0) if read_ahead is None else read_ahead
         self._ahead = max(0, min(ahead, cache_bytes // CHUNK // 4))  # never so much that it evicts what readers use
-        self._piece = repo.chunk_id.piece if repo.reads_pieces and not self._ahead else 0  # 0: whole chunks only
+        self._piece = repo.chunk_id.piece if repo.reads_pieces else 0  # 0: whole chunks only
+        self._last_end = -1  # where the last read ended (any thread's: a hint, races are harmless)
         self._limit = cache_bytes
         self._held = 0  # bytes in the cache
         self._marks: set[bytes] = set()  # read-ahead chunks no reader has used yet
@@ -92,6 +96,8 @@ class BackupImage:
         length = len(buf)
         if offset < 0 or offset + length > self.size:
             raise ValueError(f"read of {length} bytes at {offset} lies outside the disk ({self.size} bytes)")
+        small = length < self._piece and offset != self._last_end  # not a read going on from the last
+        self._last_end = offset + length
         pos = offset
         for i, e in self._numbered_entries_in(offset, length):
             if e.offset > pos:
@@ -100,7 +106,7 @@ class BackupImage:
             stop = min(e.end, offset + length)
             dest = buf[pos - offset:stop - offset]
             at = e.chunk_offset + (pos - e.offset)  # in the chunk's content
-            pieces = self._piece and length < self._piece and (e.chunk, None) not in self._cache
+            pieces = small and (e.chunk, None) not in self._cache
             done = 0
             while done < len(dest):  # a piece at a time, or all from the chunk
                 if pieces:

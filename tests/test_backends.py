@@ -66,6 +66,19 @@ def test_write_read_size_and_buffers(backend):
     assert backend.read("empty") == b"" and backend.size("empty") == 0
 
 
+def test_read_range(backend):
+    blob = bytes(range(256)) * 40  # 10240 bytes
+    backend.write("chunks/ab/range", blob)
+    for offset, length in ((0, 12), (100, 1000), (10000, 240), (10000, 500), (0, len(blob)), (5, 0)):
+        assert backend.read_range("chunks/ab/range", offset, length) == blob[offset:offset + length], (offset, length)
+    assert backend.read_range("chunks/ab/range", len(blob), 10) == b""
+    assert backend.read_range("chunks/ab/range", len(blob) + 100, 10) == b""
+    with pytest.raises(FileNotFoundError):
+        backend.read_range("chunks/ab/none", 0, 10)
+    with pytest.raises(FileNotFoundError):
+        backend.read_range("chunks/ab/none", 0, 0)
+
+
 def test_replace_is_atomic(backend):
     """Readers see the old or the new object, never a mixture or a part."""
     old, new = b"A" * (1 << 20), b"B" * (1 << 20) + b"tail"

@@ -135,7 +135,7 @@ def test_read_ahead_loads_the_next_chunks_of_a_reader_moving_forward(tmp_path):
         time.sleep(0.01)  # the reader's own work: read-ahead runs meanwhile
     image.close()
     assert bytes(got) == expected
-    assert image.loads == len(chunks)  # every chunk loaded once
+    assert image.loads == len(chunks) + 1  # every chunk once, and the piece the first read took (not known as sequential yet)
     assert sorted(waited) == sorted(e.chunk for e in entries)
     assert len(by_reader) < 6, f"the reader itself loaded {len(by_reader)} of {len(chunks)} chunks"  # 12 without read-ahead
 
@@ -215,3 +215,40 @@ def test_the_cache_is_bounded_in_bytes_whatever_it_holds(tmp_path):
     assert image.read(0, 4 * MiB) == data and image.loads == 17  # the whole chunk pushes the pieces out
     assert list(image._cache) == [(cid, None)] and image._held == 4 * MiB
     assert image.read(3 * piece, 4 * KiB) == data[3 * piece:3 * piece + 4 * KiB] and image.loads == 17
+
+
+def test_a_reader_going_on_from_its_last_read_gets_whole_chunks(tmp_path):
+    repo = Repository.open(tmp_path / "repo", create=True)
+    data = bytes(random.Random(5).choices(b"abc ", k=4 * MiB))
+    m, cid = one_chunk_backup(repo, data, [(0, 4 * MiB, 0)])
+    image = BackupImage(repo, m, "vda")
+    assert image.read(8 * KiB, 4 * KiB) == data[8 * KiB:12 * KiB] and list(image._cache) == [(cid, 0)]
+    assert image.read(12 * KiB, 4 * KiB) == data[12 * KiB:16 * KiB]  # where the last one ended
+    assert list(image._cache) == [(cid, 0), (cid, None)] and image.loads == 2
+    assert image.read(3 * MiB, 4 * KiB) == data[3 * MiB:3 * MiB + 4 * KiB] and image.loads == 2  # the chunk serves it
+
+
+def test_from_an_object_store_a_small_read_fetches_the_header_and_one_piece(tmp_path):
+    """Unencrypted format 3 outside a directory (S3; here in memory): two ranged requests, the
+    chunk file's head (header and table) and the piece, never the whole chunk file; encrypted
+    chunks are fetched whole (their tag covers all of them)."""
+    for encrypted in (False, True):
+        backend = MemoryBackend("store")
+        repo = Repository.open(backend, create=True, **({"encryption": "repokey", "passphrase": b"pass"} if encrypted else {}))
+        assert repo.reads_pieces is not encrypted
+        data = os.urandom(4 * MiB)  # stored as is: each piece is 256 KiB of the file
+        m, cid = one_chunk_backup(repo, data, [(0, 4 * MiB, 0)])
+        calls = []
+        store = backend  # what the repository's backend (or its encryption layer) reads from
+        real_read, real_range = store.read, store.read_range
+        store.read = lambda key: calls.append(("read", key, None)) or real_read(key)
+        store.read_range = lambda key, off, n: calls.append(("range", key, n)) or real_range(key, off, n)
+        image = BackupImage(repo, m, "vda")
+        assert image.read(9 * 256 * KiB + 5, 100) == data[9 * 256 * KiB + 5:9 * 256 * KiB + 105]
+        chunk_calls = [c for c in calls if "chunks/" in c[1]]
+        if encrypted:
+            assert [c[0] for c in chunk_calls] == ["read"] and (cid, None) in image._cache
+        else:
+            assert chunk_calls == [("range", repo._chunk_key(cid), 4096), ("range", repo._chunk_key(cid), 256 * KiB)]
+            assert list(image._cache) == [(cid, 9)]
+        image.close()

@@ -54,6 +54,25 @@ def no_nbdkit_left(repo: Path) -> None:
     assert f"repo={repo}" not in ps, ps
 
 
+def small_reads_equal(uri: str, expected: bytes, reads: int = 24) -> None:
+    """4 KiB reads at scattered places, never where the last one ended (what a booting guest
+    does: a format 3 repository answers each with one piece of a chunk), equal to expected."""
+    import random
+
+    import nbd
+
+    h = nbd.NBD()
+    h.connect_uri(uri)
+    try:
+        data = [off for off in range(0, len(expected), 4096) if expected[off:off + 4096].count(0) != 4096]
+        assert data
+        rnd = random.Random(len(expected))
+        for off in sorted(set(rnd.sample(data, min(reads, len(data)))), reverse=True):  # backwards: never sequential
+            assert h.pread(4096, off) == expected[off:off + 4096], off
+    finally:
+        h.shutdown()
+
+
 def test_serve_full_and_incremental_points(vm_factory, any_repo, tmp_path, request):
     """On every kind of repository: directory or S3, encrypted or not."""
     repo = any_repo
@@ -75,6 +94,8 @@ def test_serve_full_and_incremental_points(vm_factory, any_repo, tmp_path, reque
         server = Served(repo, "vm1", "--to", name, disks=2)
         try:
             assert len(server.uris) == 2
+            for disk in vm.disks:  # small reads here and there first, on a fresh server: pieces of chunks
+                small_reads_equal(server.uri(disk), expected[disk])
             for disk in vm.disks:
                 uri = server.uri(disk)
                 data = nbd_bytes(uri, tmp_path, f"{name}-{disk}")

@@ -34,6 +34,10 @@ class Backend(Protocol):
     def read(self, key: str) -> bytes:
         """The object's content; FileNotFoundError when there is none."""
 
+    def read_range(self, key: str, offset: int, length: int) -> bytes:
+        """length bytes of the object from offset, fewer where it ends first (none from its end
+        on); FileNotFoundError when there is none.  One request to an object store."""
+
     def write(self, key: str, data: Buffers, *, durable: bool = False, exclusive: bool = False) -> None:
         """Create or replace the object atomically: readers see old or new, never a part.
         data is one buffer or a list of buffers to concatenate.
@@ -71,6 +75,32 @@ FILE_MODE = 0o600
 SYNC_THREADS = 16  # fsyncs in flight at once: the device sees several, each waits only for its own file
 
 
+class RangedReader:
+    """An object read in ranges, one request each, as a file opened for reading is (read(n) from
+    the position, seek(pos)): what chunks.read_piece needs of a chunk in an object store.  The
+    first read fetches at least FIRST bytes, so that a chunk file's header and the table behind
+    it come in one request."""
+
+    FIRST = 4096
+
+    def __init__(self, backend: Backend, key: str) -> None:
+        self.backend, self.key = backend, key
+        self.pos = 0
+        self._window, self._window_at = b"", 0  # the last range fetched
+
+    def read(self, n: int) -> bytes:
+        start = self.pos - self._window_at
+        if not (0 <= start and start + n <= len(self._window)):
+            self._window, self._window_at = self.backend.read_range(self.key, self.pos, max(n, self.FIRST if self.pos == 0 else 0)), self.pos
+            start = 0
+        data = self._window[start:start + n]
+        self.pos += len(data)
+        return data
+
+    def seek(self, pos: int) -> None:
+        self.pos = pos
+
+
 class LocalBackend:
     """A directory tree on a local filesystem.  Directories 0700, files 0600."""
 
@@ -91,6 +121,10 @@ class LocalBackend:
     def read(self, key: str) -> bytes:
         with open(self.path(key), "rb") as f:
             return f.read()
+
+    def read_range(self, key: str, offset: int, length: int) -> bytes:
+        with open(self.path(key), "rb", buffering=0) as f:
+            return os.pread(f.fileno(), length, offset)
 
     def open(self, key: str) -> BinaryIO:
         """The object's file, open for reading (unbuffered): to read it in pieces."""

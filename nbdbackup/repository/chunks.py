@@ -31,12 +31,21 @@ import itertools
 import struct
 import threading
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any, BinaryIO
+from typing import Any, Protocol
 
 import zstandard
 
 from ..errors import RepositoryDamaged
 from .chunkid import ChunkIds
+
+
+class ChunkFile(Protocol):
+    """A chunk file read in part: a file open for reading, or backend.RangedReader (an object store)."""
+
+    def read(self, n: int, /) -> bytes: ...
+
+    def seek(self, pos: int, /) -> object: ...
+
 
 MAGIC = b"NBDC"
 VERSION = 1
@@ -172,7 +181,7 @@ def decode_into(blob: bytes | memoryview, expected_id: bytes, where: str, chunk_
 STEP = 256 * 1024  # read_ranges' parts (before version 3): each hashed (and copied from) while in the CPU's cache
 
 
-def read_ranges(source: BinaryIO | bytes | memoryview, expected_id: bytes, where: str, chunk_id: ChunkIds,
+def read_ranges(source: ChunkFile | bytes | memoryview, expected_id: bytes, where: str, chunk_id: ChunkIds,
                 ranges: Sequence[tuple[int, int]], out: memoryview, step: memoryview) -> None:
     """Copy the ranges (content offset, length) of a chunk's content into out, one after another,
     each byte checked as decode() checks it.  A chunk of tree ids (file version 2): only the pieces
@@ -229,7 +238,7 @@ def read_ranges(source: BinaryIO | bytes | memoryview, expected_id: bytes, where
         raise _damaged(expected_id, where)
 
 
-def read_piece(source: BinaryIO | bytes | memoryview, expected_id: bytes, where: str, chunk_id: ChunkIds, i: int) -> memoryview:
+def read_piece(source: ChunkFile | bytes | memoryview, expected_id: bytes, where: str, chunk_id: ChunkIds, i: int) -> memoryview:
     """Piece i of a version 2 chunk file's content (chunk_id.piece bytes, the last piece shorter),
     checked as read_ranges checks it, in a buffer of its own: what a random reader of a served
     backup needs, without decoding the other pieces.  source: as for read_ranges."""
@@ -245,8 +254,8 @@ def read_piece(source: BinaryIO | bytes | memoryview, expected_id: bytes, where:
     return content
 
 
-def _head(source: BinaryIO | bytes | memoryview, expected_id: bytes, where: str, chunk_id: ChunkIds
-          ) -> tuple[BinaryIO | None, Any, int, int, memoryview]:
+def _head(source: ChunkFile | bytes | memoryview, expected_id: bytes, where: str, chunk_id: ChunkIds
+          ) -> tuple[ChunkFile | None, Any, int, int, memoryview]:
     """(the file or None, the header with its piece table, encoding, content length, the payload
     when source is bytes) of a chunk file given as bytes or as a file open at its start."""
     if isinstance(source, (bytes, bytearray, memoryview)):
@@ -286,7 +295,7 @@ class _Pieces:
         """Whether the whole content has the pieces' hashes."""
         return b"".join(self.chunk_id.piece_hashes(content)) == self.hashes
 
-    def read(self, i: int, source: BinaryIO | memoryview, dest: memoryview) -> memoryview:
+    def read(self, i: int, source: ChunkFile | memoryview, dest: memoryview) -> memoryview:
         """Piece i's checked content, from source (the payload's bytes, or the chunk file):
         decoded into dest, or (stored as is, from bytes) the payload's own view."""
         n = min(self.size, self.length - i * self.size)

@@ -35,6 +35,13 @@ class MemoryBackend:
             except KeyError:
                 raise FileNotFoundError(key) from None
 
+    def read_range(self, key: str, offset: int, length: int) -> bytes:
+        with self._lock:
+            try:
+                return self._objects[self._check(key)][0][offset:offset + length]
+            except KeyError:
+                raise FileNotFoundError(key) from None
+
     def write(self, key: str, data: Buffers, *, durable: bool = False, exclusive: bool = False) -> None:
         blob = bytes(data) if isinstance(data, (bytes, bytearray, memoryview)) else b"".join(bytes(p) for p in data)
         with self._lock:

@@ -26,14 +26,14 @@ import uuid
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 from ..errors import EncryptionMismatch, RepositoryDamaged, RepositoryUnusable, UsageError
 from ..lock import file_lock, object_lock, remove_dead_holders
 from ..names import check_name, utc_now
 from ..records import CheckpointRecord, IndexEntry, Manifest
 from . import chunks, crypto, index, keys, manifest, seen
-from .backend import DIR_MODE, Backend, LocalBackend
+from .backend import DIR_MODE, Backend, LocalBackend, RangedReader
 from .chunkid import ChunkIds
 from .location import Location, S3Location, S3Settings, backend_for
 
@@ -403,19 +403,22 @@ class Repository:
     @property
     def reads_pieces(self) -> bool:
         """Whether one piece of a chunk costs less than the chunk: tree ids (format 3), whose pieces
-        are checked alone, in an unencrypted local directory, where a piece is read alone."""
-        return bool(self.chunk_id.piece) and isinstance(self.backend, LocalBackend)
+        are checked alone, unencrypted, so that a piece is read alone (from a file, or in ranges
+        from an object store; an encrypted chunk is authenticated whole)."""
+        return bool(self.chunk_id.piece) and self.cipher is None
 
     def read_chunk_piece(self, cid: bytes, where: str, i: int) -> memoryview:
         """Piece i of chunk cid's content (chunk_id.piece bytes, the last piece shorter), checked
-        (chunks.read_piece), in a buffer of its own.  Tree ids only."""
-        with self._chunk_source(cid, where) as source:
+        (chunks.read_piece), in a buffer of its own.  Tree ids only.  From an object store: two
+        requests (the header with its table, then the piece), see reads_pieces."""
+        with self._chunk_source(cid, where, ranged=self.reads_pieces) as source:
             return chunks.read_piece(source, cid, where, self.chunk_id, i)
 
     @contextlib.contextmanager
-    def _chunk_source(self, cid: bytes, where: str) -> Iterator[BinaryIO | bytes | memoryview]:
-        """Chunk cid's file for reading in part: open, from an unencrypted local directory; else
-        fetched (and decrypted, into this thread's buffer) whole."""
+    def _chunk_source(self, cid: bytes, where: str, ranged: bool = False) -> Iterator[chunks.ChunkFile | bytes | memoryview]:
+        """Chunk cid's file for reading in part: open, from an unencrypted local directory; with
+        ranged, read in ranges from any other store; else fetched (and decrypted, into this
+        thread's buffer) whole."""
         if isinstance(self.backend, LocalBackend):
             try:
                 f = self.backend.open(self._chunk_key(cid))
@@ -423,6 +426,11 @@ class Repository:
                 raise _missing(cid, where) from None
             with f:
                 yield f
+        elif ranged:
+            try:
+                yield RangedReader(self.backend, self._chunk_key(cid))
+            except FileNotFoundError:
+                raise _missing(cid, where) from None
         else:
             yield self._plain_chunk(self.fetch_chunk(cid, where), cid, where)
 

@@ -100,20 +100,40 @@ class S3Backend:
     # -- the Backend calls --------------------------------------------------
 
     def read(self, key: str) -> bytes:
+        got = self._get(key)
+        assert got is not None
+        return got[1]
+
+    def read_range(self, key: str, offset: int, length: int) -> bytes:
+        if length <= 0:
+            self._head(key)  # FileNotFoundError as for any read
+            return b""
+        got = self._get(key, Range=f"bytes={offset}-{offset + length - 1}")
+        if got is None:  # the range starts at or past the object's end
+            return b""
+        resp, body = got
+        if "ContentRange" not in resp:  # a server that ignores Range sends the whole object
+            return body[offset:offset + length]
+        return body
+
+    def _get(self, key: str, **args: Any) -> tuple[dict, bytes] | None:
+        """GET key: (the response, the body); None for HTTP 416 (a range past the object's end)."""
         self._settle(key)
         try:
-            resp = self.client.get_object(Bucket=self.bucket, Key=self._key(key))
+            resp = self.client.get_object(Bucket=self.bucket, Key=self._key(key), **args)
             body = resp["Body"].read()
         except bex.ClientError as exc:
             self._checked()  # the opening check's error first: it tells the causes apart
             if _code(exc) in ("NoSuchKey", "404"):
                 raise FileNotFoundError(key) from None
+            if "Range" in args and (_code(exc) == "InvalidRange" or _status(exc) == 416):
+                return None
             raise self._error(exc, f"read {key}") from None
         except Exception as exc:  # noqa: BLE001 - mapped, or re-raised when not a client error
             self._checked()
             raise self._error(exc, f"read {key}") from None
         self._checked()  # an answer counts only from a server that passed the check
-        return body
+        return resp, body
 
     def write(self, key: str, data: Buffers, *, durable: bool = False, exclusive: bool = False) -> None:
         blob = data if isinstance(data, bytes) else bytes(data) if isinstance(data, (bytearray, memoryview)) else b"".join(data)
