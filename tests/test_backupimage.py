@@ -228,27 +228,26 @@ def test_a_reader_going_on_from_its_last_read_gets_whole_chunks(tmp_path):
     assert image.read(3 * MiB, 4 * KiB) == data[3 * MiB:3 * MiB + 4 * KiB] and image.loads == 2  # the chunk serves it
 
 
-def test_from_an_object_store_a_small_read_fetches_the_header_and_one_piece(tmp_path):
+@pytest.mark.parametrize("encrypted", [False, True])
+def test_from_an_object_store_a_small_read_fetches_the_header_and_one_piece(encrypted):
     """Unencrypted format 3 outside a directory (S3; here in memory): two ranged requests, the
     chunk file's head (header and table) and the piece, never the whole chunk file; encrypted
     chunks are fetched whole (their tag covers all of them)."""
-    for encrypted in (False, True):
-        backend = MemoryBackend("store")
-        repo = Repository.open(backend, create=True, **({"encryption": "repokey", "passphrase": b"pass"} if encrypted else {}))
-        assert repo.reads_pieces is not encrypted
-        data = os.urandom(4 * MiB)  # stored as is: each piece is 256 KiB of the file
-        m, cid = one_chunk_backup(repo, data, [(0, 4 * MiB, 0)])
-        calls = []
-        store = backend  # what the repository's backend (or its encryption layer) reads from
-        real_read, real_range = store.read, store.read_range
-        store.read = lambda key: calls.append(("read", key, None)) or real_read(key)
-        store.read_range = lambda key, off, n: calls.append(("range", key, n)) or real_range(key, off, n)
-        image = BackupImage(repo, m, "vda")
-        assert image.read(9 * 256 * KiB + 5, 100) == data[9 * 256 * KiB + 5:9 * 256 * KiB + 105]
-        chunk_calls = [c for c in calls if "chunks/" in c[1]]
-        if encrypted:
-            assert [c[0] for c in chunk_calls] == ["read"] and (cid, None) in image._cache
-        else:
-            assert chunk_calls == [("range", repo._chunk_key(cid), 4096), ("range", repo._chunk_key(cid), 256 * KiB)]
-            assert list(image._cache) == [(cid, 9)]
-        image.close()
+    backend = MemoryBackend("store")
+    repo = Repository.open(backend, create=True, **({"encryption": "repokey", "passphrase": b"pass"} if encrypted else {}))
+    assert repo.reads_pieces is not encrypted
+    data = os.urandom(4 * MiB)  # stored as is: each piece is 256 KiB of the file
+    m, cid = one_chunk_backup(repo, data, [(0, 4 * MiB, 0)])
+    calls = []
+    real_read, real_range = backend.read, backend.read_range
+    backend.read = lambda key: calls.append(("read", key, None)) or real_read(key)
+    backend.read_range = lambda key, off, n: calls.append(("range", key, n)) or real_range(key, off, n)
+    image = BackupImage(repo, m, "vda")
+    assert image.read(9 * 256 * KiB + 5, 100) == data[9 * 256 * KiB + 5:9 * 256 * KiB + 105]
+    chunk_calls = [c for c in calls if "chunks/" in c[1]]
+    if encrypted:
+        assert [c[0] for c in chunk_calls] == ["read"] and (cid, None) in image._cache
+    else:
+        assert chunk_calls == [("range", repo._chunk_key(cid), 4096), ("range", repo._chunk_key(cid), 256 * KiB)]
+        assert list(image._cache) == [(cid, 9)]
+    image.close()
