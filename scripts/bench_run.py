@@ -623,7 +623,9 @@ def timed_reads(uri: str, offsets: list[int]) -> tuple[float, list[bytes]]:
 def serve_reads_case(args: argparse.Namespace, report: Report, rundir: Path, sockdir: Path, config: Path) -> None:
     """--serve-only: a full backup, then RANDOM_READS random 4 KiB reads of the served backup
     (`nbdbackup serve`, a fresh server each time: nothing cached) against the same reads of the
-    backed-up image itself (qemu-storage-daemon); the data read must be the same."""
+    backed-up image itself (qemu-storage-daemon), then nbdcopy of the whole disk from both; the
+    data read must be the same.  With --s3 the backup is also copied into a local SeaweedFS and
+    served from there, in the same repetitions."""
     _, disk = vm_disk(args, report, rundir)
     nb = Nbdbackup(rundir / "repo", config)
     with VM(disk, rundir, sockdir) as vm:
@@ -631,44 +633,65 @@ def serve_reads_case(args: argparse.Namespace, report: Report, rundir: Path, soc
         t = nb.run("full", "vm1", "--qmp", str(vm.tool_qmp))
         log(f"  {t.seconds:.2f}s")
     offsets = random_read_offsets(disk, RANDOM_READS, args.seed)
-    copies = {how: ([], []) for how in SERVE_COPIES}  # nbdcopy to null: of the image, of the served backup
-    refs, serves, starts = [], [], []
-    for i in range(args.repeat):
-        sync()
-        log(f"reference: {RANDOM_READS} random 4 KiB reads of the image, qemu-storage-daemon ({i + 1}/{args.repeat})")
+    with contextlib.ExitStack() as stack:
+        served = {"a directory": nb}
+        if args.s3:
+            served["S3"] = s3_copy_of(stack, nb, rundir)
+        times: dict[tuple[str, str], list[float]] = {}  # (side, what) -> seconds per repetition
+        starts = []
         ref_uri = f"nbd+unix:///vda?socket={sockdir / 'ref.sock'}"
-        with StorageDaemon(disk, sockdir / "ref.sock", export="vda"):
-            seconds, expected = timed_reads(ref_uri, offsets)
-            for how, options in SERVE_COPIES.items():
-                copies[how][0].append(nbdcopy_to_null(ref_uri, options))
-        refs.append(seconds)
-        log(f"  {seconds:.3f}s")
-        log(f"nbdbackup serve: the same reads ({i + 1}/{args.repeat})")
-        with serving(nb, "vm1") as (uri, start):
-            starts.append(start)
-            seconds, got = timed_reads(uri, offsets)
-            for how, options in SERVE_COPIES.items():
-                copies[how][1].append(nbdcopy_to_null(uri, options))
-        if got != expected:
-            raise BenchError("the served backup read differently from the image it is a backup of")
-        serves.append(seconds)
-        log(f"  {seconds:.3f}s")
-    ref, served = min(refs), min(serves)
-    ratio = served / ref
-    per_read = 1000 * served / RANDOM_READS
-    report.rows.append(Row(f"reference: {RANDOM_READS} random 4 KiB reads of the image (qemu-storage-daemon)", ref,
-                           RANDOM_READS * RANDOM_READ_SIZE, None, f"{1000 * ref / RANDOM_READS:.3f} ms/read", None, None, None, refs))
-    report.rows.append(Row("serve: the same reads of the served full backup", served, RANDOM_READS * RANDOM_READ_SIZE, ratio,
-                           f"{ratio:.2f}x reference, {per_read:.3f} ms/read", None, None, None, serves,
-                           {"serve_start_seconds": [round(x, 3) for x in starts]}))
-    for how, (ref_copies, served_copies) in copies.items():
-        ref_copy, served_copy = min(ref_copies), min(served_copies)
-        report.rows.append(Row(f"reference: nbdcopy{how} of the image -> null:", ref_copy, args.size, None, "", None, None, None, ref_copies))
-        report.rows.append(Row(f"serve: nbdcopy{how} of the served full backup -> null:", served_copy, args.size,
-                               served_copy / ref_copy, f"{served_copy / ref_copy:.2f}x reference", None, None, None, served_copies))
+        for i in range(args.repeat):
+            sync()
+            log(f"reference: {RANDOM_READS} random 4 KiB reads of the image, then nbdcopy ({i + 1}/{args.repeat})")
+            with StorageDaemon(disk, sockdir / "ref.sock", export="vda"):
+                expected = served_reads(ref_uri, offsets, times, "image")
+            for side, server_nb in served.items():
+                log(f"nbdbackup serve from {side}: the same reads ({i + 1}/{args.repeat})")
+                with serving(server_nb, "vm1") as (uri, start):
+                    starts.append(start)
+                    if served_reads(uri, offsets, times, side) != expected:
+                        raise BenchError(f"the backup served from {side} read differently from the image it is a backup of")
+    for what in ("reads", *SERVE_COPIES):
+        ref = min(times["image", what])
+        size = RANDOM_READS * RANDOM_READ_SIZE if what == "reads" else args.size
+        how = f"{RANDOM_READS} random 4 KiB reads" if what == "reads" else f"nbdcopy{what} -> null:"
+        report.rows.append(Row(f"reference: {how} of the image (qemu-storage-daemon)", ref, size, None,
+                               f"{1000 * ref / RANDOM_READS:.3f} ms/read" if what == "reads" else "", None, None, None, times["image", what]))
+        for side in served:
+            best_s = min(times[side, what])
+            text = f"{best_s / ref:.2f}x reference" + (f", {1000 * best_s / RANDOM_READS:.3f} ms/read" if what == "reads" else "")
+            report.rows.append(Row(f"serve from {side}: {how} of the full backup", best_s, size, best_s / ref, text,
+                                   None, None, None, times[side, what]))
     report.notes.append(f"--serve-only: {RANDOM_READS} reads of 4 KiB at random places in the disk's data, one at a time, "
                         "a fresh server each repetition, every read equal to the image's; then nbdcopy of the whole disk "
-                        "to null: from the same server (after the random reads)")
+                        f"to null: from the same server (after the random reads); first URI after {min(starts):.2f}s at best")
+
+
+def s3_copy_of(stack: contextlib.ExitStack, nb: Nbdbackup, rundir: Path) -> Nbdbackup:
+    """A local SeaweedFS (stopped with stack) holding a copy of nb's backups of vm1: its Nbdbackup."""
+    sys.path.insert(0, str(TOP / "tests"))
+    from s3server import SeaweedFS
+
+    server = stack.enter_context(SeaweedFS(rundir / "seaweedfs"))
+    server.client().create_bucket(Bucket="bench")
+    os.environ.update(server.env())  # inherited by the nbdbackup processes
+    if NB_ENV is not None:  # --rev: its environment was taken before the server existed
+        NB_ENV.update(server.env())
+    s3conf = rundir / "s3-config.toml"
+    s3conf.write_text(server.config_text())
+    log("nbdbackup copy into S3 (SeaweedFS)")
+    Nbdbackup(nb.repo, s3conf).run("copy", "vm1", "--to", "s3://bench/serve")
+    return Nbdbackup("s3://bench/serve", s3conf)  # type: ignore[arg-type]
+
+
+def served_reads(uri: str, offsets: list[int], times: dict[tuple[str, str], list[float]], side: str) -> list[bytes]:
+    """The random reads, then the nbdcopy runs, of uri, timed into times[side, ...]; what the reads read."""
+    seconds, got = timed_reads(uri, offsets)
+    times.setdefault((side, "reads"), []).append(seconds)
+    log(f"  {seconds:.3f}s")
+    for how, options in SERVE_COPIES.items():
+        times.setdefault((side, how), []).append(nbdcopy_to_null(uri, options))
+    return got
 
 
 SERVE_COPIES = {"": (), " (1 request at a time, 512 KiB)": ("--connections=1", "--requests=1", "--request-size=524288")}
@@ -1099,7 +1122,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     ap.add_argument("--rollback-only", action="store_true",
                     help="measure only the rollback of the shut-down VM against the restore of the same point")
     ap.add_argument("--serve-only", action="store_true",
-                    help="measure only random 4 KiB reads of a served full backup against the same reads of the image")
+                    help="measure only random 4 KiB reads and whole-disk copies of a served full backup against the same "
+                         "of the image (with --s3: served from a local SeaweedFS too)")
     ap.add_argument("--no-encryption", action="store_true", help="skip the encrypted-vs-unencrypted comparison")
     ap.add_argument("--compression", type=int, help="nbdbackup's zstd level (default: nbdbackup's default)")
     ap.add_argument("--workers", type=int, help="nbdbackup's workers setting (default: nbdbackup's default)")
@@ -1172,7 +1196,7 @@ def main(argv: list[str]) -> int:
             main_case(args, report, rundir, sockdir, config)
             for size in args.sparse_sizes:
                 sparse_case(args, report, rundir, sockdir, config, size)
-        if args.s3 or args.s3_only:
+        if (args.s3 and not args.serve_only) or args.s3_only:
             s3_case(args, report, rundir, sockdir)
         if not (args.no_encryption or args.s3_only or args.rollback_only or args.serve_only):
             encryption_case(args, report, rundir, sockdir, config)
