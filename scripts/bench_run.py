@@ -667,18 +667,26 @@ def serve_reads_case(args: argparse.Namespace, report: Report, rundir: Path, soc
                         f"to null: from the same server (after the random reads); first URI after {min(starts):.2f}s at best")
 
 
-def s3_copy_of(stack: contextlib.ExitStack, nb: Nbdbackup, rundir: Path) -> Nbdbackup:
-    """A local SeaweedFS (stopped with stack) holding a copy of nb's backups of vm1: its Nbdbackup."""
+@contextlib.contextmanager
+def s3_server(rundir: Path) -> Iterator[tuple[Any, Path]]:
+    """A local SeaweedFS with the bucket "bench", its credentials in nbdbackup's environment:
+    (the server, a config file pointing nbdbackup at it)."""
     sys.path.insert(0, str(TOP / "tests"))
     from s3server import SeaweedFS
 
-    server = stack.enter_context(SeaweedFS(rundir / "seaweedfs"))
-    server.client().create_bucket(Bucket="bench")
-    os.environ.update(server.env())  # inherited by the nbdbackup processes
-    if NB_ENV is not None:  # --rev: its environment was taken before the server existed
-        NB_ENV.update(server.env())
-    s3conf = rundir / "s3-config.toml"
-    s3conf.write_text(server.config_text())
+    with SeaweedFS(rundir / "seaweedfs") as server:
+        server.client().create_bucket(Bucket="bench")
+        os.environ.update(server.env())  # inherited by the nbdbackup processes
+        if NB_ENV is not None:  # --rev: its environment was taken before the server existed
+            NB_ENV.update(server.env())
+        s3conf = rundir / "s3-config.toml"
+        s3conf.write_text(server.config_text())
+        yield server, s3conf
+
+
+def s3_copy_of(stack: contextlib.ExitStack, nb: Nbdbackup, rundir: Path) -> Nbdbackup:
+    """A local SeaweedFS (stopped with stack) holding a copy of nb's backups of vm1: its Nbdbackup."""
+    _, s3conf = stack.enter_context(s3_server(rundir))
     log("nbdbackup copy into S3 (SeaweedFS)")
     Nbdbackup(nb.repo, s3conf).run("copy", "vm1", "--to", "s3://bench/serve")
     return Nbdbackup("s3://bench/serve", s3conf)  # type: ignore[arg-type]
@@ -906,20 +914,11 @@ def s3_case(args: argparse.Namespace, report: Report, rundir: Path, sockdir: Pat
     incremental of --incr-percent, restore; prints S3/directory time ratios (issue 12's targets),
     with the CPU seconds of nbdbackup, QEMU and the S3 server per step: on a machine where the
     server shares the CPUs, (all CPU seconds) / (CPUs) is a floor no client can go below."""
-    sys.path.insert(0, str(TOP / "tests"))
-    from s3server import SeaweedFS
-
     image = build_in_subprocess(args.workdir, args.size, args.data, seed=args.seed)
     disk = rundir / "vm3-vda.qcow2"
     sh(["cp", "--sparse=never", str(image.path), str(disk)], "cp")
     ncpu = os.cpu_count() or 1
-    with SeaweedFS(rundir / "seaweedfs") as server:
-        server.client().create_bucket(Bucket="bench")
-        os.environ.update(server.env())  # inherited by the nbdbackup processes
-        if NB_ENV is not None:  # --rev: its environment was taken before the server existed
-            NB_ENV.update(server.env())
-        s3conf = rundir / "s3-config.toml"
-        s3conf.write_text(server.config_text())
+    with s3_server(rundir) as (server, s3conf):
         dirconf = rundir / "dir-config.toml"
         dirconf.write_text("")
         assert server.proc is not None
