@@ -31,7 +31,7 @@ import itertools
 import struct
 import threading
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 import zstandard
 
@@ -132,15 +132,8 @@ def incompressible(view: memoryview) -> bool:
 def decode(blob: bytes | memoryview, expected_id: bytes, where: str, chunk_id: ChunkIds) -> bytes | bytearray:
     """The chunk's content, checked against its name, in memory of its own (blob may be a buffer
     its caller reuses); RepositoryDamaged otherwise."""
-    if chunk_id.piece:
-        made: list[bytearray] = []
-
-        def fresh(length: int) -> memoryview:
-            made.append(bytearray(length))
-            return memoryview(made[0])
-
-        decode_into(blob, expected_id, where, chunk_id, fresh)
-        return made[0]  # decoded in place: not copied again
+    if chunk_id.piece:  # decoded into a bytearray of exactly its length, returned as is: no second copy
+        return cast(bytearray, decode_into(blob, expected_id, where, chunk_id, lambda n: memoryview(bytearray(n))).obj)
     encoding, length, payload = _parse(blob, expected_id, where, chunk_id)
     if encoding == ZSTD:
         try:
