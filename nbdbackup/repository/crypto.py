@@ -337,10 +337,6 @@ class EncryptedBackend:
     def read(self, key: str) -> bytes:
         return self.cipher.open(key, self.inner.read(self.physical(key)))
 
-    def read_range(self, key: str, offset: int, length: int) -> bytes:
-        """Backend.read_range: the whole object is read and authenticated (its tag covers all of it)."""
-        return self.read(key)[offset:offset + length]
-
     def read_plain_view(self, key: str) -> memoryview:
         """read(), as a view the caller uses at once: a local directory reads the object into a
         new buffer and decrypts it there, in place (one buffer per object read, as an unencrypted
